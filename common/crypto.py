@@ -1,0 +1,53 @@
+"""End-to-end body encryption (PROTOCOL.md 4.2).
+
+The raw 32-byte X25519 output is the AES-256-GCM key; no KDF, no
+associated data. A body is ``ciphertext || tag (16) || nonce (12)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .wire.errors import CodecError
+
+NONCE_SIZE = 12
+TAG_SIZE = 16
+MIN_SEALED_SIZE = NONCE_SIZE + TAG_SIZE + 4  # an inner header at least
+
+
+class DecryptError(CodecError):
+    """A body that is too short, fails authentication or has no usable key."""
+
+
+def shared_secret(secret: X25519PrivateKey, peer_public: bytes) -> bytes:
+    """Raw X25519 output; an all-zero result (small-order peer key) is refused."""
+    try:
+        return secret.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as exc:
+        raise DecryptError(f"no usable shared secret with {peer_public.hex()}") from exc
+
+
+class SessionKey:
+    """The AES-GCM state for one peer key; build once, reuse per packet."""
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+
+    def seal(self, plaintext: bytes, nonce: bytes | None = None) -> bytes:
+        if nonce is None:
+            nonce = os.urandom(NONCE_SIZE)
+        return self._aead.encrypt(nonce, plaintext, None) + nonce
+
+    def open(self, body: bytes) -> bytes:
+        if len(body) < MIN_SEALED_SIZE:
+            raise DecryptError(f"sealed body of {len(body)} bytes is shorter than {MIN_SEALED_SIZE}")
+        try:
+            return self._aead.decrypt(body[-NONCE_SIZE:], body[:-NONCE_SIZE], None)
+        except InvalidTag as exc:
+            raise DecryptError("authentication failed") from exc

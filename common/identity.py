@@ -1,0 +1,131 @@
+"""Node identity: the key file, the overlay address derived from the public
+key, the node's /64 and its router id (PROTOCOL.md section 1)."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from .wire.subnet import Subnet
+
+KEY_SIZE = 32
+KEY_FILE_MODE = 0o640
+DEFAULT_KEY_FILE = "priv_key.bin"
+GLOBAL_PREFIX = ipaddress.IPv6Network("400::/7")
+ROUTER_ID_SIZE = 40
+
+
+class IdentityError(Exception):
+    """A key or key file that cannot be used; the message is user-facing."""
+
+
+def public_key_of(secret: bytes) -> bytes:
+    return (
+        X25519PrivateKey.from_private_bytes(secret)
+        .public_key()
+        .public_bytes(Encoding.Raw, PublicFormat.Raw)
+    )
+
+
+def parse_public_key(text: str) -> bytes:
+    """Exactly 64 hex characters, as the reference accepts."""
+    text = text.strip()
+    if len(text) != 2 * KEY_SIZE:
+        raise IdentityError(f"public key must be 64 hex characters, got {len(text)}")
+    if any(c not in string.hexdigits for c in text):
+        raise IdentityError("public key contains non-hex characters")
+    return bytes.fromhex(text)
+
+
+def address_of(public_key: bytes) -> ipaddress.IPv6Address:
+    """BLAKE3 rule of v0.5+: first byte becomes 0x04 | popcount parity."""
+    h = bytearray(blake3.blake3(public_key).digest(length=16))
+    h[0] = 0x04 | (bin(h[0]).count("1") & 1)
+    return ipaddress.IPv6Address(bytes(h))
+
+
+def subnet_of(address: ipaddress.IPv6Address) -> Subnet:
+    """The /64 holding ``address`` (host bits zero)."""
+    return Subnet(ipaddress.IPv6Address(address.packed[:8] + bytes(8)), 64)
+
+
+def is_overlay_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return address.version == 6 and address in GLOBAL_PREFIX
+
+
+def make_router_id(public_key: bytes) -> bytes:
+    """Public key, zone 0, and 6 random bytes fresh for every process start."""
+    return public_key + b"\0\0" + os.urandom(6)
+
+
+def router_id_text(router_id: bytes) -> str:
+    return f"{router_id[:32].hex()}-{router_id[32:34].hex()}-{router_id[34:40].hex()}"
+
+
+def load_key_file(path: str | os.PathLike[str]) -> bytes:
+    """The first 32 bytes of an existing key file; extra bytes are ignored."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(KEY_SIZE)
+    except FileNotFoundError as exc:
+        raise IdentityError(f"key file {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise IdentityError(f"key file {path} is a directory") from exc
+    except OSError as exc:
+        raise IdentityError(f"cannot read key file {path}: {exc.strerror}") from exc
+    if len(data) < KEY_SIZE:
+        raise IdentityError(f"key file {path} holds {len(data)} bytes, expected {KEY_SIZE}")
+    return data
+
+
+def load_or_create_key(path: str | os.PathLike[str]) -> bytes:
+    """Load the key, creating it (mode 0640, parent directories too) only if
+    the file does not exist. An existing file is never rewritten."""
+    p = Path(path)
+    if p.exists() or p.is_symlink():
+        return load_key_file(p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IdentityError(f"cannot create directory {p.parent}: {exc.strerror}") from exc
+    secret = os.urandom(KEY_SIZE)
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:  # raced with another creator: use theirs
+            return load_key_file(p)
+        raise IdentityError(f"cannot create key file {p}: {exc.strerror}") from exc
+    try:
+        os.write(fd, secret)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return secret
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Everything derived from one secret key."""
+
+    secret: bytes
+    public_key: bytes
+    address: ipaddress.IPv6Address
+    subnet: Subnet
+
+    @classmethod
+    def from_secret(cls, secret: bytes) -> Identity:
+        pk = public_key_of(secret)
+        addr = address_of(pk)
+        return cls(secret, pk, addr, subnet_of(addr))
+
+    @property
+    def private_key(self) -> X25519PrivateKey:
+        return X25519PrivateKey.from_private_bytes(self.secret)

@@ -1,0 +1,172 @@
+"""Link packets (PROTOCOL.md sections 3, 4.1 and 5.1) and the incremental
+stream decoder that cuts a TCP byte stream into them.
+
+Data packets keep their addresses as 16 raw bytes and their body as bytes:
+the data path never needs ``ipaddress`` objects, and a transit node
+forwards the body untouched.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from typing import Union
+
+from .errors import CodecError
+from .tlv import Tlv, decode_tlv
+
+VERSION = 1
+TYPE_DATA = 0
+TYPE_CONTROL = 1
+BABEL_MAGIC = 42
+BABEL_VERSION = 3
+
+OUTER_HEADER_SIZE = 4
+DATA_HEADER_SIZE = 36  # after the outer header
+DATA_PREFIX_SIZE = OUTER_HEADER_SIZE + DATA_HEADER_SIZE
+BABEL_HEADER_SIZE = 4
+MAX_DATA_BODY = 0xFFFF
+MAX_PACKET_SIZE = DATA_PREFIX_SIZE + MAX_DATA_BODY
+
+_DATA_PREFIX = struct.Struct("!BBxxxHB16s16s")
+_CONTROL_PREFIX = struct.Struct("!BBxxBBHBB")
+
+
+@dataclass(frozen=True, slots=True)
+class DataPacket:
+    """An end-to-end encrypted packet; only ``hop_limit`` changes in transit."""
+
+    src: bytes  # 16-byte IPv6 address
+    dst: bytes  # 16-byte IPv6 address
+    hop_limit: int
+    body: bytes
+
+    def encode(self) -> bytes:
+        if len(self.body) > MAX_DATA_BODY:
+            raise CodecError(f"data body of {len(self.body)} bytes exceeds {MAX_DATA_BODY}")
+        if not 0 <= self.hop_limit <= 0xFF:
+            raise CodecError(f"hop limit {self.hop_limit} out of range")
+        if len(self.src) != 16 or len(self.dst) != 16:
+            raise CodecError("data packet addresses must be 16 bytes")
+        return (
+            _DATA_PREFIX.pack(VERSION, TYPE_DATA, len(self.body), self.hop_limit, self.src, self.dst)
+            + self.body
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPacket:
+    """Exactly one Babel TLV, as the reference sends and parses them."""
+
+    tlv: Tlv
+
+    def encode(self) -> bytes:
+        body = self.tlv.encode_body()
+        if len(body) > 0xFF:
+            raise CodecError("TLV body longer than 255 bytes")
+        return (
+            _CONTROL_PREFIX.pack(
+                VERSION, TYPE_CONTROL, BABEL_MAGIC, BABEL_VERSION, len(body) + 2, self.tlv.TYPE, len(body)
+            )
+            + body
+        )
+
+
+Packet = Union[DataPacket, ControlPacket]
+
+
+def encode_data_header(src: bytes, dst: bytes, hop_limit: int, body_len: int) -> bytes:
+    """The 40 bytes in front of a data body, for callers that already hold the body."""
+    return _DATA_PREFIX.pack(VERSION, TYPE_DATA, body_len, hop_limit, src, dst)
+
+
+def decode_babel_body(body: bytes) -> Tlv:
+    """The first TLV of a babel body; trailing bytes are ignored (5.6)."""
+    if len(body) < 2:
+        raise CodecError("babel body shorter than a TLV header")
+    tlv_type, tlv_len = body[0], body[1]
+    if 2 + tlv_len > len(body):
+        raise CodecError(f"TLV length {tlv_len} overruns babel body of {len(body)} bytes")
+    return decode_tlv(tlv_type, bytes(body[2 : 2 + tlv_len]))
+
+
+def decode_packet(buf: bytes) -> Packet:
+    """Decode one complete packet occupying all of ``buf`` (a QUIC datagram)."""
+    decoder = StreamDecoder()
+    packets = decoder.feed(buf)
+    if decoder.buffered or len(packets) != 1:
+        raise CodecError("buffer does not hold exactly one packet")
+    if decoder.drops:
+        raise CodecError(f"malformed control packet: {next(iter(decoder.drops))}")
+    return packets[0]
+
+
+class StreamDecoder:
+    """Cuts a byte stream into packets, fed chunk by chunk.
+
+    Fatal framing errors (bad outer version or type) raise ``CodecError``:
+    the link must be closed since the stream can no longer be trusted.
+    A control packet whose babel header or TLV is invalid is skipped whole
+    by its declared length and counted in ``drops``, so the stream stays in
+    sync (the recommendation of PROTOCOL.md 5.6). The buffer never holds
+    more than one maximum-size packet plus one fed chunk.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.drops: Counter[str] = Counter()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Packet]:
+        self._buf += data
+        out: list[Packet] = []
+        buf = self._buf
+        pos = 0
+        end = len(buf)
+        while end - pos >= OUTER_HEADER_SIZE:
+            version, ptype = buf[pos], buf[pos + 1]
+            if version != VERSION:
+                self._buf = bytearray()
+                raise CodecError(f"unsupported packet version {version}")
+            if ptype == TYPE_DATA:
+                if end - pos < DATA_PREFIX_SIZE:
+                    break
+                body_len = (buf[pos + 5] << 8) | buf[pos + 6]
+                total = DATA_PREFIX_SIZE + body_len
+                if end - pos < total:
+                    break
+                out.append(
+                    DataPacket(
+                        bytes(buf[pos + 8 : pos + 24]),
+                        bytes(buf[pos + 24 : pos + 40]),
+                        buf[pos + 7],
+                        bytes(buf[pos + DATA_PREFIX_SIZE : pos + total]),
+                    )
+                )
+                pos += total
+            elif ptype == TYPE_CONTROL:
+                if end - pos < OUTER_HEADER_SIZE + BABEL_HEADER_SIZE:
+                    break
+                body_len = (buf[pos + 6] << 8) | buf[pos + 7]
+                total = OUTER_HEADER_SIZE + BABEL_HEADER_SIZE + body_len
+                if end - pos < total:
+                    break
+                magic, bversion = buf[pos + 4], buf[pos + 5]
+                if magic != BABEL_MAGIC or bversion != BABEL_VERSION:
+                    self.drops["babel_header"] += 1
+                else:
+                    try:
+                        out.append(ControlPacket(decode_babel_body(bytes(buf[pos + 8 : pos + total]))))
+                    except CodecError:
+                        self.drops["tlv"] += 1
+                pos += total
+            else:
+                self._buf = bytearray()
+                raise CodecError(f"unknown packet type {ptype}")
+        if pos:
+            del buf[:pos]
+        return out

@@ -1,0 +1,59 @@
+"""The `mycelium` command: runs a node, or acts on a key file or a running node."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from common.identity import DEFAULT_KEY_FILE, IdentityError
+
+from .inspect_key import inspect
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _add_key_option(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument("-k", "--key-file", default=default, help=f"node secret key file (default: {DEFAULT_KEY_FILE})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mycelium", description="End-to-end encrypted IPv6 overlay network node.")
+    _add_key_option(parser, DEFAULT_KEY_FILE)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p_inspect = sub.add_parser("inspect", help="print a public key and its overlay address")
+    p_inspect.add_argument("pubkey", nargs="?", help="64 hex characters; default: the node's own key")
+    p_inspect.add_argument("--json", action="store_true", help="print JSON")
+    _add_key_option(p_inspect, argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "inspect":
+            print(inspect(args.pubkey, args.key_file, args.json))
+            return 0
+        parser.print_help()
+        return 0
+    except UsageError as exc:
+        print(f"mycelium: error: {exc}", file=sys.stderr)
+        return 2
+    except IdentityError as exc:
+        print(f"mycelium: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
