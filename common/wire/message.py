@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Union
 
 from .errors import CodecError
 
@@ -107,7 +106,7 @@ class Abort:
     reserved: int = 0
 
 
-MessagePacket = Union[Init, InitAck, Chunk, ChunkAck, Done, DoneAck, Read, ReadAck, Abort]
+MessagePacket = Init | InitAck | Chunk | ChunkAck | Done | DoneAck | Read | ReadAck | Abort
 
 
 def _header(pkt: MessagePacket, flags: int) -> bytes:

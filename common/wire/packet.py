@@ -11,7 +11,6 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from dataclasses import dataclass
-from typing import Union
 
 from .errors import CodecError
 from .tlv import Tlv, decode_tlv
@@ -73,7 +72,7 @@ class ControlPacket:
         )
 
 
-Packet = Union[DataPacket, ControlPacket]
+Packet = DataPacket | ControlPacket
 
 
 def encode_data_header(src: bytes, dst: bytes, hop_limit: int, body_len: int) -> bytes:

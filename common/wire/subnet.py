@@ -9,15 +9,14 @@ address as given (for byte-exact encoding) and hashes/compares by
 from __future__ import annotations
 
 import ipaddress
-from typing import Union
 
 from .errors import CodecError
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Subnet:
-    __slots__ = ("address", "prefix_len", "_network")
+    __slots__ = ("_network", "address", "prefix_len")
 
     def __init__(self, address: IPAddress, prefix_len: int) -> None:
         if not 0 <= prefix_len <= address.max_prefixlen:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import ClassVar
 
 from .errors import CodecError
 from .subnet import IPAddress, Subnet
@@ -125,7 +125,7 @@ class Ihu:
     TYPE: ClassVar[int] = TYPE_IHU
     rx_cost: int
     interval: int  # centiseconds
-    address: Optional[IPAddress] = None
+    address: IPAddress | None = None
 
     def encode_body(self) -> bytes:
         _u16("rx_cost", self.rx_cost)
@@ -140,7 +140,7 @@ class Ihu:
         if len(buf) < 6:
             raise CodecError("IHU body shorter than 6 bytes")
         ae, _reserved, rx_cost, interval = struct.unpack_from("!BBHH", buf)
-        address: Optional[IPAddress]
+        address: IPAddress | None
         if ae == AE_WILDCARD:
             address = None
         elif ae == AE_IPV4:
@@ -198,7 +198,7 @@ class RouteRequest:
 
     TYPE: ClassVar[int] = TYPE_ROUTE_REQUEST
     generation: int
-    subnet: Optional[Subnet]
+    subnet: Subnet | None
 
     def encode_body(self) -> bytes:
         _u8("generation", self.generation)
@@ -250,7 +250,7 @@ class SeqNoRequest:
         return cls(seqno, hop_count, router_id, subnet)
 
 
-Tlv = Union[Hello, Ihu, Update, RouteRequest, SeqNoRequest]
+Tlv = Hello | Ihu | Update | RouteRequest | SeqNoRequest
 
 TLV_TYPES: dict[int, type] = {
     TYPE_HELLO: Hello,

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 
 from common.identity import DEFAULT_KEY_FILE, IdentityError
 
+from . import launcher
 from .inspect_key import inspect
+from .options import OptionError, add_node_options, resolve
 
 
 class UsageError(Exception):
@@ -27,6 +29,12 @@ def _add_key_option(p: argparse.ArgumentParser, default: object) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mycelium", description="End-to-end encrypted IPv6 overlay network node.")
     _add_key_option(parser, DEFAULT_KEY_FILE)
+    add_node_options(parser)
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="write node.json and supervisord.conf into the run directory and exit (for a system supervisord)",
+    )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p_inspect = sub.add_parser("inspect", help="print a public key and its overlay address")
@@ -43,12 +51,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             print(inspect(args.pubkey, args.key_file, args.json))
             return 0
-        parser.print_help()
-        return 0
+        cfg = resolve(args, warn=lambda text: print(f"mycelium: warning: {text}", file=sys.stderr))
+        if not cfg.no_tun:
+            raise OptionError("TUN mode is not available in this build yet; run with --no-tun")
+        if args.prepare_only:
+            launcher.prepare(cfg, log_to_stdout=False)
+            return 0
+        return launcher.run(cfg)
     except UsageError as exc:
         print(f"mycelium: error: {exc}", file=sys.stderr)
         return 2
-    except IdentityError as exc:
+    except (IdentityError, OptionError, launcher.LaunchError) as exc:
         print(f"mycelium: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,0 +1,55 @@
+# The two commands of the README:
+#   make run    installs everything (system tools, .venv) and starts a node
+#   make test   installs everything and runs the whole test suite
+# Python: the newest of python3.13 / 3.12 / 3.11 found on PATH (3.11+ is required).
+
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; \
+	then echo $$p; break; fi; done)
+VENV := .venv
+STAMP := $(VENV)/.installed
+# command:debian-package pairs the project needs on the machine
+SYSTEM_TOOLS := ip:iproute2 ping:iputils-ping iperf3:iperf3 curl:curl
+ARGS ?= --no-tun
+
+.PHONY: run test install system-deps lint bench clean
+
+run: install
+	$(VENV)/bin/mycelium $(ARGS)
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+install: system-deps $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: Python 3.11 or newer is required (install python3 >= 3.11)"; exit 1; }
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || $(MAKE) --no-print-directory APT_PACKAGES=python3-venv apt-install
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then $(MAKE) --no-print-directory APT_PACKAGES="$$missing" apt-install; fi
+
+apt-install:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing system packages:$(APT_PACKAGES)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	else \
+		echo "warning: missing system packages:$(APT_PACKAGES); install them with: sudo apt-get install$(APT_PACKAGES)"; \
+	fi
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: install
+	$(VENV)/bin/python bench/bench_codec.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

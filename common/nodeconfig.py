@@ -1,0 +1,48 @@
+"""The resolved settings of one node, written by the launcher as
+``<run_dir>/node.json`` and read by every service at start-up.
+
+Services take only ``--run-dir``: one file holds the truth, so a service
+restarted by supervisord sees exactly what its siblings see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+NODE_FILE = "node.json"
+
+
+@dataclass
+class NodeConfig:
+    run_dir: str
+    key_file: str
+    tcp_listen_port: int = 9651
+    quic_listen_port: int = 9651
+    peers: list[str] = field(default_factory=list)
+    no_tun: bool = False
+    tun_name: str = "mycelium"
+    api_addr: str = "127.0.0.1:8989"
+    jsonrpc_addr: str = "127.0.0.1:8990"
+    metrics_api_address: str | None = None
+    disable_quic: bool = False
+    disable_peer_discovery: bool = False
+    peer_discovery_port: int = 9650
+    log_level: str = "info"
+    topic_config: str | None = None
+    start_time: int = 0
+
+    def save(self) -> Path:
+        path = Path(self.run_dir) / NODE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str]) -> NodeConfig:
+        data = json.loads((Path(run_dir) / NODE_FILE).read_text())
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
