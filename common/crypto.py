@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .wire.errors import CodecError
 
+KEY_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
 MIN_SEALED_SIZE = NONCE_SIZE + TAG_SIZE + 4  # an inner header at least
@@ -37,6 +38,8 @@ class SessionKey:
     __slots__ = ("_aead",)
 
     def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_SIZE:  # AESGCM would quietly run AES-128/192 on a short key
+            raise ValueError(f"AES-256-GCM key must be {KEY_SIZE} bytes, got {len(key)}")
         self._aead = AESGCM(key)
 
     def seal(self, plaintext: bytes, nonce: bytes | None = None) -> bytes:

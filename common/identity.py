@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from .wire.subnet import Subnet
 
 KEY_SIZE = 32
-KEY_FILE_MODE = 0o640
+KEY_FILE_MODE = 0o600  # the reference uses 0o640; a secret key needs no group read
 DEFAULT_KEY_FILE = "priv_key.bin"
 GLOBAL_PREFIX = ipaddress.IPv6Network("400::/7")
 ROUTER_ID_SIZE = 40
@@ -28,11 +28,7 @@ class IdentityError(Exception):
 
 
 def public_key_of(secret: bytes) -> bytes:
-    return (
-        X25519PrivateKey.from_private_bytes(secret)
-        .public_key()
-        .public_bytes(Encoding.Raw, PublicFormat.Raw)
-    )
+    return X25519PrivateKey.from_private_bytes(secret).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def parse_public_key(text: str) -> bytes:
@@ -87,10 +83,17 @@ def load_key_file(path: str | os.PathLike[str]) -> bytes:
 
 
 def load_or_create_key(path: str | os.PathLike[str]) -> bytes:
-    """Load the key, creating it (mode 0640, parent directories too) only if
-    the file does not exist. An existing file is never rewritten."""
+    """Load the key, creating it (mode KEY_FILE_MODE, parent directories too)
+    only if nothing exists at ``path``. An existing file is never rewritten,
+    and a failed creation leaves no partial key file behind."""
     p = Path(path)
-    if p.exists() or p.is_symlink():
+    try:
+        os.lstat(p)  # not Path.exists(): that lets ENAMETOOLONG/EACCES escape as OSError
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise IdentityError(f"cannot access key file {p}: {exc.strerror}") from exc
+    else:  # a file, directory or (even dangling) symlink: load it, never create through it
         return load_key_file(p)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -104,10 +107,20 @@ def load_or_create_key(path: str | os.PathLike[str]) -> bytes:
             return load_key_file(p)
         raise IdentityError(f"cannot create key file {p}: {exc.strerror}") from exc
     try:
-        os.write(fd, secret)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            if os.write(fd, secret) != KEY_SIZE:
+                raise OSError(errno.EIO, "short write")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        # An empty or short key file would make every later start fail; we created
+        # it (O_EXCL), so removing it is safe.
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+        raise IdentityError(f"cannot write key file {p}: {exc.strerror}") from exc
     return secret
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,15 @@ class NodeConfig:
         tmp.write_text(json.dumps(asdict(self), indent=2))
         os.replace(tmp, path)
         return path
+
+    @classmethod
+    def load_or_exit(cls, run_dir: str | os.PathLike[str]) -> NodeConfig:
+        """For a service's start: a missing or broken node.json is one line on
+        stderr and exit status 1 (supervisord retries), never a traceback."""
+        try:
+            return cls.load(run_dir)
+        except (OSError, ValueError, TypeError) as exc:
+            sys.exit(f"cannot read {Path(run_dir) / NODE_FILE}: {exc}")
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike[str]) -> NodeConfig:

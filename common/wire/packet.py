@@ -27,6 +27,7 @@ DATA_PREFIX_SIZE = OUTER_HEADER_SIZE + DATA_HEADER_SIZE
 BABEL_HEADER_SIZE = 4
 MAX_DATA_BODY = 0xFFFF
 MAX_PACKET_SIZE = DATA_PREFIX_SIZE + MAX_DATA_BODY
+MAX_BABEL_BODY = 2 + 0xFF  # one TLV: type, length (u8) and its body
 
 _DATA_PREFIX = struct.Struct("!BBxxxHB16s16s")
 _CONTROL_PREFIX = struct.Struct("!BBxxBBHBB")
@@ -41,17 +42,30 @@ class DataPacket:
     hop_limit: int
     body: bytes
 
+    def __init__(self, src: bytes, dst: bytes, hop_limit: int, body: bytes) -> None:
+        # Built once per forwarded packet: the slot setters cost about half of the
+        # object.__setattr__ calls the generated frozen __init__ makes.
+        _set_src(self, src)
+        _set_dst(self, dst)
+        _set_hop_limit(self, hop_limit)
+        _set_body(self, body)
+
     def encode(self) -> bytes:
-        if len(self.body) > MAX_DATA_BODY:
-            raise CodecError(f"data body of {len(self.body)} bytes exceeds {MAX_DATA_BODY}")
-        if not 0 <= self.hop_limit <= 0xFF:
-            raise CodecError(f"hop limit {self.hop_limit} out of range")
+        body = self.body
+        if len(body) > MAX_DATA_BODY:
+            raise CodecError(f"data body of {len(body)} bytes exceeds {MAX_DATA_BODY}")
         if len(self.src) != 16 or len(self.dst) != 16:
             raise CodecError("data packet addresses must be 16 bytes")
-        return (
-            _DATA_PREFIX.pack(VERSION, TYPE_DATA, len(self.body), self.hop_limit, self.src, self.dst)
-            + self.body
-        )
+        try:  # struct checks the hop limit's range and type for free
+            return _DATA_PREFIX.pack(VERSION, TYPE_DATA, len(body), self.hop_limit, self.src, self.dst) + body
+        except struct.error as exc:
+            raise CodecError(f"hop limit {self.hop_limit!r} out of range") from exc
+
+
+_set_src = DataPacket.src.__set__  # type: ignore[attr-defined]
+_set_dst = DataPacket.dst.__set__  # type: ignore[attr-defined]
+_set_hop_limit = DataPacket.hop_limit.__set__  # type: ignore[attr-defined]
+_set_body = DataPacket.body.__set__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,51 +135,63 @@ class StreamDecoder:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Packet]:
-        self._buf += data
+        pending = self._buf
+        if pending:
+            pending += data
+            buf: bytes | bytearray = pending
+        else:
+            buf = data  # nothing pending: cut packets where they lie, copy only the tail
+        try:
+            with memoryview(buf) as view:
+                out, pos = self._cut(buf, view)
+                tail = None if buf is pending else bytearray(view[pos:])
+        except CodecError:
+            self._buf = bytearray()
+            raise
+        if tail is not None:
+            self._buf = tail
+        elif pos:
+            del pending[:pos]
+        return out
+
+    def _cut(self, buf: bytes | bytearray, view: memoryview) -> tuple[list[Packet], int]:
+        """Complete packets from the start of ``buf`` and where the rest begins."""
         out: list[Packet] = []
-        buf = self._buf
+        append = out.append
+        unpack_data = _DATA_PREFIX.unpack_from
         pos = 0
         end = len(buf)
         while end - pos >= OUTER_HEADER_SIZE:
             version, ptype = buf[pos], buf[pos + 1]
             if version != VERSION:
-                self._buf = bytearray()
                 raise CodecError(f"unsupported packet version {version}")
             if ptype == TYPE_DATA:
                 if end - pos < DATA_PREFIX_SIZE:
                     break
-                body_len = (buf[pos + 5] << 8) | buf[pos + 6]
-                total = DATA_PREFIX_SIZE + body_len
-                if end - pos < total:
+                _, _, body_len, hop_limit, src, dst = unpack_data(buf, pos)
+                nxt = pos + DATA_PREFIX_SIZE + body_len
+                if nxt > end:
                     break
-                out.append(
-                    DataPacket(
-                        bytes(buf[pos + 8 : pos + 24]),
-                        bytes(buf[pos + 24 : pos + 40]),
-                        buf[pos + 7],
-                        bytes(buf[pos + DATA_PREFIX_SIZE : pos + total]),
-                    )
-                )
-                pos += total
+                append(DataPacket(src, dst, hop_limit, bytes(view[pos + DATA_PREFIX_SIZE : nxt])))
+                pos = nxt
             elif ptype == TYPE_CONTROL:
                 if end - pos < OUTER_HEADER_SIZE + BABEL_HEADER_SIZE:
                     break
                 body_len = (buf[pos + 6] << 8) | buf[pos + 7]
-                total = OUTER_HEADER_SIZE + BABEL_HEADER_SIZE + body_len
-                if end - pos < total:
+                if body_len > MAX_BABEL_BODY:
+                    raise CodecError(f"control packet length {body_len} exceeds {MAX_BABEL_BODY}")
+                nxt = pos + OUTER_HEADER_SIZE + BABEL_HEADER_SIZE + body_len
+                if nxt > end:
                     break
                 magic, bversion = buf[pos + 4], buf[pos + 5]
                 if magic != BABEL_MAGIC or bversion != BABEL_VERSION:
                     self.drops["babel_header"] += 1
                 else:
                     try:
-                        out.append(ControlPacket(decode_babel_body(bytes(buf[pos + 8 : pos + total]))))
+                        append(ControlPacket(decode_babel_body(bytes(view[pos + 8 : nxt]))))
                     except CodecError:
                         self.drops["tlv"] += 1
-                pos += total
+                pos = nxt
             else:
-                self._buf = bytearray()
                 raise CodecError(f"unknown packet type {ptype}")
-        if pos:
-            del buf[:pos]
-        return out
+        return out, pos

@@ -51,7 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             print(inspect(args.pubkey, args.key_file, args.json))
             return 0
-        cfg = resolve(args, warn=lambda text: print(f"mycelium: warning: {text}", file=sys.stderr))
+        cfg = resolve(
+            args,
+            warn=lambda text: print(f"mycelium: warning: {text}", file=sys.stderr),
+            check_ports=not args.prepare_only,
+        )
         if not cfg.no_tun:
             raise OptionError("TUN mode is not available in this build yet; run with --no-tun")
         if args.prepare_only:

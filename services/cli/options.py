@@ -125,7 +125,8 @@ def ensure_free(kind: int, host: str, port: int, what: str) -> None:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise OptionError(f"{what} {host}:{port} is not available: {exc.strerror}") from exc
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise OptionError(f"{what} {shown} is not available: {exc.strerror}") from exc
 
 
 def default_run_dir(tcp_port: int) -> str:
@@ -135,7 +136,7 @@ def default_run_dir(tcp_port: int) -> str:
     return os.path.join("/tmp", f"mycelium-{os.getuid()}-{tcp_port}")
 
 
-def resolve(args: argparse.Namespace, warn: Any) -> NodeConfig:
+def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> NodeConfig:
     """Everything the node needs, validated; raises OptionError."""
     merged = merge(args, read_config_file(args.config_file))
     tcp_port = _check_port("tcp listen port", merged["tcp_listen_port"])
@@ -157,8 +158,9 @@ def resolve(args: argparse.Namespace, warn: Any) -> NodeConfig:
     parse_socket_addr("json-rpc address", merged["jsonrpc_addr"])
     if merged["metrics_api_address"] is not None:
         parse_socket_addr("metrics address", merged["metrics_api_address"])
-    ensure_free(socket.SOCK_STREAM, "::", tcp_port, "TCP listen port")
-    ensure_free(socket.SOCK_STREAM, api_host, api_port, "API address")
+    if check_ports:
+        ensure_free(socket.SOCK_STREAM, "::", tcp_port, "TCP listen port")
+        ensure_free(socket.SOCK_STREAM, api_host, api_port, "API address")
     level = "error" if args.silent else "debug" if args.debug else "info"
     run_dir = os.path.abspath(args.run_dir or default_run_dir(tcp_port))
     return NodeConfig(

@@ -1,0 +1,86 @@
+"""A local copy of the router's forwarding table (FIB), kept by every
+data-path process so per-packet decisions never leave the process.
+
+The router publishes deltas on ``router.fib`` with an (epoch, seq) pair;
+a replica takes a snapshot over rpc, applies deltas in order, and asks for
+a new snapshot on a gap or a new epoch (the router restarted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    next_hop: str | None  # peer id; None: known subnet without a selected route
+    public_key: bytes
+
+
+def encode_subnet(network: bytes, prefix_len: int) -> list[Any]:
+    return [network, prefix_len]
+
+
+def _mask(addr: bytes, plen: int) -> bytes:
+    full, rem = divmod(plen, 8)
+    if rem == 0:
+        return bytes(addr[:full])
+    return bytes(addr[:full]) + bytes([addr[full] & (0xFF << (8 - rem)) & 0xFF])
+
+
+class FibReplica:
+    """Longest-prefix lookup over 16-byte IPv6 addresses; one dict probe per
+    prefix length present (in practice only /64)."""
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self.seq = -1
+        self._by_plen: dict[int, dict[bytes, Route]] = {}
+        self._plens: list[int] = []
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self._by_plen.values())
+
+    def lookup(self, addr: bytes) -> Route | None:
+        for plen in self._plens:
+            route = self._by_plen[plen].get(_mask(addr, plen))
+            if route is not None:
+                return route
+        return None
+
+    def entries(self) -> list[tuple[bytes, int, Route]]:
+        return [(key, plen, route) for plen, table in self._by_plen.items() for key, route in table.items()]
+
+    def _set(self, network: bytes, plen: int, route: Route) -> None:
+        table = self._by_plen.get(plen)
+        if table is None:
+            table = self._by_plen[plen] = {}
+            self._plens = sorted(self._by_plen, reverse=True)
+        table[_mask(network, plen)] = route
+
+    def _del(self, network: bytes, plen: int) -> None:
+        table = self._by_plen.get(plen)
+        if table is not None:
+            table.pop(_mask(network, plen), None)
+
+    def load_snapshot(self, snapshot: dict[str, Any]) -> None:
+        self._by_plen.clear()
+        self._plens = []
+        for network, plen, next_hop, pk in snapshot["entries"]:
+            self._set(network, plen, Route(next_hop, pk))
+        self.epoch = snapshot["epoch"]
+        self.seq = snapshot["seq"]
+
+    def apply_delta(self, delta: dict[str, Any]) -> bool:
+        """Apply one published delta; False means a snapshot is needed first."""
+        if delta["epoch"] != self.epoch or delta["seq"] > self.seq + 1:
+            return False
+        if delta["seq"] <= self.seq:
+            return True  # already covered by the snapshot
+        for network, plen, next_hop, pk in delta.get("set", ()):
+            self._set(network, plen, Route(next_hop, pk))
+        for network, plen in delta.get("del", ()):
+            self._del(network, plen)
+        self.seq = delta["seq"]
+        return True

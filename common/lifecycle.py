@@ -1,0 +1,43 @@
+"""Process lifetime helpers shared by the launcher and every service."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to signal us when our parent dies: a killed supervisord (or
+    launcher) must not leave orphaned services holding the node's sockets."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
+    except (OSError, AttributeError):
+        pass
+
+
+class StopSignal:
+    """SIGTERM/SIGINT as something a zmq.Poller can wait on: the handler
+    writes to a socketpair, so a blocking poll returns at once instead of at
+    its next timeout."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self.stopped = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, _signum: int, _frame: object) -> None:
+        self.stopped = True
+        try:
+            self._w.send(b"\0")
+        except OSError:
+            pass
+
+    def fileno(self) -> int:
+        return self._r.fileno()

@@ -1,0 +1,1062 @@
+"""Sans-IO Babel routing engine, wire-compatible with Mycelium 0.7
+(PROTOCOL.md sections 2.9, 5 and 6).
+
+Shaped like aioquic's QuicConnection: a plain object fed with events
+(``peer_up``, ``peer_down``, ``receive_tlv``, ``request_route``,
+``handle_timer``) that queues actions (TLVs to send, FIB changes, links to
+close) for the caller to drain. It owns no sockets, threads or clocks; every
+input carries ``now`` (monotonic seconds), so a simulator can drive hundreds
+of engines on a virtual clock.
+
+Deliberate differences from the reference, none visible on the wire except
+as ordinary, well-formed TLVs (each is marked "unlike the reference" below):
+
+- a Hello goes out as soon as a link comes up (the reference waits for its
+  global 20 s tick), so the first RTT sample arrives at once;
+- fast failover: when a selected route is lost with no feasible fallback, a
+  RouteRequest for the subnet goes to every remaining peer at once, and the
+  loss is retried a few times (seqno request + route request at 1, 3, 7 and
+  15 s) until a route is selected again; the reference never resends;
+- seqno requests are answered from our table even when they duplicate one
+  we forwarded earlier; duplicates are ignored for 4 s (not 60 s) and only
+  while a copy is actually out along our current next hop; a request we
+  cannot forward yet is parked and sent on as soon as we select a route;
+  a seqno request aimed at a single peer is sent even if that peer asked us
+  the same thing; an infeasible update to an unselected entry asks for a
+  newer seqno when nothing is selected (as step 7 of 6.4 already does);
+- as originator, a bump refused by the 4 s rate limit is deferred, not
+  dropped, and the first bump after start is not rate limited;
+- route requests for prefixes no update could ever satisfy (IPv4, outside
+  400::/7, shorter than /64) are dropped instead of flooded;
+- every table fed by remote input has a size cap; input past the cap is
+  dropped or the oldest cache entry evicted, and counted in ``counters``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from common.identity import GLOBAL_PREFIX, address_of, subnet_of
+from common.wire.subnet import Subnet
+from common.wire.tlv import (
+    HELLO_UNICAST,
+    Hello,
+    Ihu,
+    RouteRequest,
+    SeqNoRequest,
+    Tlv,
+    Update,
+)
+
+from .caches import RouteRequestCache, SeqnoCache, SeqnoKey
+from .metric import INFINITE, MAX_FINITE, metric_add, metric_delta, metric_sub
+from .routing_table import RouteEntry, RoutingTable, SubnetRoutes
+from .seqno import seqno_add, seqno_gt, seqno_lt
+from .source_table import SourceKey, SourceTable
+from .timers import TimerQueue
+
+# --- protocol constants (PROTOCOL.md section 10) ---------------------------
+HELLO_INTERVAL = 20.0
+HELLO_INTERVAL_CS = 2000
+IHU_INTERVAL_CS = 6000
+DEAD_PEER_THRESHOLD = 43.0
+INITIAL_SMOOTHED_COST = 1000
+UPDATE_INTERVAL_CS = 30_000  # advertised with every finite update (300 s)
+NOT_REPEATING_INTERVAL_CS = 0  # 6 ms truncates to 0 cs
+OWN_ROUTE_INTERVAL = 300.0
+RETRACTED_ROUTE_HOLD = 6.0
+SEQNO_BUMP_TIMEOUT = 4.0
+SEQNO_REQUEST_RESEND = 4.0  # don't resend to the same targets sooner
+SEQNO_DUPLICATE_WINDOW = 4.0  # incoming duplicates ignored this long (reference: 60 s)
+SEQNO_CACHE_TTL = 60.0
+SEQNO_REQUEST_HOP_COUNT = 64
+SOURCE_ENTRY_LIFETIME = 1800.0
+ROUTE_QUERY_TIMEOUT = 15.0
+RR_CACHE_TTL = 15.0
+ROUTE_REFRESH_THRESHOLD = 15.0
+MAX_RR_GENERATION = 16
+RECOVERY_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)  # ours: re-ask for a lost route (the reference never retries)
+SIGNIFICANT_METRIC_IMPROVEMENT = 10
+BIG_METRIC_CHANGE = 10
+PREFIX_LEN_MIN = 64
+
+# --- local bounds on state fed by remote input ------------------------------
+MAX_SUBNETS = 65_536
+MAX_QUERIED = 16_384
+MAX_SOURCES = 2 * MAX_SUBNETS
+MAX_SEQNO_CACHE = 16_384
+MAX_RR_CACHE = 16_384
+MAX_RECOVERIES = 16_384
+_ADDRESS_CACHE_SIZE = 4_096
+
+_TLV_NAMES = {
+    Hello: "hello",
+    Ihu: "ihu",
+    Update: "update",
+    RouteRequest: "route_request",
+    SeqNoRequest: "seqno_request",
+}
+
+
+def hold_time_ms(interval_cs: int, metric: int) -> int:
+    """How long a received route lives: 3.5 x its advertised interval, or 6 s
+    for a retraction (PROTOCOL.md 6.4)."""
+    if metric == INFINITE:
+        return int(RETRACTED_ROUTE_HOLD * 1000)
+    return interval_cs * 10 * 7 // 2
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """A link as the link layer reports it."""
+
+    peer_id: str  # opaque unique id from the link layer, e.g. "tcp-3f2a-7"
+    static_cost: int  # PROTOCOL 2.9: TCP v4 15 / v6 10, QUIC v4 12 / v6 7, vsock 5
+    link_name: str = ""  # shown as Route.nextHop in the API
+
+
+@dataclass(frozen=True)
+class FibEntry:
+    """What the data plane needs for one destination subnet."""
+
+    next_hop: str | None  # peer id of the selected route; None if the subnet has routes but none usable
+    public_key: bytes  # key fixed when the subnet entry was created (PROTOCOL 4.5 / quirk 5)
+
+
+@dataclass(frozen=True)
+class FibSet:
+    """Add or change the forwarding entry for ``subnet``."""
+
+    subnet: Subnet
+    entry: FibEntry
+
+
+@dataclass(frozen=True)
+class FibDel:
+    """``subnet`` no longer has any route entries."""
+
+    subnet: Subnet
+
+
+FibChange = FibSet | FibDel
+
+
+@dataclass(frozen=True)
+class RouteView:
+    """One row of the API's routes/selected and routes/fallback."""
+
+    subnet: Subnet
+    next_hop: str  # peer id
+    metric: int  # as advertised by the neighbour, without our link cost (0xFFFF = infinite)
+    seqno: int
+    router_id: bytes
+
+
+class _Peer:
+    """Per-link liveness and link-cost state (PROTOCOL.md 2.9)."""
+
+    __slots__ = ("hello_seqno", "info", "next_hello", "smoothed", "t_hello", "t_last_ihu")
+
+    def __init__(self, info: PeerInfo, now: float) -> None:
+        self.info = info
+        self.hello_seqno = 0
+        self.smoothed = INITIAL_SMOOTHED_COST
+        self.t_hello = now
+        self.t_last_ihu = now
+        self.next_hello = now
+
+    @property
+    def link_cost(self) -> int:
+        return min(self.smoothed + self.info.static_cost, MAX_FINITE)
+
+
+class RouterEngine:
+    def __init__(self, public_key: bytes, router_id: bytes, now: float, *, rng: random.Random | None = None) -> None:
+        if len(public_key) != 32 or len(router_id) != 40 or router_id[:32] != public_key:
+            raise ValueError("router id must be the 32-byte public key followed by 8 bytes")
+        self._public_key = public_key
+        self._router_id = router_id
+        self._address = address_of(public_key)
+        self._own_subnet = subnet_of(self._address)
+        self._rng = rng or random.Random()
+        self._seqno = 0
+        self._last_bump: float | None = None
+        self._bump_pending = False
+
+        self._peers: dict[str, _Peer] = {}
+        self._table = RoutingTable()
+        self._sources = SourceTable(MAX_SOURCES)
+        self._seqno_cache = SeqnoCache(MAX_SEQNO_CACHE)
+        self._rr_cache = RouteRequestCache(MAX_RR_CACHE)
+        self._timers = TimerQueue()
+        self._fib: dict[Subnet, FibEntry] = {}
+        self._recoveries: dict[Subnet, list] = {}  # subnet -> [router id to ask about, retries done]
+        self._address_cache: dict[bytes, ipaddress.IPv6Address] = {}
+
+        self._tlvs_out: list[tuple[str, Tlv]] = []
+        self._fib_out: list[FibChange] = []
+        self._close_out: list[str] = []
+        self.counters: Counter[str] = Counter()
+
+        self._next_announce = now + OWN_ROUTE_INTERVAL
+        self._timers.schedule(("announce",), self._next_announce)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def own_subnet(self) -> Subnet:
+        return self._own_subnet
+
+    @property
+    def router_id(self) -> bytes:
+        return self._router_id
+
+    @property
+    def public_key(self) -> bytes:
+        return self._public_key
+
+    @property
+    def seqno(self) -> int:
+        return self._seqno
+
+    @property
+    def peers(self) -> list[PeerInfo]:
+        return [p.info for p in self._peers.values()]
+
+    def link_cost(self, peer_id: str) -> int:
+        """Smoothed RTT in ms plus the link's static cost; KeyError for unknown peers."""
+        return self._peers[peer_id].link_cost
+
+    def fib_snapshot(self) -> dict[Subnet, FibEntry]:
+        return dict(self._fib)
+
+    def selected_routes(self) -> list[RouteView]:
+        return [_view(s, e) for s, r in self._table.routes.items() for e in r.entries if e.selected]
+
+    def fallback_routes(self) -> list[RouteView]:
+        return [_view(s, e) for s, r in self._table.routes.items() for e in r.entries if not e.selected]
+
+    def queried_subnets(self, now: float) -> list[tuple[Subnet, int]]:
+        return [(s, max(0, int(deadline - now))) for s, deadline in self._table.queried.items()]
+
+    def source_table_size(self) -> int:
+        return len(self._sources)
+
+    def feasibility_distance(self, subnet: Subnet, router_id: bytes) -> tuple[int, int] | None:
+        """(metric, seqno) we last advertised for this source, for tests and diagnostics."""
+        fd = self._sources.get((subnet, router_id))
+        return None if fd is None else (fd.metric, fd.seqno)
+
+    # ------------------------------------------------------------------ outputs
+    def tlvs_to_send(self) -> list[tuple[str, Tlv]]:
+        out, self._tlvs_out = self._tlvs_out, []
+        return out
+
+    def fib_changes(self) -> list[FibChange]:
+        out, self._fib_out = self._fib_out, []
+        return out
+
+    def peers_to_close(self) -> list[str]:
+        out, self._close_out = self._close_out, []
+        return out
+
+    def get_timer(self) -> float | None:
+        return self._timers.next_time()
+
+    # ------------------------------------------------------------------ links
+    def peer_up(self, peer: PeerInfo, now: float) -> None:
+        if peer.peer_id in self._peers:
+            self.counters["peer_up_duplicate"] += 1
+            return
+        p = _Peer(peer, now)
+        self._peers[peer.peer_id] = p
+        self.counters["peers_up"] += 1
+        self._send_hello(p, now)
+        self._timers.schedule(("dead", peer.peer_id), now + DEAD_PEER_THRESHOLD)
+        self._send_own_update([peer.peer_id], now)
+        # Queries in progress must reach the new neighbour too (6.7).
+        for subnet in self._table.queried:
+            self._send(peer.peer_id, RouteRequest(0, subnet))
+            info = self._rr_cache.info(subnet, now, RR_CACHE_TTL)
+            if info is not None and peer.peer_id not in info.receivers:
+                info.receivers.append(peer.peer_id)
+
+    def peer_down(self, peer_id: str, now: float) -> None:
+        """The link closed: the peer is dead at once (6.6.4)."""
+        if peer_id not in self._peers:
+            self.counters["peer_down_unknown"] += 1
+            return
+        self.counters["peers_down"] += 1
+        self._remove_peer(peer_id, now)
+
+    # ------------------------------------------------------------------ input
+    def receive_tlv(self, peer_id: str, tlv: Tlv, now: float) -> None:
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            self.counters["rx_from_unknown_peer"] += 1  # TLVs from dead peers are discarded (5.5)
+            return
+        name = _TLV_NAMES.get(type(tlv))
+        if name is None:
+            self.counters["rx_unknown_tlv"] += 1
+            return
+        self.counters[f"rx_{name}"] += 1
+        if isinstance(tlv, Hello):
+            self._send(peer_id, Ihu(peer.link_cost, IHU_INTERVAL_CS, None))
+        elif isinstance(tlv, Ihu):
+            self._handle_ihu(peer, now)
+        elif isinstance(tlv, Update):
+            self._handle_update(peer_id, tlv, now)
+        elif isinstance(tlv, RouteRequest):
+            self._handle_route_request(peer_id, tlv, now)
+        else:
+            self._handle_seqno_request(peer_id, tlv, now)
+
+    def request_route(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, now: float) -> None:
+        """The data plane needs a next hop or key for ``address`` (4.4, 4.5).
+
+        Cheap and idempotent: call it on every FIB miss, for destinations
+        whose FIB entry has no next hop, and (to refresh routes before they
+        expire) for destinations being forwarded to.
+        """
+        if address.version != 6 or address not in GLOBAL_PREFIX:
+            self.counters["request_route_outside_overlay"] += 1
+            return
+        if self._own_subnet.contains_address(address):
+            return
+        found = self._table.lookup(address)
+        if found is None:
+            self._originate_route_request(subnet_of(address), now)
+            return
+        subnet, routes = found
+        if routes is None:
+            return  # query in progress
+        selected = routes.selected()
+        if selected is not None and selected.metric != INFINITE:
+            if selected.expires - now < ROUTE_REFRESH_THRESHOLD:
+                self._originate_route_request(subnet_of(address), now)
+            return
+        if routes.entries:
+            # Only fallback (infeasible or retracted) routes: ask for a newer seqno.
+            first = routes.entries[0]
+            self._send_seqno_request(subnet, first.router_id, None, None, now)
+
+    def handle_timer(self, now: float) -> None:
+        while True:
+            key = self._timers.pop_due(now)
+            if key is None:
+                return
+            kind = key[0]
+            if kind == "route":
+                self._on_route_timer(key[1], key[2], now)
+            elif kind == "hello":
+                self._on_hello_timer(key[1], now)
+            elif kind == "dead":
+                self._on_dead_timer(key[1], now)
+            elif kind == "queried":
+                self._on_query_timer(key[1], now)
+            elif kind == "source":
+                self._on_source_timer((key[1], key[2]), now)
+            elif kind == "seqno":
+                self._on_seqno_cache_timer((key[1], key[2], key[3]), now)
+            elif kind == "rr":
+                self._on_rr_cache_timer(key[1], now)
+            elif kind == "announce":
+                self._on_announce_timer(now)
+            elif kind == "bump":
+                self._on_bump_timer(now)
+            elif kind == "recover":
+                self._on_recovery_timer(key[1], now)
+
+    # ------------------------------------------------------------------ Hello / IHU (2.9)
+    def _send_hello(self, peer: _Peer, now: float) -> None:
+        self._send(peer.info.peer_id, Hello(HELLO_UNICAST, peer.hello_seqno, HELLO_INTERVAL_CS))
+        peer.hello_seqno = seqno_add(peer.hello_seqno, 1)
+        peer.t_hello = now
+        peer.next_hello = now + HELLO_INTERVAL
+        self._timers.schedule(("hello", peer.info.peer_id), peer.next_hello)
+
+    def _handle_ihu(self, peer: _Peer, now: float) -> None:
+        # The sample runs from the last Hello we sent, solicited or not (quirk 6).
+        sample = int((now - peer.t_hello) * 1000 + 1e-6) & 0xFFFF
+        peer.smoothed = ((peer.smoothed * 9 + sample) // 10) & 0xFFFF
+        peer.t_last_ihu = now
+
+    def _on_hello_timer(self, peer_id: str, now: float) -> None:
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return
+        if now < peer.next_hello:
+            self._timers.schedule(("hello", peer_id), peer.next_hello)
+            return
+        self._send_hello(peer, now)
+
+    def _on_dead_timer(self, peer_id: str, now: float) -> None:
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return
+        deadline = peer.t_last_ihu + DEAD_PEER_THRESHOLD
+        if now < deadline:
+            self._timers.schedule(("dead", peer_id), deadline)
+            return
+        self.counters["peers_dead"] += 1
+        self._close_out.append(peer_id)
+        self._remove_peer(peer_id, now)
+
+    def _remove_peer(self, peer_id: str, now: float) -> None:
+        """Dead peer handling (6.6.4): retract its selected routes, drop the rest."""
+        del self._peers[peer_id]
+        self._timers.cancel(("hello", peer_id))
+        self._timers.cancel(("dead", peer_id))
+        reselect: list[Subnet] = []
+        for subnet, routes in list(self._table.routes.items()):
+            entry = routes.find(peer_id)
+            if entry is None:
+                continue
+            if entry.selected:
+                entry.metric = INFINITE
+                self._set_expiry(subnet, entry, now + RETRACTED_ROUTE_HOLD)
+                reselect.append(subnet)
+            else:
+                self._remove_entry(subnet, routes, entry)
+        self._seqno_cache.forget_peer(peer_id)
+        self._rr_cache.forget_peer(peer_id)
+        for subnet in reselect:
+            self._route_selection(subnet, now)
+
+    # ------------------------------------------------------------------ updates (6.3, 6.4)
+    def _owns(self, router_id: bytes, subnet: Subnet) -> bool:
+        pk = router_id[:32]
+        address = self._address_cache.get(pk)
+        if address is None:
+            if len(self._address_cache) >= _ADDRESS_CACHE_SIZE:
+                self._address_cache.clear()
+            address = self._address_cache[pk] = address_of(pk)
+        return subnet.contains_address(address)
+
+    def _update_filter(self, update: Update) -> str | None:
+        """Why an Update is dropped before processing, or None to accept it."""
+        subnet = update.subnet
+        if not subnet.is_ipv6 or not subnet.network.subnet_of(GLOBAL_PREFIX):  # type: ignore[arg-type]
+            return "outside_overlay"
+        if subnet.prefix_len < PREFIX_LEN_MIN:
+            return "prefix_too_short"
+        if update.metric != INFINITE and not self._owns(update.router_id, subnet):
+            return "router_id_not_owner"
+        if subnet == self._own_subnet:
+            return "own_subnet"
+        return None
+
+    def _handle_update(self, peer_id: str, update: Update, now: float) -> None:
+        reason = self._update_filter(update)
+        if reason is not None:
+            self.counters[f"update_filtered_{reason}"] += 1
+            return
+        subnet, router_id, seqno, metric = update.subnet, update.router_id, update.seqno, update.metric
+        info = self._seqno_cache.get((router_id, subnet, seqno))
+        interested = list(info.sources) if info is not None else []
+        feasible = self._sources.feasible((subnet, router_id), seqno, metric)
+        if not feasible:
+            self.counters["update_infeasible"] += 1
+
+        routes = self._table.routes.get(subnet)
+        if routes is None:
+            if not feasible:
+                self._send_seqno_request(subnet, router_id, peer_id, None, now)
+                self._start_recovery(subnet, router_id, now)
+                return
+            if metric == INFINITE:
+                self.counters["update_retraction_unknown_subnet"] += 1
+                return
+            if len(self._table.routes) >= MAX_SUBNETS:
+                self.counters["drop_routing_table_full"] += 1
+                return
+            routes = self._add_routes(subnet, router_id[:32])
+
+        old = routes.selected()
+        old_router_id = old.router_id if old is not None else None
+        old_metric = old.metric if old is not None else INFINITE
+
+        entry = routes.find(peer_id)
+        if entry is not None:
+            if entry.selected and not feasible and entry.router_id == router_id:
+                # Not applied; ask for a newer seqno instead.
+                self._send_seqno_request(subnet, entry.router_id, peer_id, None, now)
+                return
+            if entry.metric == INFINITE and metric == INFINITE:
+                return
+            entry.seqno, entry.metric, entry.router_id = seqno, metric, router_id
+            if feasible:
+                self._set_expiry(subnet, entry, now + hold_time_ms(update.interval, metric) / 1000)
+            if not entry.selected and not feasible:
+                # The reference stops here silently; like step 7 we ask for a
+                # newer seqno when nothing is selected, or the subnet stays
+                # unreachable although this neighbour has a route.
+                if routes.selected() is None:
+                    self._send_seqno_request(subnet, router_id, peer_id, None, now)
+                    self._start_recovery(subnet, router_id, now)
+                return
+            if entry.selected and not feasible:
+                entry.selected = False
+        else:
+            if metric == INFINITE or not feasible:
+                if not feasible and routes.selected() is None:
+                    self._send_seqno_request(subnet, router_id, peer_id, None, now)
+                    self._start_recovery(subnet, router_id, now)
+                return
+            entry = RouteEntry(subnet, router_id, peer_id, metric, seqno, now)
+            routes.add(entry)
+            self._set_expiry(subnet, entry, now + hold_time_ms(update.interval, metric) / 1000)
+
+        new = self._find_best(subnet, routes)
+        lost = False
+        if new is not None:
+            routes.select(new)
+        elif old is not None:
+            self._send_seqno_request(subnet, old_router_id, None, None, now)  # type: ignore[arg-type]
+            routes.unselect()
+            lost = True
+        self._sync_fib(subnet)
+
+        if old is not None and new is not None:
+            trigger = new.router_id != old_router_id or metric_delta(new.metric, old_metric) > BIG_METRIC_CHANGE
+        else:
+            trigger = (old is None) != (new is None)
+        if trigger:
+            self.counters["triggered_updates"] += 1
+            self._propagate(subnet, None, now)
+            if lost:
+                self._route_lost(subnet, old_router_id, now)  # type: ignore[arg-type]
+        elif interested:
+            self._propagate(subnet, interested, now)
+        if new is not None and new is not old:
+            self._forward_pending_seqno_requests(subnet, now)
+
+    # ------------------------------------------------------------------ selection (6.5)
+    def _find_best(self, subnet: Subnet, routes: SubnetRoutes) -> RouteEntry | None:
+        current = routes.selected()
+        best: RouteEntry | None = None
+        best_total = INFINITE
+        feasible = self._sources.feasible
+        for entry in routes.entries:
+            if entry.metric == INFINITE or not feasible((subnet, entry.router_id), entry.seqno, entry.metric):
+                continue
+            total = metric_add(entry.metric, self._cost(entry.neighbour))
+            if best is None or total < best_total:
+                best, best_total = entry, total
+        if best is not None and current is not None and best is not current:
+            current_total = metric_add(current.metric, self._cost(current.neighbour))
+            significant = best_total < metric_sub(current_total, SIGNIFICANT_METRIC_IMPROVEMENT)
+            if not (significant or best.metric == 0):
+                return current
+        return best
+
+    def _route_selection(self, subnet: Subnet, now: float) -> None:
+        """Re-select after expiry or a dead peer; propagates unless nothing changed."""
+        routes = self._table.routes.get(subnet)
+        if routes is None:
+            return
+        current = routes.selected()
+        best = self._find_best(subnet, routes)
+        lost = False
+        if best is not None:
+            if best is current:
+                return
+            if best.metric == INFINITE and current is not None and current.metric == INFINITE:
+                return
+            routes.select(best)
+        elif current is not None:
+            self._send_seqno_request(subnet, current.router_id, None, None, now)
+            routes.unselect()
+            lost = True
+        self._sync_fib(subnet)
+        self._propagate(subnet, None, now)
+        if lost:
+            self._route_lost(subnet, current.router_id, now)  # type: ignore[union-attr]
+        else:
+            self._forward_pending_seqno_requests(subnet, now)
+
+    # ------------------------------------------------------------------ announcing (6.6)
+    def _advertised_interval(self, entry: RouteEntry, now: float) -> int:
+        if entry.metric == INFINITE and entry.expires < now:
+            return NOT_REPEATING_INTERVAL_CS
+        return UPDATE_INTERVAL_CS
+
+    def _selected_update(self, entry: RouteEntry, metric: int, subnet: Subnet, now: float) -> Update:
+        return Update(0, self._advertised_interval(entry, now), entry.seqno, metric, subnet, entry.router_id)
+
+    def _propagate(self, subnet: Subnet, targets: Iterable[str] | None, now: float) -> None:
+        """Triggered update for ``subnet`` (6.6.1): the selected route, or our own retraction."""
+        routes = self._table.routes.get(subnet)
+        selected = routes.selected() if routes is not None else None
+        if selected is not None:
+            metric = metric_add(selected.metric, self._cost(selected.neighbour))
+            update = self._selected_update(selected, metric, selected.subnet, now)
+            skip: str | None = selected.neighbour
+        else:
+            update = Update(0, UPDATE_INTERVAL_CS, self._seqno, INFINITE, subnet, self._router_id)
+            skip = None
+        if not self._record_advertised(update, now):
+            return
+        for peer_id in list(self._peers) if targets is None else targets:
+            if peer_id != skip:
+                self._send(peer_id, update)
+
+    def _own_update(self) -> Update:
+        return Update(0, UPDATE_INTERVAL_CS, self._seqno, 0, self._own_subnet, self._router_id)
+
+    def _send_own_update(self, targets: Iterable[str], now: float) -> None:
+        update = self._own_update()
+        self._record_advertised(update, now)
+        for peer_id in targets:
+            self._send(peer_id, update)
+
+    def _on_announce_timer(self, now: float) -> None:
+        if now < self._next_announce:
+            self._timers.schedule(("announce",), self._next_announce)
+            return
+        self._send_own_update(list(self._peers), now)
+        self._next_announce = now + OWN_ROUTE_INTERVAL
+        self._timers.schedule(("announce",), self._next_announce)
+
+    def _record_advertised(self, update: Update, now: float) -> bool:
+        """Apply an outgoing Update to the source table (6.1). A finite update
+        that cannot be recorded (table full) must not be sent: it would
+        escape the feasibility bookkeeping that keeps routes loop-free."""
+        key: SourceKey = (update.subnet, update.router_id)
+        if not self._sources.can_record(key):
+            self.counters["drop_source_table_full"] += 1
+            return update.metric == INFINITE
+        expires = now + SOURCE_ENTRY_LIFETIME
+        if self._sources.record(key, update.metric, update.seqno, expires):
+            self._timers.schedule(("source", key[0], key[1]), expires)
+        return True
+
+    def _route_lost(self, subnet: Subnet, router_id: bytes, now: float) -> None:
+        """Additions to the reference once the selected route is gone with no
+        feasible fallback (after its seqno request and retraction)."""
+        self._failover_request(subnet, now)
+        self._start_recovery(subnet, router_id, now)
+
+    def _failover_request(self, subnet: Subnet, now: float) -> None:
+        """Fast failover: look for another path through every remaining
+        neighbour at once instead of waiting for the data plane to ask."""
+        if not self._peers:
+            return
+        self.counters["failover_route_requests"] += 1
+        request = RouteRequest(0, subnet)
+        peers = list(self._peers)
+        for peer_id in peers:
+            self._send(peer_id, request)
+        self._record_rr(subnet, 0, peers, now)
+
+    def _start_recovery(self, subnet: Subnet, router_id: bytes, now: float) -> None:
+        """Keep asking for a route we lost (or only hear infeasible offers
+        for) a few times. Requests and bumps can be dropped along the way
+        (rate limits, duplicates, next hops that changed), and the reference
+        never resends, so without this a subnet could stay unreachable until
+        traffic or a 300 s announcement happens to ask again."""
+        recovery = self._recoveries.get(subnet)
+        if recovery is not None:
+            recovery[0] = router_id
+            return
+        if len(self._recoveries) >= MAX_RECOVERIES:
+            self.counters["drop_recovery_table_full"] += 1
+            return
+        self._recoveries[subnet] = [router_id, 0]
+        self._timers.schedule(("recover", subnet), now + RECOVERY_RETRY_DELAYS[0])
+
+    def _on_recovery_timer(self, subnet: Subnet, now: float) -> None:
+        recovery = self._recoveries.get(subnet)
+        if recovery is None:
+            return
+        routes = self._table.routes.get(subnet)
+        selected = routes.selected() if routes is not None else None
+        if selected is not None and selected.metric != INFINITE:
+            del self._recoveries[subnet]
+            return
+        router_id, done = recovery
+        self.counters["recovery_retries"] += 1
+        self._send_seqno_request(subnet, router_id, None, None, now)
+        self._failover_request(subnet, now)  # replies reveal who has a route; infeasible ones get asked directly
+        done += 1
+        if done >= len(RECOVERY_RETRY_DELAYS):
+            del self._recoveries[subnet]
+            return
+        recovery[1] = done
+        self._timers.schedule(("recover", subnet), now + RECOVERY_RETRY_DELAYS[done])
+
+    # ------------------------------------------------------------------ expiry (6.6.3)
+    def _on_route_timer(self, subnet: Subnet, peer_id: str, now: float) -> None:
+        routes = self._table.routes.get(subnet)
+        entry = routes.find(peer_id) if routes is not None else None
+        if routes is None or entry is None:
+            return
+        if now < entry.expires:
+            self._timers.schedule(("route", subnet, peer_id), entry.expires)
+            return
+        if not entry.selected:
+            self.counters["route_expired_fallback"] += 1
+            self._remove_entry(subnet, routes, entry)
+            return
+        self.counters["route_expired_selected"] += 1
+        entry.metric = INFINITE
+        self._set_expiry(subnet, entry, now + RETRACTED_ROUTE_HOLD)
+        best = self._find_best(subnet, routes)
+        lost = best is None
+        if best is not None:
+            routes.select(best)
+        else:
+            routes.unselect()
+        self._sync_fib(subnet)
+        self._propagate(subnet, None, now)
+        if lost:
+            self._route_lost(subnet, entry.router_id, now)
+        else:
+            self._forward_pending_seqno_requests(subnet, now)
+
+    # ------------------------------------------------------------------ route requests (6.7)
+    def _originate_route_request(self, subnet: Subnet, now: float) -> None:
+        if subnet not in self._table.routes and subnet not in self._table.queried:
+            if len(self._table.queried) >= MAX_QUERIED:
+                self.counters["drop_query_table_full"] += 1
+                return
+            self._mark_queried(subnet, now)
+        info = self._rr_cache.info(subnet, now, RR_CACHE_TTL)
+        skip = info.receivers if info is not None and info.generation == 0 else ()
+        request = RouteRequest(0, subnet)
+        sent = False
+        for peer_id in self._peers:
+            if peer_id not in skip:
+                self._send(peer_id, request)
+                sent = True
+        if sent:
+            self.counters["route_requests_originated"] += 1
+        self._record_rr(subnet, 0, list(self._peers), now)
+
+    def _handle_route_request(self, peer_id: str, request: RouteRequest, now: float) -> None:
+        subnet = request.subnet
+        if subnet is None:
+            self._answer_wildcard(peer_id, now)
+            return
+        if self._own_subnet.contains(subnet):
+            self._send_own_update([peer_id], now)
+            return
+        if not subnet.is_ipv6 or subnet.prefix_len < PREFIX_LEN_MIN or subnet.address not in GLOBAL_PREFIX:
+            # Nobody can hold such a route (updates for it are filtered), and
+            # forwarding IPv4 prefixes can crash reference nodes (5.6).
+            self.counters["route_request_invalid_prefix"] += 1
+            return
+        routes = self._table.routes.get(subnet)
+        if routes is not None:
+            selected = routes.selected()
+            if selected is None or selected.neighbour == peer_id:
+                return
+            metric = metric_add(selected.metric, self._cost(selected.neighbour))
+            update = self._selected_update(selected, metric, subnet, now)
+            if self._record_advertised(update, now):
+                self._send(peer_id, update)
+            return
+        if subnet in self._table.queried:
+            return
+        # Unknown: forward.
+        if request.generation + 1 >= MAX_RR_GENERATION:
+            self.counters["route_request_generation_limit"] += 1
+            return
+        if len(self._table.queried) >= MAX_QUERIED:
+            self.counters["drop_query_table_full"] += 1
+            return
+        generation = request.generation + 1
+        self._mark_queried(subnet, now)
+        info = self._rr_cache.info(subnet, now, RR_CACHE_TTL)
+        skip = info.receivers if info is not None and generation >= info.generation else ()
+        forwarded = RouteRequest(generation, subnet)
+        for other in self._peers:
+            if other != peer_id and other not in skip:
+                self._send(other, forwarded)
+        self.counters["route_requests_forwarded"] += 1
+        self._record_rr(subnet, generation, list(self._peers), now)
+
+    def _answer_wildcard(self, peer_id: str, now: float) -> None:
+        for routes in list(self._table.routes.values()):
+            selected = routes.selected()
+            if selected is None or selected.neighbour == peer_id:
+                continue
+            metric = metric_add(selected.metric, self._cost(selected.neighbour))
+            update = self._selected_update(selected, metric, selected.subnet, now)
+            if self._record_advertised(update, now):
+                self._send(peer_id, update)
+        self._send_own_update([peer_id], now)
+
+    def _mark_queried(self, subnet: Subnet, now: float) -> None:
+        deadline = now + ROUTE_QUERY_TIMEOUT
+        self._table.mark_queried(subnet, deadline)
+        self._timers.schedule(("queried", subnet), deadline)
+
+    def _on_query_timer(self, subnet: Subnet, now: float) -> None:
+        deadline = self._table.queried.get(subnet)
+        if deadline is None:
+            return
+        if now < deadline:
+            self._timers.schedule(("queried", subnet), deadline)
+            return
+        self.counters["route_queries_timed_out"] += 1
+        self._table.drop_query(subnet)
+
+    def _record_rr(self, subnet: Subnet, generation: int, receivers: list[str], now: float) -> None:
+        evicted = self._rr_cache.record(subnet, generation, receivers, now)
+        if evicted is not None:
+            self.counters["rr_cache_evicted"] += 1
+            self._timers.cancel(("rr", evicted))
+        self._timers.cancel(("rr", subnet))
+        self._timers.schedule(("rr", subnet), now + RR_CACHE_TTL)
+
+    def _on_rr_cache_timer(self, subnet: Subnet, now: float) -> None:
+        info = self._rr_cache.entries.get(subnet)
+        if info is None:
+            return
+        if now < info.sent + RR_CACHE_TTL:
+            self._timers.schedule(("rr", subnet), info.sent + RR_CACHE_TTL)
+            return
+        self._rr_cache.remove(subnet)
+
+    # ------------------------------------------------------------------ seqno requests (6.8)
+    def _send_seqno_request(
+        self, subnet: Subnet, router_id: bytes, to: str | None, origin: str | None, now: float
+    ) -> None:
+        fd = self._sources.get((subnet, router_id))
+        seqno = seqno_add(fd.seqno if fd is not None else 0, 1)
+        key: SeqnoKey = (router_id, subnet, seqno)
+        info = self._seqno_cache.get(key)
+        targets: list[str]
+        if to is not None:
+            targets = [to]
+        else:
+            recent = info.targets if info is not None and now - info.last_sent < SEQNO_REQUEST_RESEND else ()
+            routes = self._table.routes.get(subnet)
+            if routes is None:
+                targets = list(self._peers) if origin is None else []
+            else:
+                targets = [e.neighbour for e in routes.entries if e.neighbour not in recent]
+            # Skip peers that asked us for this very request. Unlike the
+            # reference we don't apply this to a request aimed at one peer:
+            # that peer just advertised a route, so it no longer waits on us.
+            if info is not None:
+                targets = [t for t in targets if t not in info.sources]
+        request = SeqNoRequest(seqno, SEQNO_REQUEST_HOP_COUNT, router_id, subnet)
+        for target in targets:
+            if target in self._peers:
+                self._send(target, request)
+                self._cache_seqno_request(key, target, origin, now)
+
+    def _bump_seqno(self, now: float) -> None:
+        self._seqno = seqno_add(self._seqno, 1)
+        self._last_bump = now
+        self._bump_pending = False
+        self.counters["seqno_bumps"] += 1
+        self._send_own_update(list(self._peers), now)
+
+    def _on_bump_timer(self, now: float) -> None:
+        if not self._bump_pending or self._last_bump is None:
+            return
+        due = self._last_bump + SEQNO_BUMP_TIMEOUT
+        if now < due:
+            self._timers.schedule(("bump",), due)
+            return
+        self._bump_seqno(now)
+
+    def _cache_seqno_request(self, key: SeqnoKey, target: str | None, origin: str | None, now: float) -> None:
+        is_new = self._seqno_cache.get(key) is None
+        evicted = self._seqno_cache.forward(key, target, origin, now)
+        if evicted is not None:
+            self.counters["seqno_cache_evicted"] += 1
+            self._timers.cancel(("seqno", *evicted))
+        if is_new:
+            self._timers.schedule(("seqno", *key), now + SEQNO_CACHE_TTL)
+
+    def _on_seqno_cache_timer(self, key: SeqnoKey, now: float) -> None:
+        info = self._seqno_cache.get(key)
+        if info is None:
+            return
+        if now < info.first_sent + SEQNO_CACHE_TTL:
+            self._timers.schedule(("seqno", *key), info.first_sent + SEQNO_CACHE_TTL)
+            return
+        self._seqno_cache.remove(key)
+
+    def _park_seqno_request(self, key: SeqnoKey, asker: str, now: float) -> None:
+        """No neighbour to forward to yet. The reference drops the request; we
+        remember the asker so the request goes out (and the answer comes
+        back) as soon as we select a route (``_forward_pending_seqno_requests``)."""
+        self.counters["seqno_request_parked"] += 1
+        self._cache_seqno_request(key, None, asker, now)
+
+    def _seqno_request_in_flight(self, targets: list[str], selected: RouteEntry | None, asker: str) -> bool:
+        """Whether a copy we sent earlier can still bring the answer.
+
+        The reference ignores every duplicate for 60 s, which stalls recovery
+        when the earlier copy went back to the asker, to a peer now dead, or
+        to a next hop we have since left: the request then never reaches the
+        originator. A copy counts only if it went along our current next
+        hop, or (with no usable route) to some other live peer."""
+        if selected is not None and selected.metric != INFINITE and selected.neighbour != asker:
+            return selected.neighbour in targets
+        return any(t != asker and t in self._peers for t in targets)
+
+    def _forward_pending_seqno_requests(self, subnet: Subnet, now: float) -> None:
+        """A route for ``subnet`` was just selected: send requests that peers
+        are still waiting on along it. Without this a request that reached us
+        while we had no route (and was parked as a duplicate) would die here."""
+        routes = self._table.routes.get(subnet)
+        selected = routes.selected() if routes is not None else None
+        if selected is None or selected.metric == INFINITE:
+            return
+        hop = selected.neighbour
+        for key in self._seqno_cache.keys_for(subnet):
+            info = self._seqno_cache.get(key)
+            router_id, _, seqno = key
+            if info is None or not info.sources or hop in info.targets or hop in info.sources:
+                continue
+            if router_id == selected.router_id and not seqno_lt(selected.seqno, seqno):
+                continue  # our route already satisfies it
+            self._send(hop, SeqNoRequest(seqno, SEQNO_REQUEST_HOP_COUNT - 1, router_id, subnet))
+            self._cache_seqno_request(key, hop, None, now)
+            self.counters["seqno_request_forwarded_pending"] += 1
+
+    def _handle_seqno_request(self, peer_id: str, request: SeqNoRequest, now: float) -> None:
+        subnet, router_id, seqno = request.subnet, request.router_id, request.seqno
+        if not subnet.is_ipv6:
+            self.counters["seqno_request_invalid_prefix"] += 1
+            return
+        key: SeqnoKey = (router_id, subnet, seqno)
+        info = self._seqno_cache.get(key)
+        routes = self._table.routes.get(subnet)
+        selected = routes.selected() if routes is not None else None
+        if (
+            selected is not None
+            and selected.metric != INFINITE
+            and (router_id != selected.router_id or not seqno_lt(selected.seqno, seqno))
+        ):
+            # Reply; the metric uses the requester's link cost, as the reference does (quirk 4).
+            # Unlike the reference we answer even a duplicate of a request we
+            # forwarded earlier: that one may have been satisfied long ago.
+            metric = metric_add(selected.metric, self._cost(peer_id))
+            update = self._selected_update(selected, metric, selected.subnet, now)
+            if self._record_advertised(update, now):
+                self._send(peer_id, update)
+            self.counters["seqno_request_answered"] += 1
+            return
+        if (
+            info is not None
+            and now - info.last_sent <= SEQNO_DUPLICATE_WINDOW
+            and self._seqno_request_in_flight(info.targets, selected, peer_id)
+        ):
+            if peer_id not in info.sources:
+                info.sources.append(peer_id)  # so the answer reaches it too
+            self.counters["seqno_request_duplicate"] += 1
+            return
+        if router_id == self._router_id and seqno_gt(seqno, self._seqno) and subnet == self._own_subnet:
+            if self._last_bump is not None and now - self._last_bump < SEQNO_BUMP_TIMEOUT:
+                # The reference drops the request; we bump as soon as the rate
+                # limit allows, so the requester need not retry.
+                self.counters["seqno_bump_deferred"] += 1
+                self._bump_pending = True
+                self._timers.schedule(("bump",), self._last_bump + SEQNO_BUMP_TIMEOUT)
+                return
+            self._bump_seqno(now)
+            return
+        if request.hop_count < 2:
+            self.counters["seqno_request_hop_limit"] += 1
+            return
+        if router_id == self._router_id:
+            self.counters["seqno_request_unhandled"] += 1
+            return
+        if routes is None:
+            self._park_seqno_request(key, peer_id, now)
+            return
+        visited = info.targets if info is not None and now - info.last_sent < SEQNO_REQUEST_RESEND else ()
+        candidates = [
+            e
+            for e in routes.entries
+            if e.neighbour != peer_id
+            and e.neighbour in self._peers
+            and e.metric != INFINITE
+            and e.neighbour not in visited
+        ]
+        feasible = self._sources.feasible
+        target = next((e for e in candidates if feasible((subnet, e.router_id), e.seqno, e.metric)), None)
+        if target is None and candidates:
+            target = candidates[0]
+        if target is None:
+            self._park_seqno_request(key, peer_id, now)
+            return
+        forwarded = SeqNoRequest(seqno, request.hop_count - 1, router_id, subnet)
+        self._send(target.neighbour, forwarded)
+        self._cache_seqno_request(key, target.neighbour, peer_id, now)
+        self.counters["seqno_request_forwarded"] += 1
+
+    # ------------------------------------------------------------------ helpers
+    def _cost(self, peer_id: str) -> int:
+        peer = self._peers.get(peer_id)
+        return INFINITE if peer is None else peer.link_cost
+
+    def _send(self, peer_id: str, tlv: Tlv) -> None:
+        if peer_id not in self._peers:
+            self.counters["tx_to_dead_peer_suppressed"] += 1
+            return
+        subnet = getattr(tlv, "subnet", None)
+        if subnet is not None and not subnet.is_ipv6:
+            self.counters["tx_ipv4_suppressed"] += 1  # never send IPv4 prefixes (5.6)
+            return
+        self.counters[f"tx_{_TLV_NAMES[type(tlv)]}"] += 1
+        self._tlvs_out.append((peer_id, tlv))
+
+    def _add_routes(self, subnet: Subnet, public_key: bytes) -> SubnetRoutes:
+        if subnet in self._table.queried:
+            self._timers.cancel(("queried", subnet))
+        return self._table.add_routes(subnet, public_key)
+
+    def _remove_routes(self, subnet: Subnet) -> None:
+        self._table.remove_routes(subnet)
+        self._sync_fib(subnet)
+
+    def _remove_entry(self, subnet: Subnet, routes: SubnetRoutes, entry: RouteEntry) -> None:
+        routes.remove(entry)
+        self._timers.cancel(("route", subnet, entry.neighbour))
+        if not routes.entries:
+            self._remove_routes(subnet)
+        else:
+            self._sync_fib(subnet)
+
+    def _set_expiry(self, subnet: Subnet, entry: RouteEntry, expires: float) -> None:
+        entry.expires = expires
+        self._timers.schedule(("route", subnet, entry.neighbour), expires)
+
+    def _on_source_timer(self, key: SourceKey, now: float) -> None:
+        fd = self._sources.get(key)
+        if fd is None:
+            return
+        if now < fd.expires:
+            self._timers.schedule(("source", key[0], key[1]), fd.expires)
+            return
+        self._sources.remove(key)
+
+    def _sync_fib(self, subnet: Subnet) -> None:
+        """Emit a FIB change if ``subnet``'s forwarding state differs from what we last published."""
+        routes = self._table.routes.get(subnet)
+        if routes is None:
+            if self._fib.pop(subnet, None) is not None:
+                self._fib_out.append(FibDel(subnet))
+            return
+        selected = routes.selected()
+        next_hop = selected.neighbour if selected is not None and selected.metric != INFINITE else None
+        entry = self._fib.get(subnet)
+        if entry is None or entry.next_hop != next_hop:
+            entry = FibEntry(next_hop, routes.public_key)
+            self._fib[subnet] = entry
+            self._fib_out.append(FibSet(subnet, entry))
+
+
+def _view(subnet: Subnet, entry: RouteEntry) -> RouteView:
+    return RouteView(subnet, entry.neighbour, entry.metric, entry.seqno, entry.router_id)

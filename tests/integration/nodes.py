@@ -1,0 +1,217 @@
+"""Real nodes for integration tests: each is a `mycelium` launcher process
+running supervisord and the services, on loopback ports of its own.
+
+Every wait is bounded in time; ``Node.stop`` kills the whole process group
+even if the launcher hangs, so a failing test leaves no processes behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+MYCELIUM = [sys.executable, "-m", "services.cli"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port free on both IPv4 and IPv6 loopback/any right now."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s4:
+                s4.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port found")
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float, interval: float = 0.1) -> T:
+    """Poll ``fn`` until it returns something truthy; fail with ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = fn()
+            if result:
+                return result
+        except Exception as exc:  # the thing polled may not be up yet
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_exc})")
+
+
+class Node:
+    def __init__(self, base: Path, name: str) -> None:
+        self.name = name
+        self.dir = base / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = self.dir / "run"
+        self.key_file = self.dir / "priv_key.bin"
+        self.log_path = self.dir / "node.log"
+        self.tcp_port = free_port()
+        self.api_port = free_port()
+        self.peers: list[str] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._info: dict[str, Any] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.tcp_port}"
+
+    def args(self) -> list[str]:
+        args = [
+            *MYCELIUM,
+            "--no-tun",
+            "-k", str(self.key_file),
+            "-t", str(self.tcp_port),
+            "--api-addr", f"127.0.0.1:{self.api_port}",
+            "--jsonrpc-addr", f"127.0.0.1:{free_port()}",
+            "--run-dir", str(self.run_dir),
+            "--disable-peer-discovery",
+        ]  # fmt: skip
+        if self.peers:
+            args += ["--peers", *self.peers]
+        return args
+
+    def start(self) -> Node:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", XDG_CONFIG_HOME=str(self.dir / "config"))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.args(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> Node:
+        wait_for(f"{self.name} API", lambda: self.api("/api/v1/admin"), timeout)
+        wait_for(f"{self.name} services", lambda: self.all_running(), timeout)
+        return self
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill_leftovers()
+        self.proc = None
+
+    def kill(self) -> None:
+        """Crash the whole node at once (launcher, supervisord, services)."""
+        self._kill_leftovers()
+        if self.proc is not None:
+            self.proc.wait(10)
+        self.proc = None
+
+    def pids(self) -> list[int]:
+        """Every live process of this node: the launcher and anything whose
+        command line names its run directory (supervisord and the services)."""
+        marker = str(self.run_dir).encode()
+        pids = [] if self.proc is None or self.proc.poll() is not None else [self.proc.pid]
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker in cmdline and int(entry.name) not in pids:
+                pids.append(int(entry.name))
+        return pids
+
+    def _kill_leftovers(self) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    # --- observation --------------------------------------------------------
+
+    def api(self, path: str, method: str = "GET", body: Any = None, timeout: float = 5) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    def api_status(self, path: str, method: str = "GET", body: Any = None) -> tuple[int, bytes]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    @property
+    def info(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = self.api("/api/v1/admin")
+        return self._info
+
+    @property
+    def subnet(self) -> str:
+        return str(self.info["nodeSubnet"])
+
+    @property
+    def address(self) -> str:
+        return str(self.info["nodeIp"])
+
+    def selected(self) -> dict[str, dict[str, Any]]:
+        return {r["subnet"]: r for r in self.api("/api/v1/admin/routes/selected")}
+
+    def alive_peers(self) -> int:
+        return sum(1 for p in self.api("/api/v1/admin/peers") if p["connectionState"] == "alive")
+
+    def counters(self, service: str) -> dict[str, int]:
+        return dict(self.api("/api/v1/admin/services").get(service, {}).get("counters", {}))
+
+    def supervisorctl(self, *args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(self.run_dir / "supervisord.conf"), *args],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return out.stdout
+
+    def program_pid(self, program: str) -> int:
+        return int(self.supervisorctl("pid", program).strip())
+
+    def all_running(self) -> bool:
+        status = self.supervisorctl("status")
+        lines = [line for line in status.splitlines() if line.strip()]
+        return len(lines) >= 4 and all("RUNNING" in line for line in lines)
+
+    def lookup(self, address: str) -> str | None:
+        """Ask for a key by address; a miss starts a route query on the node."""
+        status, body = self.api_status(f"/api/v1/pubkey/{address}")
+        return json.loads(body)["publicKey"] if status == 200 else None
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
