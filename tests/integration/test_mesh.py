@@ -170,3 +170,19 @@ def test_malformed_bytes_close_only_that_connection(make_nodes: Callable[..., li
     assert b.all_running()
     assert a.alive_peers() == 1 and b.alive_peers() == 1
     assert a.lookup(b.address) == b.info["nodePubkey"] or wait_for("route A->B", lambda: a.lookup(b.address), 10)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_every_process_and_removes_sockets(make_nodes: Callable[..., list[Node]], sig: int) -> None:
+    (node,) = make_nodes(1)
+    node.start().wait_ready()
+    pids = node.pids()
+    assert len(pids) >= 6  # launcher, supervisord and four services
+    assert list(node.run_dir.glob("*.ipc"))
+    assert node.proc is not None
+    node.proc.send_signal(sig)
+    assert node.proc.wait(20) == 0
+    wait_for("every process of the node to exit", lambda: not node.pids(), 10)
+    assert not list(node.run_dir.glob("*.ipc")) and not (node.run_dir / "supervisor.sock").exists()
+    assert "node stopped" in node.log_path.read_text()
+    node.proc = None
