@@ -187,8 +187,12 @@ class StatsPublisher:
         self.started = time.time()
         self._next = 0.0
 
+    def due(self, now: float) -> bool:
+        """Whether a publish is due; lets callers skip computing costly gauges."""
+        return now >= self._next
+
     def maybe_publish(self, now: float, counters: dict[str, int], gauges: dict[str, Any]) -> None:
-        if now < self._next:
+        if not self.due(now):
             return
         self._next = now + self.interval
         frames = pack(

@@ -23,7 +23,10 @@ as ordinary, well-formed TLVs (each is marked "unlike the reference" below):
   cannot forward yet is parked and sent on as soon as we select a route;
   a seqno request aimed at a single peer is sent even if that peer asked us
   the same thing; an infeasible update to an unselected entry asks for a
-  newer seqno when nothing is selected (as step 7 of 6.4 already does);
+  newer seqno when nothing is selected (as step 7 of 6.4 already does); an
+  update answers every pending request for its seqno *or older* (RFC 8966),
+  not only the exact one; requests driven by the data plane name the
+  subnet owner's router id, not a retracting neighbour's;
 - as originator, a bump refused by the 4 s rate limit is deferred, not
   dropped, and the first bump after start is not rate limited;
 - route requests for prefixes no update could ever satisfy (IPv4, outside
@@ -182,7 +185,7 @@ class RouterEngine:
         self._router_id = router_id
         self._address = address_of(public_key)
         self._own_subnet = subnet_of(self._address)
-        self._rng = rng or random.Random()
+        self._rng = rng or random.Random()  # for future jitter; today the engine is deterministic given its inputs
         self._seqno = 0
         self._last_bump: float | None = None
         self._bump_pending = False
@@ -340,8 +343,13 @@ class RouterEngine:
             return
         if routes.entries:
             # Only fallback (infeasible or retracted) routes: ask for a newer seqno.
-            first = routes.entries[0]
-            self._send_seqno_request(subnet, first.router_id, None, None, now)
+            # A retracted entry carries the retracting node's router id (quirk
+            # 3), which nobody can bump; unlike the reference, prefer the owner's.
+            owner = next((e for e in routes.entries if self._owns(e.router_id, subnet)), None)
+            if owner is not None:
+                self._send_seqno_request(subnet, owner.router_id, None, None, now)
+            else:  # only retractions left: look for any path again
+                self._originate_route_request(subnet, now)
 
     def handle_timer(self, now: float) -> None:
         while True:
@@ -408,6 +416,8 @@ class RouterEngine:
     def _remove_peer(self, peer_id: str, now: float) -> None:
         """Dead peer handling (6.6.4): retract its selected routes, drop the rest."""
         del self._peers[peer_id]
+        if any(p == peer_id for p, _ in self._tlvs_out):
+            self._tlvs_out = [(p, t) for p, t in self._tlvs_out if p != peer_id]
         self._timers.cancel(("hello", peer_id))
         self._timers.cancel(("dead", peer_id))
         reselect: list[Subnet] = []
@@ -455,8 +465,7 @@ class RouterEngine:
             self.counters[f"update_filtered_{reason}"] += 1
             return
         subnet, router_id, seqno, metric = update.subnet, update.router_id, update.seqno, update.metric
-        info = self._seqno_cache.get((router_id, subnet, seqno))
-        interested = list(info.sources) if info is not None else []
+        interested = self._interested_peers(subnet, router_id, seqno, metric)
         feasible = self._sources.feasible((subnet, router_id), seqno, metric)
         if not feasible:
             self.counters["update_infeasible"] += 1
@@ -884,6 +893,23 @@ class RouterEngine:
             self._timers.schedule(("seqno", *key), info.first_sent + SEQNO_CACHE_TTL)
             return
         self._seqno_cache.remove(key)
+
+    def _interested_peers(self, subnet: Subnet, router_id: bytes, seqno: int, metric: int) -> list[str]:
+        """Peers whose seqno requests this update answers. The reference only
+        matches the exact seqno asked for; a newer one (the originator may
+        have bumped twice) answers the request just as well (RFC 8966
+        3.8.1.2), so we take those too and forget the askers once served."""
+        if metric == INFINITE:
+            return []
+        peers: list[str] = []
+        for key in self._seqno_cache.keys_for(subnet):
+            info = self._seqno_cache.get(key)
+            if info is None or key[0] != router_id or seqno_lt(seqno, key[2]) or not info.sources:
+                continue
+            peers += [p for p in info.sources if p not in peers]
+            if key[2] != seqno:
+                info.sources.clear()
+        return peers
 
     def _park_seqno_request(self, key: SeqnoKey, asker: str, now: float) -> None:
         """No neighbour to forward to yet. The reference drops the request; we

@@ -213,8 +213,7 @@ class RouterService:
             sender = self.peerd.get(family_of(peer_id))
             if sender is not None:
                 sender.control("close_peer", {"peer": peer_id})
-            if self.peers.pop(peer_id, None) is not None:
-                self.engine.peer_down(peer_id, time.monotonic())
+            self.peers.pop(peer_id, None)  # the engine already handled it as dead
 
     # --- loop -------------------------------------------------------------
 
@@ -254,12 +253,16 @@ class RouterService:
             if timer is not None and timer <= now:
                 self.engine.handle_timer(now)
             self.flush()
-            counters = self.counters + Counter(getattr(self.engine, "counters", {}))
-            self.stats.maybe_publish(
-                now,
-                counters,
-                {"peers": len(self.peers), "routes": len(self.engine.selected_routes()), "seqno": self.engine.seqno},
-            )
+            if self.stats.due(now):
+                self.stats.maybe_publish(
+                    now,
+                    self.counters + self.engine.counters,
+                    {
+                        "peers": len(self.peers),
+                        "routes": len(self.engine.selected_routes()),
+                        "seqno": self.engine.seqno,
+                    },
+                )
         self.ctx.destroy(linger=0)
 
 

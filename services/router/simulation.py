@@ -5,6 +5,14 @@ happens in one event queue ordered by (time, insertion order), so a run with
 the same seed is reproducible bit for bit. Used by the unit tests (routing
 behaviour, loop freedom after every event) and by benchmarks.
 
+Each node's FIB is mirrored from the engine's FibSet/FibDel stream, which is
+what the data plane would see. With ``check_loops`` every event that changes
+a FIB entry is followed by a walk of next hops from that node toward that
+destination: a new loop must pass through the node whose entry changed, so
+this checks loop freedom after every event at O(path length) cost.
+Convergence ("every live node has a usable route to every other live node")
+is tracked incrementally, so ``run_until_converged`` is exact to the event.
+
     python -m services.router.simulation   # prints the 30-node mesh figures
 """
 
@@ -375,11 +383,11 @@ class MeshFigures:
     wall_s: float
 
 
-def mesh_convergence(n: int = 30, *, seed: int = 1, degree: float = 4.0) -> MeshFigures:
+def mesh_convergence(n: int = 30, *, seed: int = 1, degree: float = 4.0, check_loops: bool = False) -> MeshFigures:
     """Every link comes up at t=0 and every node at once asks for every other
     node's address, as if traffic started with the network."""
     started = time.perf_counter()
-    sim = Simulation(seed=seed)
+    sim = Simulation(seed=seed, check_loops=check_loops)
     random_mesh(sim, n, degree)
     sim.request_all_routes()
     elapsed = sim.run_until_converged(30.0)
