@@ -36,10 +36,22 @@ Engine-level behaviour beyond the reference, all interoperable:
   raises for anything a peer can send.
 - A reply waiter (``expect_reply``) gets any completed message carrying
   its id, as in the reference; no READ is sent for it.
+- With a store, an inbound message whose chunks are all in is persisted
+  before its last CHUNK ACK ("assembled", inbound.py), so a receiver crash
+  before the DONE does not strand the sender.
 
 Deadlines are the reference's: 300 s after the push an unfinished message
 is aborted (one ABORT packet), 600 s after the push it is forgotten. After
-a restart the deadlines continue from the persisted push time.
+a restart the deadlines continue from the persisted push time, and every
+unfinished outbound message starts over from INIT. Our receivers recognise
+an already delivered message by its completed id; a *reference* receiver
+only does while the message sits unpopped in its inbox, so a message it
+already delivered and whose pop happened before our crash can reach its
+application twice. The protocol offers no way to avoid that.
+
+Public keys are not the engine's business: the shell feeds only packets it
+could decrypt (so the sender has a route and a key, the reference's
+"no public key -> drop" rule) and fills srcPk/dstPk from the routing table.
 """
 
 from __future__ import annotations
@@ -129,9 +141,9 @@ class Limits:
     max_inbox_bytes: int = 256 * MiB
     max_message_size: int = 64 * MiB  # declared length an INIT may announce
     max_pending_per_sender: int = 64  # incomplete inbound messages per sender /64
-    max_pending_bytes_per_sender: int = 128 * MiB  # sum of their declared lengths
+    max_pending_bytes_per_sender: int = 64 * MiB  # sum of their declared lengths
     max_pending_total: int = 4_096
-    max_pending_bytes_total: int = 512 * MiB
+    max_pending_bytes_total: int = 256 * MiB
     pending_idle_timeout: float = 300.0  # drop an incomplete message silent for this long
     completed_ttl: float = 600.0  # remember delivered (source, id) pairs this long
     max_completed: int = 200_000
@@ -231,10 +243,13 @@ class MessageEngine:
             self.counters["restored_outbound"] += 1
         self._store.delete_outbound(expired)
         for irec in state.inbox:
+            self._next_seq = max(self._next_seq, irec.seq + 1)
+            if irec.assembled:
+                self._restore_assembled(irec, now)
+                continue
             message = ReceivedMessage(irec.id, irec.src_ip, irec.dst_ip, irec.topic, irec.data, irec.reply, irec.seq)
             self._inbox[irec.seq] = _InboxEntry(message, irec.forward_socket)
             self._inbox_bytes += len(irec.data)
-            self._next_seq = max(self._next_seq, irec.seq + 1)
             if irec.forward_socket is not None:
                 # at-least-once: the crash may have come after the socket got it
                 self._events.append(ForwardToSocket(message, irec.forward_socket))
@@ -247,6 +262,15 @@ class MessageEngine:
                 )
         if self._completed:
             self._next_sweep = now + SWEEP_INTERVAL
+
+    def _restore_assembled(self, irec: InboundRecord, now: float) -> None:
+        """An inbound message that had all its chunks but no DONE yet: wait for the DONE again."""
+        pending = Pending(
+            irec.id, irec.src_ip, irec.dst_ip, len(irec.data), irec.topic, irec.reply, now, slots=irec.slots
+        )
+        pending.assembled, pending.buffered, pending.seq = irec.data, len(irec.data), irec.seq
+        self._track_pending(pending, now)
+        self.counters["restored_assembled"] += 1
 
     # --- API: sending -----------------------------------------------------------------
 
@@ -440,6 +464,7 @@ class MessageEngine:
         return None
 
     def inbox_size(self) -> int:
+        """Completed messages held, including those out to a forward socket."""
         return len(self._inbox)
 
     # --- API: forward sockets -----------------------------------------------------------------
@@ -633,13 +658,7 @@ class MessageEngine:
         if reason is not None:
             self.counters[reason] += 1
             return
-        self._pending[key] = Pending(pkt.id, src, dst, pkt.length, pkt.topic, pkt.reply, now)
-        usage = self._usage.setdefault(sender_key(src), [0, 0])
-        usage[0] += 1
-        usage[1] += pkt.length
-        self._pending_bytes += pkt.length
-        if self._next_sweep is None:
-            self._next_sweep = now + SWEEP_INTERVAL
+        self._track_pending(Pending(pkt.id, src, dst, pkt.length, pkt.topic, pkt.reply, now), now)
         self._out.append(ack)
 
     def _admit(self, src: bytes, pkt: Init) -> str | None:
@@ -661,10 +680,24 @@ class MessageEngine:
             return "drop_init_pending_limit"
         return None
 
-    def _release_pending(self, key: tuple[bytes, bytes]) -> None:
+    def _track_pending(self, pending: Pending, now: float) -> None:
+        self._pending[(pending.src_ip, pending.id)] = pending
+        usage = self._usage.setdefault(sender_key(pending.src_ip), [0, 0])
+        usage[0] += 1
+        usage[1] += pending.length
+        self._pending_bytes += pending.length
+        if self._next_sweep is None:
+            self._next_sweep = now + SWEEP_INTERVAL
+
+    def _release_pending(self, key: tuple[bytes, bytes], delivered: bool = False) -> None:
         pending = self._pending.pop(key, None)
         if pending is None:
             return
+        if pending.seq is not None and not delivered and self._store is not None:
+            try:
+                self._store.delete_inbound(pending.seq, durable=False)
+            except sqlite3.Error:
+                self.counters["store_error"] += 1
         skey = sender_key(pending.src_ip)
         usage = self._usage[skey]
         usage[0] -= 1
@@ -692,7 +725,29 @@ class MessageEngine:
             return
         pending.store_chunk(pkt.index, data)
         pending.last_activity = now
+        if (
+            self._store is not None
+            and pending.seq is None
+            and pending.complete
+            and not self._persist_assembled(pending)
+        ):
+            return
         self._out.append(ack)
+
+    def _persist_assembled(self, p: Pending) -> bool:
+        """Store a message whose chunks are all in before the last CHUNK ACK (see inbound.py)."""
+        assert self._store is not None
+        data = p.freeze()
+        seq = self._next_seq
+        record = InboundRecord(seq, p.id, p.src_ip, p.dst_ip, p.topic, data, p.reply, None, 0.0, True, p.slots)
+        try:
+            self._store.add_assembled(record)
+        except sqlite3.Error:
+            self.counters["store_error"] += 1
+            return False
+        self._next_seq += 1
+        p.seq = seq
+        return True
 
     def _on_done(self, src: bytes, dst: bytes, pkt: Done, now: float) -> None:
         self.counters["rx_done"] += 1
@@ -717,12 +772,12 @@ class MessageEngine:
         if reason is not None:
             self.counters[reason] += 1
             return
-        data = pending.assemble()
+        data = pending.joined()
         if blake3.blake3(data).digest() != pkt.checksum:
             self.counters["drop_done_checksum"] += 1
             return
         if self._deliver(pending, data, pkt, now):
-            self._release_pending(key)
+            self._release_pending(key, delivered=True)
             self._out.append(ack)
 
     def _deliver(self, p: Pending, data: bytes, done: Done, now: float) -> bool:
@@ -738,23 +793,32 @@ class MessageEngine:
         seq = self._next_seq
         message = ReceivedMessage(p.id, p.src_ip, p.dst_ip, p.topic, data, p.reply, seq)
         completed = Completed(p.length, done.chunk_count, done.checksum, now + lim.completed_ttl)
+        key = (p.src_ip, p.id)
+        excess = len(self._completed) + (key not in self._completed) - lim.max_completed
+        evict = [k for k in itertools.islice(self._completed, max(excess, 0) + 1) if k != key][: max(excess, 0)]
         if self._store is not None:
-            record = None
-            if not to_waiter:
-                record = InboundRecord(seq, p.id, p.src_ip, p.dst_ip, p.topic, data, p.reply, forward, self._wall(now))
-            expires = self._wall(completed.expires)
+            wall = self._wall(now)
+            crec = CompletedRecord(
+                p.src_ip, p.id, p.length, done.chunk_count, done.checksum, self._wall(completed.expires)
+            )
             try:
-                self._store.add_inbound(
-                    record, CompletedRecord(p.src_ip, p.id, p.length, done.chunk_count, done.checksum, expires)
-                )
+                if p.seq is not None:
+                    new_seq = None if to_waiter else seq
+                    self._store.complete_assembled(p.seq, new_seq, forward, wall, crec, evict)
+                else:
+                    record = None
+                    if not to_waiter:
+                        record = InboundRecord(seq, p.id, p.src_ip, p.dst_ip, p.topic, data, p.reply, forward, wall)
+                    self._store.add_inbound(record, crec, evict)
             except sqlite3.Error:
                 self.counters["store_error"] += 1
                 return False
         self._next_seq += 1
-        key = (p.src_ip, p.id)
+        for old in evict:
+            del self._completed[old]
+        self.counters["completed_evicted"] += len(evict)
         self._completed.pop(key, None)
         self._completed[key] = completed
-        self._trim_completed()
         if self._next_sweep is None:
             self._next_sweep = now + SWEEP_INTERVAL
         self.counters["delivered"] += 1
@@ -769,19 +833,6 @@ class MessageEngine:
         else:
             self._events.append(MessageReceived(message))
         return True
-
-    def _trim_completed(self) -> None:
-        evicted: list[tuple[bytes, bytes]] = []
-        while len(self._completed) > self.limits.max_completed:
-            key, _ = self._completed.popitem(last=False)
-            evicted.append(key)
-        if evicted:
-            self.counters["completed_evicted"] += len(evicted)
-            if self._store is not None:
-                try:
-                    self._store.delete_completed(evicted)
-                except sqlite3.Error:
-                    self.counters["store_error"] += 1
 
     def _on_abort(self, src: bytes, pkt: Abort) -> None:
         self.counters["rx_abort"] += 1

@@ -13,6 +13,14 @@ Stricter than the reference, to bound memory: the bytes buffered for one
 message never exceed its declared length (slots are a dict, nothing is
 allocated from the declared length), and a declared length above the
 engine's limit is refused at INIT.
+
+"Assembled": once every slot is filled the chunks are joined and, with a
+store, persisted before the chunk that completed them is acknowledged. The
+sender then only waits for the DONE ACK and (rightly, see outbound.py)
+never starts over, so without this a receiver crash between the last CHUNK
+ACK and the DONE would leave the message to abort at its deadline. From
+then on the slots are frozen: further chunks are acknowledged if they fit
+but not stored.
 """
 
 from __future__ import annotations
@@ -49,9 +57,12 @@ class Pending:
     slots: int = 0  # ceil(length/1300), grown by higher chunk indices like the reference
     chunks: dict[int, bytes] = field(default_factory=dict)
     buffered: int = 0
+    assembled: bytes | None = None  # every slot filled, joined in index order
+    seq: int | None = None  # store row of the assembled data, when persisted
 
     def __post_init__(self) -> None:
-        self.slots = -(-self.length // CHUNK_SIZE)
+        if not self.slots:
+            self.slots = -(-self.length // CHUNK_SIZE)
 
     def same_as(self, length: int, topic: bytes, reply: bool) -> bool:
         return self.length == length and self.topic == topic and self.reply == reply
@@ -62,6 +73,8 @@ class Pending:
         size = len(data)
         if chunk.offset + size > self.length:
             return "drop_chunk_bounds", data
+        if self.assembled is not None:
+            return (None if chunk.index < self.slots else "drop_chunk_index"), data
         last = max_chunk_index(self.length)
         if chunk.index > last:
             return "drop_chunk_index", data
@@ -73,23 +86,40 @@ class Pending:
         return None, data
 
     def store_chunk(self, index: int, data: bytes) -> None:
+        if self.assembled is not None:
+            return
         old = self.chunks.get(index)
         self.buffered += len(data) - (len(old) if old is not None else 0)
         self.chunks[index] = data
         if index >= self.slots:
             self.slots = index + 1
 
+    @property
+    def complete(self) -> bool:
+        return self.assembled is not None or (len(self.chunks) == self.slots and self.buffered == self.length)
+
     def check_done(self, chunk_count: int) -> str | None:
         if chunk_count != self.slots:
             return "drop_done_count"
+        if self.assembled is not None:
+            return None
         if len(self.chunks) != self.slots:
             return "drop_done_incomplete"
         if self.buffered != self.length:
             return "drop_done_length"
         return None
 
-    def assemble(self) -> bytes:
+    def joined(self) -> bytes:
+        """The message data in index order; only valid when ``complete``."""
+        if self.assembled is not None:
+            return self.assembled
         return b"".join(self.chunks[i] for i in range(self.slots))
+
+    def freeze(self) -> bytes:
+        """Keep only the joined data from now on (it is about to be persisted)."""
+        self.assembled = self.joined()
+        self.chunks = {}
+        return self.assembled
 
 
 @dataclass(slots=True)

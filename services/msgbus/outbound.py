@@ -29,10 +29,16 @@ retransmission timeout, but:
   resend of the same packet (capped at ``max_rto``), so multi-hop paths
   with RTT > 100 ms are not flooded with duplicate chunks;
 - keeps at most ``window`` chunks unacknowledged;
-- "Stalls": when a transfer in progress gets no acknowledgement at all for
-  ``stall_restart`` seconds it starts over from INIT. This recovers from a
-  receiver that restarted and lost its incomplete message (which the
-  protocol has no NACK for), at the cost of resending acked chunks;
+- "Stalls": when chunks are still unacknowledged and no acknowledgement at
+  all came for ``stall_restart`` seconds, the transfer starts over from
+  INIT. This recovers from a receiver that restarted and lost its
+  incomplete message (the protocol has no NACK), at the cost of resending
+  acked chunks, and cannot cause a second delivery: with a chunk
+  unacknowledged the receiver cannot have completed the message. Once every
+  chunk is acknowledged there is no restart, only DONE retransmission until
+  the deadline: a reference receiver never re-acknowledges a DONE, so
+  silence then may well mean "delivered, DONE ACK lost", and starting over
+  would deliver the message again if it was already popped;
 - accepts READ while still in progress (the DONE ACK was lost but the
   message was clearly received) and a DONE ACK whose echoed checksum
   matches even after such a restart.
@@ -88,7 +94,7 @@ class SendTiming:
     min_rto: float = 0.1
     max_rto: float = 1.0
     window: int = 256  # chunks sent but not yet acknowledged, per message
-    stall_restart: float = 15.0  # no ACK for this long while sending -> start over from INIT
+    stall_restart: float = 15.0  # no ACK for this long while chunks are outstanding -> start over
 
 
 class _Chunk:
@@ -204,7 +210,7 @@ class Outbound:
             return
         if self.state is not SendState.IN_PROGRESS:
             return
-        if now - self._last_progress >= self.timing.stall_restart:
+        if self.acked < len(self.chunks) and now - self._last_progress >= self.timing.stall_restart:
             counters["send_restarted"] += 1
             self.restart(now, out, counters)
             return

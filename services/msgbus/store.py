@@ -18,16 +18,20 @@ What is *not* stored, because the protocol rebuilds it: chunk-level send
 progress (a restored outbound message restarts from INIT) and incomplete
 inbound messages (their sender restarts; see engine.py "Stalls").
 
-Fsync policy: sqlite3 in WAL mode with ``synchronous=FULL`` for every
-commit. In WAL mode NORMAL already survives a process crash (the WAL write
-is in the OS page cache when COMMIT returns), but only FULL fsyncs the WAL
-on each commit and so also survives power loss or a kernel crash; since
-each commit above is a promise made to another party, and commits happen a
-few times per message (not per packet), one fsync each is the price. Pass
-``synchronous="NORMAL"`` to trade power-loss safety for throughput (e.g.
-tests, tmpfs run directories). Bookkeeping writes (state changes, expiry)
-go through the same path: losing one is harmless, but mixing levels buys
-little at this rate.
+Fsync policy: sqlite3 in WAL mode with ``synchronous=FULL`` for the three
+promise-making commits above (push, completed message + id, pop). In WAL
+mode NORMAL already survives a process crash (the WAL write is in the OS
+page cache when COMMIT returns), but only FULL fsyncs the WAL on each commit
+and so also survives power loss or a kernel crash; each of these commits is
+a promise to another party (API caller, remote sender) that cannot be taken
+back, and they happen once or twice per message, not per packet, so one
+fsync each is the price. Bookkeeping commits whose loss is harmless (final
+outbound states, which only make a restarted sender re-send and the
+receiver re-acknowledge; expiry deletes; moving a forwarded message to the
+inbox, which only forwards it again) run at NORMAL: they reach the disk
+with the next FULL commit's fsync of the same WAL file. Pass
+``synchronous="NORMAL"`` to run everything at NORMAL (tests, tmpfs run
+directories) and trade power-loss safety for throughput.
 
 Completed-id records keep (src, id) -> (length, chunk count, checksum) with
 a wall-clock expiry, so a sender that retransmits after our crash (or after
@@ -49,7 +53,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: inbox.assembled, inbox.slots
 
 OUT_ACTIVE = "active"
 OUT_RECEIVED = "received"
@@ -78,7 +82,9 @@ CREATE TABLE IF NOT EXISTS inbox (
     data BLOB NOT NULL,
     reply INTEGER NOT NULL,
     forward_socket TEXT,
-    received REAL NOT NULL
+    received REAL NOT NULL,
+    assembled INTEGER NOT NULL DEFAULT 0,
+    slots INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS completed (
     src BLOB NOT NULL,
@@ -125,6 +131,8 @@ class InboundRecord:
     reply: bool
     forward_socket: str | None  # set while the message is handed to a forward socket
     received: float  # Unix seconds
+    assembled: bool = False  # every chunk is in but no valid DONE yet: not a message yet
+    slots: int = 0  # chunk count an assembled message expects in its DONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +161,7 @@ class MessageStore:
         self.path = Path(path)
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self._depth = 0
+        self._level = synchronous.upper()
         try:
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -160,12 +169,15 @@ class MessageStore:
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA foreign_keys=OFF")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise StoreError(f"{self.path}: schema version {version}, expected {SCHEMA_VERSION}")
             with self.transaction():
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self._db.execute(statement)
+                if version == 1:
+                    for column in ("assembled", "slots"):
+                        self._db.execute(f"ALTER TABLE inbox ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             self._db.close()
@@ -177,21 +189,29 @@ class MessageStore:
     # --- plumbing ---------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Group several writes into one atomic commit (nests; the outermost commits)."""
-        if self._depth == 0:
-            self._db.execute("BEGIN IMMEDIATE")
-        self._depth += 1
+    def transaction(self, durable: bool = True) -> Iterator[None]:
+        """Group several writes into one atomic commit (nests; the outermost commits and
+        decides durability: ``durable=False`` skips the fsync, see the module docstring)."""
+        relax = self._depth == 0 and not durable and self._level != "NORMAL"
+        if relax:
+            self._db.execute("PRAGMA synchronous=NORMAL")
         try:
-            yield
-        except BaseException:
+            if self._depth == 0:
+                self._db.execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._db.execute("ROLLBACK")
+                raise
             self._depth -= 1
             if self._depth == 0:
-                self._db.execute("ROLLBACK")
-            raise
-        self._depth -= 1
-        if self._depth == 0:
-            self._db.execute("COMMIT")
+                self._db.execute("COMMIT")
+        finally:
+            if relax:
+                self._db.execute(f"PRAGMA synchronous={self._level}")
 
     def close(self) -> None:
         self._db.close()
@@ -219,9 +239,22 @@ class MessageStore:
             if r[8] in _OUT_STATES
         ]
         inbox = [
-            InboundRecord(r[0], bytes(r[1]), bytes(r[2]), bytes(r[3]), bytes(r[4]), bytes(r[5]), bool(r[6]), r[7], r[8])
+            InboundRecord(
+                r[0],
+                bytes(r[1]),
+                bytes(r[2]),
+                bytes(r[3]),
+                bytes(r[4]),
+                bytes(r[5]),
+                bool(r[6]),
+                r[7],
+                r[8],
+                bool(r[9]),
+                r[10],
+            )
             for r in db.execute(
-                "SELECT seq, id, src, dst, topic, data, reply, forward_socket, received FROM inbox ORDER BY seq"
+                "SELECT seq, id, src, dst, topic, data, reply, forward_socket, received, assembled, slots"
+                " FROM inbox ORDER BY seq"
             )
         ]
         completed = [
@@ -257,7 +290,7 @@ class MessageStore:
         """Record a final state; the data is dropped since it will never be sent again."""
         if state not in _OUT_STATES:
             raise ValueError(f"unknown outbound state {state!r}")
-        with self.transaction():
+        with self.transaction(durable=False):
             if state == OUT_ACTIVE:
                 self._db.execute("UPDATE outbox SET state = ? WHERE id = ?", (state, msg_id))
             else:
@@ -266,61 +299,101 @@ class MessageStore:
     def delete_outbound(self, msg_ids: list[bytes]) -> None:
         if not msg_ids:
             return
-        with self.transaction():
+        with self.transaction(durable=False):
             self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in msg_ids])
 
     # --- inbox --------------------------------------------------------------------
 
-    def add_inbound(self, rec: InboundRecord | None, completed: CompletedRecord) -> None:
-        """Record a completed message (None when it went to a reply waiter) and its id, atomically."""
+    def add_inbound(
+        self, rec: InboundRecord | None, completed: CompletedRecord, evict: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        """Record a completed message (None when it went to a reply waiter) and its id, atomically;
+        ``evict`` drops older completed ids (src, id) in the same commit."""
         with self.transaction():
             if rec is not None:
-                self._db.execute(
-                    "INSERT INTO inbox (seq, id, src, dst, topic, data, reply, forward_socket, received)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        rec.seq,
-                        rec.id,
-                        rec.src_ip,
-                        rec.dst_ip,
-                        rec.topic,
-                        rec.data,
-                        int(rec.reply),
-                        rec.forward_socket,
-                        rec.received,
-                    ),
-                )
-            self._db.execute(
-                "INSERT OR REPLACE INTO completed (src, id, length, chunk_count, checksum, expires)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    completed.src_ip,
-                    completed.id,
-                    completed.length,
-                    completed.chunk_count,
-                    completed.checksum,
-                    completed.expires,
-                ),
-            )
+                self._insert_inbound(rec)
+            self._add_completed(completed, evict)
 
-    def delete_inbound(self, seq: int) -> None:
+    def add_assembled(self, rec: InboundRecord) -> None:
+        """Every chunk of a message is in: keep it before acknowledging the last chunk."""
         with self.transaction():
+            self._insert_inbound(rec)
+
+    def complete_assembled(
+        self,
+        seq: int,
+        new_seq: int | None,
+        forward_socket: str | None,
+        received: float,
+        completed: CompletedRecord,
+        evict: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """A valid DONE for an assembled message: it becomes inbox entry ``new_seq`` (or is removed,
+        None, when it went to a reply waiter), and its id is recorded, atomically."""
+        with self.transaction():
+            if new_seq is None:
+                self._db.execute("DELETE FROM inbox WHERE seq = ?", (seq,))
+            else:
+                self._db.execute(
+                    "UPDATE inbox SET seq = ?, assembled = 0, forward_socket = ?, received = ? WHERE seq = ?",
+                    (new_seq, forward_socket, received, seq),
+                )
+            self._add_completed(completed, evict)
+
+    def _insert_inbound(self, rec: InboundRecord) -> None:
+        self._db.execute(
+            "INSERT INTO inbox (seq, id, src, dst, topic, data, reply, forward_socket, received, assembled, slots)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                rec.seq,
+                rec.id,
+                rec.src_ip,
+                rec.dst_ip,
+                rec.topic,
+                rec.data,
+                int(rec.reply),
+                rec.forward_socket,
+                rec.received,
+                int(rec.assembled),
+                rec.slots,
+            ),
+        )
+
+    def _add_completed(self, completed: CompletedRecord, evict: list[tuple[bytes, bytes]] | None) -> None:
+        if evict:
+            self._db.executemany("DELETE FROM completed WHERE src = ? AND id = ?", evict)
+        self._db.execute(
+            "INSERT OR REPLACE INTO completed (src, id, length, chunk_count, checksum, expires)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                completed.src_ip,
+                completed.id,
+                completed.length,
+                completed.chunk_count,
+                completed.checksum,
+                completed.expires,
+            ),
+        )
+
+    def delete_inbound(self, seq: int, durable: bool = True) -> None:
+        """Durable for a pop; not for dropping an assembled message (ABORT, expiry)."""
+        with self.transaction(durable):
             self._db.execute("DELETE FROM inbox WHERE seq = ?", (seq,))
 
     def set_inbound_forward(self, seq: int, socket_path: str | None) -> None:
         """None moves a message being forwarded into the poppable inbox."""
-        with self.transaction():
+        with self.transaction(durable=False):
             self._db.execute("UPDATE inbox SET forward_socket = ? WHERE seq = ?", (socket_path, seq))
 
     def purge_completed(self, before: float) -> int:
-        with self.transaction():
+        with self.transaction(durable=False):
             cur = self._db.execute("DELETE FROM completed WHERE expires <= ?", (before,))
         return cur.rowcount
 
     def delete_completed(self, keys: list[tuple[bytes, bytes]]) -> None:
         if not keys:
             return
-        with self.transaction():
+        with self.transaction(durable=False):
             self._db.executemany("DELETE FROM completed WHERE src = ? AND id = ?", keys)
 
     # --- topic configuration --------------------------------------------------------

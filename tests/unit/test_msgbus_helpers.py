@@ -94,9 +94,7 @@ class Net:
         for node in set(self.nodes.values()):
             for src, dst, pkt in node.packets_to_send():
                 wire = encode_message(pkt)
-                dropped = self.rng.random() < self.loss or (
-                    self.drop_if is not None and self.drop_if(src, dst, pkt)
-                )
+                dropped = self.rng.random() < self.loss or (self.drop_if is not None and self.drop_if(src, dst, pkt))
                 if self.keep_log:
                     self.log.append(Sent(self.now, src, dst, pkt, dropped))
                 if dropped:
