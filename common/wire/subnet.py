@@ -29,9 +29,11 @@ class Subnet:
     def parse(cls, text: str) -> Subnet:
         """CIDR text, or a bare IP (a /32 or /128), as the API accepts."""
         try:
+            if "%" in text:
+                raise ValueError("scoped addresses are not subnets")
             if "/" in text:
                 addr_text, plen_text = text.split("/", 1)
-                if not plen_text.isdigit():
+                if not (plen_text.isascii() and plen_text.isdigit()):
                     raise ValueError(plen_text)
                 return cls(ipaddress.ip_address(addr_text), int(plen_text))
             addr = ipaddress.ip_address(text)
