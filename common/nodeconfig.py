@@ -34,6 +34,8 @@ class NodeConfig:
     log_level: str = "info"
     topic_config: str | None = None
     start_time: int = 0
+    message_timeout: float = 300.0  # abort unacknowledged messages after this long (the reference's 300 s)
+    dashboard: bool = True  # the ops dashboard at /dashboard on the API address
 
     def save(self) -> Path:
         path = Path(self.run_dir) / NODE_FILE

@@ -102,7 +102,6 @@ from .topics import TopicConfig
 
 TICK = 0.1  # retransmission tick while anything is being sent (PROTOCOL.md 10)
 SEND_WINDOW = 300.0  # abort unfinished messages this long after the push
-FORGET_AFTER = 600.0  # drop the outbox entry (status -> not found) this long after the push
 SWEEP_INTERVAL = 10.0  # expiry of idle incomplete messages and old completed ids
 ADDRESS_SIZE = 16
 
@@ -147,6 +146,7 @@ class Limits:
     pending_idle_timeout: float = 300.0  # drop an incomplete message silent for this long
     completed_ttl: float = 600.0  # remember delivered (source, id) pairs this long
     max_completed: int = 200_000
+    send_window: float = SEND_WINDOW  # abort after this long; forget after twice this long
 
 
 @dataclass(slots=True)
@@ -219,7 +219,7 @@ class MessageEngine:
         expired: list[bytes] = []
         for rec in state.outbox:
             created = self._mono(rec.created)
-            if created + FORGET_AFTER <= now or (rec.state == OUT_ACTIVE and rec.data is None):
+            if created + 2 * self.limits.send_window <= now or (rec.state == OUT_ACTIVE and rec.data is None):
                 expired.append(rec.id)
                 continue
             st = _STORE_TO_STATE.get(rec.state, SendState.INIT)
@@ -238,7 +238,7 @@ class MessageEngine:
                 timing=self.timing,
             )
             self._add_outbound(msg)
-            if msg.active and created + SEND_WINDOW > now:
+            if msg.active and created + self.limits.send_window > now:
                 self._service(msg, now)
             self.counters["restored_outbound"] += 1
         self._store.delete_outbound(expired)
@@ -350,10 +350,11 @@ class MessageEngine:
         if msg.active:
             self._active[msg.id] = msg
             self._active_bytes += msg.length
-            heapq.heappush(self._deadlines, (msg.created + SEND_WINDOW, next(self._heap_seq), "abort", msg))
+            heapq.heappush(self._deadlines, (msg.created + self.limits.send_window, next(self._heap_seq), "abort", msg))
         else:
             self._finished[msg.id] = None
-        heapq.heappush(self._deadlines, (msg.created + FORGET_AFTER, next(self._heap_seq), "forget", msg))
+        forget_at = msg.created + 2 * self.limits.send_window
+        heapq.heappush(self._deadlines, (forget_at, next(self._heap_seq), "forget", msg))
 
     def _remove_outbound(self, msg: Outbound) -> None:
         if self._outbox.get(msg.id) is msg:
@@ -421,7 +422,7 @@ class MessageEngine:
             "dst": str(ipaddress.IPv6Address(msg.dst_ip)),
             "state": state,
             "created": created,
-            "deadline": created + int(SEND_WINDOW),
+            "deadline": created + int(self.limits.send_window),
             "msgLen": msg.length,
         }
 

@@ -40,7 +40,7 @@ from common.wire.errors import CodecError
 from common.wire.inner import INNER_MESSAGE, MESSAGE_HEADER, split_inner
 from common.wire.message import decode_message, encode_message
 
-from .engine import MessageEngine, MessageError, OutboxFull
+from .engine import Limits, MessageEngine, MessageError, OutboxFull
 from .events import ForwardToSocket, MessageReceived, ReceivedMessage, ReplyReceived
 from .store import MessageStore
 from .topics import TopicConfig, TopicConfigError, load_topic_config
@@ -111,7 +111,12 @@ class MsgbusService:
         self.store = MessageStore(Path(run) / STORE_FILE)
         now = time.monotonic()
         self.engine = MessageEngine(
-            self.own_ip, now, wall_now=time.time(), store=self.store, topics=self.initial_topics()
+            self.own_ip,
+            now,
+            wall_now=time.time(),
+            store=self.store,
+            topics=self.initial_topics(),
+            limits=Limits(send_window=cfg.message_timeout),
         )
         self.parked: list[Parked] = []
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="forward")

@@ -66,6 +66,7 @@ class Node:
         self.tcp_port = free_port()
         self.api_port = free_port()
         self.peers: list[str] = []
+        self.extra_args: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self._info: dict[str, Any] | None = None
 
@@ -86,7 +87,7 @@ class Node:
         ]  # fmt: skip
         if self.peers:
             args += ["--peers", *self.peers]
-        return args
+        return args + self.extra_args
 
     def start(self) -> Node:
         env = dict(os.environ, PYTHONUNBUFFERED="1", XDG_CONFIG_HOME=str(self.dir / "config"))
@@ -154,13 +155,13 @@ class Node:
             raw = resp.read()
         return json.loads(raw) if raw else None
 
-    def api_status(self, path: str, method: str = "GET", body: Any = None) -> tuple[int, bytes]:
+    def api_status(self, path: str, method: str = "GET", body: Any = None, timeout: float = 5) -> tuple[int, bytes]:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=5) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()

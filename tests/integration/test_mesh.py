@@ -82,7 +82,7 @@ def test_kill_9_service_is_restarted_and_routes_return(make_nodes: Callable[...,
     os.kill(old_pid, signal.SIGKILL)
     new_pid = wait_for(
         f"supervisord to restart {program}",
-        lambda: (p if (p := victim.program_pid(program)) not in (0, old_pid) else None),
+        lambda: p if (p := victim.program_pid(program)) not in (0, old_pid) else None,
         20,
     )
     assert new_pid != old_pid
