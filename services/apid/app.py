@@ -1,139 +1,178 @@
-"""The HTTP API (reference paths and JSON shapes, API.md section 2).
+"""The HTTP API (reference paths, JSON shapes and status codes, API.md
+section 2), plus our extension ``GET /api/v1/admin/services`` and the ops
+dashboard.
 
-Handlers ask the owning service over the bus and never hold a node-wide
-lock, so one slow call cannot stall the others (the reference's locking
-quirk, API.md 2.7, is deliberately not copied).
+Handlers are thin: they read the request the way the reference's axum
+extractors do (``json_body``, path parameters) and call ``core.NodeApi``,
+the implementation the JSON-RPC server shares. Failures are ``ApiError``s,
+rendered with the reference's status; bodies of bad-input errors are JSON
+``{"error": "..."}`` except where the reference documents a text body
+(the peer endpoints' 400/404/409).
 """
 
 from __future__ import annotations
 
-import ipaddress
-import threading
-import time
+import json
+import logging
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote
 
-import msgpack
-import zmq
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
-from common import bus
-from common.identity import Identity
-from common.nodeconfig import NodeConfig
+from .core import ApiError, NodeApi
+from .stats import Sampler, StatsCollector
 
-PEERD_FAMILIES = ("tcp",)
+log = logging.getLogger("apid.http")
 
-
-class StatsCollector:
-    """Latest stats message of every service, fed by a SUB socket thread."""
-
-    def __init__(self, ctx: zmq.Context, run_dir: str) -> None:
-        self.latest: dict[str, dict[str, Any]] = {}
-        self.lock = threading.Lock()
-        self.sock = bus.bind(ctx, zmq.SUB, run_dir, "stats", hwm=1000)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.thread = threading.Thread(target=self._run, name="stats", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                msg = bus.unpack(self.sock.recv_multipart())
-            except (bus.BusError, msgpack.UnpackException):
-                continue
-            except zmq.ZMQError:
-                return
-            service = msg.fields.get("service")
-            if isinstance(service, str):
-                msg.fields["received"] = time.time()
-                with self.lock:
-                    self.latest[service] = msg.fields
-
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        with self.lock:
-            return {k: dict(v) for k, v in self.latest.items()}
+__all__ = ["ApiError", "StatsCollector", "create_app", "json_body", "render_error"]
 
 
-def create_app(cfg: NodeConfig, identity: Identity, ctx: zmq.Context, stats: StatsCollector | None) -> Flask:
+def render_error(exc: ApiError) -> Response:
+    if exc.body == "text":
+        return Response(exc.message, status=exc.http_status, mimetype="text/plain")
+    if exc.body == "empty":
+        return empty(exc.http_status)
+    return json_response({"error": exc.message}, exc.http_status)
+
+
+def empty(status: int) -> Response:
+    """A response without a body (and so without a content type)."""
+    response = Response(b"", status=status)
+    del response.headers["Content-Type"]
+    return response
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    return Response(json.dumps(value, separators=(",", ":")), status=status, mimetype="application/json")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_body(check: Callable[[Any], str | None] | None = None) -> Any:
+    """The request body as JSON, the way axum's ``Json`` extractor takes it:
+    415 without a JSON content type, 400 for bytes that are not JSON, 422 when
+    ``check`` (returning a reason, or None if the value fits) rejects it.
+    Unknown object fields are ignored, as serde does by default."""
+    mimetype = request.mimetype or ""
+    if not (mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))):
+        raise ApiError(415, 0, "Expected request with `Content-Type: application/json`")
+    raw = request.get_data(cache=False)
+    try:
+        # UTF-8 only, as serde_json reads it (json.loads would sniff UTF-16/32 in bytes)
+        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ApiError(400, 0, f"Failed to parse the request body as JSON: {exc}") from exc
+    if check is not None:
+        reason = check(value)
+        if reason is not None:
+            raise ApiError(422, 0, f"Failed to deserialize the JSON body into the target type: {reason}")
+    return value
+
+
+def _add_peer_shape(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return "invalid type: expected struct AddPeer"
+    if "endpoint" not in value:
+        return "missing field `endpoint`"
+    if not isinstance(value["endpoint"], str):
+        return "endpoint: invalid type, expected a string"
+    return None
+
+
+class AnyPathConverter(PathConverter):
+    """Everything to the end of the path, newlines and slashes included: the
+    reference hands any (percent-decoded) segment to its endpoint parser."""
+
+    regex = r"[\s\S]+"
+    part_isolating = False  # werkzeug would infer True: the regex names no "/"
+
+
+def create_app(
+    api: NodeApi,
+    stats: StatsCollector | None = None,
+    sampler: Sampler | None = None,
+    dashboard: bool = True,
+) -> Flask:
     app = Flask("mycelium-api")
-    run = cfg.run_dir
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json.compact = True  # type: ignore[attr-defined]
+    # a peer endpoint in the path (tcp://...) has a double slash of its own
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
+    app.url_map.converters["anypath"] = AnyPathConverter
 
-    def call(service: str, method: str, params: dict[str, Any] | None = None) -> Any:
-        return bus.rpc_call(ctx, run, service, method, params)
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError) -> Response:
+        return render_error(exc)
 
-    @app.errorhandler(bus.BusError)
-    def bus_down(exc: bus.BusError) -> tuple[Response, int]:
-        return jsonify({"error": str(exc)}), 503
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        response = json_response({"error": exc.description or exc.name}, exc.code or 500)
+        for key, value in exc.get_headers():
+            if key.lower() == "allow":
+                response.headers[key] = value
+        return response
+
+    @app.errorhandler(Exception)
+    def crashed(exc: Exception) -> Response:
+        log.exception("%s %s failed", request.method, request.path)
+        return json_response({"error": "internal error"}, 500)
+
+    # --- admin (API.md 2.1) -------------------------------------------------------
 
     @app.get("/api/v1/admin")
     def info() -> Response:
-        return jsonify(
-            {
-                "nodeSubnet": str(identity.subnet),
-                "nodeIp": str(identity.address),
-                "nodePubkey": identity.public_key.hex(),
-                "nodeStartTime": cfg.start_time,
-            }
-        )
+        return json_response(api.info())
 
     @app.get("/api/v1/admin/peers")
     def peers() -> Response:
-        out: list[Any] = []
-        for fam in PEERD_FAMILIES:
-            out.extend(call(bus.peerd_name(fam), "list_peers"))
-        return jsonify(out)
-
-    def peer_call(method: str, endpoint: str) -> Response | tuple[str, int]:
-        proto = endpoint.split("://", 1)[0].lower() if "://" in endpoint else ""
-        family = proto if proto in PEERD_FAMILIES else PEERD_FAMILIES[0]
-        result = call(bus.peerd_name(family), method, {"endpoint": endpoint})
-        error = result.get("error") if isinstance(result, dict) else None
-        if error is None:
-            return Response(status=204)
-        status = {"parse": 400, "exists": 409, "unknown": 404}.get(error, 500)
-        return result.get("message", error), status
+        return json_response(api.peers())
 
     @app.post("/api/v1/admin/peers")
-    def add_peer() -> Response | tuple[str, int]:
-        body = request.get_json(silent=True)
-        if body is None:
-            return "Failed to parse the request body as JSON", 400
-        if not isinstance(body, dict) or not isinstance(body.get("endpoint"), str):
-            return "Failed to deserialize the JSON body: missing field `endpoint`", 422
-        return peer_call("add_peer", body["endpoint"])
+    def add_peer() -> Response:
+        body = json_body(_add_peer_shape)
+        api.add_peer(body["endpoint"])
+        return empty(204)
 
-    @app.delete("/api/v1/admin/peers/<path:endpoint>")
-    def remove_peer(endpoint: str) -> Response | tuple[str, int]:
-        return peer_call("remove_peer", unquote(endpoint))
+    @app.delete("/api/v1/admin/peers/<anypath:endpoint>")
+    def delete_peer(endpoint: str) -> Response:
+        api.delete_peer(endpoint)
+        return empty(204)
 
     @app.get("/api/v1/admin/routes/selected")
     def routes_selected() -> Response:
-        return jsonify(call("router", "routes_selected"))
+        return json_response(api.selected_routes())
 
     @app.get("/api/v1/admin/routes/fallback")
     def routes_fallback() -> Response:
-        return jsonify(call("router", "routes_fallback"))
+        return json_response(api.fallback_routes())
 
     @app.get("/api/v1/admin/routes/queried")
     def routes_queried() -> Response:
-        return jsonify(call("router", "routes_queried"))
+        return json_response(api.queried_subnets())
+
+    @app.get("/api/v1/admin/stats/packets")
+    def packet_stats() -> Response:
+        return json_response(api.packet_statistics())
 
     @app.get("/api/v1/pubkey/<ip>")
-    def pubkey(ip: str) -> Response | tuple[str, int]:
-        try:
-            addr = ipaddress.IPv6Address(ip)
-        except ValueError:
-            return f"Invalid IP address {ip!r}", 400
-        key = call("router", "pubkey", {"addr": addr.packed})
-        if key is None:
-            return Response(status=404)
-        return jsonify({"publicKey": key})
+    def pubkey(ip: str) -> Response:
+        return json_response({"publicKey": api.pubkey_from_ip(ip)})
+
+    # --- our extensions -----------------------------------------------------------
 
     @app.get("/api/v1/admin/services")
     def services() -> Response:
-        """Our extension: each service's latest counters, gauges, pid and uptime."""
-        return jsonify(stats.snapshot() if stats else {})
+        """Each service's latest counters, gauges, pid and start time."""
+        return json_response(stats.snapshot() if stats else {})
+
+    if dashboard:
+        from .dashboard import register_dashboard
+
+        register_dashboard(app, api, stats, sampler)
 
     return app

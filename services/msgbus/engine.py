@@ -101,7 +101,8 @@ from .store import (
 from .topics import TopicConfig
 
 TICK = 0.1  # retransmission tick while anything is being sent (PROTOCOL.md 10)
-SEND_WINDOW = 300.0  # abort unfinished messages this long after the push
+SEND_WINDOW = 300.0  # abort unfinished messages this long after the push (the default of Limits.send_window)
+FORGET_AFTER = 2 * SEND_WINDOW  # drop the outbox entry (status -> not found) this long after the push
 SWEEP_INTERVAL = 10.0  # expiry of idle incomplete messages and old completed ids
 ADDRESS_SIZE = 16
 

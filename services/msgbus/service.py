@@ -52,6 +52,7 @@ FORWARD_WRITE_TIMEOUT = 5.0  # the reference's write timeout
 FORWARD_READ_TIMEOUT = 60.0  # the reference has none; an unbounded read could pin a worker forever
 FORWARD_MAX_REPLY = 16 * 1024 * 1024
 MAX_PARKED = 1024  # waiting pops and pushes at once
+WAIT_SLICE = 50.0  # a parked request is answered at least this often, so no bus call waits longer
 
 
 def b64(data: bytes) -> str:
@@ -119,6 +120,8 @@ class MsgbusService:
             limits=Limits(send_window=cfg.message_timeout),
         )
         self.parked: list[Parked] = []
+        self.reply_deadlines: dict[bytes, float] = {}  # pushes waiting for a reply, until when
+        self.replies: dict[bytes, ReceivedMessage] = {}  # replies that arrived between two waits
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="forward")
         self.forward_results: queue.Queue[tuple[ReceivedMessage, bytes | None]] = queue.Queue()
         self.wake_r, self.wake_w = socket.socketpair()
@@ -201,7 +204,17 @@ class MsgbusService:
                 self.reply(envelope, {"id": msg_id.hex()})
                 return
             self.engine.expect_reply(msg_id)
-            self.park(Parked(envelope, now + float(timeout), "push", msg_id=msg_id))
+            self.reply_deadlines[msg_id] = now + float(timeout)
+            self.park_reply_wait(envelope, msg_id, now)
+        elif method == "wait_reply":
+            msg_id = bytes(p["id"])
+            if msg_id in self.replies:
+                self.reply_deadlines.pop(msg_id, None)
+                self.reply(envelope, {"id": msg_id.hex(), "reply": self.receive_info(self.replies.pop(msg_id))})
+            elif msg_id in self.reply_deadlines:
+                self.park_reply_wait(envelope, msg_id, now)
+            else:
+                self.reply(envelope, {"id": msg_id.hex(), "timeout": True})
         elif method == "reply":
             self.engine.push(bytes(p["dst"]), b"", bytes(p["payload"]), now, reply_to=bytes(p["id"]))
             self.reply(envelope, {"ok": True})
@@ -213,7 +226,7 @@ class MsgbusService:
             if m is not None or timeout <= 0:
                 self.reply(envelope, {"message": self.receive_info(m) if m else None})
             else:
-                self.park(Parked(envelope, now + timeout, "pop", topic=topic, peek=peek))
+                self.park(Parked(envelope, now + min(timeout, WAIT_SLICE), "pop", topic=topic, peek=peek))
         elif method == "status":
             self.reply(envelope, {"status": self.engine.status(bytes(p["id"]), now)})
         elif method == "topics_default":
@@ -248,6 +261,9 @@ class MsgbusService:
         else:
             self.reply(envelope, error=f"unknown method {method!r}")
 
+    def park_reply_wait(self, envelope: list[bytes], msg_id: bytes, now: float) -> None:
+        self.park(Parked(envelope, min(self.reply_deadlines[msg_id], now + WAIT_SLICE), "push", msg_id=msg_id))
+
     def park(self, waiter: Parked) -> None:
         if len(self.parked) >= MAX_PARKED:
             self.reply(waiter.envelope, {"error": "busy", "message": "too many waiting requests"})
@@ -256,6 +272,12 @@ class MsgbusService:
 
     def serve_parked(self, now: float) -> None:
         """Answer waiting pops that can now be served, and expired waits."""
+        for msg_id in [i for i, t in self.reply_deadlines.items() if now >= t]:
+            if not any(w.msg_id == msg_id for w in self.parked):
+                del self.reply_deadlines[msg_id]
+                self.engine.cancel_reply(msg_id)
+        for msg_id in [i for i in self.replies if i not in self.reply_deadlines]:
+            del self.replies[msg_id]
         keep: list[Parked] = []
         for w in self.parked:
             if w.kind == "pop":
@@ -266,9 +288,13 @@ class MsgbusService:
                 if now >= w.deadline:
                     self.reply(w.envelope, {"message": None})
                     continue
-            elif now >= w.deadline:  # push waiting for a reply
-                self.engine.cancel_reply(w.msg_id)
-                self.reply(w.envelope, {"id": w.msg_id.hex(), "timeout": True})
+            elif now >= w.deadline:  # push waiting for a reply: its slice or its whole wait is over
+                if now >= self.reply_deadlines.get(w.msg_id, 0.0):
+                    self.reply_deadlines.pop(w.msg_id, None)
+                    self.engine.cancel_reply(w.msg_id)
+                    self.reply(w.envelope, {"id": w.msg_id.hex(), "timeout": True})
+                else:
+                    self.reply(w.envelope, {"id": w.msg_id.hex(), "pending": True})
                 continue
             keep.append(w)
         self.parked = keep
@@ -296,9 +322,15 @@ class MsgbusService:
         queues a READ), then every packet the engine has for the wire."""
         for event in self.engine.events():
             if isinstance(event, ReplyReceived):
-                for w in [w for w in self.parked if w.kind == "push" and w.msg_id == event.message.id]:
+                msg_id = event.message.id
+                waiters = [w for w in self.parked if w.kind == "push" and w.msg_id == msg_id]
+                if waiters:
+                    self.reply_deadlines.pop(msg_id, None)
+                for w in waiters:
                     self.parked.remove(w)
-                    self.reply(w.envelope, {"id": w.msg_id.hex(), "reply": self.receive_info(event.message)})
+                    self.reply(w.envelope, {"id": msg_id.hex(), "reply": self.receive_info(event.message)})
+                if not waiters:  # the client is between two waits: keep it for the next one
+                    self.replies[msg_id] = event.message
             elif isinstance(event, ForwardToSocket):
                 self.pool.submit(self._forward, event)
             elif isinstance(event, MessageReceived):
@@ -382,7 +414,7 @@ class MsgbusService:
                     except zmq.Again:
                         break
                     self.handle_rpc(frames, now)
-            if self.wake_r in events:
+            if self.wake_r.fileno() in events:
                 self.drain_forward_results(now)
             timer = self.engine.get_timer()
             if timer is not None and timer <= now:
