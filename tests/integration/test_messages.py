@@ -10,6 +10,8 @@ import os
 import random
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -251,3 +253,45 @@ def test_oversized_and_invalid_requests(make_nodes: Callable[..., list[Node]]) -
     m1, m2 = pop(c, 5), pop(c, 5)
     assert {base64.b64decode(m1["payload"]), base64.b64decode(m2["payload"])} == {b"by key", b"k"}
     assert a.all_running() and c.all_running()
+
+
+def cli(node: Node, *args: str, stdin: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args, "--api-addr", f"127.0.0.1:{node.api_port}"],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def test_cli_message_send_and_receive(make_nodes: Callable[..., list[Node]], tmp_path: Path) -> None:
+    a, c = line(make_nodes, 2)
+    body_file = tmp_path / "body.bin"
+    body_file.write_bytes(b"\xff\x00binary")
+    assert cli(a, "message", "send", c.address, "hello there", "-t", "greet").returncode == 0
+    assert cli(a, "message", "send", c.info["nodePubkey"], "--msg-path", str(body_file)).returncode == 0
+    assert cli(a, "message", "send", c.address, stdin=b"from stdin").returncode == 0
+
+    out = cli(c, "message", "receive", "--timeout", "10", "-t", "greet")
+    doc = json.loads(out.stdout)
+    assert doc["payload"] == "hello there" and doc["topic"] == "greet" and doc["srcIp"] == a.address
+    out = cli(c, "message", "receive", "--timeout", "10", "--raw")
+    assert out.stdout == b"\xff\x00binary"
+    out = cli(c, "message", "receive", "--timeout", "10")
+    assert json.loads(out.stdout)["payload"] == "from stdin"
+    out = cli(c, "message", "receive", "--timeout", "1")
+    assert out.returncode == 0 and out.stdout == b""  # nothing: prints nothing
+
+    # --wait gets the reply that --reply-to sends
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "message", "send", c.address, "q?", "--wait", "--timeout", "30",
+         "--api-addr", f"127.0.0.1:{a.api_port}"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    question = json.loads(cli(c, "message", "receive", "--timeout", "20").stdout)
+    assert cli(c, "message", "send", a.address, "a!", "--reply-to", question["id"]).returncode == 0
+    out_bytes, _ = waiter.communicate(timeout=40)
+    assert json.loads(out_bytes)["payload"] == "a!"
+
+    bad = cli(a, "message", "send", "not-an-address", "x")
+    assert bad.returncode == 1 and len(bad.stderr.splitlines()) == 1
