@@ -9,7 +9,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 VENV := .venv
 STAMP := $(VENV)/.installed
 # command:debian-package pairs the project needs on the machine
-SYSTEM_TOOLS := ip:iproute2 ping:iputils-ping iperf3:iperf3 curl:curl
+SYSTEM_TOOLS := ip:iproute2 ping:iputils-ping iperf3:iperf3 curl:curl chromium:chromium chromedriver:chromium-driver
 ARGS ?= --no-tun
 
 .PHONY: run test install system-deps lint bench clean

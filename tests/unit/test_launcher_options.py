@@ -33,7 +33,8 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["--no-tun", "-c", "/nonexistent/m.toml"], "does not exist"),
         (["--no-tun", "--api-addr", "nonsense"], "api address"),
         (["--no-tun", "-t", "0"], "port number"),
-        (["--peers", "tcp://127.0.0.1:1"], "--no-tun"),
+        (["--tun-name", "a/b"], "invalid --tun-name"),
+        (["--tun-name", "much-too-long-for-linux"], "invalid --tun-name"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tmp_path: Path, args: list[str], needle: str) -> None:
