@@ -42,6 +42,12 @@ class SessionKey:
             raise ValueError(f"AES-256-GCM key must be {KEY_SIZE} bytes, got {len(key)}")
         self._aead = AESGCM(key)
 
+    @property
+    def aead(self) -> AESGCM:
+        """The AES-GCM object itself, for batch loops that call
+        ``encrypt``/``decrypt`` directly (one attribute lookup per batch)."""
+        return self._aead
+
     def seal(self, plaintext: bytes, nonce: bytes | None = None) -> bytes:
         if nonce is None:
             nonce = os.urandom(NONCE_SIZE)

@@ -154,6 +154,55 @@ class StreamDecoder:
             del pending[:pos]
         return out
 
+    def cut(self, buf: bytearray, end: int) -> tuple[list[ControlPacket], list[int], int]:
+        """For a reader that keeps its own buffer: the control packets and
+        the offsets of the complete data packets in ``buf[:end]``, and how
+        many bytes they use (the caller keeps the rest for the next read).
+        Nothing is buffered here; fatal framing errors raise ``CodecError``."""
+        control: list[ControlPacket] = []
+        offsets: list[int] = []
+        with memoryview(buf) as view:
+            pos = self._cut_split(buf, view, end, control, offsets)
+        return control, offsets, pos
+
+    def _cut_split(
+        self, buf: bytes | bytearray, view: memoryview, end: int, control: list[ControlPacket], offsets: list[int]
+    ) -> int:
+        append = offsets.append
+        pos = 0
+        while end - pos >= OUTER_HEADER_SIZE:
+            if buf[pos] != VERSION:
+                raise CodecError(f"unsupported packet version {buf[pos]}")
+            ptype = buf[pos + 1]
+            if ptype == TYPE_DATA:
+                if end - pos < DATA_PREFIX_SIZE:
+                    break
+                nxt = pos + DATA_PREFIX_SIZE + (buf[pos + 5] << 8 | buf[pos + 6])
+                if nxt > end:
+                    break
+                append(pos)
+                pos = nxt
+            elif ptype == TYPE_CONTROL:
+                if end - pos < OUTER_HEADER_SIZE + BABEL_HEADER_SIZE:
+                    break
+                body_len = (buf[pos + 6] << 8) | buf[pos + 7]
+                if body_len > MAX_BABEL_BODY:
+                    raise CodecError(f"control packet length {body_len} exceeds {MAX_BABEL_BODY}")
+                nxt = pos + OUTER_HEADER_SIZE + BABEL_HEADER_SIZE + body_len
+                if nxt > end:
+                    break
+                if buf[pos + 4] != BABEL_MAGIC or buf[pos + 5] != BABEL_VERSION:
+                    self.drops["babel_header"] += 1
+                else:
+                    try:
+                        control.append(ControlPacket(decode_babel_body(bytes(view[pos + 8 : nxt]))))
+                    except CodecError:
+                        self.drops["tlv"] += 1
+                pos = nxt
+            else:
+                raise CodecError(f"unknown packet type {ptype}")
+        return pos
+
     def _cut(self, buf: bytes | bytearray, view: memoryview) -> tuple[list[Packet], int]:
         """Complete packets from the start of ``buf`` and where the rest begins."""
         out: list[Packet] = []

@@ -6,11 +6,14 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import pwd
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.identity import Identity, load_or_create_key
@@ -26,23 +29,79 @@ PROGRAMS: tuple[tuple[str, str, int], ...] = (
     ("router", "services.router", 10),
     ("tund", "services.tund", 20),
     ("apid", "services.apid", 20),
+    ("msgbus", "services.msgbus", 20),
     ("peerd-tcp", "services.peerd", 30),
 )
 CONF_FILE = "supervisord.conf"
 PID_FILE = "supervisord.pid"
 SOCK_FILE = "supervisor.sock"
+SERVICE_KEY_FILE = "service_key.bin"  # copy of the secret key the unprivileged services can read
+# Privilege separation (started as root): every program but tund runs as this
+# user, created as a system user if missing; "root" turns separation off.
+SERVICE_USER = "mycelium"
+SERVICE_USER_ENV = "MYCELIUM_SERVICE_USER"
+CAP_NET_ADMIN = 12
+MAX_CRYPTO_WORKERS = 64
+# uid 0 without any capability, for when the service user cannot reach the
+# interpreter or the run directory (e.g. a Python installed under /root)
+DROP_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs", "--"]
 
 
 class LaunchError(Exception):
     """The node cannot start; the message is user-facing."""
 
 
-def program_args(module: str, run_dir: str) -> list[str]:
-    extra = ["--family", "tcp"] if module == "services.peerd" else []
+@dataclass(frozen=True)
+class Privsep:
+    """How the programs of a node started as root give up root.
+
+    ``user``: supervisord starts every program but tund as this user;
+    ``drop_caps``: they run as uid 0 stripped of every capability instead
+    (setpriv), when ``user`` cannot run them; tund starts as root, creates
+    the TUN and keeps CAP_NET_ADMIN only (becoming ``user`` if set)."""
+
+    user: str | None = None
+    drop_caps: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.user is not None or self.drop_caps
+
+
+NO_PRIVSEP = Privsep()
+
+
+def tun_problem() -> str | None:
+    """Why this process could not create a TUN interface, or None."""
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun does not exist"
+    caps = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    caps = int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    if not caps & (1 << CAP_NET_ADMIN):
+        return "creating the TUN interface needs root or CAP_NET_ADMIN"
+    return None
+
+
+def program_args(module: str, run_dir: str, crypto_workers: int = 1, tund_user: str | None = None) -> list[str]:
+    extra: list[str] = []
+    if module == "services.peerd":
+        extra = ["--family", "tcp"] + (["--tund-workers", str(crypto_workers)] if crypto_workers > 1 else [])
+    elif module == "services.tund":
+        extra = (["--workers", str(crypto_workers)] if crypto_workers > 1 else []) + (
+            ["--user", tund_user] if tund_user else []
+        )
     return [sys.executable, "-m", module, "--run-dir", run_dir, *extra]
 
 
-def supervisord_conf(cfg: NodeConfig, log_to_stdout: bool = True) -> str:
+def supervisord_conf(
+    cfg: NodeConfig, log_to_stdout: bool = True, crypto_workers: int = 1, privsep: Privsep = NO_PRIVSEP
+) -> str:
     run = cfg.run_dir
     password = secrets.token_hex(16)  # the control socket is 0700 already; this also keeps supervisord quiet
     lines = [
@@ -73,13 +132,19 @@ def supervisord_conf(cfg: NodeConfig, log_to_stdout: bool = True) -> str:
         "",
     ]
     for name, module, priority in PROGRAMS:
+        privileged = module == "services.tund" and not cfg.no_tun
+        args = program_args(module, run, crypto_workers, privsep.user if privileged else None)
+        if privsep.drop_caps and not privileged:
+            args = [*DROP_CAPS, *args]
+        user = [f"user={privsep.user}"] if privsep.user and not privileged else []
         if log_to_stdout:
             logs = ["stdout_logfile=/dev/stdout", "stdout_logfile_maxbytes=0"]
         else:
             logs = [f"stdout_logfile={run}/logs/{name}.log", "stdout_logfile_maxbytes=5MB", "stdout_logfile_backups=2"]
         lines += [
             f"[program:{name}]",
-            "command=" + " ".join(program_args(module, run)),
+            "command=" + " ".join(args),
+            *user,
             f"directory={run}",
             f"priority={priority}",
             "autostart=true",
@@ -105,8 +170,94 @@ def _pid_alive(pid_file: Path) -> int | None:
         return None
 
 
-def prepare(cfg: NodeConfig, log_to_stdout: bool = True) -> Identity:
+def _warn(text: str) -> None:
+    print(f"mycelium: warning: {text}", file=sys.stderr, flush=True)
+
+
+def _service_user(name: str) -> pwd.struct_passwd | None:
+    """The service user, created as a system user (no home, no shell) if missing."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+    try:
+        subprocess.run(
+            [useradd, "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+             "--shell", "/usr/sbin/nologin", "--comment", "mycelium node services", name],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+        return pwd.getpwnam(name)
+    except (OSError, subprocess.SubprocessError, KeyError) as exc:
+        _warn(f"cannot create the service user {name!r}: {exc}")
+        return None
+
+
+_PROBE = (
+    "import sys, services.router.service, services.peerd.service, services.apid.service, services.tund.service;"
+    "from common.nodeconfig import NodeConfig; from common.identity import load_key_file;"
+    "load_key_file(NodeConfig.load(sys.argv[1]).key_file)"
+)
+
+
+def _probe(run: Path, prefix: list[str], user: pwd.struct_passwd | None) -> bool:
+    """Can a service started this way import the code and read node.json and the key?"""
+    kwargs = {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    try:
+        out = subprocess.run(
+            [*prefix, sys.executable, "-c", _PROBE, str(run)],
+            cwd=run, capture_output=True, timeout=30, **kwargs,  # type: ignore[call-overload]
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0
+
+
+def setup_privsep(cfg: NodeConfig, run: Path) -> Privsep:
+    """Started as root: decide how the programs give up root and prepare
+    the run directory for it (updates and saves ``cfg``)."""
+    name = os.environ.get(SERVICE_USER_ENV, SERVICE_USER) or SERVICE_USER
+    if os.geteuid() != 0 or name == "root":
+        return NO_PRIVSEP
+    original_key = cfg.key_file
+    key_copy = run / SERVICE_KEY_FILE
+    secret = Path(original_key).read_bytes()[:32]
+    key_copy.unlink(missing_ok=True)
+    fd = os.open(key_copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    cfg.key_file = str(key_copy)
+    cfg.save()
+    user = _service_user(name)
+    if user is not None:
+        # root owns the directory and what supervisord reads; the sticky bit keeps
+        # the services (group members) from replacing files that are not theirs
+        os.chown(run, 0, user.pw_gid)
+        os.chmod(run, 0o1770)
+        for path in run.iterdir():
+            if path.name not in (CONF_FILE, PID_FILE, SOCK_FILE, "logs", "node.json") and not path.is_symlink():
+                os.chown(path, user.pw_uid, user.pw_gid)
+        if _probe(run, [], user):
+            return Privsep(user=name)
+        os.chown(key_copy, 0, 0)
+        os.chmod(run, 0o700)
+    if shutil.which("setpriv") and _probe(run, DROP_CAPS, None):
+        _warn(
+            f"user {name!r} cannot run this installation ({sys.executable}) or reach {run}; "
+            "the services run as root without capabilities instead"
+        )
+        return Privsep(drop_caps=True)
+    _warn("privilege separation is not possible here; every service runs as root")
+    key_copy.unlink(missing_ok=True)
+    cfg.key_file = original_key
+    cfg.save()
+    return NO_PRIVSEP
+
+
+def prepare(cfg: NodeConfig, log_to_stdout: bool = True, crypto_workers: int = 1) -> Identity:
     """Create the key, the run directory, node.json and supervisord.conf."""
+    if not 1 <= crypto_workers <= MAX_CRYPTO_WORKERS:
+        raise LaunchError(f"crypto workers must be 1-{MAX_CRYPTO_WORKERS}, got {crypto_workers}")
     identity = Identity.from_secret(load_or_create_key(cfg.key_file))
     run = Path(cfg.run_dir)
     try:
@@ -116,25 +267,28 @@ def prepare(cfg: NodeConfig, log_to_stdout: bool = True) -> Identity:
     pid = _pid_alive(run / PID_FILE)
     if pid is not None:
         raise LaunchError(f"a node is already running with run directory {run} (supervisord pid {pid})")
+    cleanup(str(run))  # sockets of a killed predecessor, possibly owned by another user
     cfg.start_time = int(time.time())
     cfg.save()
+    privsep = setup_privsep(cfg, run)
     conf = run / CONF_FILE
     conf.touch(mode=0o600)
     conf.chmod(0o600)
-    conf.write_text(supervisord_conf(cfg, log_to_stdout))
+    conf.write_text(supervisord_conf(cfg, log_to_stdout, crypto_workers, privsep))
     return identity
 
 
 def cleanup(run_dir: str) -> None:
-    for path in [*glob.glob(os.path.join(run_dir, "*.ipc")), os.path.join(run_dir, SOCK_FILE)]:
+    paths = [*glob.glob(os.path.join(run_dir, "*.ipc")), os.path.join(run_dir, SOCK_FILE)]
+    for path in [*paths, os.path.join(run_dir, SERVICE_KEY_FILE)]:
         try:
             os.unlink(path)
         except OSError:
             pass
 
 
-def run(cfg: NodeConfig) -> int:
-    identity = prepare(cfg)
+def run(cfg: NodeConfig, crypto_workers: int = 1) -> int:
+    identity = prepare(cfg, crypto_workers=crypto_workers)
     print(
         f"mycelium: node {identity.address} (subnet {identity.subnet}) starting; "
         f"run directory {cfg.run_dir}, API http://{cfg.api_addr}",

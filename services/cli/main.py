@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from common.identity import DEFAULT_KEY_FILE, IdentityError
 
-from . import launcher
+from . import client, launcher
 from .inspect_key import inspect
 from .options import OptionError, add_node_options, resolve
 
@@ -35,12 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write node.json and supervisord.conf into the run directory and exit (for a system supervisord)",
     )
+    parser.add_argument(
+        "--crypto-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tund processes sharing the TUN and the encryption, one flow per worker (default 1)",
+    )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p_inspect = sub.add_parser("inspect", help="print a public key and its overlay address")
     p_inspect.add_argument("pubkey", nargs="?", help="64 hex characters; default: the node's own key")
     p_inspect.add_argument("--json", action="store_true", help="print JSON")
     _add_key_option(p_inspect, argparse.SUPPRESS)
+    client.add_commands(sub)  # peers, routes, stats: clients of a running node's HTTP API
     return parser
 
 
@@ -51,21 +59,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             print(inspect(args.pubkey, args.key_file, args.json))
             return 0
+        if getattr(args, "client_handler", None) is not None:
+            return client.run(args)
         cfg = resolve(
             args,
             warn=lambda text: print(f"mycelium: warning: {text}", file=sys.stderr),
             check_ports=not args.prepare_only,
         )
         if not cfg.no_tun:
-            raise OptionError("TUN mode is not available in this build yet; run with --no-tun")
+            from services.tund.tun import valid_name  # pytun only when a TUN is wanted
+
+            if not valid_name(cfg.tun_name):
+                raise OptionError(f"invalid --tun-name {cfg.tun_name!r} (1-15 characters, no '/', ':' or spaces)")
+            problem = None if args.prepare_only else launcher.tun_problem()
+            if problem:
+                raise OptionError(f"{problem}; run as root, or with --no-tun to run unprivileged without a TUN")
+        if not 1 <= args.crypto_workers <= launcher.MAX_CRYPTO_WORKERS:
+            raise OptionError(f"--crypto-workers must be 1-{launcher.MAX_CRYPTO_WORKERS}")
         if args.prepare_only:
-            launcher.prepare(cfg, log_to_stdout=False)
+            launcher.prepare(cfg, log_to_stdout=False, crypto_workers=args.crypto_workers)
             return 0
-        return launcher.run(cfg)
+        return launcher.run(cfg, crypto_workers=args.crypto_workers)
     except UsageError as exc:
         print(f"mycelium: error: {exc}", file=sys.stderr)
         return 2
-    except (IdentityError, OptionError, launcher.LaunchError) as exc:
+    except (IdentityError, OptionError, launcher.LaunchError, client.ClientError) as exc:
         print(f"mycelium: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

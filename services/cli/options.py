@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "firewall_mark": None,
     "update_workers": 1,
 }
-BOOLEANS = ("no_tun", "disable_quic", "disable_peer_discovery", "enable_dns")
+BOOLEANS = ("no_tun", "disable_quic", "disable_peer_discovery", "enable_dns", "no_dashboard")
 SUPPORTED_PEER_PROTOCOLS = ("tcp",)
 
 
@@ -52,9 +52,17 @@ def add_node_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tun", action="store_true", help="run without a TUN device (unprivileged; messages only)")
     p.add_argument("--tun-name", metavar="NAME", help="TUN interface name (default mycelium)")
     p.add_argument("--metrics-api-address", metavar="ADDR:PORT", help="Prometheus /metrics address")
+    p.add_argument("--no-dashboard", action="store_true", help="do not serve the ops dashboard at /dashboard")
     p.add_argument("--firewall-mark", type=int, metavar="MARK")
     p.add_argument("--update-workers", type=int, metavar="N")
     p.add_argument("--topic-config", metavar="PATH", help="topic ACL TOML")
+    p.add_argument(
+        "--message-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="abort a message not acknowledged within this time (default 300, as the reference)",
+    )
     p.add_argument("--enable-dns", action="store_true")
     p.add_argument("--run-dir", metavar="DIR", help="directory for this node's sockets, supervisord config and logs")
 
@@ -102,6 +110,12 @@ def merge(args: argparse.Namespace, file: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_timeout(value: float) -> float:
+    if not 1.0 <= value <= 86400.0:
+        raise OptionError(f"message timeout must be between 1 and 86400 seconds, got {value}")
+    return value
+
+
 def _check_port(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 0xFFFF:
         raise OptionError(f"{name} must be a port number 1-65535, got {value!r}")
@@ -116,6 +130,10 @@ def parse_socket_addr(name: str, text: Any) -> tuple[str, int]:
     except EndpointError as exc:
         raise OptionError(f"{name} {text!r} is not a valid ADDR:PORT") from exc
     return str(ep.ip), ep.port
+
+
+def _show_addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def ensure_free(kind: int, host: str, port: int, what: str) -> None:
@@ -155,12 +173,21 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         if str(ep) not in peers:
             peers.append(str(ep))
     api_host, api_port = parse_socket_addr("api address", merged["api_addr"])
-    parse_socket_addr("json-rpc address", merged["jsonrpc_addr"])
+    rpc_host, rpc_port = parse_socket_addr("json-rpc address", merged["jsonrpc_addr"])
+    metrics: tuple[str, int] | None = None
     if merged["metrics_api_address"] is not None:
-        parse_socket_addr("metrics address", merged["metrics_api_address"])
+        metrics = parse_socket_addr("metrics address", merged["metrics_api_address"])
+    listeners = [("API address", (api_host, api_port)), ("JSON-RPC address", (rpc_host, rpc_port))]
+    if metrics is not None:
+        listeners.append(("metrics address", metrics))
+    for i, (what, addr) in enumerate(listeners):
+        for other, other_addr in listeners[:i]:
+            if addr == other_addr:
+                raise OptionError(f"{what} and {other} are both {_show_addr(*addr)}; they need different ports")
     if check_ports:
         ensure_free(socket.SOCK_STREAM, "::", tcp_port, "TCP listen port")
-        ensure_free(socket.SOCK_STREAM, api_host, api_port, "API address")
+        for what, (host, port) in listeners:
+            ensure_free(socket.SOCK_STREAM, host, port, what)
     level = "error" if args.silent else "debug" if args.debug else "info"
     run_dir = os.path.abspath(args.run_dir or default_run_dir(tcp_port))
     return NodeConfig(
@@ -171,12 +198,14 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         peers=peers,
         no_tun=merged["no_tun"],
         tun_name=str(merged["tun_name"]),
-        api_addr=f"{api_host}:{api_port}" if ":" not in api_host else f"[{api_host}]:{api_port}",
-        jsonrpc_addr=str(merged["jsonrpc_addr"]),
-        metrics_api_address=merged["metrics_api_address"],
+        api_addr=_show_addr(api_host, api_port),
+        jsonrpc_addr=_show_addr(rpc_host, rpc_port),
+        metrics_api_address=None if metrics is None else _show_addr(*metrics),
         disable_quic=True,  # no QUIC transport in this build yet
         disable_peer_discovery=merged["disable_peer_discovery"],
         peer_discovery_port=_check_port("peer discovery port", merged["peer_discovery_port"]),
         log_level=level,
         topic_config=merged["topic_config"],
+        message_timeout=_check_timeout(args.message_timeout),
+        dashboard=not merged["no_dashboard"],
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import zmq
 import zmq.asyncio
 
@@ -30,18 +32,36 @@ from common.logs import setup as setup_logs
 from common.nodeconfig import NodeConfig
 from common.pending import PendingQueue
 from common.wire.errors import CodecError
-from common.wire.packet import ControlPacket, DataPacket, StreamDecoder
+from common.wire.icmp import CODE_HOP_LIMIT, CODE_NO_ROUTE, DEST_UNREACHABLE, TIME_EXCEEDED
+from common.wire.packet import MAX_PACKET_SIZE, StreamDecoder
 
+from .linkwatch import LinkWatch, route_ifindex
 from .peer_table import INBOUND, PeerEntry, PeerExists, PeerTable, PeerUnknown
 
 log = logging.getLogger("peerd")
 
-READ_SIZE = 256 * 1024
 MAX_CONTROL_QUEUE = 10_000
-MAX_DATA_QUEUE = 2_000
+MAX_DATA_QUEUE = 2_000  # packets of the largest size the reference originates ...
+MAX_DATA_QUEUE_BYTES = MAX_DATA_QUEUE * 1472  # ... counted in bytes, since data moves in batches
 WRITE_BATCH_BYTES = 256 * 1024
+WRITE_BATCH_BUFFERS = 64  # iovecs per writev
+INBOX_BATCH = 64  # bus messages handled before yielding to the link writers
+READ_BUFFER = 512 * 1024  # a link's own read buffer (always room for one largest packet more)
+REFRESH_INTERVAL = 5.0  # transit routes in use are re-requested this often (4.4)
+ROUTE_CACHE_MAX = 65_536
 DIAL_TIMEOUT = 5.0
 PEERS_FILE = "peers.json"
+
+
+def tune_malloc() -> None:
+    """Keep the data path's batch buffers on the heap (glibc would mmap and
+    unmap each one: a page fault per 4 KiB of every batch); see tund."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 8 * 1024 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 32 * 1024 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def static_cost(remote_ip: str) -> int:
@@ -58,8 +78,15 @@ def sockaddr_text(addr: tuple[Any, ...]) -> str:
 
 
 class Link:
-    """One live TCP connection with a bounded send queue (control packets
-    are kept up to a generous cap; data is dropped first)."""
+    """One live TCP connection with bounded send queues: control packets
+    (up to a generous count, sent first) and data (bounded in bytes; whole
+    batches of packets from tund or from transit forwarding).
+
+    The data path bypasses asyncio's stream buffers: the read loop
+    (``PeerdService.run_link``) reads into its own buffer, and the write
+    loop hands the queued batches to one ``writev`` per turn (no joining,
+    no copy into a transport buffer), waiting for writability itself. The
+    asyncio transport still owns the socket and closes it."""
 
     def __init__(self, link_id: str, writer: asyncio.StreamWriter, entry: PeerEntry, name: str, cost: int) -> None:
         self.link_id = link_id
@@ -67,49 +94,133 @@ class Link:
         self.entry = entry
         self.name = name
         self.static_cost = cost
-        self.queue: deque[bytes] = deque()
-        self.control_queued = 0
-        self.data_queued = 0
+        # our own descriptor of the socket: asyncio refuses readers/writers on the
+        # transport's, and the connection ends only when both are closed
+        self.fd = os.dup(writer.get_extra_info("socket").fileno())
+        self.control: deque[bytes | memoryview] = deque()
+        self.data: deque[bytes | bytearray | memoryview] = deque()
+        self.data_bytes = 0
         self.wake = asyncio.Event()
         self.closed = False
+        self.ifindex = 0  # interface the route to the peer leaves by (linkwatch), 0 unknown
+        self.waiters: set[asyncio.Future[None]] = set()
+        self.pending: deque[memoryview] = deque()  # what a partial write left, in order
+        self.blocked = False  # the socket buffer is full: the write loop waits for room
+
+    @property
+    def queue(self) -> list[bytes | bytearray | memoryview]:
+        """Everything waiting to be written, control first (for stats)."""
+        return [*self.control, *self.data]
 
     def send_control(self, frames: list[bytes], drops: Counter[str]) -> None:
         for frame in frames:
-            if self.control_queued >= MAX_CONTROL_QUEUE:
+            if len(self.control) >= MAX_CONTROL_QUEUE:
                 drops["control_queue_full"] += 1
                 continue
-            self.queue.append(frame)
-            self.control_queued += 1
+            self.control.append(frame)
         self.wake.set()
 
-    def send_data(self, frame: bytes, drops: Counter[str]) -> None:
-        if self.data_queued >= MAX_DATA_QUEUE:
-            drops["data_queue_full"] += 1
-            return
-        self.queue.append(frame)
-        self.data_queued += 1
+    def send_data(self, frame: bytes | bytearray | memoryview, drops: Counter[str], packets: int = 1) -> bool:
+        """Queue one encoded data packet, or several back to back; drop the
+        newest when the queue is full. With nothing queued the batch is
+        written at once (no trip through the event loop)."""
+        if not (self.blocked or self.closed or self.pending or self.control or self.data):
+            try:
+                sent = os.write(self.fd, frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # the read loop sees the error and takes the link down
+            self.entry.tx_bytes += sent
+            if sent == len(frame):
+                return True
+            self.pending.append(memoryview(frame)[sent:])
+            self.wake.set()
+            return True
+        if self.data_bytes + len(frame) > MAX_DATA_QUEUE_BYTES:
+            drops["data_queue_full"] += packets
+            return False
+        self.data.append(frame)
+        self.data_bytes += len(frame)
         self.wake.set()
+        return True
+
+    async def ready(self, writing: bool) -> None:
+        """Wait until the socket is readable (or writable), or the link closes."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self.waiters.add(fut)
+        add, remove = (loop.add_writer, loop.remove_writer) if writing else (loop.add_reader, loop.remove_reader)
+
+        def done() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        add(self.fd, done)
+        try:
+            await fut
+        finally:
+            self.waiters.discard(fut)
+            if not self.closed:
+                remove(self.fd)
+
+    def close(self) -> None:
+        if not self.closed:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.fd)
+            loop.remove_writer(self.fd)
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+        self.closed = True
+        self.wake.set()
+        for fut in list(self.waiters):
+            if not fut.done():
+                fut.set_result(None)
 
     async def write_loop(self) -> None:
+        control, data, pending = self.control, self.data, self.pending
+        writev = os.writev
         while not self.closed:
             await self.wake.wait()
             self.wake.clear()
-            while self.queue:
-                batch: list[bytes] = []
-                size = 0
-                while self.queue and size < WRITE_BATCH_BYTES:
-                    frame = self.queue.popleft()
-                    batch.append(frame)
+            while (pending or control or data) and not self.closed:
+                bufs: list[bytes | bytearray | memoryview] = list(pending)
+                pending.clear()
+                size = sum(len(b) for b in bufs)
+                while control and size < WRITE_BATCH_BYTES and len(bufs) < WRITE_BATCH_BUFFERS:
+                    frame = control.popleft()
+                    bufs.append(frame)
                     size += len(frame)
-                self.control_queued = min(self.control_queued, len(self.queue))
-                self.data_queued = min(self.data_queued, len(self.queue))
-                self.writer.write(b"".join(batch))
-                self.entry.tx_bytes += size
-                await self.writer.drain()
+                data_size = 0
+                while data and size < WRITE_BATCH_BYTES and len(bufs) < WRITE_BATCH_BUFFERS:
+                    frame = data.popleft()
+                    bufs.append(frame)
+                    size += len(frame)
+                    data_size += len(frame)
+                self.data_bytes -= data_size
+                try:
+                    sent = writev(self.fd, bufs)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    self.close()  # the read loop sees the error too and takes the link down
+                    return
+                self.entry.tx_bytes += sent
+                if sent < size:
+                    for b in bufs:
+                        n = len(b)
+                        if sent >= n:
+                            sent -= n
+                            continue
+                        pending.append(memoryview(b)[sent:])
+                        sent = 0
+                    self.blocked = True
+                    await self.ready(writing=True)
+                    self.blocked = False
 
 
 class PeerdService:
-    def __init__(self, cfg: NodeConfig, family: str = "tcp") -> None:
+    def __init__(self, cfg: NodeConfig, family: str = "tcp", tund_workers: int = 1) -> None:
         self.cfg = cfg
         self.family = family
         self.name = bus.peerd_name(family)
@@ -124,10 +235,24 @@ class PeerdService:
         self.pending: PendingQueue[bytes] = PendingQueue(per_subnet=100, total=10_000)
         self.ctx = zmq.asyncio.Context()
         run = cfg.run_dir
-        self.inbox = bus.bind(self.ctx, zmq.PULL, run, f"{self.name}.in")
+        # the data path's sockets are plain ZeroMQ sockets driven from the event
+        # loop (inbox_loop): zmq.asyncio's future per message costs more than the
+        # whole per-batch work of forwarding a batch
+        self.sync_ctx = zmq.Context()
+        self.inbox = bus.bind(self.sync_ctx, zmq.PULL, run, f"{self.name}.in")
         self.rpc = bus.bind(self.ctx, zmq.ROUTER, run, f"{self.name}.rpc")
         self.router = bus.connect(self.ctx, zmq.PUSH, run, "router.in")
-        self.tund = bus.connect(self.ctx, zmq.PUSH, run, "tund.in", hwm=bus.DATA_HWM)
+        # one inbox per tund crypto worker; packets from one source /64 always go to the same one
+        self.tund_workers = max(1, tund_workers)
+        self.tunds = [
+            bus.connect(self.sync_ctx, zmq.PUSH, run, "tund.in" if i == 0 else f"tund-{i}.in", hwm=bus.DATA_HWM)
+            for i in range(self.tund_workers)
+        ]
+        self.tund = self.tunds[0]
+        self.transit: dict[bytes, Link | None] = {}  # dst /64 -> link of the selected next hop (None: no route)
+        self.fib_cacheable = True
+        self.next_refresh = 0.0
+        self.linkwatch: LinkWatch | None = None
         self.fib_sub = bus.connect(self.ctx, zmq.SUB, run, "router.fib")
         self.fib_sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.stats = bus.StatsPublisher(zmq.Context.instance(), run, self.name)
@@ -143,11 +268,17 @@ class PeerdService:
         except (TimeoutError, zmq.Again):
             self.counters["router_bus_timeout"] += 1
 
-    def to_tund(self, kind: str, frames: list[bytes]) -> None:
+    def to_tund(
+        self, kind: str, frames: list[bytes | bytearray], fields: dict[str, Any] | None = None, worker: int = 0
+    ) -> None:
         try:
-            self.tund.send_multipart(bus.pack(kind, None, frames), flags=zmq.NOBLOCK)
+            self.tunds[worker].send_multipart(bus.pack(kind, fields, frames), flags=zmq.NOBLOCK)
         except zmq.Again:
             self.counters["tund_bus_full"] += len(frames)
+
+    def oob_icmp(self, frame: bytes | bytearray | memoryview, icmp_type: int, code: int) -> None:
+        """4.6: tund (which holds the keys) tells the packet's source."""
+        self.to_tund("oob_icmp", [bytes(frame)], {"type": icmp_type, "code": code})
 
     # --- static peers persistence (hard state) -----------------------------
 
@@ -183,41 +314,72 @@ class PeerdService:
             link_id, writer, entry, f"TCP {local} <-> {remote}", static_cost(remote.strip("[]").rsplit(":", 1)[0])
         )
         self.links[link_id] = link
+        if self.linkwatch is not None:
+            link.ifindex = route_ifindex(writer.get_extra_info("peername")[0])
         self.counters["links_opened"] += 1
         log.info("link %s up: %s (%s)", link_id, link.name, entry.kind)
         await self.announce(link)
         writer_task = asyncio.create_task(link.write_loop())
         decoder = StreamDecoder()
         reason = "eof"
+        # read into our own buffer (see Link): the transport stops reading, and
+        # whatever it read before that is taken over
+        writer.transport.pause_reading()
+        early = getattr(reader, "_buffer", b"")
+        buf = bytearray(READ_BUFFER + MAX_PACKET_SIZE)
+        view = memoryview(buf)
+        have = len(early)
+        buf[:have] = early
+        if have:
+            early.clear()  # type: ignore[union-attr]
+            entry.rx_bytes += have
+        readv = os.readv
         try:
-            while True:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    break
-                entry.rx_bytes += len(data)
+            n = have
+            while not link.closed:
+                if not n:
+                    try:
+                        n = readv(link.fd, [view[have:]])
+                    except (BlockingIOError, InterruptedError):
+                        await link.ready(writing=False)
+                        continue
+                    if n == 0:
+                        break
+                    entry.rx_bytes += n
+                    have += n
+                n = 0
                 try:
-                    packets = decoder.feed(data)
+                    control, offsets, used = decoder.cut(buf, have)
                 except CodecError as exc:
                     self.counters["stream_malformed"] += 1
                     reason = f"malformed stream: {exc}"
                     break
                 if decoder.drops:
-                    for key, n in decoder.drops.items():
-                        self.counters[f"control_dropped_{key}"] += n
+                    for key, count in decoder.drops.items():
+                        self.counters[f"control_dropped_{key}"] += count
                     decoder.drops.clear()
-                await self.handle_packets(link, packets)
-            if reason == "eof" and decoder.buffered:
+                if offsets:
+                    self.route_batch(buf, offsets)
+                if used:
+                    buf[: have - used] = view[used:have]
+                    have -= used
+                if control:
+                    self.counters["control_rx"] += len(control)
+                    await self.to_router("ctl", {"peer": link.link_id}, [pkt.encode() for pkt in control])
+            if link.closed and reason == "eof":
+                reason = "closed"
+            elif reason == "eof" and have:
                 self.counters["stream_truncated"] += 1
-                reason = f"eof inside a packet ({decoder.buffered} bytes buffered)"
+                reason = f"eof inside a packet ({have} bytes buffered)"
         except (ConnectionError, OSError) as exc:
             reason = f"read error: {exc}"
         finally:
-            link.closed = True
-            link.wake.set()
+            link.close()
             writer_task.cancel()
             with contextlib.suppress(Exception):
                 writer.close()
             self.links.pop(link_id, None)
+            self.transit.clear()
             self.table.disconnected(link_id, time.monotonic())
             await self.to_router("peer_down", {"peer": link_id})
             log.info("link %s down (%s)", link_id, reason)
@@ -225,47 +387,91 @@ class PeerdService:
     async def announce(self, link: Link) -> None:
         await self.to_router("peer_up", {"peer": link.link_id, "static_cost": link.static_cost, "link_name": link.name})
 
-    async def handle_packets(self, link: Link, packets: list[ControlPacket | DataPacket]) -> None:
-        control: list[bytes] = []
-        local: list[bytes] = []
-        for pkt in packets:
-            if isinstance(pkt, ControlPacket):
-                control.append(pkt.encode())
-            else:
-                self.counters["data_rx"] += 1
-                self.route_data(pkt, local)
-        if control:
-            self.counters["control_rx"] += len(control)
-            await self.to_router("ctl", {"peer": link.link_id}, control)
-        if local:
-            self.to_tund("local", local)
+    def route_batch(self, buf: bytes | bytearray, offsets: list[int]) -> None:
+        """PROTOCOL.md 4.4 for the data packets of one read: ``buf`` holds
+        them at ``offsets``. Packets for this node go to tund and transit
+        packets to their next hop's link, each destination as one batch. Per
+        packet only header bytes are read and the hop limit is decremented in
+        place; each batch is joined once at the end."""
+        if not isinstance(buf, bytearray):
+            buf = bytearray(buf)
+        view = memoryview(buf)
+        own = self.own_prefix
+        workers = self.tund_workers
+        local: list[list[memoryview]] = [[] for _ in range(workers)]
+        out: dict[Link, list[memoryview]] = {}
+        transit = self.transit
+        slow: list[tuple[bytes, bytes]] = []
+        n_local = 0
+        for off in offsets:
+            end = off + 40 + (buf[off + 5] << 8 | buf[off + 6])
+            hop = buf[off + 7]
+            if hop < 2:
+                self.counters["data_drop_hop_limit"] += 1
+                self.oob_icmp(view[off:end], TIME_EXCEEDED, CODE_HOP_LIMIT)
+                continue
+            buf[off + 7] = hop - 1
+            if buf.startswith(own, off + 24):  # for this node (no slice allocated)
+                (local[0] if workers == 1 else local[int.from_bytes(view[off + 8 : off + 16]) % workers]).append(
+                    view[off:end]
+                )
+                n_local += 1
+                continue
+            dpre = bytes(view[off + 24 : off + 32])
+            link = transit.get(dpre)
+            if link is None or link.closed:
+                slow.append((bytes(view[off + 24 : off + 40]), bytes(view[off:end])))
+                continue
+            parts = out.get(link)
+            if parts is None:
+                parts = out[link] = []
+            parts.append(view[off:end])
+        self.counters["data_rx"] += len(offsets)
+        if n_local:
+            self.counters["data_local"] += n_local
+            for i, parts in enumerate(local):
+                if parts:
+                    self.to_tund("local", [b"".join(parts)], worker=i)
+        for link, parts in out.items():
+            if link.send_data(b"".join(parts), self.counters, len(parts)):
+                self.counters["data_forwarded"] += len(parts)
+        for dst, frame in slow:
+            self.forward(dst, frame)
 
-    def route_data(self, pkt: DataPacket, local: list[bytes]) -> None:
-        """PROTOCOL.md 4.4 for a packet received from a peer."""
-        if pkt.hop_limit < 2:
-            self.counters["data_drop_hop_limit"] += 1
-            return
-        frame = DataPacket(pkt.src, pkt.dst, pkt.hop_limit - 1, pkt.body).encode()
-        if pkt.dst[:8] == self.own_prefix:
-            local.append(frame)
-            return
-        self.forward(pkt.dst, frame)
-
-    def forward(self, dst: bytes, frame: bytes) -> None:
+    def forward(self, dst: bytes, frame: bytes | bytearray) -> None:
+        """One transit packet (hop limit already decremented) to its next hop,
+        or queued while the router looks for a route."""
         route = self.fib.lookup(dst)
         if route is None:
-            if self.pending.push(dst[:8], frame, time.monotonic()):
+            full_before = self.pending.drops["pending_full"]
+            if self.pending.push(dst[:8], bytes(frame), time.monotonic()):
                 asyncio.get_running_loop().create_task(self.to_router("need_route", {"addr": dst}))
+            elif self.pending.drops["pending_full"] != full_before:
+                self.oob_icmp(frame, DEST_UNREACHABLE, CODE_NO_ROUTE)
             return
         if route.next_hop is None:
             self.counters["data_drop_no_route"] += 1
+            self.oob_icmp(frame, DEST_UNREACHABLE, CODE_NO_ROUTE)
             return
         link = self.links.get(route.next_hop)
         if link is None:
             self.counters["data_drop_next_hop_gone"] += 1
             return
-        link.send_data(frame, self.counters)
-        self.counters["data_forwarded"] += 1
+        if self.fib_cacheable and len(self.transit) < ROUTE_CACHE_MAX:
+            self.transit[dst[:8]] = link
+        if link.send_data(frame, self.counters):
+            self.counters["data_forwarded"] += 1
+
+    def forward_blob(self, blob: bytes) -> None:
+        """Packets back to back whose next hop is gone: one by one through the FIB."""
+        pos, end = 0, len(blob)
+        while pos + 40 <= end:
+            nxt = pos + 40 + (blob[pos + 5] << 8 | blob[pos + 6])
+            if nxt > end:
+                self.counters["data_out_malformed"] += 1
+                return
+            self.forward(blob[pos + 24 : pos + 40], blob[pos:nxt])
+            pos = nxt
 
     async def dial(self, entry: PeerEntry) -> None:
         ep = entry.endpoint
@@ -290,9 +496,22 @@ class PeerdService:
         entry = self.table.add_inbound(ep, "")
         await self.run_link(reader, writer, entry)
 
+    def on_link_change(self) -> None:
+        """rtnetlink says interfaces went down: close the links that used them."""
+        assert self.linkwatch is not None
+        down = self.linkwatch.down_interfaces()
+        if not down:
+            return
+        for link in list(self.links.values()):
+            if link.ifindex and link.ifindex in down:
+                log.info("link %s: interface %d went down, closing", link.link_id, link.ifindex)
+                self.counters["links_closed_interface_down"] += 1
+                self.close_link(link.link_id)
+
     def close_link(self, link_id: str) -> None:
         link = self.links.get(link_id)
         if link is not None:
+            link.close()  # wakes the read and write loops, which see ``closed``
             with contextlib.suppress(Exception):
                 link.writer.transport.abort()
 
@@ -311,14 +530,53 @@ class PeerdService:
                 await asyncio.wait_for(self.stop_event.wait(), delay)
 
     async def inbox_loop(self) -> None:
-        while True:
-            frames = await self.inbox.recv_multipart()
-            try:
-                msg = bus.unpack(frames)
-                await self.handle_inbox(msg)
-            except (bus.BusError, KeyError, TypeError) as exc:
-                self.counters["bus_malformed"] += 1
-                log.debug("bad bus message: %s", exc)
+        """Drain the inbox whenever its ZeroMQ FD signals (edge-triggered:
+        read until EAGAIN and check EVENTS before waiting again), yielding
+        to the link writers every few messages. Payload frames are not
+        copied out of ZeroMQ: the link writes their buffers directly."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        fd = self.inbox.getsockopt(zmq.FD)
+        loop.add_reader(fd, wake.set)
+        recv = self.inbox.recv_multipart
+        try:
+            while True:
+                wake.clear()
+                for _ in range(INBOX_BATCH):
+                    try:
+                        frames = recv(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        header = msgpack.unpackb(frames[0].buffer, raw=False)
+                        kind = header.pop("k")
+                        if kind == "data_out":
+                            self.handle_data_out(header, [f.buffer for f in frames[1:]])
+                        else:
+                            header.pop("v", None)
+                            await self.handle_inbox(bus.Message(kind, header, [f.bytes for f in frames[1:]]))
+                    except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:
+                        self.counters["bus_malformed"] += 1
+                        log.debug("bad bus message: %s", exc)
+                else:
+                    await asyncio.sleep(0)  # more may be waiting: let the writers run first
+                    continue
+                if not self.inbox.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    await wake.wait()
+        finally:
+            loop.remove_reader(fd)
+
+    def handle_data_out(self, fields: dict[str, Any], payloads: list[memoryview]) -> None:
+        """From tund: packets back to back, all for the next hop it names."""
+        link = self.links.get(fields.get("peer", ""))
+        for frame in payloads:
+            if len(frame) < 40:
+                self.counters["data_out_malformed"] += 1
+            elif link is not None and not link.closed:
+                link.send_data(frame, self.counters)
+                self.counters["data_out_batches"] += 1
+            else:
+                self.forward_blob(bytes(frame))
 
     async def handle_inbox(self, msg: bus.Message) -> None:
         if msg.kind == "ctl":
@@ -328,11 +586,7 @@ class PeerdService:
                 return
             link.send_control(msg.payloads, self.counters)
         elif msg.kind == "data_out":
-            for frame in msg.payloads:
-                if len(frame) < 40:
-                    self.counters["data_out_malformed"] += 1
-                    continue
-                self.forward(frame[24:40], frame)
+            self.handle_data_out(msg.fields, [memoryview(p) for p in msg.payloads])
         elif msg.kind == "close_peer":
             self.close_link(msg.fields["peer"])
         elif msg.kind == "router_hello":
@@ -352,7 +606,7 @@ class PeerdService:
                 continue
             if not self.fib.apply_delta(msg.fields):
                 await self.fib_resync()
-            self.release_pending()
+            self.fib_changed()
 
     async def fib_resync(self) -> None:
         while True:
@@ -362,10 +616,16 @@ class PeerdService:
                 )
                 self.fib.load_snapshot(snapshot)
                 self.counters["fib_snapshots"] += 1
+                self.fib_changed()
                 return
             except bus.BusError as exc:
                 log.debug("FIB snapshot failed: %s", exc)
                 await asyncio.sleep(0.5)
+
+    def fib_changed(self) -> None:
+        self.transit.clear()
+        self.fib_cacheable = all(plen <= 64 for _, plen, _ in self.fib.entries())
+        self.release_pending()
 
     def release_pending(self) -> None:
         for prefix in self.pending.subnets():
@@ -424,10 +684,19 @@ class PeerdService:
                     "links": len(self.links),
                     "pending": len(self.pending),
                     "fib_entries": len(self.fib),
-                    "send_queue": sum(len(link.queue) for link in self.links.values()),
+                    "send_queue": sum(len(link.control) + len(link.data) for link in self.links.values()),
+                    "send_queue_data_bytes": sum(link.data_bytes for link in self.links.values()),
                 },
             )
-            self.pending.expire(time.monotonic())
+            now = time.monotonic()
+            self.pending.expire(now)
+            if now >= self.next_refresh:
+                # transit routes in use: ask again, the router refreshes those about to expire (4.4)
+                self.next_refresh = now + REFRESH_INTERVAL
+                used = list(self.transit)
+                self.transit.clear()
+                for prefix in used:
+                    await self.to_router("need_route", {"addr": prefix + bytes(8)})
             await asyncio.sleep(1.0)
 
     async def run(self) -> None:
@@ -440,6 +709,11 @@ class PeerdService:
         server = await asyncio.start_server(self.accept, host=None, port=self.cfg.tcp_listen_port, reuse_address=True)
         log.info("listening on TCP port %d; %d static peers", self.cfg.tcp_listen_port, len(self.table.entries))
         await self.to_router("peerd_hello", {"family": self.family, "epoch": self.epoch})
+        try:
+            self.linkwatch = LinkWatch()
+            asyncio.get_running_loop().add_reader(self.linkwatch.fileno(), self.on_link_change)
+        except OSError as exc:
+            log.warning("no rtnetlink link notifications (%s): a link is noticed dead only by TCP or Babel", exc)
         tasks = [
             asyncio.create_task(coro)
             for coro in (self.dial_loop(), self.inbox_loop(), self.fib_loop(), self.rpc_loop(), self.stats_loop())
@@ -452,17 +726,20 @@ class PeerdService:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.ctx.destroy(linger=0)
+        self.sync_ctx.destroy(linger=0)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.peerd")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--family", default="tcp", choices=("tcp",))
+    parser.add_argument("--tund-workers", type=int, default=1, help="tund crypto workers to spread local packets over")
     args = parser.parse_args(argv)
     die_with_parent()
     cfg = NodeConfig.load_or_exit(args.run_dir)
     setup_logs(f"peerd-{args.family}", cfg.log_level)
-    service = PeerdService(cfg, args.family)
+    tune_malloc()
+    service = PeerdService(cfg, args.family, args.tund_workers)
 
     async def runner() -> None:
         loop = asyncio.get_running_loop()

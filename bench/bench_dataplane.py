@@ -1,0 +1,381 @@
+"""Data-plane benchmark: our overlay against a plain veth pair and Yggdrasil.
+
+    sudo .venv/bin/python bench/bench_dataplane.py [--seconds 10] [--no-yggdrasil]
+
+In one run, between two network namespaces joined by one veth pair:
+
+  (a) plain veth, (b) our overlay (TUN MTU 1400), (c) Yggdrasil with its
+  default config and (d) Yggdrasil with IfMTU 1500,
+
+each measured with a single-stream iperf3 TCP test and an idle ping
+(20 x 0.2 s); CPU seconds per GB transferred are counted two ways:
+"proc" = user+system time of the processes involved (daemons, iperf3
+client and server), "sys" = the whole machine's busy time from /proc/stat
+(includes softirq work done outside those processes, and anything else
+running: run it on a quiet machine). Then, on three namespaces A, B, C
+joined A-B, B-C, A-C, the failover outage: ping A->C every 0.1 s, take the
+A-C veth down, report first lost to first answered (and the longest gap
+between replies) for us and for Yggdrasil.
+
+Needs root, iperf3, ping and (for c/d) the Debian package yggdrasil.
+Prints a markdown table; docs/PERFORMANCE.md records one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.integration.netns import (  # noqa: E402
+    NODE_PORT,
+    BackgroundPing,
+    Topology,
+    cleanup_stale,
+    have_privileges,
+    ping,
+    wait_for,
+)
+
+YGG_PORT = 12345
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Result:
+    name: str
+    gbit: float = 0.0
+    gbytes: float = 0.0
+    retransmits: int = 0
+    rtt_ms: float = 0.0
+    proc_cpu: float = 0.0  # seconds
+    sys_cpu: float = 0.0  # seconds
+    notes: list[str] = field(default_factory=list)
+
+    def per_gb(self, cpu: float) -> float:
+        return cpu / self.gbytes if self.gbytes else float("nan")
+
+
+def proc_cpu(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / CLK_TCK
+
+
+def sys_busy() -> float:
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values[:8]) - idle) / CLK_TCK
+
+
+def ns_pids(topo: Topology, names: list[str]) -> list[int]:
+    pids: list[int] = []
+    for name in names:
+        out = subprocess.run(["ip", "netns", "pids", topo.ns(name)], capture_output=True, text=True)
+        pids += [int(p) for p in out.stdout.split() if p.isdigit()]
+    return pids
+
+
+def measure(topo: Topology, src: str, dst: str, dst_addr: str, seconds: int, result: Result) -> Result:
+    """iperf3 single stream src -> dst and idle ping; fills ``result``."""
+    server = topo.popen(
+        dst, ["iperf3", "-s", "-1", "-B", dst_addr], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        time.sleep(0.5)
+        daemons = [p for p in ns_pids(topo, [src, dst]) if p != server.pid]
+        cpu0, sys0 = proc_cpu(daemons), sys_busy()
+        out = topo.exec(src, ["iperf3", "-c", dst_addr, "-t", str(seconds), "-J"], timeout=seconds + 30)
+        cpu1, sys1 = proc_cpu(daemons), sys_busy()
+        data = json.loads(out.stdout)
+        if "error" in data:
+            raise RuntimeError(f"iperf3 {result.name}: {data['error']}")
+        end = data["end"]
+        duration = end["sum_received"]["seconds"]
+        result.gbit = end["sum_received"]["bits_per_second"] / 1e9
+        result.gbytes = end["sum_received"]["bytes"] / 1e9
+        result.retransmits = int(end["sum_sent"].get("retransmits", 0))
+        util = end.get("cpu_utilization_percent", {})
+        iperf_cpu = (util.get("host_total", 0.0) + util.get("remote_total", 0.0)) / 100 * duration
+        result.proc_cpu = (cpu1 - cpu0) + iperf_cpu
+        result.sys_cpu = sys1 - sys0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            server.kill()
+        server.wait(5)
+    time.sleep(1)
+    out = topo.exec(src, ["ping", "-6" if ":" in dst_addr else "-4", "-n", "-q", "-c", "20", "-i", "0.2", dst_addr])
+    m = re.search(r"= [\d.]+/([\d.]+)/", out.stdout)
+    result.rtt_ms = float(m.group(1)) if m else float("nan")
+    return result
+
+
+# --- our overlay ---------------------------------------------------------------------
+
+
+def start_overlay(topo: Topology, links: dict[str, list[str]], extra: list[str]) -> None:
+    for name, peers in links.items():
+        topo.add_node(name, peers=[f"tcp://{p}:{NODE_PORT}" for p in peers], extra=extra)
+    for node in topo.nodes.values():
+        node.start()
+    for node in topo.nodes.values():
+        node.wait_ready()
+
+
+def warm(topo: Topology, src: str, dst_addr: str) -> None:
+    wait_for(f"{src} -> {dst_addr}", lambda: ping(topo, src, dst_addr, count=1, deadline=2), 30)
+
+
+# --- Yggdrasil -----------------------------------------------------------------------------
+
+
+class Ygg:
+    def __init__(self, topo: Topology, name: str, listen: str | None, peers: list[str], mtu: int | None) -> None:
+        self.topo = topo
+        self.name = name
+        conf = json.loads(
+            subprocess.run(["yggdrasil", "-genconf", "-json"], capture_output=True, text=True, check=True).stdout
+        )
+        conf["Listen"] = [f"tcp://{listen}:{YGG_PORT}"] if listen else []
+        conf["Peers"] = [f"tcp://{p}:{YGG_PORT}" for p in peers]
+        conf["MulticastInterfaces"] = []
+        conf["AdminListen"] = "none"
+        conf["IfName"] = "ygg0"
+        if mtu is not None:
+            conf["IfMTU"] = mtu
+        self.path = topo.base / f"ygg-{name}-{mtu}.json"
+        self.path.write_text(json.dumps(conf))
+        self.address = subprocess.run(
+            ["yggdrasil", "-useconffile", str(self.path), "-address"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        self.log = open(topo.base / f"ygg-{name}-{mtu}.log", "w")  # noqa: SIM115
+        self.proc = topo.popen(
+            name, ["yggdrasil", "-useconffile", str(self.path)], stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def mtu(self) -> int:
+        out = self.topo.exec(self.name, ["ip", "-j", "link", "show", "ygg0"]).stdout
+        return int(json.loads(out)[0]["mtu"]) if out.strip() else 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+def run_ygg_pair(topo: Topology, x_addr: str, seconds: int, mtu: int | None, name: str) -> Result:
+    y = Ygg(topo, "y", listen=topo.links[("x", "y")][1], peers=[], mtu=mtu)
+    x = Ygg(topo, "x", listen=None, peers=[topo.links[("x", "y")][1]], mtu=mtu)
+    try:
+        warm(topo, "x", y.address)
+        res = measure(topo, "x", "y", y.address, seconds, Result(name))
+        res.notes.append(f"TUN MTU {x.mtu()}")
+        return res
+    finally:
+        x.stop()
+        y.stop()
+
+
+# --- failover --------------------------------------------------------------------------------
+
+
+def triangle() -> Topology:
+    topo = Topology(["a", "b", "c"])
+    topo.connect("a", "b", 1)
+    topo.connect("b", "c", 2)
+    topo.connect("a", "c", 3)
+    return topo
+
+
+def failover(topo: Topology, dst_addr: str) -> tuple[float, float]:
+    """(first lost to first answered, longest gap between replies) in seconds."""
+    warm(topo, "a", dst_addr)
+    warm(topo, "c", dst_addr)
+    bg = BackgroundPing(topo, "a", dst_addr, interval=0.1, seconds=90)
+    try:
+        wait_for("pings before the cut", lambda: len(bg.answered) >= 20, 20)
+        seq = bg.last_seq()
+        topo.set_link("a", "c", up=False)
+        t_cut = time.time()
+        wait_for("pings to resume", lambda: bg.answered_after(t_cut + 0.05) >= 20, 80)
+    finally:
+        bg.stop()
+    outage = bg.outage(after_seq=seq)
+    return (0.0 if outage is None else outage[2]), bg.max_gap(after=t_cut - 1)
+
+
+def overlay_failover() -> tuple[float, float]:
+    topo = triangle()
+    try:
+        a_ab = topo.links[("a", "b")][0]
+        a_ac = topo.links[("a", "c")][0]
+        b_bc = topo.links[("b", "c")][0]
+        start_overlay(topo, {"a": [], "b": [a_ab], "c": [a_ac, b_bc]}, [])
+        return failover(topo, topo.nodes["c"].address)
+    finally:
+        topo.close()
+
+
+def ygg_failover() -> tuple[float, float]:
+    topo = triangle()
+    nodes: list[Ygg] = []
+    try:
+        a_ab, _ = topo.links[("a", "b")]
+        a_ac, _ = topo.links[("a", "c")]
+        b_bc, _ = topo.links[("b", "c")]
+        nodes.append(Ygg(topo, "a", listen="0.0.0.0", peers=[], mtu=None))
+        nodes.append(Ygg(topo, "b", listen="0.0.0.0", peers=[a_ab], mtu=None))
+        c = Ygg(topo, "c", listen="0.0.0.0", peers=[a_ac, b_bc], mtu=None)
+        nodes.append(c)
+        return failover(topo, c.address)
+    finally:
+        for n in nodes:
+            n.stop()
+        topo.close()
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = Path("/proc/meminfo").read_text().split()[1]
+    load = os.getloadavg()
+    return (
+        f"{os.cpu_count()} x {cpu}, {int(mem) // 1024} MiB RAM, Linux {platform.release()}, "
+        f"Python {platform.python_version()} ({sys.executable}); "
+        f"load average before the run {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+
+
+def table(results: list[Result], ours: Result) -> str:
+    plain = results[0]
+    lines = [
+        "| path | Gbit/s | x plain | ours / this | retransmits | idle RTT ms | proc CPU s/GB | sys CPU s/GB | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ratio = ours.gbit / r.gbit if r.gbit else float("nan")
+        cells = [
+            r.name,
+            f"{r.gbit:.2f}",
+            f"{r.gbit / plain.gbit:.3f}",
+            f"{ratio:.2f}",
+            str(r.retransmits),
+            f"{r.rtt_ms:.3f}",
+            f"{r.per_gb(r.proc_cpu):.1f}",
+            f"{r.per_gb(r.sys_cpu):.1f}",
+            ", ".join(r.notes),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=10, help="iperf3 duration (default 10)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure every path this many times in rotation, keep the best"
+    )
+    parser.add_argument("--no-yggdrasil", action="store_true", help="skip Yggdrasil")
+    parser.add_argument("--no-failover", action="store_true", help="skip the failover measurements")
+    parser.add_argument("--crypto-workers", type=int, default=1)
+    args = parser.parse_args()
+    problem = have_privileges()
+    if problem:
+        print(f"bench_dataplane: {problem}", file=sys.stderr)
+        return 1
+    if shutil.which("iperf3") is None:
+        print("bench_dataplane: iperf3 is missing (apt-get install iperf3)", file=sys.stderr)
+        return 1
+    ygg = not args.no_yggdrasil
+    if ygg and shutil.which("yggdrasil") is None:
+        print("bench_dataplane: yggdrasil is missing (apt-get install yggdrasil, or --no-yggdrasil)", file=sys.stderr)
+        return 1
+    cleanup_stale()
+    before = machine()
+    print(f"machine: {before}", flush=True)
+    best: dict[str, Result] = {}
+
+    def keep(res: Result) -> None:
+        if res.name not in best or res.gbit > best[res.name].gbit:
+            best[res.name] = res
+
+    topo = Topology(["x", "y"])
+    try:
+        x_addr, y_addr = topo.connect("x", "y", 1)
+        start_overlay(topo, {"x": [], "y": [x_addr]}, ["--crypto-workers", str(args.crypto_workers)])
+        y = topo.nodes["y"]
+        warm(topo, "x", y.address)
+        for rnd in range(1, args.rounds + 1):
+            print(f"round {rnd}: (a) plain veth ...", flush=True)
+            keep(measure(topo, "x", "y", y_addr, args.seconds, Result("(a) plain veth")))
+            print(f"round {rnd}: (b) this overlay ...", flush=True)
+            res = measure(topo, "x", "y", y.address, args.seconds, Result("(b) this overlay"))
+            res.notes.append("TUN MTU 1400, 1472-byte packets on the wire")
+            if args.crypto_workers > 1:
+                res.notes.append(f"{args.crypto_workers} crypto workers")
+            keep(res)
+            if ygg:
+                print(f"round {rnd}: (c) Yggdrasil, default config ...", flush=True)
+                keep(run_ygg_pair(topo, x_addr, args.seconds, None, "(c) Yggdrasil default"))
+                print(f"round {rnd}: (d) Yggdrasil, IfMTU 1500 ...", flush=True)
+                keep(run_ygg_pair(topo, x_addr, args.seconds, 1500, "(d) Yggdrasil IfMTU 1500"))
+    finally:
+        topo.close()
+    fail: list[str] = []
+    if not args.no_failover:
+        print("failover (ours) ...", flush=True)
+        lost, gap = overlay_failover()
+        fail.append(f"| this overlay | {lost:.1f} | {gap:.2f} |")
+        if ygg:
+            print("failover (Yggdrasil) ...", flush=True)
+            lost, gap = ygg_failover()
+            fail.append(f"| Yggdrasil default | {lost:.1f} | {gap:.2f} |")
+    results = list(best.values())
+    print()
+    print(f"machine: {before}")
+    print(f"load average after the run: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    rounds = f", best of {args.rounds} rounds in rotation" if args.rounds > 1 else ""
+    print(f"single-stream iperf3 TCP, {args.seconds} s, namespace x -> y over one veth pair{rounds}")
+    print()
+    print(table(results, best["(b) this overlay"]))
+    if fail:
+        print()
+        print("failover, ping A->C every 0.1 s, A-C veth set down (triangle A-B, B-C, A-C)")
+        print()
+        print("| overlay | outage s (first lost to first answered) | longest gap between replies s |")
+        print("|---|---|---|")
+        print("\n".join(fail))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
