@@ -3,6 +3,10 @@
 routine (originated, forwarded or delivered), counted by source and by
 destination; bytes are the encrypted body length.
 
+Counted where peerd parses packets anyway: packets received from peers
+(delivered here or forwarded). Packets this node originates reach peerd as
+opaque batches from tund and are not counted (the reference counts them).
+
 Bounded: at most ``limit`` addresses per table; when full, the address
 seen least recently is forgotten (counted in ``evicted``), so a flood of
 spoofed sources cannot grow memory.
@@ -21,15 +25,15 @@ class _Table:
         self.rows: OrderedDict[bytes, list[int]] = OrderedDict()
         self.evicted = 0
 
-    def add(self, addr: bytes, nbytes: int) -> None:
+    def add(self, addr: bytes, packets: int, nbytes: int) -> None:
         row = self.rows.get(addr)
         if row is None:
             if len(self.rows) >= self.limit:
                 self.rows.popitem(last=False)
                 self.evicted += 1
-            self.rows[addr] = [1, nbytes]
+            self.rows[addr] = [packets, nbytes]
         else:
-            row[0] += 1
+            row[0] += packets
             row[1] += nbytes
             self.rows.move_to_end(addr)
 
@@ -45,9 +49,11 @@ class PacketStats:
         self.by_source = _Table(limit)
         self.by_destination = _Table(limit)
 
-    def add(self, src: bytes, dst: bytes, body_len: int) -> None:
-        self.by_source.add(src, body_len)
-        self.by_destination.add(dst, body_len)
+    def add(self, src: bytes, dst: bytes, packets: int, body_bytes: int) -> None:
+        """A run of ``packets`` with the same addresses (the data path counts
+        runs, not single packets: one read usually carries one flow)."""
+        self.by_source.add(src, packets, body_bytes)
+        self.by_destination.add(dst, packets, body_bytes)
 
     def to_json(self) -> dict[str, list[dict[str, Any]]]:
         return {"bySource": self.by_source.to_json(), "byDestination": self.by_destination.to_json()}

@@ -36,6 +36,7 @@ from common.wire.icmp import CODE_HOP_LIMIT, CODE_NO_ROUTE, DEST_UNREACHABLE, TI
 from common.wire.packet import MAX_PACKET_SIZE, StreamDecoder
 
 from .linkwatch import LinkWatch, route_ifindex
+from .packet_stats import PacketStats
 from .peer_table import INBOUND, PeerEntry, PeerExists, PeerTable, PeerUnknown
 
 log = logging.getLogger("peerd")
@@ -233,6 +234,7 @@ class PeerdService:
         self.links: dict[str, Link] = {}
         self.fib = FibReplica()
         self.pending: PendingQueue[bytes] = PendingQueue(per_subnet=100, total=10_000)
+        self.packet_stats = PacketStats()
         self.ctx = zmq.asyncio.Context()
         run = cfg.run_dir
         # the data path's sockets are plain ZeroMQ sockets driven from the event
@@ -403,8 +405,18 @@ class PeerdService:
         transit = self.transit
         slow: list[tuple[bytes, bytes]] = []
         n_local = 0
+        stats = self.packet_stats
+        run_key: memoryview | None = None  # addresses of the current run of packets, for the statistics
+        run_n = run_b = 0
         for off in offsets:
             end = off + 40 + (buf[off + 5] << 8 | buf[off + 6])
+            key = view[off + 8 : off + 40]
+            if key != run_key:
+                if run_key is not None:
+                    stats.add(bytes(run_key[:16]), bytes(run_key[16:]), run_n, run_b)
+                run_key, run_n, run_b = key, 0, 0
+            run_n += 1
+            run_b += end - off - 40
             hop = buf[off + 7]
             if hop < 2:
                 self.counters["data_drop_hop_limit"] += 1
@@ -426,6 +438,8 @@ class PeerdService:
             if parts is None:
                 parts = out[link] = []
             parts.append(view[off:end])
+        if run_key is not None:
+            stats.add(bytes(run_key[:16]), bytes(run_key[16:]), run_n, run_b)
         self.counters["data_rx"] += len(offsets)
         if n_local:
             self.counters["data_local"] += n_local
@@ -649,6 +663,8 @@ class PeerdService:
 
     def rpc_result(self, method: str, params: dict[str, Any]) -> Any:
         now = time.time()
+        if method == "packet_stats":
+            return self.packet_stats.to_json()
         if method == "list_peers":
             return [e.to_json(now) for e in self.table.entries.values()]
         if method in ("add_peer", "remove_peer"):

@@ -112,7 +112,7 @@ def test_thousand_messages_a_to_c_exactly_once(make_nodes: Callable[..., list[No
 
 
 def test_reply_round_trip_and_status(make_nodes: Callable[..., list[Node]]) -> None:
-    a, _b, c = line(make_nodes)
+    a, b, c = line(make_nodes)
     result: dict[str, Any] = {}
 
     def ask() -> None:
@@ -137,6 +137,12 @@ def test_reply_round_trip_and_status(make_nodes: Callable[..., list[Node]]) -> N
     pop(c, timeout=2)
     wait_for("status read after the pop", lambda: status_of(a, body["id"])["state"] == "read", 10)
     assert c.api_status("/api/v1/messages/status/0123456789abcdef")[0] == 404
+    # the middle node forwarded those message packets: its statistics show both ends
+    stats = b.api("/api/v1/admin/stats/packets")
+    by_src = {e["ip"]: e for e in stats["bySource"]}
+    by_dst = {e["ip"]: e for e in stats["byDestination"]}
+    assert by_src[a.address]["packetCount"] > 0 and by_src[a.address]["byteCount"] > 0
+    assert by_dst[c.address]["packetCount"] > 0 and c.address in by_src  # C's answers passed too
 
 
 def test_topic_whitelist_and_forward_socket(make_nodes: Callable[..., list[Node]], tmp_path: Path) -> None:
