@@ -9,9 +9,12 @@ Endpoints (one per service and purpose, bound by the owner):
 | router.rpc      | router | ROUTER | FIB snapshot, route listings                    |
 | router.fib      | router | PUB    | FIB deltas (a snapshot is fetched over rpc)     |
 | peerd-<f>.in    | peerd  | PULL   | control packets to send, data batches, closes   |
-| peerd-<f>.rpc   | peerd  | ROUTER | peer list / add / remove                        |
-| tund.in         | tund   | PULL   | data packets for local delivery                 |
+| peerd-<f>.rpc   | peerd  | ROUTER | peer list / add / remove, packet statistics     |
+| tund.in         | tund   | PULL   | packets for this node, messages to seal         |
+|  (tund-<i>.in)  |        |        |  (one per crypto worker with several)           |
 | tund.rpc        | tund   | ROUTER | crypto counters                                 |
+| msgbus.in       | msgbus | PULL   | decrypted message packets from tund             |
+| msgbus.rpc      | msgbus | ROUTER | push / pop / reply / status / topics for apid   |
 | stats           | apid   | SUB    | every service PUBlishes its counters ~1/s       |
 
 Overflow policy: data-path sends never block (drop the newest batch and
