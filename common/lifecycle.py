@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import signal
+from collections.abc import Callable
+
+from .logs import setup as setup_logs
+from .nodeconfig import NodeConfig
 
 _PR_SET_PDEATHSIG = 1
 
@@ -41,3 +46,19 @@ class StopSignal:
 
     def fileno(self) -> int:
         return self._r.fileno()
+
+
+def start_service(
+    name: str, argv: list[str] | None, add_args: Callable[[argparse.ArgumentParser], None] | None = None
+) -> tuple[NodeConfig, argparse.Namespace]:
+    """What every service does first: parse ``--run-dir`` (and its own
+    flags), die with supervisord, read node.json, set up logging."""
+    parser = argparse.ArgumentParser(prog=f"python -m services.{name.split('-')[0]}")
+    parser.add_argument("--run-dir", required=True)
+    if add_args is not None:
+        add_args(parser)
+    args = parser.parse_args(argv)
+    die_with_parent()
+    cfg = NodeConfig.load_or_exit(args.run_dir)
+    setup_logs(name, cfg.log_level)
+    return cfg, args

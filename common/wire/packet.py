@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import CodecError
 from .tlv import Tlv, decode_tlv
@@ -183,25 +185,36 @@ class StreamDecoder:
                 append(pos)
                 pos = nxt
             elif ptype == TYPE_CONTROL:
-                if end - pos < OUTER_HEADER_SIZE + BABEL_HEADER_SIZE:
+                nxt = self._control_at(buf, view, pos, end, control.append)
+                if nxt < 0:
                     break
-                body_len = (buf[pos + 6] << 8) | buf[pos + 7]
-                if body_len > MAX_BABEL_BODY:
-                    raise CodecError(f"control packet length {body_len} exceeds {MAX_BABEL_BODY}")
-                nxt = pos + OUTER_HEADER_SIZE + BABEL_HEADER_SIZE + body_len
-                if nxt > end:
-                    break
-                if buf[pos + 4] != BABEL_MAGIC or buf[pos + 5] != BABEL_VERSION:
-                    self.drops["babel_header"] += 1
-                else:
-                    try:
-                        control.append(ControlPacket(decode_babel_body(bytes(view[pos + 8 : nxt]))))
-                    except CodecError:
-                        self.drops["tlv"] += 1
                 pos = nxt
             else:
                 raise CodecError(f"unknown packet type {ptype}")
         return pos
+
+    def _control_at(
+        self, buf: bytes | bytearray, view: memoryview, pos: int, end: int, append: Callable[[Any], None]
+    ) -> int:
+        """Where the control packet at ``pos`` ends (-1 while it is incomplete).
+        A valid one is appended; a bad babel header or TLV is skipped whole by
+        its declared length and counted, so the stream stays in sync (5.6)."""
+        if end - pos < OUTER_HEADER_SIZE + BABEL_HEADER_SIZE:
+            return -1
+        body_len = (buf[pos + 6] << 8) | buf[pos + 7]
+        if body_len > MAX_BABEL_BODY:
+            raise CodecError(f"control packet length {body_len} exceeds {MAX_BABEL_BODY}")
+        nxt = pos + OUTER_HEADER_SIZE + BABEL_HEADER_SIZE + body_len
+        if nxt > end:
+            return -1
+        if buf[pos + 4] != BABEL_MAGIC or buf[pos + 5] != BABEL_VERSION:
+            self.drops["babel_header"] += 1
+        else:
+            try:
+                append(ControlPacket(decode_babel_body(bytes(view[pos + 8 : nxt]))))
+            except CodecError:
+                self.drops["tlv"] += 1
+        return nxt
 
     def _cut(self, buf: bytes | bytearray, view: memoryview) -> tuple[list[Packet], int]:
         """Complete packets from the start of ``buf`` and where the rest begins."""
@@ -224,22 +237,9 @@ class StreamDecoder:
                 append(DataPacket(src, dst, hop_limit, bytes(view[pos + DATA_PREFIX_SIZE : nxt])))
                 pos = nxt
             elif ptype == TYPE_CONTROL:
-                if end - pos < OUTER_HEADER_SIZE + BABEL_HEADER_SIZE:
+                nxt = self._control_at(buf, view, pos, end, append)
+                if nxt < 0:
                     break
-                body_len = (buf[pos + 6] << 8) | buf[pos + 7]
-                if body_len > MAX_BABEL_BODY:
-                    raise CodecError(f"control packet length {body_len} exceeds {MAX_BABEL_BODY}")
-                nxt = pos + OUTER_HEADER_SIZE + BABEL_HEADER_SIZE + body_len
-                if nxt > end:
-                    break
-                magic, bversion = buf[pos + 4], buf[pos + 5]
-                if magic != BABEL_MAGIC or bversion != BABEL_VERSION:
-                    self.drops["babel_header"] += 1
-                else:
-                    try:
-                        append(ControlPacket(decode_babel_body(bytes(view[pos + 8 : nxt]))))
-                    except CodecError:
-                        self.drops["tlv"] += 1
                 pos = nxt
             else:
                 raise CodecError(f"unknown packet type {ptype}")

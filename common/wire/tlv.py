@@ -120,7 +120,7 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Ihu:
-    """"I heard you": refreshes liveness and yields an RTT sample."""
+    """ "I heard you": refreshes liveness and yields an RTT sample."""
 
     TYPE: ClassVar[int] = TYPE_IHU
     rx_cost: int

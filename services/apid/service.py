@@ -11,7 +11,6 @@ killing it never affects forwarding. It runs at a lower CPU priority
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -26,8 +25,7 @@ from waitress import create_server
 
 from common import bus
 from common.identity import Identity, load_key_file
-from common.lifecycle import die_with_parent
-from common.logs import setup as setup_logs
+from common.lifecycle import start_service
 from common.nodeconfig import NodeConfig
 from services.cli.options import OptionError, parse_socket_addr
 
@@ -97,12 +95,7 @@ def serve(name: str, addr: str | None, app: Callable[..., Any], threads: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.apid")
-    parser.add_argument("--run-dir", required=True)
-    args = parser.parse_args(argv)
-    die_with_parent()
-    cfg = NodeConfig.load_or_exit(args.run_dir)
-    setup_logs("apid", cfg.log_level)
+    cfg, _ = start_service("apid", argv)
     logging.getLogger("waitress").setLevel(logging.ERROR)
     try:
         os.nice(NICENESS)

@@ -14,7 +14,6 @@ MessageEngine from the bus and carries out what it returns.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import ipaddress
@@ -33,8 +32,7 @@ import zmq
 from common import bus
 from common.fib import FibReplica
 from common.identity import Identity, load_key_file
-from common.lifecycle import StopSignal, die_with_parent
-from common.logs import setup as setup_logs
+from common.lifecycle import StopSignal, start_service
 from common.nodeconfig import NodeConfig
 from common.wire.errors import CodecError
 from common.wire.inner import INNER_MESSAGE, MESSAGE_HEADER, split_inner
@@ -432,11 +430,6 @@ class MsgbusService:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.msgbus")
-    parser.add_argument("--run-dir", required=True)
-    args = parser.parse_args(argv)
-    die_with_parent()
-    cfg = NodeConfig.load_or_exit(args.run_dir)
-    setup_logs("msgbus", cfg.log_level)
+    cfg, _ = start_service("msgbus", argv)
     MsgbusService(cfg).run()
     return 0

@@ -27,8 +27,7 @@ from common import bus
 from common.endpoint import Endpoint, EndpointError
 from common.fib import FibReplica
 from common.identity import Identity, load_key_file
-from common.lifecycle import die_with_parent
-from common.logs import setup as setup_logs
+from common.lifecycle import start_service
 from common.nodeconfig import NodeConfig
 from common.pending import PendingQueue
 from common.wire.errors import CodecError
@@ -746,14 +745,11 @@ class PeerdService:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.peerd")
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--family", default="tcp", choices=("tcp",))
-    parser.add_argument("--tund-workers", type=int, default=1, help="tund crypto workers to spread local packets over")
-    args = parser.parse_args(argv)
-    die_with_parent()
-    cfg = NodeConfig.load_or_exit(args.run_dir)
-    setup_logs(f"peerd-{args.family}", cfg.log_level)
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--family", default="tcp", choices=("tcp",))
+        parser.add_argument("--tund-workers", type=int, default=1, help="tund crypto workers to spread packets over")
+
+    cfg, args = start_service("peerd-tcp", argv, add_args)
     tune_malloc()
     service = PeerdService(cfg, args.family, args.tund_workers)
 

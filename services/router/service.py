@@ -8,7 +8,6 @@ link) is the text before the first dash.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import logging
 import os
@@ -21,8 +20,7 @@ import zmq
 
 from common import bus
 from common.identity import Identity, load_key_file, make_router_id, router_id_text
-from common.lifecycle import StopSignal, die_with_parent
-from common.logs import setup as setup_logs
+from common.lifecycle import StopSignal, start_service
 from common.nodeconfig import NodeConfig
 from common.wire.errors import CodecError
 from common.wire.packet import ControlPacket, decode_packet
@@ -267,11 +265,6 @@ class RouterService:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.router")
-    parser.add_argument("--run-dir", required=True)
-    args = parser.parse_args(argv)
-    die_with_parent()
-    cfg = NodeConfig.load_or_exit(args.run_dir)
-    setup_logs("router", cfg.log_level)
+    cfg, _ = start_service("router", argv)
     RouterService(cfg).run()
     return 0

@@ -35,7 +35,7 @@ import zmq
 from common import bus
 from common.fib import FibReplica
 from common.identity import Identity, load_key_file
-from common.lifecycle import StopSignal, die_with_parent
+from common.lifecycle import StopSignal, die_with_parent, start_service
 from common.logs import setup as setup_logs
 from common.nodeconfig import NodeConfig
 
@@ -326,13 +326,11 @@ def _start_children(cfg: NodeConfig, devices: list[tunmod.TunDevice | None]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.tund")
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--workers", type=int, default=1, help="crypto workers (TUN queues)")
-    parser.add_argument("--user", default="", help="when started as root: become this user after creating the TUN")
-    args = parser.parse_args(argv)
-    cfg = NodeConfig.load_or_exit(args.run_dir)
-    setup_logs("tund", cfg.log_level)
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--workers", type=int, default=1, help="crypto workers (TUN queues)")
+        parser.add_argument("--user", default="", help="when started as root: become this user after creating the TUN")
+
+    cfg, args = start_service("tund", argv, add_args)
     tune_malloc()
     workers = max(1, min(64, args.workers))
     identity = Identity.from_secret(load_key_file(cfg.key_file))

@@ -216,3 +216,21 @@ class Node:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def learn_all_routes(nodes: list[Node], timeout: float) -> float:
+    """Every node asks for every other node; returns seconds until all have a selected route."""
+    start = time.monotonic()
+
+    def done() -> bool:
+        missing = 0
+        for a in nodes:
+            selected = a.selected()
+            for b in nodes:
+                if b is not a and b.subnet not in selected:
+                    a.lookup(b.address)
+                    missing += 1
+        return missing == 0
+
+    wait_for("every node to have a route to every other node", done, timeout, interval=0.2)
+    return time.monotonic() - start

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from .nodes import Node, free_port, wait_for
+from .nodes import Node, free_port, learn_all_routes, wait_for
 
 
 class ApiNode(Node):
@@ -70,22 +70,6 @@ class ApiNode(Node):
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as resp:
             return resp.read().decode()
-
-
-def learn_all_routes(nodes: list[Node], timeout: float) -> None:
-    """Every node asks for every other (a miss starts a route query) until all are selected."""
-
-    def done() -> bool:
-        missing = 0
-        for a in nodes:
-            selected = a.selected()
-            for b in nodes:
-                if b is not a and b.subnet not in selected:
-                    a.lookup(b.address)
-                    missing += 1
-        return missing == 0
-
-    wait_for("every node to have a route to every other node", done, timeout, interval=0.2)
 
 
 @contextmanager

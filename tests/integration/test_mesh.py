@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import pytest
 
-from .nodes import Node, wait_for
+from .nodes import Node, learn_all_routes, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,24 +31,6 @@ def ring(make_nodes: Callable[..., list[Node]], count: int) -> list[Node]:
     for node in nodes:
         node.wait_ready()
     return nodes
-
-
-def learn_all_routes(nodes: list[Node], timeout: float) -> float:
-    """Every node asks for every other node; returns seconds until all have a selected route."""
-    start = time.monotonic()
-
-    def done() -> bool:
-        missing = 0
-        for a in nodes:
-            selected = a.selected()
-            for b in nodes:
-                if b is not a and b.subnet not in selected:
-                    a.lookup(b.address)
-                    missing += 1
-        return missing == 0
-
-    wait_for("every node to have a route to every other node", done, timeout, interval=0.2)
-    return time.monotonic() - start
 
 
 def test_four_node_ring_converges(make_nodes: Callable[..., list[Node]]) -> None:
