@@ -170,6 +170,17 @@ def rpc_reply(sock: zmq.Socket, envelope: list[bytes], result: Any = None, error
     sock.send_multipart([*envelope, b"", *frames])
 
 
+def parse_request(frames: list[bytes], drops: Counter[str]) -> tuple[list[bytes], Message] | None:
+    """ROUTER frames -> (routing envelope, request); None for a malformed one,
+    counted as ``rpc_malformed`` (a caller can't answer what it can't route)."""
+    try:
+        envelope, body = split_envelope(frames)
+        return envelope, unpack(body)
+    except BusError:
+        drops["rpc_malformed"] += 1
+        return None
+
+
 def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     """ROUTER frames -> (routing envelope, message frames)."""
     try:

@@ -18,10 +18,6 @@ class Route:
     public_key: bytes
 
 
-def encode_subnet(network: bytes, prefix_len: int) -> list[Any]:
-    return [network, prefix_len]
-
-
 def _mask(addr: bytes, plen: int) -> bytes:
     full, rem = divmod(plen, 8)
     if rem == 0:

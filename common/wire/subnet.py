@@ -41,10 +41,6 @@ class Subnet:
             raise CodecError(f"invalid subnet {text!r}") from exc
         return cls(addr, addr.max_prefixlen)
 
-    @classmethod
-    def from_packed(cls, packed: bytes, prefix_len: int) -> Subnet:
-        return cls(ipaddress.ip_address(packed), prefix_len)
-
     @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         return self._network

@@ -167,10 +167,6 @@ class Update:
     subnet: Subnet
     router_id: bytes
 
-    @property
-    def is_retraction(self) -> bool:
-        return self.metric == METRIC_INFINITE
-
     def encode_body(self) -> bytes:
         _u8("flags", self.flags)
         for name in ("interval", "seqno", "metric"):

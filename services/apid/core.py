@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common import bus
-from common.identity import GLOBAL_PREFIX, Identity
+from common.identity import Identity, is_overlay_address
 from common.nodeconfig import NodeConfig
 
 PEERD_FAMILIES = ("tcp",)
@@ -179,7 +179,7 @@ class NodeApi:
             ip = parse_ip(text)
         except ValueError as exc:
             raise ApiError(400, RPC_BAD_IP, str(exc)) from exc
-        if ip.version != 6 or ip not in GLOBAL_PREFIX:
+        if not is_overlay_address(ip):
             raise ApiError(404, RPC_PUBKEY_NOT_FOUND, f"{ip} is not an overlay address (400::/7)", "empty")
         key = self._call("router", "pubkey", {"addr": ip.packed})
         if not isinstance(key, str):

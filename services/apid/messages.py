@@ -18,7 +18,7 @@ from typing import Any
 from flask import Response, request
 
 from common import bus
-from common.identity import GLOBAL_PREFIX, IdentityError, address_of, parse_public_key
+from common.identity import IdentityError, address_of, is_overlay_address, parse_public_key
 
 from . import rpc
 from .app import json_body, json_response
@@ -105,7 +105,7 @@ class Messages:
             ip = parse_ip(dst["ip"])
         except ValueError as exc:
             raise ApiError(400, RPC_PUSH_INTERNAL, f"invalid destination address {dst['ip']!r}") from exc
-        if ip.version != 6 or ip not in GLOBAL_PREFIX:
+        if not is_overlay_address(ip):
             raise ApiError(400, RPC_PUSH_INTERNAL, f"destination {ip} is not an overlay address (400::/7)")
         return ip.packed
 

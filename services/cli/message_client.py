@@ -11,7 +11,7 @@ import sys
 import urllib.parse
 from typing import Any
 
-from common.identity import GLOBAL_PREFIX, IdentityError, parse_public_key
+from common.identity import IdentityError, is_overlay_address, parse_public_key
 
 from .client import Client, ClientError
 
@@ -30,7 +30,7 @@ def _destination(text: str) -> dict[str, str]:
         ip = ipaddress.ip_address(text)
     except ValueError as exc:
         raise ClientError(f"destination {text!r} is neither a 64-hex public key nor an IPv6 address") from exc
-    if ip.version != 6 or ip not in GLOBAL_PREFIX:
+    if not is_overlay_address(ip):
         raise ClientError(f"destination {text} is not an overlay address (400::/7)")
     return {"ip": str(ip)}
 

@@ -178,12 +178,10 @@ class MsgbusService:
         bus.rpc_reply(self.rpc, envelope, result, error)
 
     def handle_rpc(self, frames: list[bytes], now: float) -> None:
-        try:
-            envelope, body = bus.split_envelope(frames)
-            msg = bus.unpack(body)
-        except bus.BusError:
-            self.counters["rpc_malformed"] += 1
+        request = bus.parse_request(frames, self.counters)
+        if request is None:
             return
+        envelope, msg = request
         try:
             self.dispatch(envelope, msg.kind, msg.fields, now)
         except (KeyError, TypeError, ValueError, TopicConfigError) as exc:

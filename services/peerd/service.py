@@ -258,7 +258,7 @@ class PeerdService:
         self.fib_sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.stats = bus.StatsPublisher(zmq.Context.instance(), run, self.name)
         self.stop_event = asyncio.Event()
-        self.dials: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # dials and route queries in flight (strong references)
         self.peers_file = Path(run) / PEERS_FILE
 
     # --- bus helpers ------------------------------------------------------
@@ -458,7 +458,9 @@ class PeerdService:
         if route is None:
             full_before = self.pending.drops["pending_full"]
             if self.pending.push(dst[:8], bytes(frame), time.monotonic()):
-                asyncio.get_running_loop().create_task(self.to_router("need_route", {"addr": dst}))
+                task = asyncio.get_running_loop().create_task(self.to_router("need_route", {"addr": dst}))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
             elif self.pending.drops["pending_full"] != full_before:
                 self.oob_icmp(frame, DEST_UNREACHABLE, CODE_NO_ROUTE)
             return
@@ -535,8 +537,8 @@ class PeerdService:
             now = time.monotonic()
             for entry in self.table.due_dials(now):
                 task = asyncio.create_task(self.dial(entry))
-                self.dials.add(task)
-                task.add_done_callback(self.dials.discard)
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
             nxt = self.table.next_dial_time()
             delay = 1.0 if nxt is None else min(1.0, max(0.05, nxt - now))
             with contextlib.suppress(TimeoutError):
@@ -650,12 +652,10 @@ class PeerdService:
     async def rpc_loop(self) -> None:
         while True:
             frames = await self.rpc.recv_multipart()
-            try:
-                envelope, body = bus.split_envelope(frames)
-                msg = bus.unpack(body)
-            except bus.BusError:
-                self.counters["rpc_malformed"] += 1
+            request = bus.parse_request(frames, self.counters)
+            if request is None:
                 continue
+            envelope, msg = request
             result = self.rpc_result(msg.kind, msg.fields)
             frames_out = bus.pack("ok", {"result": result})
             await self.rpc.send_multipart([*envelope, b"", *frames_out])

@@ -115,12 +115,10 @@ class RouterService:
             self.counters["bus_unknown_kind"] += 1
 
     def handle_rpc(self, frames: list[bytes], now: float) -> None:
-        try:
-            envelope, body = bus.split_envelope(frames)
-            msg = bus.unpack(body)
-        except bus.BusError:
-            self.counters["rpc_malformed"] += 1
+        request = bus.parse_request(frames, self.counters)
+        if request is None:
             return
+        envelope, msg = request
         try:
             result = self.rpc_result(msg.kind, msg.fields, now)
         except Exception as exc:  # an rpc bug must not take the router down

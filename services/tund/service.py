@@ -233,13 +233,12 @@ class TundWorker:
         assert self.rpc is not None
         for _ in range(10):
             try:
-                envelope, body = bus.split_envelope(self.rpc.recv_multipart(zmq.NOBLOCK))
-                msg = bus.unpack(body)
+                request = bus.parse_request(self.rpc.recv_multipart(zmq.NOBLOCK), self.counters)
             except zmq.Again:
                 return
-            except bus.BusError:
-                self.counters["rpc_malformed"] += 1
+            if request is None:
                 continue
+            envelope, msg = request
             result: dict[str, Any] = {"counters": dict(self.dp.all_counters()), "gauges": self.gauges()}
             if msg.kind == "info":
                 result["tun"] = self.device.name if self.device else None

@@ -187,9 +187,8 @@ def test_topic_whitelist_and_forward_socket(make_nodes: Callable[..., list[Node]
 def test_kill_9_receiver_msgbus_mid_transfer(make_nodes: Callable[..., list[Node]]) -> None:
     a, _b, c = line(make_nodes)
     payloads = [os.urandom(300_000) for _ in range(20)]
-    for p in payloads:
-        assert push(a, c, p, b"bulk")[0] == 201
-    time.sleep(0.3)  # some in flight, some done
+    ids = [push(a, c, p, b"bulk")[1]["id"] for p in payloads]
+    wait_for("the transfer to be under way", lambda: status_of(a, ids[0])["state"] != "pending", 20, interval=0.02)
     os.kill(c.program_pid("msgbus"), signal.SIGKILL)
     wait_for("msgbus restarted", c.all_running, 20)
     received = drain(c, len(payloads), 120)
@@ -226,9 +225,8 @@ def test_deadline_expiry_is_reported(make_nodes: Callable[..., list[Node]]) -> N
 def test_messages_survive_middle_peerd_restart(make_nodes: Callable[..., list[Node]]) -> None:
     a, b, c = line(make_nodes)
     payloads = [os.urandom(1 << 20) for _ in range(12)]  # 1 MiB each: the API's 2 MiB body limit allows this size
-    for p in payloads:
-        assert push(a, c, p, b"big")[0] == 201
-    time.sleep(0.3)
+    ids = [push(a, c, p, b"big")[1]["id"] for p in payloads]
+    wait_for("the transfer to be under way", lambda: status_of(a, ids[0])["state"] != "pending", 20, interval=0.02)
     b.supervisorctl("restart", "peerd-tcp")  # every link of the middle node drops mid-transfer
     received = drain(c, len(payloads), 120)
     assert sorted(base64.b64decode(m["payload"]) for m in received) == sorted(payloads)
