@@ -664,6 +664,8 @@ class PeerdService:
         now = time.time()
         if method == "packet_stats":
             return self.packet_stats.to_json()
+        if method == "stats":
+            return {"counters": dict(self.counters + self.pending.drops)}
         if method == "list_peers":
             return [e.to_json(now) for e in self.table.entries.values()]
         if method in ("add_peer", "remove_peer"):

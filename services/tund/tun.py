@@ -1,11 +1,12 @@
 """The TUN device: creation (python-pytun), configuration through rtnetlink
 (address, MTU, up) and the virtio-net header used for offloads.
 
-Reads: no offloads are negotiated (TUNSETOFFLOAD 0), so the kernel
-segments TCP and fills in checksums itself (in C, where it is cheap) and
-hands us one MTU-sized packet per read. Writes: with ``IFF_VNET_HDR`` we
-can hand the kernel one coalesced TCP "super packet" of up to 64 KiB
-(GRO done in user space, ``gro.py``) instead of ~45 packets.
+Both directions use the virtio-net header (``IFF_VNET_HDR``) so that one
+read or write carries up to 64 KiB: reads negotiate checksum and TCPv6
+segmentation offload (TUNSETOFFLOAD), so the kernel hands us whole TCP
+"super packets" that ``gso.py`` cuts into MTU-sized segments, and packets
+whose checksum it left to us (NEEDS_CSUM); writes hand the kernel one
+coalesced TCP super packet instead of ~45 (GRO in user space, ``gro.py``).
 
 The device is not persistent: it disappears, with its address and the
 400::/7 route, when the last process holding a queue exits.
@@ -31,10 +32,14 @@ OVERLAY_PREFIX_LEN = 7  # the node address on /7 routes 400::/7 into the TUN (PR
 MAX_NAME = 15  # IFNAMSIZ - 1
 
 TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM = 0x01  # we take packets whose checksum is left to us
+TUN_F_TSO6 = 0x04  # ... and TCPv6 super packets
+TUN_F_TSO_ECN = 0x08  # ... also with CWR set (cleared after the first segment)
 VNET_HDR_SIZE = 10  # struct virtio_net_hdr (no num_buffers)
 VNET_F_NEEDS_CSUM = 1
 VNET_GSO_NONE = 0
 VNET_GSO_TCPV6 = 4
+VNET_GSO_ECN = 0x80
 VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset (native order)
 VNET_PLAIN = bytes(VNET_HDR_SIZE)
 
@@ -100,15 +105,17 @@ def _sysctl(path: str, value: str) -> None:
 class TunDevice:
     """One queue of the node's TUN device (several with multiqueue)."""
 
-    def __init__(self, dev: pytun.TunTapDevice, vnet: bool) -> None:
+    def __init__(self, dev: pytun.TunTapDevice, vnet: bool, tso: bool = True) -> None:
         self.dev = dev
         self.name = dev.name if isinstance(dev.name, str) else dev.name.decode()
         self.vnet = vnet
+        self.tso = vnet and tso
         self.fd = dev.fileno()
         fl = fcntl.fcntl(self.fd, fcntl.F_GETFL)
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
         if vnet:
-            fcntl.ioctl(self.fd, TUNSETOFFLOAD, 0)  # no TSO/CSUM towards us: the kernel segments and checksums
+            # without TSO the kernel segments and checksums itself, one packet per read
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO6 | TUN_F_TSO_ECN if self.tso else 0)
         # a raw FileIO: readinto returns None instead of raising when empty
         self.file = open(self.fd, "r+b", buffering=0, closefd=False)  # noqa: SIM115
 
@@ -134,7 +141,9 @@ def _open_queue(name: str, flags: int, attempts: int = 20) -> pytun.TunTapDevice
     raise TunError(f"TUN interface {name} is busy")
 
 
-def create(name: str, address: ipaddress.IPv6Address, queues: int = 1, vnet: bool = True) -> list[TunDevice]:
+def create(
+    name: str, address: ipaddress.IPv6Address, queues: int = 1, vnet: bool = True, tso: bool = True
+) -> list[TunDevice]:
     """Create (or attach to) the TUN device, give it MTU 1400 and
     ``address``/7 and bring it up; one TunDevice per queue."""
     if not valid_name(name):
@@ -149,10 +158,10 @@ def create(name: str, address: ipaddress.IPv6Address, queues: int = 1, vnet: boo
     devices: list[TunDevice] = []
     try:
         first = _open_queue(name, flags)
-        devices.append(TunDevice(first, vnet))
+        devices.append(TunDevice(first, vnet, tso))
         real = devices[0].name
         for _ in range(queues - 1):
-            devices.append(TunDevice(_open_queue(real, flags), vnet))
+            devices.append(TunDevice(_open_queue(real, flags), vnet, tso))
         # no link-local address: nothing but overlay traffic (no RS/MLD) goes into the TUN
         _sysctl(f"/proc/sys/net/ipv6/conf/{real}/addr_gen_mode", "1")
         _sysctl(f"/proc/sys/net/ipv6/conf/{real}/accept_ra", "0")
