@@ -19,6 +19,7 @@ from pathlib import Path
 from common.identity import Identity, load_or_create_key
 from common.lifecycle import die_with_parent
 from common.nodeconfig import NodeConfig
+from common.shmring import remove_rings
 
 log = logging.getLogger("mycelium")
 
@@ -285,6 +286,7 @@ def cleanup(run_dir: str) -> None:
             os.unlink(path)
         except OSError:
             pass
+    remove_rings(run_dir)
 
 
 def run(cfg: NodeConfig, crypto_workers: int = 1) -> int:

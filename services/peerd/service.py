@@ -30,6 +30,7 @@ from common.identity import Identity, load_key_file
 from common.lifecycle import start_service
 from common.nodeconfig import NodeConfig
 from common.pending import PendingQueue
+from common.shmring import RingReader, RingWriter, ring_path, valid_name
 from common.wire.errors import CodecError
 from common.wire.icmp import CODE_HOP_LIMIT, CODE_NO_ROUTE, DEST_UNREACHABLE, TIME_EXCEEDED
 from common.wire.packet import MAX_PACKET_SIZE, StreamDecoder
@@ -120,10 +121,13 @@ class Link:
             self.control.append(frame)
         self.wake.set()
 
-    def send_data(self, frame: bytes | bytearray | memoryview, drops: Counter[str], packets: int = 1) -> bool:
+    def send_data(
+        self, frame: bytes | bytearray | memoryview, drops: Counter[str], packets: int = 1, borrowed: bool = False
+    ) -> bool:
         """Queue one encoded data packet, or several back to back; drop the
         newest when the queue is full. With nothing queued the batch is
-        written at once (no trip through the event loop)."""
+        written at once (no trip through the event loop). A ``borrowed``
+        frame (in a shared-memory ring) is copied if any of it has to wait."""
         if not (self.blocked or self.closed or self.pending or self.control or self.data):
             try:
                 sent = os.write(self.fd, frame)
@@ -134,13 +138,14 @@ class Link:
             self.entry.tx_bytes += sent
             if sent == len(frame):
                 return True
-            self.pending.append(memoryview(frame)[sent:])
+            rest = memoryview(frame)[sent:]
+            self.pending.append(memoryview(bytes(rest)) if borrowed else rest)
             self.wake.set()
             return True
         if self.data_bytes + len(frame) > MAX_DATA_QUEUE_BYTES:
             drops["data_queue_full"] += packets
             return False
-        self.data.append(frame)
+        self.data.append(bytes(frame) if borrowed else frame)
         self.data_bytes += len(frame)
         self.wake.set()
         return True
@@ -250,6 +255,18 @@ class PeerdService:
             for i in range(self.tund_workers)
         ]
         self.tund = self.tunds[0]
+        # batches through shared memory both ways (common/shmring.py); the
+        # ZeroMQ messages carry where they are
+        self.out_rings: list[tuple[str, RingWriter] | None] = []
+        for i in range(self.tund_workers):
+            name = f"{self.name}-to-{'tund' if i == 0 else f'tund-{i}'}"
+            try:
+                self.out_rings.append((name, RingWriter(ring_path(run, name))))
+            except OSError as exc:
+                log.warning("no shared-memory ring to tund (%s); batches go as ZeroMQ frames", exc)
+                self.out_rings.append(None)
+        self.in_rings: dict[str, RingReader] = {}
+        self.in_suffix = f"-to-{self.name}"
         self.transit: dict[bytes, Link | None] = {}  # dst /64 -> link of the selected next hop (None: no route)
         self.fib_cacheable = True
         self.next_refresh = 0.0
@@ -276,6 +293,18 @@ class PeerdService:
             self.tunds[worker].send_multipart(bus.pack(kind, fields, frames), flags=zmq.NOBLOCK)
         except zmq.Again:
             self.counters["tund_bus_full"] += len(frames)
+
+    def local_to_tund(self, blob: bytes, worker: int) -> None:
+        """Packets for this node, back to back, to a tund worker."""
+        ring = self.out_rings[worker]
+        if ring is None:
+            self.to_tund("local", [blob], worker=worker)
+            return
+        desc = ring[1].put(blob)
+        if desc is None:
+            self.counters["ring_full_tund"] += 1
+            return
+        self.to_tund("local", [], {"ring": [ring[0], *desc]}, worker=worker)
 
     def oob_icmp(self, frame: bytes | bytearray | memoryview, icmp_type: int, code: int) -> None:
         """4.6: tund (which holds the keys) tells the packet's source."""
@@ -444,7 +473,7 @@ class PeerdService:
             self.counters["data_local"] += n_local
             for i, parts in enumerate(local):
                 if parts:
-                    self.to_tund("local", [b"".join(parts)], worker=i)
+                    self.local_to_tund(b"".join(parts), i)
         for link, parts in out.items():
             if link.send_data(b"".join(parts), self.counters, len(parts)):
                 self.counters["data_forwarded"] += len(parts)
@@ -582,8 +611,12 @@ class PeerdService:
             loop.remove_reader(fd)
 
     def handle_data_out(self, fields: dict[str, Any], payloads: list[memoryview]) -> None:
-        """From tund: packets back to back, all for the next hop it names."""
+        """From tund: packets back to back, all for the next hop it names,
+        in tund's shared-memory ring or as frames."""
         link = self.links.get(fields.get("peer", ""))
+        desc = fields.get("ring")
+        if desc is not None:
+            self.data_out_from_ring(link, desc)
         for frame in payloads:
             if len(frame) < 40:
                 self.counters["data_out_malformed"] += 1
@@ -592,6 +625,34 @@ class PeerdService:
                 self.counters["data_out_batches"] += 1
             else:
                 self.forward_blob(bytes(frame))
+
+    def data_out_from_ring(self, link: Link | None, desc: Any) -> None:
+        try:
+            name, generation, start, length = desc
+            start, length, generation = int(start), int(length), int(generation)
+        except (TypeError, ValueError):
+            self.counters["bus_malformed"] += 1
+            return
+        reader = self.in_rings.get(name) if isinstance(name, str) else None
+        if reader is None:
+            if not (valid_name(name) and name.endswith(self.in_suffix)) or len(self.in_rings) >= 64:
+                self.counters["ring_unknown"] += 1
+                return
+            reader = self.in_rings[name] = RingReader(ring_path(self.cfg.run_dir, name))
+        frame = reader.get(generation, start, length)
+        if frame is None:
+            self.counters["ring_unreachable"] += 1
+            return
+        try:
+            if length < 40:
+                self.counters["data_out_malformed"] += 1
+            elif link is not None and not link.closed:
+                link.send_data(frame, self.counters, borrowed=True)
+                self.counters["data_out_batches"] += 1
+            else:
+                self.forward_blob(bytes(frame))
+        finally:
+            reader.release(generation, start + length)
 
     async def handle_inbox(self, msg: bus.Message) -> None:
         if msg.kind == "ctl":
@@ -742,6 +803,11 @@ class PeerdService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for ring in self.out_rings:
+            if ring is not None:
+                ring[1].close()
+        for reader in self.in_rings.values():
+            reader.close()
         self.ctx.destroy(linger=0)
         self.sync_ctx.destroy(linger=0)
 

@@ -38,6 +38,7 @@ from common.identity import Identity, load_key_file
 from common.lifecycle import StopSignal, die_with_parent, start_service
 from common.logs import setup as setup_logs
 from common.nodeconfig import NodeConfig
+from common.shmring import RingReader, RingWriter, ring_path, valid_name
 
 from . import privs
 from . import tun as tunmod
@@ -70,8 +71,12 @@ def tune_malloc() -> None:
         pass
 
 
+def worker_name(index: int) -> str:
+    return "tund" if index == 0 else f"tund-{index}"
+
+
 def inbox_name(index: int) -> str:
-    return "tund.in" if index == 0 else f"tund-{index}.in"
+    return f"{worker_name(index)}.in"
 
 
 def _unpack_header(frame: Any) -> dict[str, Any]:
@@ -97,7 +102,18 @@ class TundWorker:
         run = cfg.run_dir
         self.inbox = bus.bind(self.ctx, zmq.PULL, run, inbox_name(index), hwm=bus.DATA_HWM)
         self.rpc = bus.bind(self.ctx, zmq.ROUTER, run, "tund.rpc") if index == 0 else None
-        self.peerd = bus.connect(self.ctx, zmq.PUSH, run, f"{bus.peerd_name('tcp')}.in", hwm=bus.DATA_HWM)
+        peerd = bus.peerd_name("tcp")
+        self.peerd = bus.connect(self.ctx, zmq.PUSH, run, f"{peerd}.in", hwm=bus.DATA_HWM)
+        # batches to peerd go through shared memory (common/shmring.py), their
+        # descriptors through ZeroMQ; without the ring, as ZeroMQ frames
+        self.ring_name = f"{worker_name(index)}-to-{peerd}"
+        self.out_ring: RingWriter | None = None
+        try:
+            self.out_ring = RingWriter(ring_path(run, self.ring_name))
+        except OSError as exc:
+            log.warning("no shared-memory ring to peerd (%s); batches go as ZeroMQ frames", exc)
+        self.in_rings: dict[str, RingReader] = {}
+        self.in_suffix = f"-to-{worker_name(index)}"
         self.router = bus.connect(self.ctx, zmq.PUSH, run, "router.in")
         self.msgbus = self.ctx.socket(zmq.PUSH)
         self.msgbus.setsockopt(zmq.LINGER, 0)
@@ -156,6 +172,8 @@ class TundWorker:
                 continue
             kind = header["k"]
             if kind == "local":
+                if "ring" in header:
+                    self.from_ring(header["ring"], now)
                 for frame in frames[1:]:
                     dp.from_peer(frame, now)
             elif kind == "oob_icmp":
@@ -175,6 +193,30 @@ class TundWorker:
                     dp.send_message(dst, frame, now)
             else:
                 self.counters["bus_unknown_kind"] += 1
+
+    def from_ring(self, desc: Any, now: float) -> None:
+        """A batch peerd left in our shared-memory ring: copied out (the
+        data path keys dicts by slices of it) and released at once."""
+        try:
+            name, generation, start, length = desc
+            start, length, generation = int(start), int(length), int(generation)
+        except (TypeError, ValueError):
+            self.counters["bus_malformed"] += 1
+            return
+        reader = self.in_rings.get(name) if isinstance(name, str) else None
+        if reader is None:
+            if not (valid_name(name) and name.endswith(self.in_suffix)) or len(self.in_rings) >= 8:
+                self.counters["ring_unknown"] += 1
+                return
+            reader = self.in_rings[name] = RingReader(ring_path(self.cfg.run_dir, name))
+        view = reader.get(generation, start, length)
+        if view is None:
+            self.counters["ring_unreachable"] += 1
+            return
+        blob = bytes(view)
+        view.release()
+        reader.release(generation, start + length)
+        self.dp.from_peer(blob, now)
 
     def read_tun(self, now: float) -> None:
         assert self.device is not None
@@ -202,9 +244,20 @@ class TundWorker:
     def flush(self) -> None:
         dp = self.dp
         if dp.out:
+            ring = self.out_ring
             for next_hop, blob in dp.take_out().items():
+                fields: dict[str, Any] = {"peer": next_hop}
+                frames: list[bytes] = []
+                desc = ring.put(blob) if ring is not None else None
+                if desc is not None:
+                    fields["ring"] = [self.ring_name, *desc]
+                elif ring is not None:
+                    self.counters["ring_full_peerd"] += 1
+                    continue
+                else:
+                    frames.append(blob)
                 try:
-                    self.peerd.send_multipart([bus.pack("data_out", {"peer": next_hop})[0], blob], flags=zmq.NOBLOCK)
+                    self.peerd.send_multipart(bus.pack("data_out", fields, frames), flags=zmq.NOBLOCK)
                 except zmq.Again:
                     self.counters["bus_full_peerd"] += 1
         writes = dp.gro.flush()
@@ -306,6 +359,10 @@ class TundWorker:
         for pid in self.children:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
+        if self.out_ring is not None:
+            self.out_ring.close()
+        for reader in self.in_rings.values():
+            reader.close()
         self.ctx.destroy(linger=0)
 
 
