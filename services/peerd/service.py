@@ -36,6 +36,7 @@ from common.wire.icmp import CODE_HOP_LIMIT, CODE_NO_ROUTE, DEST_UNREACHABLE, TI
 from common.wire.packet import MAX_PACKET_SIZE, StreamDecoder
 
 from .linkwatch import LinkWatch, route_ifindex
+from .local_batch import MIN_PACKETS, all_local
 from .packet_stats import PacketStats
 from .peer_table import INBOUND, PeerEntry, PeerExists, PeerTable, PeerUnknown
 
@@ -422,27 +423,46 @@ class PeerdService:
         them at ``offsets``. Packets for this node go to tund and transit
         packets to their next hop's link, each destination as one batch. Per
         packet only header bytes are read and the hop limit is decremented in
-        place; each batch is joined once at the end."""
+        place (no object is made for a packet that continues a run of the
+        same addresses); local packets are kept as contiguous ranges of
+        ``buf`` and each batch is joined once at the end."""
         if not isinstance(buf, bytearray):
             buf = bytearray(buf)
         view = memoryview(buf)
         own = self.own_prefix
         workers = self.tund_workers
-        local: list[list[memoryview]] = [[] for _ in range(workers)]
+        stats = self.packet_stats
+        if workers == 1 and len(offsets) >= MIN_PACKETS:
+            fast = all_local(buf, offsets, own)
+            if fast is not None:  # every packet for this node (local_batch.py)
+                ranges, runs = fast
+                for addrs, packets, nbytes in runs:
+                    stats.add(addrs[:16], addrs[16:], packets, nbytes)
+                self.counters["data_rx"] += len(offsets)
+                self.counters["data_local"] += len(offsets)
+                self.local_to_tund(b"".join([view[a:b] for a, b in ranges]), 0)
+                return
+        local: list[list[int]] = [[] for _ in range(workers)]  # per worker: start, end, start, end ...
+        ranges = local[0]
         out: dict[Link, list[memoryview]] = {}
         transit = self.transit
         slow: list[tuple[bytes, bytes]] = []
         n_local = 0
-        stats = self.packet_stats
-        run_key: memoryview | None = None  # addresses of the current run of packets, for the statistics
+        if not offsets:
+            return
+        # addresses of the current run of packets, for the statistics
+        run_key = bytes(view[offsets[0] + 8 : offsets[0] + 40])
         run_n = run_b = 0
+        if workers > 1:
+            ranges = local[int.from_bytes(run_key[:8]) % workers]
         for off in offsets:
             end = off + 40 + (buf[off + 5] << 8 | buf[off + 6])
-            key = view[off + 8 : off + 40]
-            if key != run_key:
-                if run_key is not None:
-                    stats.add(bytes(run_key[:16]), bytes(run_key[16:]), run_n, run_b)
-                run_key, run_n, run_b = key, 0, 0
+            if not buf.startswith(run_key, off + 8):
+                if run_n:
+                    stats.add(run_key[:16], run_key[16:], run_n, run_b)
+                run_key, run_n, run_b = bytes(view[off + 8 : off + 40]), 0, 0
+                if workers > 1:
+                    ranges = local[int.from_bytes(run_key[:8]) % workers]
             run_n += 1
             run_b += end - off - 40
             hop = buf[off + 7]
@@ -451,10 +471,11 @@ class PeerdService:
                 self.oob_icmp(view[off:end], TIME_EXCEEDED, CODE_HOP_LIMIT)
                 continue
             buf[off + 7] = hop - 1
-            if buf.startswith(own, off + 24):  # for this node (no slice allocated)
-                (local[0] if workers == 1 else local[int.from_bytes(view[off + 8 : off + 16]) % workers]).append(
-                    view[off:end]
-                )
+            if buf.startswith(own, off + 24):  # for this node
+                if ranges and ranges[-1] == off:
+                    ranges[-1] = end
+                else:
+                    ranges += (off, end)
                 n_local += 1
                 continue
             dpre = bytes(view[off + 24 : off + 32])
@@ -466,14 +487,14 @@ class PeerdService:
             if parts is None:
                 parts = out[link] = []
             parts.append(view[off:end])
-        if run_key is not None:
-            stats.add(bytes(run_key[:16]), bytes(run_key[16:]), run_n, run_b)
+        if run_n:
+            stats.add(run_key[:16], run_key[16:], run_n, run_b)
         self.counters["data_rx"] += len(offsets)
         if n_local:
             self.counters["data_local"] += n_local
-            for i, parts in enumerate(local):
-                if parts:
-                    self.local_to_tund(b"".join(parts), i)
+            for i, pairs in enumerate(local):
+                if pairs:
+                    self.local_to_tund(b"".join([view[a:b] for a, b in zip(pairs[::2], pairs[1::2], strict=True)]), i)
         for link, parts in out.items():
             if link.send_data(b"".join(parts), self.counters, len(parts)):
                 self.counters["data_forwarded"] += len(parts)

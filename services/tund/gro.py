@@ -36,7 +36,25 @@ HOP_BYTES = [bytes((i,)) for i in range(256)]
 
 
 class _Group:
-    __slots__ = ("ack", "gso", "hop", "key", "next_seq", "opts", "payloads", "psh", "pt", "thl", "total", "word0")
+    __slots__ = (
+        "ack",
+        "data_off",
+        "full_len",
+        "gso",
+        "h1",
+        "h2",
+        "h3",
+        "hop",
+        "key",
+        "next_seq",
+        "opts",
+        "payloads",
+        "psh",
+        "pt",
+        "thl",
+        "total",
+        "word0",
+    )
 
     def __init__(self, pt: bytes, key: bytes, hop: int, thl: int, size: int, seq: int, payload: bytes) -> None:
         self.pt = pt
@@ -51,6 +69,14 @@ class _Group:
         self.opts = pt[64 : 44 + thl]
         self.payloads: list[bytes | memoryview] = [payload]
         self.psh = 0
+        # for the fast path: what a full-size, ACK-only next segment repeats
+        # of this one (IPv6 header and ports; ack, offset, flags, window;
+        # urgent pointer and options), and its length
+        self.h1 = pt[4:48]
+        self.h2 = pt[52:60]
+        self.h3 = pt[62 : 44 + thl]
+        self.full_len = len(pt)
+        self.data_off = 44 + thl
 
 
 def single(pt: bytes, hop: int, vnet: bool) -> list[bytes | memoryview]:
@@ -75,9 +101,25 @@ class Gro:
         self.open: dict[bytes, _Group] = {}
         self.writes: list[list[bytes | memoryview]] = []
         self.merged = 0  # segments that went out inside a super packet
+        self.last: _Group | None = None  # the group the previous segment joined or opened
 
     def add(self, pt: bytes, hop: int) -> None:
         """A decrypted plaintext (inner header included) holding one IPv6 packet."""
+        g = self.last
+        if (
+            g is not None
+            and len(pt) == g.full_len
+            and pt.startswith(g.h1, 4)
+            and _SEQ.unpack_from(pt, 48)[0] == g.next_seq
+            and pt.startswith(g.h2, 52)
+            and pt.startswith(g.h3, 62)
+            and hop == g.hop
+            and g.total + g.gso + g.thl <= MAX_PAYLOAD
+        ):  # the common case, the next full-size segment of the last flow: same checks as below, fewer steps
+            g.payloads.append(pt[g.data_off :])
+            g.total += g.gso
+            g.next_seq = (g.next_seq + g.gso) & 0xFFFFFFFF
+            return
         if not self.vnet or pt[10] != NEXT_TCP or len(pt) < 64:
             self.writes.append(single(pt, hop, self.vnet))
             return
@@ -106,16 +148,20 @@ class Gro:
                 if size < g.gso or flags & TCP_PSH:
                     g.psh = flags & TCP_PSH
                     self._close(g)
+                else:
+                    self.last = g
                 return
             self._close(g)
         if size > 0 and flags == TCP_ACK and thl >= 20 and (pt[8] << 8 | pt[9]) == thl + size:
             seq = _SEQ.unpack_from(pt, 48)[0]
-            self.open[key] = _Group(pt, key, hop, thl, size, seq, pt[44 + thl :])
+            self.open[key] = self.last = _Group(pt, key, hop, thl, size, seq, pt[44 + thl :])
         else:
             self.writes.append(single(pt, hop, True))
 
     def _close(self, g: _Group) -> None:
         del self.open[g.key]
+        if self.last is g:
+            self.last = None
         pt = g.pt
         if len(g.payloads) == 1:
             self.writes.append(single(pt, g.hop, True))

@@ -1,0 +1,49 @@
+"""The common case of a read from a link, in one pass of numpy instead of a
+Python loop per packet: every data packet is for this node.
+
+An endpoint of a bulk transfer receives ~100 packets per read, all for
+itself. Checking each one's destination and hop limit, decrementing the
+hop limit and finding the runs of one flow (for the packet statistics)
+costs ~0.6 µs per packet in Python; as array operations it is ~20 µs per
+read whatever its size. Anything else (transit packets, an expiring hop
+limit, small reads) takes the per-packet path in service.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MIN_PACKETS = 16  # below this the per-packet loop is cheaper
+_HOP = 7
+_ADDRS = np.arange(8, 40)  # source and destination
+_DST_PREFIX = np.arange(24, 32)
+
+
+def all_local(
+    buf: bytearray, offsets: list[int], own_prefix: bytes
+) -> tuple[list[tuple[int, int]], list[tuple[bytes, int, int]]] | None:
+    """If every data packet at ``offsets`` in ``buf`` is for ``own_prefix``
+    (/64) and has a hop limit of at least 2: decrement the hop limits in
+    place and return the contiguous byte ranges the packets fill and the
+    runs of packets with the same addresses ((source + destination,
+    packets, body bytes)). Otherwise None, and ``buf`` is untouched."""
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    offs = np.array(offsets, dtype=np.int64)
+    hops = arr[offs + _HOP]
+    if hops.min() < 2:
+        return None
+    if not (arr[offs[:, None] + _DST_PREFIX] == np.frombuffer(own_prefix, dtype=np.uint8)).all():
+        return None
+    arr[offs + _HOP] = hops - 1
+    bodies = (arr[offs + 5].astype(np.int64) << 8) | arr[offs + 6]
+    ends = offs + 40 + bodies
+    cuts = (np.flatnonzero(ends[:-1] != offs[1:]) + 1).tolist()  # where a new contiguous range starts
+    starts = [0, *cuts]
+    stops = [*cuts, len(offsets)]
+    ranges = [(offsets[a], int(ends[b - 1])) for a, b in zip(starts, stops, strict=True)]
+    keys = arr[offs[:, None] + _ADDRS]
+    changes = (np.flatnonzero((keys[1:] != keys[:-1]).any(axis=1)) + 1).tolist()
+    run_starts = [0, *changes]
+    run_stops = [*changes, len(offsets)]
+    runs = [(keys[a].tobytes(), b - a, int(bodies[a:b].sum())) for a, b in zip(run_starts, run_stops, strict=True)]
+    return ranges, runs
