@@ -107,20 +107,23 @@ def split_tcp(packet: bytes, off: int, prefix: bytes) -> list[bytes]:
     pack = _head(len(prefix), thl - 20).pack
     a, b, c, window, d = prefix + ip[0:4], ip[6:40] + th[0:4], th[8:13], th[14:16], th[18:thl]
     view = memoryview(packet)
-    out: list[bytes] = []
-    append = out.append
-    pos = data
     end = len(packet)
-    for i in range(count):
-        size = mss if pos + mss <= end else end - pos
-        seq = (seq0 + i * mss) & 0xFFFFFFFF
-        fl = middle
-        if i == 0:
-            fl |= first_extra
-        if i == count - 1:
-            fl |= last_extra
-        length = thl + size
-        s = (fixed + (seq >> 16) + (seq & 0xFFFF) + length + sums[i] + fl - middle) % 0xFFFF
-        append(pack(a, length, b, seq, c, fl, window, 0xFFFF - (s or 0xFFFF), d) + view[pos : pos + size])
-        pos += size
+    # the checksum of a segment is fixed + its sequence number (a 32-bit
+    # number is congruent to the sum of its two 16-bit halves mod 0xFFFF) +
+    # its TCP length + its payload's sum (+ flags beyond the middle ones);
+    # -x % 0xFFFF is the one's complement of the folded sum x
+    full = thl + mss
+    base = fixed + full
+    seqs = [(seq0 + k) & 0xFFFFFFFF for k in range(0, count * mss, mss)]
+    out = [
+        pack(a, full, b, q, c, middle, window, -(base + q + s) % 0xFFFF, d) + view[p : p + mss]
+        for q, s, p in zip(seqs, sums, range(data, end, mss), strict=True)
+    ]
+    for i in {0, count - 1}:  # the first and last segments: other flags, the last maybe shorter
+        fl = middle | (first_extra if i == 0 else 0) | (last_extra if i == count - 1 else 0)
+        p = data + i * mss
+        size = min(mss, end - p)
+        q = seqs[i]
+        csum = -(fixed + q + thl + size + sums[i] + fl - middle) % 0xFFFF
+        out[i] = pack(a, thl + size, b, q, c, fl, window, csum, d) + view[p : p + size]
     return out
