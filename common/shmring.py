@@ -73,6 +73,7 @@ class RingWriter:
         self.tail = 0
         self.full_since = 0.0
         self.drops = 0  # batches refused for want of room
+        self._undo = 0
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
         self._tail_word: memoryview | None = None
@@ -125,8 +126,16 @@ class RingWriter:
         at = DATA_AT + start % self.size
         assert self._view is not None
         self._view[at : at + n] = data
+        self._undo = self.head
         self.head = start + n
         return self.generation, start, n
+
+    def unput(self, desc: tuple[int, int, int]) -> None:
+        """Take back the record ``put`` just returned (its descriptor could
+        not be sent: nobody will read it)."""
+        generation, start, n = desc
+        if generation == self.generation and self.head == start + n:
+            self.head = self._undo
 
     def close(self, unlink: bool = True) -> None:
         if self._tail_word is not None:

@@ -24,13 +24,13 @@ import zmq
 import zmq.asyncio
 
 from common import bus
+from common.datapath import DataIn, DataOut
 from common.endpoint import Endpoint, EndpointError
 from common.fib import FibReplica
 from common.identity import Identity, load_key_file
 from common.lifecycle import start_service
 from common.nodeconfig import NodeConfig
 from common.pending import PendingQueue
-from common.shmring import RingReader, RingWriter, ring_path, valid_name
 from common.wire.errors import CodecError
 from common.wire.icmp import CODE_HOP_LIMIT, CODE_NO_ROUTE, DEST_UNREACHABLE, TIME_EXCEEDED
 from common.wire.packet import MAX_PACKET_SIZE, StreamDecoder
@@ -225,6 +225,18 @@ class Link:
                     self.blocked = False
 
 
+class LinkStream:
+    """A link's read side: its own buffer (always room for one largest
+    packet more) and the framing decoder."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray(READ_BUFFER + MAX_PACKET_SIZE)
+        self.view = memoryview(self.buf)
+        self.have = 0
+        self.decoder = StreamDecoder()
+        self.reason = ""
+
+
 class PeerdService:
     def __init__(self, cfg: NodeConfig, family: str = "tcp", tund_workers: int = 1) -> None:
         self.cfg = cfg
@@ -248,7 +260,7 @@ class PeerdService:
         self.sync_ctx = zmq.Context()
         self.inbox = bus.bind(self.sync_ctx, zmq.PULL, run, f"{self.name}.in")
         self.rpc = bus.bind(self.ctx, zmq.ROUTER, run, f"{self.name}.rpc")
-        self.router = bus.connect(self.ctx, zmq.PUSH, run, "router.in")
+        self.router = bus.connect(self.sync_ctx, zmq.PUSH, run, "router.in")
         # one inbox per tund crypto worker; packets from one source /64 always go to the same one
         self.tund_workers = max(1, tund_workers)
         self.tunds = [
@@ -256,18 +268,17 @@ class PeerdService:
             for i in range(self.tund_workers)
         ]
         self.tund = self.tunds[0]
-        # batches through shared memory both ways (common/shmring.py); the
-        # ZeroMQ messages carry where they are
-        self.out_rings: list[tuple[str, RingWriter] | None] = []
+        # batches both ways go through shared memory (common/datapath.py);
+        # without it (no /dev/shm, run directory path too long) as ZeroMQ frames
+        self.data_outs: list[DataOut | None] = []
         for i in range(self.tund_workers):
-            name = f"{self.name}-to-{'tund' if i == 0 else f'tund-{i}'}"
+            tund = "tund" if i == 0 else f"tund-{i}"
             try:
-                self.out_rings.append((name, RingWriter(ring_path(run, name))))
+                self.data_outs.append(DataOut(run, f"{self.name}-to-{tund}", tund))
             except OSError as exc:
-                log.warning("no shared-memory ring to tund (%s); batches go as ZeroMQ frames", exc)
-                self.out_rings.append(None)
-        self.in_rings: dict[str, RingReader] = {}
-        self.in_suffix = f"-to-{self.name}"
+                log.warning("no shared-memory data path to %s (%s); batches go as ZeroMQ frames", tund, exc)
+                self.data_outs.append(None)
+        self.data_in: DataIn | None = None  # made in run(), with the event loop
         self.transit: dict[bytes, Link | None] = {}  # dst /64 -> link of the selected next hop (None: no route)
         self.fib_cacheable = True
         self.next_refresh = 0.0
@@ -281,11 +292,16 @@ class PeerdService:
 
     # --- bus helpers ------------------------------------------------------
 
-    async def to_router(self, kind: str, fields: dict[str, Any], payloads: list[bytes] | None = None) -> None:
+    def send_router(self, kind: str, fields: dict[str, Any], payloads: list[bytes] | None = None) -> None:
+        """Everything to the router goes through one socket, in order; a full
+        queue (CONTROL_HWM messages: the router is gone) drops and counts."""
         try:
-            await asyncio.wait_for(self.router.send_multipart(bus.pack(kind, fields, payloads or [])), 1.0)
-        except (TimeoutError, zmq.Again):
-            self.counters["router_bus_timeout"] += 1
+            self.router.send_multipart(bus.pack(kind, fields, payloads or []), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters["router_bus_full"] += 1
+
+    async def to_router(self, kind: str, fields: dict[str, Any], payloads: list[bytes] | None = None) -> None:
+        self.send_router(kind, fields, payloads)
 
     def to_tund(
         self, kind: str, frames: list[bytes | bytearray], fields: dict[str, Any] | None = None, worker: int = 0
@@ -295,17 +311,18 @@ class PeerdService:
         except zmq.Again:
             self.counters["tund_bus_full"] += len(frames)
 
-    def local_to_tund(self, blob: bytes, worker: int) -> None:
+    def local_to_tund(self, blob: bytes | memoryview, worker: int) -> None:
         """Packets for this node, back to back, to a tund worker."""
-        ring = self.out_rings[worker]
-        if ring is None:
-            self.to_tund("local", [blob], worker=worker)
+        data_out = self.data_outs[worker]
+        if data_out is None:
+            self.to_tund("local", [bytes(blob)], worker=worker)
             return
-        desc = ring[1].put(blob)
-        if desc is None:
-            self.counters["ring_full_tund"] += 1
-            return
-        self.to_tund("local", [], {"ring": [ring[0], *desc]}, worker=worker)
+        why = data_out.send(blob)
+        if why == "unreachable":  # tund restarting (or without the data path): the bus queues it
+            self.to_tund("local", [bytes(blob)], worker=worker)
+            self.counters["to_tund_via_bus"] += 1
+        elif why is not None:
+            self.counters[f"to_tund_dropped_{why}"] += 1
 
     def oob_icmp(self, frame: bytes | bytearray | memoryview, icmp_type: int, code: int) -> None:
         """4.6: tund (which holds the keys) tells the packet's source."""
@@ -351,60 +368,37 @@ class PeerdService:
         log.info("link %s up: %s (%s)", link_id, link.name, entry.kind)
         await self.announce(link)
         writer_task = asyncio.create_task(link.write_loop())
-        decoder = StreamDecoder()
-        reason = "eof"
         # read into our own buffer (see Link): the transport stops reading, and
         # whatever it read before that is taken over
         writer.transport.pause_reading()
+        stream = LinkStream()
         early = getattr(reader, "_buffer", b"")
-        buf = bytearray(READ_BUFFER + MAX_PACKET_SIZE)
-        view = memoryview(buf)
-        have = len(early)
-        buf[:have] = early
-        if have:
+        stream.have = len(early)
+        stream.buf[: stream.have] = early
+        if stream.have:
             early.clear()  # type: ignore[union-attr]
-            entry.rx_bytes += have
-        readv = os.readv
+            entry.rx_bytes += stream.have
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+        link.waiters.add(ended)  # link.close() ends it too
+
+        def on_readable() -> None:
+            """Called by the loop while the socket is readable: the data path
+            runs right here, with no task switch per read."""
+            if link.closed or ended.done():
+                return
+            why = self.read_link(link, stream)
+            if why is not None:
+                stream.reason = why
+                ended.set_result(None)
+
         try:
-            n = have
-            while not link.closed:
-                if not n:
-                    try:
-                        n = readv(link.fd, [view[have:]])
-                    except (BlockingIOError, InterruptedError):
-                        await link.ready(writing=False)
-                        continue
-                    if n == 0:
-                        break
-                    entry.rx_bytes += n
-                    have += n
-                n = 0
-                try:
-                    control, offsets, used = decoder.cut(buf, have)
-                except CodecError as exc:
-                    self.counters["stream_malformed"] += 1
-                    reason = f"malformed stream: {exc}"
-                    break
-                if decoder.drops:
-                    for key, count in decoder.drops.items():
-                        self.counters[f"control_dropped_{key}"] += count
-                    decoder.drops.clear()
-                if offsets:
-                    self.route_batch(buf, offsets)
-                if used:
-                    buf[: have - used] = view[used:have]
-                    have -= used
-                if control:
-                    self.counters["control_rx"] += len(control)
-                    await self.to_router("ctl", {"peer": link.link_id}, [pkt.encode() for pkt in control])
-            if link.closed and reason == "eof":
-                reason = "closed"
-            elif reason == "eof" and have:
-                self.counters["stream_truncated"] += 1
-                reason = f"eof inside a packet ({have} bytes buffered)"
-        except (ConnectionError, OSError) as exc:
-            reason = f"read error: {exc}"
+            if stream.have:
+                self.process_stream(link, stream)
+            loop.add_reader(link.fd, on_readable)
+            await ended
         finally:
+            reason = stream.reason or "closed"
             link.close()
             writer_task.cancel()
             with contextlib.suppress(Exception):
@@ -414,6 +408,47 @@ class PeerdService:
             self.table.disconnected(link_id, time.monotonic())
             await self.to_router("peer_down", {"peer": link_id})
             log.info("link %s down (%s)", link_id, reason)
+
+    def read_link(self, link: Link, stream: LinkStream) -> str | None:
+        """One read from a readable link and everything in it; why the link
+        must end, or None."""
+        try:
+            n = os.readv(link.fd, [stream.view[stream.have :]])
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            return f"read error: {exc}"
+        if n == 0:
+            if stream.have:
+                self.counters["stream_truncated"] += 1
+                return f"eof inside a packet ({stream.have} bytes buffered)"
+            return "eof"
+        link.entry.rx_bytes += n
+        stream.have += n
+        return self.process_stream(link, stream)
+
+    def process_stream(self, link: Link, stream: LinkStream) -> str | None:
+        decoder = stream.decoder
+        buf = stream.buf
+        try:
+            control, offsets, used = decoder.cut(buf, stream.have)
+        except CodecError as exc:
+            self.counters["stream_malformed"] += 1
+            return f"malformed stream: {exc}"
+        if decoder.drops:
+            for key, count in decoder.drops.items():
+                self.counters[f"control_dropped_{key}"] += count
+            decoder.drops.clear()
+        if offsets:
+            self.route_batch(buf, offsets)
+        if used:
+            have = stream.have
+            buf[: have - used] = stream.view[used:have]
+            stream.have = have - used
+        if control:
+            self.counters["control_rx"] += len(control)
+            self.send_router("ctl", {"peer": link.link_id}, [pkt.encode() for pkt in control])
+        return None
 
     async def announce(self, link: Link) -> None:
         await self.to_router("peer_up", {"peer": link.link_id, "static_cost": link.static_cost, "link_name": link.name})
@@ -440,7 +475,10 @@ class PeerdService:
                     stats.add(addrs[:16], addrs[16:], packets, nbytes)
                 self.counters["data_rx"] += len(offsets)
                 self.counters["data_local"] += len(offsets)
-                self.local_to_tund(b"".join([view[a:b] for a, b in ranges]), 0)
+                if len(ranges) == 1:  # the usual case: straight into the ring, no join
+                    self.local_to_tund(view[ranges[0][0] : ranges[0][1]], 0)
+                else:
+                    self.local_to_tund(b"".join([view[a:b] for a, b in ranges]), 0)
                 return
         local: list[list[int]] = [[] for _ in range(workers)]  # per worker: start, end, start, end ...
         ranges = local[0]
@@ -635,9 +673,6 @@ class PeerdService:
         """From tund: packets back to back, all for the next hop it names,
         in tund's shared-memory ring or as frames."""
         link = self.links.get(fields.get("peer", ""))
-        desc = fields.get("ring")
-        if desc is not None:
-            self.data_out_from_ring(link, desc)
         for frame in payloads:
             if len(frame) < 40:
                 self.counters["data_out_malformed"] += 1
@@ -647,33 +682,27 @@ class PeerdService:
             else:
                 self.forward_blob(bytes(frame))
 
-    def data_out_from_ring(self, link: Link | None, desc: Any) -> None:
-        try:
-            name, generation, start, length = desc
-            start, length, generation = int(start), int(length), int(generation)
-        except (TypeError, ValueError):
-            self.counters["bus_malformed"] += 1
-            return
-        reader = self.in_rings.get(name) if isinstance(name, str) else None
-        if reader is None:
-            if not (valid_name(name) and name.endswith(self.in_suffix)) or len(self.in_rings) >= 64:
-                self.counters["ring_unknown"] += 1
-                return
-            reader = self.in_rings[name] = RingReader(ring_path(self.cfg.run_dir, name))
-        frame = reader.get(generation, start, length)
-        if frame is None:
-            self.counters["ring_unreachable"] += 1
-            return
-        try:
-            if length < 40:
+    def _watch_data(self, fd: int, add: bool) -> None:
+        loop = asyncio.get_running_loop()
+        if add:
+            loop.add_reader(fd, self.read_data, fd)
+        else:
+            loop.remove_reader(fd)
+
+    def read_data(self, fd: int) -> None:
+        """Batches tund left in its ring, each for the next hop its record
+        names; written to the link straight from shared memory."""
+        assert self.data_in is not None
+        links = self.links
+        for tag, frame in self.data_in.receive(fd):
+            link = links.get(tag.decode(errors="replace"))
+            if len(frame) < 40:
                 self.counters["data_out_malformed"] += 1
             elif link is not None and not link.closed:
                 link.send_data(frame, self.counters, borrowed=True)
                 self.counters["data_out_batches"] += 1
             else:
                 self.forward_blob(bytes(frame))
-        finally:
-            reader.release(generation, start + length)
 
     async def handle_inbox(self, msg: bus.Message) -> None:
         if msg.kind == "ctl":
@@ -799,6 +828,10 @@ class PeerdService:
             await asyncio.sleep(1.0)
 
     async def run(self) -> None:
+        try:
+            self.data_in = DataIn(self.cfg.run_dir, self.name, f"-to-{self.name}", self._watch_data, self.counters)
+        except OSError as exc:
+            log.warning("no shared-memory data path from tund (%s); it sends ZeroMQ frames", exc)
         for text in self.load_static_peers():
             with contextlib.suppress(EndpointError, PeerExists):
                 ep = Endpoint.parse(text)
@@ -824,11 +857,11 @@ class PeerdService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for ring in self.out_rings:
-            if ring is not None:
-                ring[1].close()
-        for reader in self.in_rings.values():
-            reader.close()
+        for data_out in self.data_outs:
+            if data_out is not None:
+                data_out.close()
+        if self.data_in is not None:
+            self.data_in.close()
         self.ctx.destroy(linger=0)
         self.sync_ctx.destroy(linger=0)
 

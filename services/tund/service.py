@@ -33,12 +33,12 @@ import msgpack
 import zmq
 
 from common import bus
+from common.datapath import DataIn, DataOut
 from common.fib import FibReplica
 from common.identity import Identity, load_key_file
 from common.lifecycle import StopSignal, die_with_parent, start_service
 from common.logs import setup as setup_logs
 from common.nodeconfig import NodeConfig
-from common.shmring import RingReader, RingWriter, ring_path, valid_name
 
 from . import privs
 from . import tun as tunmod
@@ -104,16 +104,18 @@ class TundWorker:
         self.rpc = bus.bind(self.ctx, zmq.ROUTER, run, "tund.rpc") if index == 0 else None
         peerd = bus.peerd_name("tcp")
         self.peerd = bus.connect(self.ctx, zmq.PUSH, run, f"{peerd}.in", hwm=bus.DATA_HWM)
-        # batches to peerd go through shared memory (common/shmring.py), their
-        # descriptors through ZeroMQ; without the ring, as ZeroMQ frames
-        self.ring_name = f"{worker_name(index)}-to-{peerd}"
-        self.out_ring: RingWriter | None = None
+        # batches both ways go through shared memory (common/datapath.py);
+        # without it (no /dev/shm, run directory path too long) as ZeroMQ frames
+        self.poller = zmq.Poller()
+        self.data_fds: set[int] = set()
+        self.data_out: DataOut | None = None
+        self.data_in: DataIn | None = None
+        me = worker_name(index)
         try:
-            self.out_ring = RingWriter(ring_path(run, self.ring_name))
+            self.data_out = DataOut(run, f"{me}-to-{peerd}", peerd)
+            self.data_in = DataIn(run, me, f"-to-{me}", self._watch, self.counters)
         except OSError as exc:
-            log.warning("no shared-memory ring to peerd (%s); batches go as ZeroMQ frames", exc)
-        self.in_rings: dict[str, RingReader] = {}
-        self.in_suffix = f"-to-{worker_name(index)}"
+            log.warning("no shared-memory data path (%s); batches go as ZeroMQ frames", exc)
         self.router = bus.connect(self.ctx, zmq.PUSH, run, "router.in")
         self.msgbus = self.ctx.socket(zmq.PUSH)
         self.msgbus.setsockopt(zmq.LINGER, 0)
@@ -172,8 +174,6 @@ class TundWorker:
                 continue
             kind = header["k"]
             if kind == "local":
-                if "ring" in header:
-                    self.from_ring(header["ring"], now)
                 for frame in frames[1:]:
                     dp.from_peer(frame, now)
             elif kind == "oob_icmp":
@@ -194,29 +194,21 @@ class TundWorker:
             else:
                 self.counters["bus_unknown_kind"] += 1
 
-    def from_ring(self, desc: Any, now: float) -> None:
-        """A batch peerd left in our shared-memory ring: copied out (the
-        data path keys dicts by slices of it) and released at once."""
-        try:
-            name, generation, start, length = desc
-            start, length, generation = int(start), int(length), int(generation)
-        except (TypeError, ValueError):
-            self.counters["bus_malformed"] += 1
-            return
-        reader = self.in_rings.get(name) if isinstance(name, str) else None
-        if reader is None:
-            if not (valid_name(name) and name.endswith(self.in_suffix)) or len(self.in_rings) >= 8:
-                self.counters["ring_unknown"] += 1
-                return
-            reader = self.in_rings[name] = RingReader(ring_path(self.cfg.run_dir, name))
-        view = reader.get(generation, start, length)
-        if view is None:
-            self.counters["ring_unreachable"] += 1
-            return
-        blob = bytes(view)
-        view.release()
-        reader.release(generation, start + length)
-        self.dp.from_peer(blob, now)
+    def _watch(self, fd: int, add: bool) -> None:
+        if add:
+            self.poller.register(fd, zmq.POLLIN)
+            self.data_fds.add(fd)
+        else:
+            self.poller.unregister(fd)
+            self.data_fds.discard(fd)
+
+    def read_data(self, fd: int, now: float) -> None:
+        """Batches peerd left in our ring: copied out (the data path keys
+        dicts by slices of them) and released at once."""
+        assert self.data_in is not None
+        from_peer = self.dp.from_peer
+        for _tag, view in self.data_in.receive(fd):
+            from_peer(bytes(view), now)
 
     def read_tun(self, now: float) -> None:
         assert self.device is not None
@@ -244,20 +236,18 @@ class TundWorker:
     def flush(self) -> None:
         dp = self.dp
         if dp.out:
-            ring = self.out_ring
+            data_out = self.data_out
             for next_hop, blob in dp.take_out().items():
-                fields: dict[str, Any] = {"peer": next_hop}
-                frames: list[bytes] = []
-                desc = ring.put(blob) if ring is not None else None
-                if desc is not None:
-                    fields["ring"] = [self.ring_name, *desc]
-                elif ring is not None:
-                    self.counters["ring_full_peerd"] += 1
-                    continue
-                else:
-                    frames.append(blob)
+                if data_out is not None:
+                    why = data_out.send(blob, next_hop.encode())
+                    if why is None:
+                        continue
+                    if why != "unreachable":  # peerd restarting: the bus queues it
+                        self.counters[f"to_peerd_dropped_{why}"] += 1
+                        continue
+                    self.counters["to_peerd_via_bus"] += 1
                 try:
-                    self.peerd.send_multipart(bus.pack("data_out", fields, frames), flags=zmq.NOBLOCK)
+                    self.peerd.send_multipart(bus.pack("data_out", {"peer": next_hop}, [blob]), flags=zmq.NOBLOCK)
                 except zmq.Again:
                     self.counters["bus_full_peerd"] += 1
         writes = dp.gro.flush()
@@ -327,7 +317,7 @@ class TundWorker:
                 self.stop.stopped = True
 
     def run(self) -> None:
-        poller = zmq.Poller()
+        poller = self.poller
         if self.device is not None:
             poller.register(self.device.fd, zmq.POLLIN)
         for sock in (self.inbox, self.fib_sub, self.stop):
@@ -346,6 +336,9 @@ class TundWorker:
                 self.read_tun(now)
             if self.inbox in events:
                 self.read_inbox(now)
+            if self.data_fds:
+                for fd in [fd for fd in self.data_fds if fd in events]:
+                    self.read_data(fd, now)
             if self.rpc is not None and self.rpc in events:
                 self.answer_rpc()
             if now >= self.next_tick:
@@ -359,10 +352,10 @@ class TundWorker:
         for pid in self.children:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
-        if self.out_ring is not None:
-            self.out_ring.close()
-        for reader in self.in_rings.values():
-            reader.close()
+        if self.data_out is not None:
+            self.data_out.close()
+        if self.data_in is not None:
+            self.data_in.close()
         self.ctx.destroy(linger=0)
 
 

@@ -1,0 +1,226 @@
+"""The data path between tund and peerd: batches of packets in a
+shared-memory ring (shmring.py), each announced by a small record on a
+Unix SOCK_SEQPACKET connection to the consumer.
+
+Why not a ZeroMQ message per batch: on a 2-core VM a ZeroMQ message
+between two mostly idle processes costs ~64 µs of CPU (two IO threads
+woken on top of the receiver, three context switches), a SEQPACKET
+record ~30 µs (the kernel wakes the receiver directly). At ~7,000
+batches a second on the two hops that is a tenth of the machine. Control
+traffic stays on ZeroMQ.
+
+Records are bounded by the connection's socket buffer: when it is full
+(the consumer is not keeping up) or the consumer is not there, the batch
+is dropped and counted, never queued (drop-newest, as for data on the
+bus). SEQPACKET keeps record boundaries and, unlike an unconnected
+datagram socket, is not limited to net.unix.max_dgram_qlen (10 by
+default) records in flight. Either side may restart: the producer
+reconnects (at most every RECONNECT seconds), the consumer accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+from .shmring import RingReader, RingWriter, ring_path, valid_name
+
+RECORD = struct.Struct("=QQIBB")  # generation, start, length, len(ring name), len(tag); then name, tag
+MAX_RECORD = RECORD.size + 255 + 255
+RECONNECT = 0.5  # seconds between attempts to reach an absent consumer
+SOCKET_BUFFER = 1 << 20
+MAX_CONNECTIONS = 16
+READ_BURST = 512  # records read per readable event
+
+
+def socket_path(run_dir: str, consumer: str) -> str:
+    return os.path.join(run_dir, f"{consumer}.data")
+
+
+class DataOut:
+    """Producer side: one ring, one connection to the consumer."""
+
+    def __init__(self, run_dir: str, name: str, consumer: str) -> None:
+        self.name = name
+        self.name_bytes = name.encode()
+        self.ring = RingWriter(ring_path(run_dir, name))
+        self.path = socket_path(run_dir, consumer)
+        self.sock: socket.socket | None = None
+        self.next_attempt = 0.0
+
+    def _connect(self, now: float) -> socket.socket | None:
+        if now < self.next_attempt:
+            return None
+        self.next_attempt = now + RECONNECT
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            sock.setblocking(False)  # a full backlog fails at once instead of blocking
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            return None
+        self.sock = sock
+        return sock
+
+    def send(self, data: bytes | bytearray | memoryview, tag: bytes = b"") -> str | None:
+        """Put a batch in the ring and announce it; None when done, else why
+        it was dropped ("ring_full", "unreachable", "backlog")."""
+        now = time.monotonic()
+        sock = self.sock or self._connect(now)
+        if sock is None:
+            return "unreachable"
+        desc = self.ring.put(data, now)
+        if desc is None:
+            return "ring_full"
+        try:
+            sock.send(RECORD.pack(*desc, len(self.name_bytes), len(tag)) + self.name_bytes + tag)
+        except BlockingIOError:
+            self.ring.unput(desc)
+            return "backlog"
+        except OSError:  # the consumer restarted: reconnect on the next batch
+            self.ring.unput(desc)
+            self.close_socket()
+            self.next_attempt = 0.0
+            return "unreachable"
+        return None
+
+    def close_socket(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def close(self) -> None:
+        self.close_socket()
+        self.ring.close()
+
+
+class DataIn:
+    """Consumer side: a listening socket, the producers' connections and
+    a reader per ring. ``watch(fd, True/False)`` is called as descriptors
+    come and go, for the caller's poller; ``receive(fd)`` when one is
+    readable."""
+
+    def __init__(
+        self,
+        run_dir: str,
+        consumer: str,
+        ring_suffix: str,
+        watch: Callable[[int, bool], None],
+        counters: Counter[str] | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.suffix = ring_suffix
+        self.watch = watch
+        self.path = socket_path(run_dir, consumer)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(self.path)
+        os.chmod(self.path, 0o600)
+        self.listener.listen(MAX_CONNECTIONS)
+        self.listener.setblocking(False)
+        self.conns: dict[int, socket.socket] = {}
+        self.readers: dict[str, RingReader] = {}
+        self.drops: Counter[str] = Counter() if counters is None else counters  # "data_in_<why>"
+        watch(self.listener.fileno(), True)
+
+    def _drop(self, why: str) -> None:
+        self.drops[f"data_in_{why}"] += 1
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if len(self.conns) >= MAX_CONNECTIONS:
+                conn.close()
+                self._drop("too_many_producers")
+                continue
+            conn.setblocking(False)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            self.conns[conn.fileno()] = conn
+            self.watch(conn.fileno(), True)
+
+    def _forget(self, fd: int) -> None:
+        conn = self.conns.pop(fd, None)
+        if conn is not None:
+            self.watch(fd, False)
+            conn.close()
+
+    def receive(self, fd: int) -> Iterator[tuple[bytes, memoryview]]:
+        """(tag, batch) for each record waiting on ``fd``; each batch is
+        valid until the loop asks for the next one (then it is released)."""
+        if fd == self.listener.fileno():
+            self._accept()
+            return
+        conn = self.conns.get(fd)
+        if conn is None:
+            return
+        for _ in range(READ_BURST):
+            try:
+                record = conn.recv(MAX_RECORD)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ECONNRESET, errno.EPIPE):
+                    self._drop("read_error")
+                self._forget(fd)
+                return
+            if not record:  # the producer went away
+                self._forget(fd)
+                return
+            item = self._resolve(record)
+            if item is None:
+                continue
+            reader, generation, end, tag, view = item
+            try:
+                yield tag, view
+            finally:
+                with contextlib.suppress(BufferError):
+                    view.release()
+                reader.release(generation, end)
+
+    def _resolve(self, record: bytes) -> tuple[RingReader, int, int, bytes, memoryview] | None:
+        if len(record) < RECORD.size:
+            self._drop("malformed")
+            return None
+        generation, start, length, name_len, tag_len = RECORD.unpack_from(record)
+        if len(record) != RECORD.size + name_len + tag_len:
+            self._drop("malformed")
+            return None
+        try:
+            name = record[RECORD.size : RECORD.size + name_len].decode()
+        except UnicodeDecodeError:
+            self._drop("malformed")
+            return None
+        reader = self.readers.get(name)
+        if reader is None:
+            if not (valid_name(name) and name.endswith(self.suffix)) or len(self.readers) >= MAX_CONNECTIONS:
+                self._drop("unknown_ring")
+                return None
+            reader = self.readers[name] = RingReader(ring_path(self.run_dir, name))
+        view = reader.get(generation, start, length)
+        if view is None:
+            self._drop("unreachable_record")
+            return None
+        return reader, generation, start + length, record[RECORD.size + name_len :], view
+
+    def close(self) -> None:
+        for fd in list(self.conns):
+            self._forget(fd)
+        self.watch(self.listener.fileno(), False)
+        self.listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        for reader in self.readers.values():
+            reader.close()
