@@ -280,7 +280,11 @@ def prepare(cfg: NodeConfig, log_to_stdout: bool = True, crypto_workers: int = 1
 
 
 def cleanup(run_dir: str) -> None:
-    paths = [*glob.glob(os.path.join(run_dir, "*.ipc")), os.path.join(run_dir, SOCK_FILE)]
+    paths = [
+        *glob.glob(os.path.join(run_dir, "*.ipc")),
+        *glob.glob(os.path.join(run_dir, "*.data")),  # data path sockets (common/datapath.py)
+        os.path.join(run_dir, SOCK_FILE),
+    ]
     for path in [*paths, os.path.join(run_dir, SERVICE_KEY_FILE)]:
         try:
             os.unlink(path)
