@@ -190,6 +190,10 @@ def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     return frames[:i], frames[i + 1 :]
 
 
+EAGER_SECONDS = 3.0
+EAGER_INTERVAL = 0.2
+
+
 class StatsPublisher:
     """Publishes a service's counters and gauges about once a second."""
 
@@ -200,6 +204,7 @@ class StatsPublisher:
         self.interval = interval
         self.started = time.time()
         self._next = 0.0
+        self._eager_until = time.monotonic() + EAGER_SECONDS
 
     def due(self, now: float) -> bool:
         """Whether a publish is due; lets callers skip computing costly gauges."""
@@ -208,7 +213,9 @@ class StatsPublisher:
     def maybe_publish(self, now: float, counters: dict[str, int], gauges: dict[str, Any]) -> None:
         if not self.due(now):
             return
-        self._next = now + self.interval
+        # a PUB drops what it sends before its connection is up: publish often
+        # at first, so a service (re)started shows up within a fraction of a second
+        self._next = now + (EAGER_INTERVAL if now < self._eager_until else self.interval)
         frames = pack(
             "stats",
             {

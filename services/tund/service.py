@@ -341,13 +341,14 @@ class TundWorker:
                     self.read_data(fd, now)
             if self.rpc is not None and self.rpc in events:
                 self.answer_rpc()
+            if self.stats.due(now):
+                self.stats.maybe_publish(now, dp.all_counters(), self.gauges())
             if now >= self.next_tick:
                 self.next_tick = now + 1.0
                 if not self.fib_synced:
                     self.fib_resync()
                 dp.tick(now)
                 self.check_children()
-                self.stats.maybe_publish(now, dp.all_counters(), self.gauges())
             self.flush()
         for pid in self.children:
             with contextlib.suppress(OSError):

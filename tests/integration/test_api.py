@@ -380,17 +380,26 @@ def test_metrics(mesh: list[ApiNode]) -> None:
         lambda: metric_value(a.metrics(), "mycelium_routes", kind="selected", service="router") == 2,
         10,
     )
-    wait_for("a sampled peer list", lambda: metric_value(a.metrics(), "mycelium_peer_rx_bytes_total"), 10)
-    text = a.metrics()
     static = f"tcp://127.0.0.1:{b.tcp_port}"
+
+    def sampled_both_ways() -> bool:  # the peer list is sampled once a second: wait for one after traffic
+        text = a.metrics()
+        return all(
+            (metric_value(text, f"mycelium_peer_{way}_bytes_total", endpoint=static, type="static") or 0) > 0
+            for way in ("rx", "tx")
+        )
+
+    wait_for("a sampled peer list", sampled_both_ways, 10)
+    text = a.metrics()
     assert metric_value(text, "mycelium_peer_rx_bytes_total", endpoint=static, type="static") > 0
     assert metric_value(text, "mycelium_peer_tx_bytes_total", endpoint=static, type="static") > 0
     assert metric_value(text, "mycelium_peer_connected", endpoint=static) == 1
     assert metric_value(text, "mycelium_peers", state="alive") == 2
     assert metric_value(text, "mycelium_queue_depth", service="peerd-tcp", queue="send_queue") is not None
     assert metric_value(text, "mycelium_info", node_ip=a.address) == 1
-    for service in ("router", "tund", "peerd-tcp", "apid"):
-        assert metric_value(text, "mycelium_service_up", service=service) == 1
+    for service in ("router", "tund", "peerd-tcp", "apid"):  # each reports within a second of starting
+        wait_for(f"{service} up", lambda s=service: metric_value(a.metrics(), "mycelium_service_up", service=s) == 1, 5)
+        text = a.metrics()
         assert metric_value(text, "mycelium_service_restarts_total", service=service) is not None
     for family in ("mycelium_drops_total", "mycelium_crypto_operations_total", "mycelium_service_counter_total"):
         assert f"# TYPE {family.removesuffix('_total')} counter" in text or f"# TYPE {family} counter" in text
