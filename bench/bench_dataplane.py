@@ -324,7 +324,11 @@ def main() -> int:
     print(f"machine: {before}", flush=True)
     best: dict[str, Result] = {}
 
+    every: dict[str, list[float]] = {}
+
     def keep(res: Result) -> None:
+        print(f"    {res.gbit:.2f} Gbit/s, {res.per_gb(res.sys_cpu):.1f} s/GB", flush=True)
+        every.setdefault(res.name, []).append(res.gbit)
         if res.name not in best or res.gbit > best[res.name].gbit:
             best[res.name] = res
 
@@ -367,6 +371,10 @@ def main() -> int:
     print(f"single-stream iperf3 TCP, {args.seconds} s, namespace x -> y over one veth pair{rounds}")
     print()
     print(table(results, best["(b) this overlay"]))
+    if args.rounds > 1:
+        print()
+        for name, values in every.items():
+            print(f"{name}, every round (Gbit/s): {', '.join(f'{v:.2f}' for v in values)}")
     if fail:
         print()
         print("failover, ping A->C every 0.1 s, A-C veth set down (triangle A-B, B-C, A-C)")
