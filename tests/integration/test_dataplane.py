@@ -137,6 +137,14 @@ def test_iperf3_tcp_stream_through_the_overlay(mesh: Topology) -> None:
         server.wait(5)
     counters = c.counters()
     assert counters.get("tun_tx_merged_segments", 0) > 0 or os.environ.get("MYCELIUM_TUN_OFFLOAD") == "0"
+    a = mesh.nodes["a"]
+    sent = a.counters()
+    if os.environ.get("MYCELIUM_TUN_OFFLOAD", "1") not in ("0", "gro"):
+        assert sent.get("tun_rx_gso_segments", 0) > 0  # the sender's kernel handed tund TSO super packets
+    # the batches went through the shared-memory data path (common/datapath.py), not the bus fallback
+    assert a.counters("peerd-tcp").get("data_out_batches", 0) > 100
+    assert sent.get("to_peerd_via_bus", 0) < 10
+    assert c.counters("tund").get("rx_opened", 0) > 1000 and c.counters("peerd-tcp").get("to_tund_via_bus", 0) < 10
 
 
 def _raw_link(ns: str, port: int = NODE_PORT) -> socket.socket:
