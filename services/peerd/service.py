@@ -254,9 +254,9 @@ class PeerdService:
         self.packet_stats = PacketStats()
         self.ctx = zmq.asyncio.Context()
         run = cfg.run_dir
-        # the data path's sockets are plain ZeroMQ sockets driven from the event
-        # loop (inbox_loop): zmq.asyncio's future per message costs more than the
-        # whole per-batch work of forwarding a batch
+        # the inbox and the router socket are plain ZeroMQ sockets driven from the
+        # event loop (inbox_loop; send_router never waits): zmq.asyncio's future
+        # per message costs more than the work per batch
         self.sync_ctx = zmq.Context()
         self.inbox = bus.bind(self.sync_ctx, zmq.PULL, run, f"{self.name}.in")
         self.rpc = bus.bind(self.ctx, zmq.ROUTER, run, f"{self.name}.rpc")

@@ -10,10 +10,12 @@ queue (the kernel spreads flows over queues by hash) and one bus inbox
 stays on one worker and in order. Worker 0 also answers ``tund.rpc``.
 
 Each worker is a single-threaded loop over a zmq.Poller: the TUN fd, its
-inbox, the FIB deltas, the stop signal. It reads up to READ_BATCH packets
-per wake-up, encrypts them and sends one ``data_out`` message per next
-hop; received ``local`` batches are decrypted, coalesced (gro.py) and
-written with one writev per (super) packet. In ``--no-tun`` mode the same
+inbox, its data path sockets, the FIB deltas, the stop signal. It reads
+up to READ_BATCH packets (TCP super packets, cut by gso.py) per wake-up,
+encrypts them and hands peerd one batch per next hop through the
+shared-memory data path (common/datapath.py; the bus's ``data_out`` when
+peerd is away); batches peerd hands back are decrypted, coalesced
+(gro.py) and written with one writev per (super) packet. In ``--no-tun`` mode the same
 loop runs without the TUN: messages still work, L3 packets are counted.
 """
 
