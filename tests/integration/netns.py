@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from common import bus
 from common.identity import Identity
+from common.shmring import remove_rings
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -345,6 +346,7 @@ class NetNode:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(5)
+        remove_rings(str(self.run_dir))  # left behind if the launcher had no chance to clean up
         self.proc = None
         if self._ctx is not None:
             self._ctx.destroy(linger=0)

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from common.shmring import remove_rings
+
 T = TypeVar("T")
 MYCELIUM = [sys.executable, "-m", "services.cli"]
 REPO = Path(__file__).resolve().parents[2]
@@ -112,6 +114,7 @@ class Node:
             except subprocess.TimeoutExpired:
                 pass
         self._kill_leftovers()
+        remove_rings(str(self.run_dir))  # what the launcher removes on a clean stop
         self.proc = None
 
     def kill(self) -> None:
@@ -119,6 +122,7 @@ class Node:
         self._kill_leftovers()
         if self.proc is not None:
             self.proc.wait(10)
+        remove_rings(str(self.run_dir))  # a crashed node leaves its shared-memory rings behind
         self.proc = None
 
     def pids(self) -> list[int]:
