@@ -133,10 +133,7 @@ def measure(topo: Topology, src: str, dst: str, dst_addr: str, seconds: int, res
 def start_overlay(topo: Topology, links: dict[str, list[str]], extra: list[str]) -> None:
     for name, peers in links.items():
         topo.add_node(name, peers=[f"tcp://{p}:{NODE_PORT}" for p in peers], extra=extra)
-    for node in topo.nodes.values():
-        node.start()
-    for node in topo.nodes.values():
-        node.wait_ready()
+    topo.start_all()
 
 
 def warm(topo: Topology, src: str, dst_addr: str) -> None:

@@ -128,11 +128,11 @@ class DataIn:
         self.listener.setblocking(False)
         self.conns: dict[int, socket.socket] = {}
         self.readers: dict[str, RingReader] = {}
-        self.drops: Counter[str] = Counter() if counters is None else counters  # "data_in_<why>"
+        self.counters: Counter[str] = Counter() if counters is None else counters  # gets "data_in_<why>"
         watch(self.listener.fileno(), True)
 
     def _drop(self, why: str) -> None:
-        self.drops[f"data_in_{why}"] += 1
+        self.counters[f"data_in_{why}"] += 1
 
     def _accept(self) -> None:
         while True:

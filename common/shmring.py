@@ -188,7 +188,7 @@ class RingReader:
         if it names no record we can reach (the caller counts a drop)."""
         if generation != self.generation and not self._open(generation):
             return None
-        pos = start % self.size if self.size else 0
+        pos = start % self.size if self.size else 0  # generation 0 matches an unmapped reader
         if length <= 0 or start < 0 or pos + length > self.size:
             return None
         assert self._view is not None

@@ -287,7 +287,7 @@ class PeerdService:
         self.fib_sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.stats = bus.StatsPublisher(zmq.Context.instance(), run, self.name)
         self.stop_event = asyncio.Event()
-        self.tasks: set[asyncio.Task[None]] = set()  # dials and route queries in flight (strong references)
+        self.tasks: set[asyncio.Task[None]] = set()  # dials in flight (strong references)
         self.peers_file = Path(run) / PEERS_FILE
 
     # --- bus helpers ------------------------------------------------------
@@ -299,9 +299,6 @@ class PeerdService:
             self.router.send_multipart(bus.pack(kind, fields, payloads or []), flags=zmq.NOBLOCK)
         except zmq.Again:
             self.counters["router_bus_full"] += 1
-
-    async def to_router(self, kind: str, fields: dict[str, Any], payloads: list[bytes] | None = None) -> None:
-        self.send_router(kind, fields, payloads)
 
     def to_tund(
         self, kind: str, frames: list[bytes | bytearray], fields: dict[str, Any] | None = None, worker: int = 0
@@ -366,7 +363,7 @@ class PeerdService:
             link.ifindex = route_ifindex(writer.get_extra_info("peername")[0])
         self.counters["links_opened"] += 1
         log.info("link %s up: %s (%s)", link_id, link.name, entry.kind)
-        await self.announce(link)
+        self.announce(link)
         writer_task = asyncio.create_task(link.write_loop())
         # read into our own buffer (see Link): the transport stops reading, and
         # whatever it read before that is taken over
@@ -393,10 +390,12 @@ class PeerdService:
                 ended.set_result(None)
 
         try:
-            if stream.have:
-                self.process_stream(link, stream)
-            loop.add_reader(link.fd, on_readable)
-            await ended
+            why = self.process_stream(link, stream) if stream.have else None
+            if why is None:
+                loop.add_reader(link.fd, on_readable)
+                await ended
+            else:
+                stream.reason = why
         finally:
             reason = stream.reason or "closed"
             link.close()
@@ -406,7 +405,7 @@ class PeerdService:
             self.links.pop(link_id, None)
             self.transit.clear()
             self.table.disconnected(link_id, time.monotonic())
-            await self.to_router("peer_down", {"peer": link_id})
+            self.send_router("peer_down", {"peer": link_id})
             log.info("link %s down (%s)", link_id, reason)
 
     def read_link(self, link: Link, stream: LinkStream) -> str | None:
@@ -450,8 +449,8 @@ class PeerdService:
             self.send_router("ctl", {"peer": link.link_id}, [pkt.encode() for pkt in control])
         return None
 
-    async def announce(self, link: Link) -> None:
-        await self.to_router("peer_up", {"peer": link.link_id, "static_cost": link.static_cost, "link_name": link.name})
+    def announce(self, link: Link) -> None:
+        self.send_router("peer_up", {"peer": link.link_id, "static_cost": link.static_cost, "link_name": link.name})
 
     def route_batch(self, buf: bytes | bytearray, offsets: list[int]) -> None:
         """PROTOCOL.md 4.4 for the data packets of one read: ``buf`` holds
@@ -546,9 +545,7 @@ class PeerdService:
         if route is None:
             full_before = self.pending.drops["pending_full"]
             if self.pending.push(dst[:8], bytes(frame), time.monotonic()):
-                task = asyncio.get_running_loop().create_task(self.to_router("need_route", {"addr": dst}))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                self.send_router("need_route", {"addr": dst})
             elif self.pending.drops["pending_full"] != full_before:
                 self.oob_icmp(frame, DEST_UNREACHABLE, CODE_NO_ROUTE)
             return
@@ -657,7 +654,7 @@ class PeerdService:
                             self.handle_data_out(header, [f.buffer for f in frames[1:]])
                         else:
                             header.pop("v", None)
-                            await self.handle_inbox(bus.Message(kind, header, [f.bytes for f in frames[1:]]))
+                            self.handle_inbox(bus.Message(kind, header, [f.bytes for f in frames[1:]]))
                     except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:
                         self.counters["bus_malformed"] += 1
                         log.debug("bad bus message: %s", exc)
@@ -704,7 +701,7 @@ class PeerdService:
             else:
                 self.forward_blob(bytes(frame))
 
-    async def handle_inbox(self, msg: bus.Message) -> None:
+    def handle_inbox(self, msg: bus.Message) -> None:
         if msg.kind == "ctl":
             link = self.links.get(msg.fields["peer"])
             if link is None:
@@ -716,9 +713,9 @@ class PeerdService:
         elif msg.kind == "close_peer":
             self.close_link(msg.fields["peer"])
         elif msg.kind == "router_hello":
-            await self.to_router("peerd_hello", {"family": self.family, "epoch": self.epoch})
+            self.send_router("peerd_hello", {"family": self.family, "epoch": self.epoch})
             for link in list(self.links.values()):
-                await self.announce(link)
+                self.announce(link)
         else:
             self.counters["bus_unknown_kind"] += 1
 
@@ -824,7 +821,7 @@ class PeerdService:
                 used = list(self.transit)
                 self.transit.clear()
                 for prefix in used:
-                    await self.to_router("need_route", {"addr": prefix + bytes(8)})
+                    self.send_router("need_route", {"addr": prefix + bytes(8)})
             await asyncio.sleep(1.0)
 
     async def run(self) -> None:
@@ -840,7 +837,7 @@ class PeerdService:
         self.save_static_peers()
         server = await asyncio.start_server(self.accept, host=None, port=self.cfg.tcp_listen_port, reuse_address=True)
         log.info("listening on TCP port %d; %d static peers", self.cfg.tcp_listen_port, len(self.table.entries))
-        await self.to_router("peerd_hello", {"family": self.family, "epoch": self.epoch})
+        self.send_router("peerd_hello", {"family": self.family, "epoch": self.epoch})
         try:
             self.linkwatch = LinkWatch()
             asyncio.get_running_loop().add_reader(self.linkwatch.fileno(), self.on_link_change)

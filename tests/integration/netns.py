@@ -20,7 +20,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,8 +32,9 @@ from common import bus
 from common.identity import Identity
 from common.shmring import remove_rings
 
+from .nodes import REPO, wait_for
+
 T = TypeVar("T")
-REPO = Path(__file__).resolve().parents[2]
 PREFIX = "mdp"
 _NAME = re.compile(rf"^{PREFIX}(\d+)x[0-9a-f]+-")
 CLONE_NEWNET = 0x40000000
@@ -62,20 +62,6 @@ def have_privileges() -> str | None:
         return f"cannot create a network namespace: {out.stderr.strip()}"
     run(["ip", "netns", "del", probe], check=False)
     return None
-
-
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float, interval: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = fn()
-            if result:
-                return result
-        except Exception as exc:
-            last = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last})")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -196,6 +182,13 @@ class Topology:
         node = NetNode(self, name, tun, list(peers), list(extra))
         self.nodes[name] = node
         return node
+
+    def start_all(self) -> None:
+        """Start every node, then wait for each (they start side by side)."""
+        for node in self.nodes.values():
+            node.start()
+        for node in self.nodes.values():
+            node.wait_ready()
 
     def close(self) -> None:
         for node in self.nodes.values():
@@ -424,9 +417,3 @@ class BackgroundPing:
             if nxt > prev + 1:
                 return prev + 1, nxt, (nxt - prev - 1) * self.interval
         return None
-
-
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -64,10 +64,7 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Topology]:
         topo.add_node(
             "c", peers=[f"tcp://{a_ac}:{NODE_PORT}", f"tcp://{b_bc}:{NODE_PORT}"], extra=["--tun-name", "ovl0"]
         )
-        for node in topo.nodes.values():
-            node.start()
-        for node in topo.nodes.values():
-            node.wait_ready()
+        topo.start_all()
         yield topo
     finally:
         _dump_logs(topo, request)
@@ -262,10 +259,7 @@ def line(request: pytest.FixtureRequest) -> Iterator[Topology]:
         topo.add_node("b", tun=False)
         topo.add_node("a", peers=[f"tcp://{b_ab}:{NODE_PORT}"])
         topo.add_node("c", peers=[f"tcp://{b_bc}:{NODE_PORT}"])
-        for node in topo.nodes.values():
-            node.start()
-        for node in topo.nodes.values():
-            node.wait_ready()
+        topo.start_all()
         yield topo
     finally:
         _dump_logs(topo, request)
@@ -317,10 +311,7 @@ def test_two_crypto_workers_share_the_tun(request: pytest.FixtureRequest) -> Non
         a_ab, _ = topo.connect("a", "b", 1)
         a = topo.add_node("a", extra=["--crypto-workers", "2"])
         b = topo.add_node("b", peers=[f"tcp://{a_ab}:{NODE_PORT}"], extra=["--crypto-workers", "2"])
-        a.start()
-        b.start()
-        a.wait_ready()
-        b.wait_ready()
+        topo.start_all()
         assert a.rpc("tund", "info")["workers"] == 2
         _warm(topo, "a", b)
         assert ping(topo, "a", b.address, count=5, interval=0.2)
