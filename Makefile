@@ -1,13 +1,16 @@
 # The two commands of the README:
 #   make run    installs everything (system tools, .venv) and starts a node
 #   make test   installs everything and runs the whole test suite
-# Python: the newest of python3.13 / 3.12 / 3.11 found on PATH (3.11+ is required).
-
-PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
-	if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; \
+# Python: the newest 3.13 / 3.12 / 3.11 found, on PATH or in the usual install places
+# (pyenv, /usr/local, /opt); 3.11+ is required, 3.13 for private networks (ssl PSK callbacks).
+PY_CANDIDATES := $(foreach v,3.13 3.12 3.11,python$(v) \
+	$(wildcard $(HOME)/.pyenv/versions/$(v)*/bin/python$(v) /root/.pyenv/versions/$(v)*/bin/python$(v) \
+	/usr/local/bin/python$(v) /opt/python*/bin/python$(v) /opt/*/bin/python$(v))) python3
+PYTHON ?= $(shell for p in $(PY_CANDIDATES); do \
+	if $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; \
 	then echo $$p; break; fi; done)
 VENV := .venv
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed-$(notdir $(PYTHON))
 # command:debian-package pairs the project needs on the machine
 SYSTEM_TOOLS := ip:iproute2 ping:iputils-ping iperf3:iperf3 curl:curl chromium:chromium chromedriver:chromium-driver
 ARGS ?= --no-tun
@@ -26,7 +29,7 @@ install: system-deps $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python 3.11 or newer is required (install python3 >= 3.11)"; exit 1; }
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || $(MAKE) --no-print-directory APT_PACKAGES=python3-venv apt-install
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
 	@touch $@
