@@ -16,14 +16,22 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Subnet:
-    __slots__ = ("_network", "address", "prefix_len")
+    """Compact: the address as given plus one int key (masked network,
+    prefix length, family) that hashing and comparison use. No
+    ``ipaddress`` network object is kept (the router holds one Subnet per
+    route; a network object costs several hundred bytes and a slow hash)."""
+
+    __slots__ = ("_key", "address", "prefix_len")
 
     def __init__(self, address: IPAddress, prefix_len: int) -> None:
-        if not 0 <= prefix_len <= address.max_prefixlen:
+        bits = address.max_prefixlen
+        if not 0 <= prefix_len <= bits:
             raise CodecError(f"prefix length {prefix_len} out of range for {address}")
         self.address = address
         self.prefix_len = prefix_len
-        self._network = ipaddress.ip_network((address, prefix_len), strict=False)
+        shift = bits - prefix_len
+        masked = (int(address) >> shift) << shift
+        self._key = ((masked << 8) | prefix_len) << 1 | (address.version == 6)
 
     @classmethod
     def parse(cls, text: str) -> Subnet:
@@ -42,32 +50,42 @@ class Subnet:
         return cls(addr, addr.max_prefixlen)
 
     @property
+    def _masked(self) -> int:
+        return self._key >> 9
+
+    @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-        return self._network
+        """Built on demand (not kept, see the class docstring)."""
+        cls = ipaddress.IPv6Network if self.is_ipv6 else ipaddress.IPv4Network
+        return cls((self._masked, self.prefix_len))
 
     @property
     def is_ipv6(self) -> bool:
         return self.address.version == 6
 
     def contains_address(self, addr: IPAddress) -> bool:
-        return addr in self._network
+        if addr.version != self.address.version:
+            return False
+        shift = addr.max_prefixlen - self.prefix_len
+        return int(addr) >> shift == self._key >> (9 + shift)
 
     def contains(self, other: Subnet) -> bool:
         """True when ``other`` lies entirely inside this subnet."""
-        if other._network.version != self._network.version:
+        if other.address.version != self.address.version or other.prefix_len < self.prefix_len:
             return False
-        return other.prefix_len >= self.prefix_len and other._network.subnet_of(self._network)  # type: ignore[arg-type]
+        shift = self.address.max_prefixlen - self.prefix_len
+        return other._key >> (9 + shift) == self._key >> (9 + shift)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Subnet):
             return NotImplemented
-        return self._network == other._network
+        return self._key == other._key
 
     def __hash__(self) -> int:
-        return hash(self._network)
+        return hash(self._key)
 
     def __str__(self) -> str:
-        return str(self._network)
+        return f"{type(self.address)(self._masked)}/{self.prefix_len}"
 
     def __repr__(self) -> str:
         return f"Subnet({self.address}/{self.prefix_len})"

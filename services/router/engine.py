@@ -32,7 +32,23 @@ as ordinary, well-formed TLVs (each is marked "unlike the reference" below):
 - route requests for prefixes no update could ever satisfy (IPv4, outside
   400::/7, shorter than /64) are dropped instead of flooded;
 - every table fed by remote input has a size cap; input past the cap is
-  dropped or the oldest cache entry evicted, and counted in ``counters``.
+  dropped or the oldest cache entry evicted, and counted in ``counters``;
+- fairness (none of it on the wire): no neighbour may hold more than half
+  the routing table while another neighbour is up, and when the table is
+  full a neighbour below its fair share (cap / live neighbours) takes room
+  from the neighbour holding the most entries. The entries that go are the
+  *newest* of the offending neighbour: a flood consists of new entries,
+  while the old ones are what traffic and downstream nodes already use, so
+  evicting the oldest would let a flood rotate every honest route out of the
+  table (and each eviction of a selected route sends a retraction, so
+  rotating would also amplify the flood). An incoming route past its
+  neighbour's limit is the newest of all and is refused, unless we asked for
+  that subnet (a route request of ours is outstanding): then the neighbour's
+  newest entry makes room, so a node that joins after a flood is still
+  reachable. Route requests forwarded and seqno requests held on a
+  neighbour's behalf are limited to a fair share of their tables the same
+  way (new ones refused). Everything is counted per neighbour
+  (``neighbour_stats``) and in ``counters``.
 """
 
 from __future__ import annotations
@@ -88,7 +104,9 @@ BIG_METRIC_CHANGE = 10
 PREFIX_LEN_MIN = 64
 
 # --- local bounds on state fed by remote input ------------------------------
-MAX_SUBNETS = 65_536
+MAX_SUBNETS = 131_072  # subnets in the routing table (a public node carries ~100k)
+MIN_FAIR_SHARE = 1_024  # a neighbour's share of a table never drops below this
+MAX_EVICTION_TRIES = 8  # entries evicted at most to free one subnet slot
 MAX_QUERIED = 16_384
 MAX_SOURCES = 2 * MAX_SUBNETS
 MAX_SEQNO_CACHE = 16_384
@@ -103,6 +121,17 @@ _TLV_NAMES = {
     RouteRequest: "route_request",
     SeqNoRequest: "seqno_request",
 }
+_RX_NAMES = {cls: f"rx_{name}" for cls, name in _TLV_NAMES.items()}
+_TX_NAMES = {cls: f"tx_{name}" for cls, name in _TLV_NAMES.items()}
+_GLOBAL_SUBNET = Subnet(GLOBAL_PREFIX.network_address, GLOBAL_PREFIX.prefixlen)
+
+# Per-neighbour counters (``neighbour_stats``).
+NEIGHBOUR_COUNTERS = (
+    "routes_evicted",  # entries of this neighbour evicted to make room (fairness)
+    "routes_refused",  # new entries refused: the neighbour was at its limit
+    "route_requests_refused",  # forwarded route requests refused: its share of the query table is used
+    "seqno_requests_refused",  # seqno requests refused: its share of the seqno cache is used
+)
 
 
 def hold_time_ms(interval_cs: int, metric: int) -> int:
@@ -122,7 +151,7 @@ class PeerInfo:
     link_name: str = ""  # shown as Route.nextHop in the API
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FibEntry:
     """What the data plane needs for one destination subnet."""
 
@@ -199,6 +228,11 @@ class RouterEngine:
         self._fib: dict[Subnet, FibEntry] = {}
         self._recoveries: dict[Subnet, list] = {}  # subnet -> [router id to ask about, retries done]
         self._address_cache: dict[bytes, ipaddress.IPv6Address] = {}
+        # Fairness bookkeeping (see the module docstring).
+        self._learned: dict[str, dict[Subnet, None]] = {}  # neighbour -> its entries' subnets, oldest first
+        self._query_origin: dict[Subnet, str] = {}  # queried subnet -> neighbour whose request we forwarded
+        self._queries_by: Counter[str] = Counter()
+        self._nstats: dict[str, Counter[str]] = {}
 
         self._tlvs_out: list[tuple[str, Tlv]] = []
         self._fib_out: list[FibChange] = []
@@ -248,6 +282,34 @@ class RouterEngine:
     def source_table_size(self) -> int:
         return len(self._sources)
 
+    def subnet_count(self) -> int:
+        return len(self._table.routes)
+
+    def selected_count(self) -> int:
+        """Subnets with a selected route (cheap enough for periodic stats: no views built)."""
+        return sum(1 for r in self._table.routes.values() if r.entries and r.entries[0].selected)
+
+    def neighbour_stats(self) -> dict[str, dict[str, int]]:
+        """Per live neighbour: entries held, queries and seqno requests held on
+        its behalf, and the fairness counters (``NEIGHBOUR_COUNTERS``)."""
+        out: dict[str, dict[str, int]] = {}
+        for peer_id in self._peers:
+            row = {name: 0 for name in NEIGHBOUR_COUNTERS}
+            row.update(self._nstats.get(peer_id, ()))
+            row["routes"] = len(self._learned.get(peer_id, ()))
+            row["queries"] = self._queries_by.get(peer_id, 0)
+            row["seqno_requests"] = self._seqno_cache.owned_by(peer_id)
+            out[peer_id] = row
+        return out
+
+    def neighbour_route_limit(self) -> int:
+        """Entries one neighbour may hold: all of the table when it is our
+        only neighbour, half of it otherwise."""
+        return MAX_SUBNETS if len(self._peers) <= 1 else MAX_SUBNETS // 2
+
+    def fair_share(self, capacity: int) -> int:
+        return max(MIN_FAIR_SHARE, capacity // max(1, len(self._peers)))
+
     def feasibility_distance(self, subnet: Subnet, router_id: bytes) -> tuple[int, int] | None:
         """(metric, seqno) we last advertised for this source, for tests and diagnostics."""
         fd = self._sources.get((subnet, router_id))
@@ -276,6 +338,7 @@ class RouterEngine:
             return
         p = _Peer(peer, now)
         self._peers[peer.peer_id] = p
+        self._nstats[peer.peer_id] = Counter()
         self.counters["peers_up"] += 1
         self._send_hello(p, now)
         self._timers.schedule(("dead", peer.peer_id), now + DEAD_PEER_THRESHOLD)
@@ -301,17 +364,18 @@ class RouterEngine:
         if peer is None:
             self.counters["rx_from_unknown_peer"] += 1  # TLVs from dead peers are discarded (5.5)
             return
-        name = _TLV_NAMES.get(type(tlv))
+        kind = type(tlv)
+        name = _RX_NAMES.get(kind)
         if name is None:
             self.counters["rx_unknown_tlv"] += 1
             return
-        self.counters[f"rx_{name}"] += 1
-        if isinstance(tlv, Hello):
+        self.counters[name] += 1
+        if kind is Update:
+            self._handle_update(peer_id, tlv, now)  # type: ignore[arg-type]
+        elif kind is Hello:
             self._send(peer_id, Ihu(peer.link_cost, IHU_INTERVAL_CS, None))
-        elif isinstance(tlv, Ihu):
+        elif kind is Ihu:
             self._handle_ihu(peer, now)
-        elif isinstance(tlv, Update):
-            self._handle_update(peer_id, tlv, now)
         elif isinstance(tlv, RouteRequest):
             self._handle_route_request(peer_id, tlv, now)
         else:
@@ -420,10 +484,12 @@ class RouterEngine:
             self._tlvs_out = [(p, t) for p, t in self._tlvs_out if p != peer_id]
         self._timers.cancel(("hello", peer_id))
         self._timers.cancel(("dead", peer_id))
+        self._nstats.pop(peer_id, None)
         reselect: list[Subnet] = []
-        for subnet, routes in list(self._table.routes.items()):
-            entry = routes.find(peer_id)
-            if entry is None:
+        for subnet in list(self._learned.get(peer_id, ())):
+            routes = self._table.routes.get(subnet)
+            entry = routes.find(peer_id) if routes is not None else None
+            if routes is None or entry is None:
                 continue
             if entry.selected:
                 entry.metric = INFINITE
@@ -449,7 +515,7 @@ class RouterEngine:
     def _update_filter(self, update: Update) -> str | None:
         """Why an Update is dropped before processing, or None to accept it."""
         subnet = update.subnet
-        if not subnet.is_ipv6 or not subnet.network.subnet_of(GLOBAL_PREFIX):  # type: ignore[arg-type]
+        if not _GLOBAL_SUBNET.contains(subnet):
             return "outside_overlay"
         if subnet.prefix_len < PREFIX_LEN_MIN:
             return "prefix_too_short"
@@ -479,10 +545,12 @@ class RouterEngine:
             if metric == INFINITE:
                 self.counters["update_retraction_unknown_subnet"] += 1
                 return
-            if len(self._table.routes) >= MAX_SUBNETS:
-                self.counters["drop_routing_table_full"] += 1
+            if not self._admit(peer_id, subnet, True, now):
                 return
             routes = self._add_routes(subnet, router_id[:32])
+        elif routes.find(peer_id) is None and metric != INFINITE and feasible:
+            if not self._admit(peer_id, subnet, False, now):
+                return
 
         old = routes.selected()
         old_router_id = old.router_id if old is not None else None
@@ -515,8 +583,18 @@ class RouterEngine:
                     self._send_seqno_request(subnet, router_id, peer_id, None, now)
                     self._start_recovery(subnet, router_id, now)
                 return
+            first = routes.entries[0] if routes.entries else None
+            if first is not None:  # share objects between a subnet's entries (memory per route)
+                if first.subnet.address == subnet.address:
+                    subnet = first.subnet
+                if first.router_id == router_id:
+                    router_id = first.router_id
             entry = RouteEntry(subnet, router_id, peer_id, metric, seqno, now)
             routes.add(entry)
+            learned = self._learned.get(peer_id)
+            if learned is None:
+                learned = self._learned[peer_id] = {}
+            learned[subnet] = None
             self._set_expiry(subnet, entry, now + hold_time_ms(update.interval, metric) / 1000)
 
         new = self._find_best(subnet, routes)
@@ -542,6 +620,72 @@ class RouterEngine:
             self._propagate(subnet, interested, now)
         if new is not None and new is not old:
             self._forward_pending_seqno_requests(subnet, now)
+
+    # ------------------------------------------------------------------ fairness
+    def _admit(self, peer_id: str, subnet: Subnet, new_subnet: bool, now: float) -> bool:
+        """Room for a new entry from ``peer_id`` (see the module docstring)."""
+        learned = self._learned.get(peer_id)
+        limit = self.neighbour_route_limit()
+        if learned is not None and limit < MAX_SUBNETS and len(learned) >= limit:
+            if subnet not in self._table.queried or not self._evict_newest(peer_id, now):
+                self._nstats[peer_id]["routes_refused"] += 1
+                self.counters["drop_neighbour_route_limit"] += 1
+                return False
+        if new_subnet and len(self._table.routes) >= MAX_SUBNETS and not self._make_room(peer_id, now):
+            self._nstats[peer_id]["routes_refused"] += 1
+            self.counters["drop_routing_table_full"] += 1
+            return False
+        return True
+
+    def _make_room(self, peer_id: str, now: float) -> bool:
+        """The table is full: a neighbour below its fair share takes a subnet
+        slot from the neighbour holding the most entries, if that one is
+        above its share."""
+        share = self.fair_share(MAX_SUBNETS)
+        mine = len(self._learned.get(peer_id, ()))
+        if mine >= share:
+            return False
+        victim = max((q for q in self._learned if q != peer_id), key=lambda q: len(self._learned[q]), default=None)
+        if victim is None or len(self._learned[victim]) <= max(share, mine + 1):
+            return False
+        for _ in range(MAX_EVICTION_TRIES):
+            if len(self._table.routes) < MAX_SUBNETS or not self._evict_newest(victim, now):
+                break
+        return len(self._table.routes) < MAX_SUBNETS
+
+    def _evict_newest(self, peer_id: str, now: float) -> bool:
+        """Drop ``peer_id``'s newest entry; a selected one is replaced by a
+        fallback or retracted, as if it had expired."""
+        learned = self._learned.get(peer_id)
+        if not learned:
+            return False
+        subnet = next(reversed(learned))
+        routes = self._table.routes.get(subnet)
+        entry = routes.find(peer_id) if routes is not None else None
+        if routes is None or entry is None:  # cannot happen; keep the index honest anyway
+            del learned[subnet]
+            return True
+        stats = self._nstats.get(peer_id)
+        if stats is not None:
+            stats["routes_evicted"] += 1
+        self.counters["routes_evicted"] += 1
+        was_selected = entry.selected
+        self._remove_entry(subnet, routes, entry)
+        if was_selected:
+            if subnet in self._table.routes:
+                self._route_selection(subnet, now)
+            else:
+                self._propagate(subnet, None, now)  # our retraction: downstream must not keep using us
+        return True
+
+    def _release_query(self, subnet: Subnet) -> None:
+        origin = self._query_origin.pop(subnet, None)
+        if origin is not None:
+            left = self._queries_by[origin] - 1
+            if left > 0:
+                self._queries_by[origin] = left
+            else:
+                del self._queries_by[origin]
 
     # ------------------------------------------------------------------ selection (6.5)
     def _find_best(self, subnet: Subnet, routes: SubnetRoutes) -> RouteEntry | None:
@@ -777,8 +921,14 @@ class RouterEngine:
         if len(self._table.queried) >= MAX_QUERIED:
             self.counters["drop_query_table_full"] += 1
             return
+        if self._queries_by.get(peer_id, 0) >= self.fair_share(MAX_QUERIED):
+            self._nstats[peer_id]["route_requests_refused"] += 1
+            self.counters["drop_neighbour_query_limit"] += 1
+            return
         generation = request.generation + 1
         self._mark_queried(subnet, now)
+        self._query_origin[subnet] = peer_id
+        self._queries_by[peer_id] += 1
         info = self._rr_cache.info(subnet, now, RR_CACHE_TTL)
         skip = info.receivers if info is not None and generation >= info.generation else ()
         forwarded = RouteRequest(generation, subnet)
@@ -813,6 +963,7 @@ class RouterEngine:
             return
         self.counters["route_queries_timed_out"] += 1
         self._table.drop_query(subnet)
+        self._release_query(subnet)
 
     def _record_rr(self, subnet: Subnet, generation: int, receivers: list[str], now: float) -> None:
         evicted = self._rr_cache.record(subnet, generation, receivers, now)
@@ -998,6 +1149,10 @@ class RouterEngine:
         if router_id == self._router_id:
             self.counters["seqno_request_unhandled"] += 1
             return
+        if info is None and self._seqno_cache.owned_by(peer_id) >= self.fair_share(MAX_SEQNO_CACHE):
+            self._nstats[peer_id]["seqno_requests_refused"] += 1
+            self.counters["drop_neighbour_seqno_limit"] += 1
+            return
         if routes is None:
             self._park_seqno_request(key, peer_id, now)
             return
@@ -1035,12 +1190,13 @@ class RouterEngine:
         if subnet is not None and not subnet.is_ipv6:
             self.counters["tx_ipv4_suppressed"] += 1  # never send IPv4 prefixes (5.6)
             return
-        self.counters[f"tx_{_TLV_NAMES[type(tlv)]}"] += 1
+        self.counters[_TX_NAMES[type(tlv)]] += 1
         self._tlvs_out.append((peer_id, tlv))
 
     def _add_routes(self, subnet: Subnet, public_key: bytes) -> SubnetRoutes:
         if subnet in self._table.queried:
             self._timers.cancel(("queried", subnet))
+            self._release_query(subnet)
         return self._table.add_routes(subnet, public_key)
 
     def _remove_routes(self, subnet: Subnet) -> None:
@@ -1050,6 +1206,11 @@ class RouterEngine:
     def _remove_entry(self, subnet: Subnet, routes: SubnetRoutes, entry: RouteEntry) -> None:
         routes.remove(entry)
         self._timers.cancel(("route", subnet, entry.neighbour))
+        learned = self._learned.get(entry.neighbour)
+        if learned is not None:
+            learned.pop(subnet, None)
+            if not learned:
+                del self._learned[entry.neighbour]
         if not routes.entries:
             self._remove_routes(subnet)
         else:

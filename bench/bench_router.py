@@ -1,0 +1,122 @@
+"""Router engine alone on one core: Updates/s, route and seqno requests/s,
+bytes per route (tracemalloc) at a public-node-sized table.
+
+Run: ``.venv/bin/python bench/bench_router.py [--routes N] [--cpu C]``
+
+Rows:
+  updates       N fresh subnets from one neighbour: filters (router id owns
+                subnet), feasibility, selection, triggered update to the
+                other neighbours, FIB output (drained like the service does)
+  refresh       the same N Updates again (same seqno/metric: the steady state
+                of periodic re-announcements)
+  route_req     N RouteRequests for subnets in the table (answered from it)
+  seqno_req     N SeqNoRequests for subnets in the table (answered from it)
+  bytes/route   tracemalloc growth of the engine while learning N routes,
+                divided by N (Update objects the bench built are excluded)
+The ``baseline`` row is a plain dict insert per Update in the same run, the
+floor any table costs in this interpreter on this (shared) machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.identity import address_of, subnet_of
+from common.wire.tlv import RouteRequest, SeqNoRequest, Update
+from services.router.engine import PeerInfo, RouterEngine
+
+
+def make_updates(n: int, seed: int = 7) -> list[Update]:
+    """Updates whose router ids own their subnets (random 32-byte keys: the
+    engine derives the address with BLAKE3; it never needs a curve point)."""
+    rng = random.Random(seed)
+    out = []
+    seen = set()
+    while len(out) < n:
+        pk = rng.randbytes(32)
+        subnet = subnet_of(address_of(pk))
+        if subnet in seen:
+            continue
+        seen.add(subnet)
+        out.append(Update(0, 30_000, 1, 100, subnet, pk + b"\0\0" + rng.randbytes(6)))
+    return out
+
+
+def new_engine(peers: int = 3) -> RouterEngine:
+    rng = random.Random(1)
+    pk = rng.randbytes(32)
+    e = RouterEngine(pk, pk + bytes(8), 0.0)
+    for i in range(peers):
+        e.peer_up(PeerInfo(f"tcp-1-{i}", 10, f"peer{i}"), 0.0)
+    e.tlvs_to_send()
+    e.fib_changes()
+    return e
+
+
+def feed(e: RouterEngine, peer: str, tlvs: list, now: float, slice_len: int = 256) -> float:
+    """Seconds to feed ``tlvs`` and drain the outputs every ``slice_len`` TLVs (as the service does)."""
+    receive = e.receive_tlv
+    start = time.perf_counter()
+    for i in range(0, len(tlvs), slice_len):
+        for tlv in tlvs[i : i + slice_len]:
+            receive(peer, tlv, now)
+        e.tlvs_to_send()
+        e.fib_changes()
+    return time.perf_counter() - start
+
+
+def bench(n: int) -> dict[str, float]:
+    updates = make_updates(n)
+    results: dict[str, float] = {}
+
+    start = time.perf_counter()
+    d = {}
+    for u in updates:
+        d[(u.subnet, "tcp-1-0")] = (u.router_id, u.seqno, u.metric)
+    results["baseline dict insert/s"] = n / (time.perf_counter() - start)
+    del d
+
+    e = new_engine()
+    results["updates/s"] = n / feed(e, "tcp-1-0", updates, 1.0)
+    results["refresh updates/s"] = n / feed(e, "tcp-1-0", updates, 2.0)
+    requests = [RouteRequest(0, u.subnet) for u in updates]
+    results["route requests/s"] = n / feed(e, "tcp-1-1", requests, 3.0)
+    seqnos = [SeqNoRequest(1, 64, u.router_id, u.subnet) for u in updates]
+    results["seqno requests/s"] = n / feed(e, "tcp-1-1", seqnos, 4.0)
+    del e
+
+    tracemalloc.start()
+    e = new_engine()
+    before = tracemalloc.get_traced_memory()[0]
+    feed(e, "tcp-1-0", updates, 1.0)
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    results["bytes/route"] = (after - before) / n
+    results["routes in table"] = len(e.fib_snapshot())
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--routes", type=int, default=100_000)
+    ap.add_argument("--cpu", type=int, default=None, help="pin to this core")
+    args = ap.parse_args()
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    print(f"router engine bench, {args.routes} routes, one core, Python {sys.version.split()[0]}")
+    print("(machine shared with other developers: figures are noisy lower bounds)")
+    for name, value in bench(args.routes).items():
+        print(f"  {name:26s} {value:12,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
