@@ -16,22 +16,31 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Subnet:
-    """Compact: the address as given plus one int key (masked network,
-    prefix length, family) that hashing and comparison use. No
-    ``ipaddress`` network object is kept (the router holds one Subnet per
-    route; a network object costs several hundred bytes and a slow hash)."""
+    """Compact: one int key (masked network, prefix length, family) that
+    hashing and comparison use, plus the address as given only when it has
+    host bits set. No ``ipaddress`` network object is kept: the router holds
+    a Subnet per route, and a network object costs several hundred bytes
+    and a slow hash."""
 
-    __slots__ = ("_key", "address", "prefix_len")
+    __slots__ = ("_key", "_raw", "prefix_len")
 
     def __init__(self, address: IPAddress, prefix_len: int) -> None:
         bits = address.max_prefixlen
         if not 0 <= prefix_len <= bits:
             raise CodecError(f"prefix length {prefix_len} out of range for {address}")
-        self.address = address
         self.prefix_len = prefix_len
         shift = bits - prefix_len
-        masked = (int(address) >> shift) << shift
+        value = int(address)
+        masked = (value >> shift) << shift
         self._key = ((masked << 8) | prefix_len) << 1 | (address.version == 6)
+        self._raw: IPAddress | None = address if masked != value else None
+
+    @property
+    def address(self) -> IPAddress:
+        """As given (host bits kept, for byte-exact encoding)."""
+        if self._raw is not None:
+            return self._raw
+        return ipaddress.IPv6Address(self._key >> 9) if self._key & 1 else ipaddress.IPv4Address(self._key >> 9)
 
     @classmethod
     def parse(cls, text: str) -> Subnet:
@@ -61,19 +70,24 @@ class Subnet:
 
     @property
     def is_ipv6(self) -> bool:
-        return self.address.version == 6
+        return bool(self._key & 1)
+
+    @property
+    def same_address(self) -> object:
+        """Identity of the address as given: equal for Subnets that encode alike."""
+        return self._key if self._raw is None else (self._key, self._raw)
 
     def contains_address(self, addr: IPAddress) -> bool:
-        if addr.version != self.address.version:
+        if (addr.version == 6) != (self._key & 1):
             return False
         shift = addr.max_prefixlen - self.prefix_len
         return int(addr) >> shift == self._key >> (9 + shift)
 
     def contains(self, other: Subnet) -> bool:
         """True when ``other`` lies entirely inside this subnet."""
-        if other.address.version != self.address.version or other.prefix_len < self.prefix_len:
+        if (other._key ^ self._key) & 1 or other.prefix_len < self.prefix_len:
             return False
-        shift = self.address.max_prefixlen - self.prefix_len
+        shift = (128 if self._key & 1 else 32) - self.prefix_len
         return other._key >> (9 + shift) == self._key >> (9 + shift)
 
     def __eq__(self, other: object) -> bool:
@@ -85,7 +99,8 @@ class Subnet:
         return hash(self._key)
 
     def __str__(self) -> str:
-        return f"{type(self.address)(self._masked)}/{self.prefix_len}"
+        cls = ipaddress.IPv6Address if self._key & 1 else ipaddress.IPv4Address
+        return f"{cls(self._masked)}/{self.prefix_len}"
 
     def __repr__(self) -> str:
         return f"Subnet({self.address}/{self.prefix_len})"

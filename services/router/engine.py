@@ -53,7 +53,9 @@ as ordinary, well-formed TLVs (each is marked "unlike the reference" below):
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import itertools
 import random
 from collections import Counter
 from collections.abc import Iterable
@@ -94,6 +96,7 @@ SEQNO_DUPLICATE_WINDOW = 4.0  # incoming duplicates ignored this long (reference
 SEQNO_CACHE_TTL = 60.0
 SEQNO_REQUEST_HOP_COUNT = 64
 SOURCE_ENTRY_LIFETIME = 1800.0
+SOURCE_SWEEP_INTERVAL = 60.0  # expired source entries are purged by a sweep (no timer per entry)
 ROUTE_QUERY_TIMEOUT = 15.0
 RR_CACHE_TTL = 15.0
 ROUTE_REFRESH_THRESHOLD = 15.0
@@ -239,8 +242,15 @@ class RouterEngine:
         self._close_out: list[str] = []
         self.counters: Counter[str] = Counter()
 
+        # Route expiry has its own heap of (deadline, seq, entry): no per-entry
+        # key tuples or dict slots (memory per route); stale items are skipped.
+        self._route_heap: list[tuple[float, int, RouteEntry]] = []
+        self._route_seq = itertools.count()
+        self._route_timers = 0  # entries with an armed expiry
+
         self._next_announce = now + OWN_ROUTE_INTERVAL
         self._timers.schedule(("announce",), self._next_announce)
+        self._timers.schedule(("source_sweep",), now + SOURCE_SWEEP_INTERVAL)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -329,7 +339,14 @@ class RouterEngine:
         return out
 
     def get_timer(self) -> float | None:
-        return self._timers.next_time()
+        when = self._timers.next_time()
+        heap = self._route_heap
+        while heap:
+            at, _, entry = heap[0]
+            if entry.timer_at == at:
+                return at if when is None or at < when else when
+            heapq.heappop(heap)
+        return when
 
     # ------------------------------------------------------------------ links
     def peer_up(self, peer: PeerInfo, now: float) -> None:
@@ -416,21 +433,27 @@ class RouterEngine:
                 self._originate_route_request(subnet, now)
 
     def handle_timer(self, now: float) -> None:
+        heap = self._route_heap
+        while heap and heap[0][0] <= now:
+            at, _, entry = heapq.heappop(heap)
+            if entry.timer_at == at:
+                entry.timer_at = None
+                self._route_timers -= 1
+                self._on_route_timer(entry.subnet, entry.neighbour, now)
         while True:
             key = self._timers.pop_due(now)
             if key is None:
                 return
             kind = key[0]
-            if kind == "route":
-                self._on_route_timer(key[1], key[2], now)
-            elif kind == "hello":
+            if kind == "hello":
                 self._on_hello_timer(key[1], now)
             elif kind == "dead":
                 self._on_dead_timer(key[1], now)
             elif kind == "queried":
                 self._on_query_timer(key[1], now)
-            elif kind == "source":
-                self._on_source_timer((key[1], key[2]), now)
+            elif kind == "source_sweep":
+                self._sources.sweep(now)
+                self._timers.schedule(("source_sweep",), now + SOURCE_SWEEP_INTERVAL)
             elif kind == "seqno":
                 self._on_seqno_cache_timer((key[1], key[2], key[3]), now)
             elif kind == "rr":
@@ -585,7 +608,7 @@ class RouterEngine:
                 return
             first = routes.entries[0] if routes.entries else None
             if first is not None:  # share objects between a subnet's entries (memory per route)
-                if first.subnet.address == subnet.address:
+                if first.subnet.same_address == subnet.same_address:
                     subnet = first.subnet
                 if first.router_id == router_id:
                     router_id = first.router_id
@@ -782,9 +805,7 @@ class RouterEngine:
         if not self._sources.can_record(key):
             self.counters["drop_source_table_full"] += 1
             return update.metric == INFINITE
-        expires = now + SOURCE_ENTRY_LIFETIME
-        if self._sources.record(key, update.metric, update.seqno, expires):
-            self._timers.schedule(("source", key[0], key[1]), expires)
+        self._sources.record(key, update.metric, update.seqno, now + SOURCE_ENTRY_LIFETIME)
         return True
 
     def _route_lost(self, subnet: Subnet, router_id: bytes, now: float) -> None:
@@ -848,7 +869,7 @@ class RouterEngine:
         if routes is None or entry is None:
             return
         if now < entry.expires:
-            self._timers.schedule(("route", subnet, peer_id), entry.expires)
+            self._set_expiry(subnet, entry, entry.expires)
             return
         if not entry.selected:
             self.counters["route_expired_fallback"] += 1
@@ -1205,7 +1226,9 @@ class RouterEngine:
 
     def _remove_entry(self, subnet: Subnet, routes: SubnetRoutes, entry: RouteEntry) -> None:
         routes.remove(entry)
-        self._timers.cancel(("route", subnet, entry.neighbour))
+        if entry.timer_at is not None:
+            entry.timer_at = None
+            self._route_timers -= 1
         learned = self._learned.get(entry.neighbour)
         if learned is not None:
             learned.pop(subnet, None)
@@ -1217,17 +1240,19 @@ class RouterEngine:
             self._sync_fib(subnet)
 
     def _set_expiry(self, subnet: Subnet, entry: RouteEntry, expires: float) -> None:
+        """Deadlines usually move later: the armed one then fires early and re-arms."""
         entry.expires = expires
-        self._timers.schedule(("route", subnet, entry.neighbour), expires)
-
-    def _on_source_timer(self, key: SourceKey, now: float) -> None:
-        fd = self._sources.get(key)
-        if fd is None:
+        at = entry.timer_at
+        if at is not None and at <= expires:
             return
-        if now < fd.expires:
-            self._timers.schedule(("source", key[0], key[1]), fd.expires)
-            return
-        self._sources.remove(key)
+        if at is None:
+            self._route_timers += 1
+        entry.timer_at = expires
+        heap = self._route_heap
+        heapq.heappush(heap, (expires, next(self._route_seq), entry))
+        if len(heap) > 2 * self._route_timers + 1024:  # stale items of removed entries
+            self._route_heap = [item for item in heap if item[2].timer_at == item[0]]
+            heapq.heapify(self._route_heap)
 
     def _sync_fib(self, subnet: Subnet) -> None:
         """Emit a FIB change if ``subnet``'s forwarding state differs from what we last published."""
