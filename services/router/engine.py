@@ -280,6 +280,13 @@ class RouterEngine:
     def fib_snapshot(self) -> dict[Subnet, FibEntry]:
         return dict(self._fib)
 
+    def lookup_public_key(self, address: ipaddress.IPv6Address) -> bytes | None:
+        """Key of the longest subnet with routes covering ``address`` (None if none)."""
+        found = self._table.lookup(address)
+        if found is None or found[1] is None:
+            return None
+        return found[1].public_key
+
     def selected_routes(self) -> list[RouteView]:
         return [_view(s, e) for s, r in self._table.routes.items() for e in r.entries if e.selected]
 
@@ -432,15 +439,20 @@ class RouterEngine:
             else:  # only retractions left: look for any path again
                 self._originate_route_request(subnet, now)
 
-    def handle_timer(self, now: float) -> None:
+    def handle_timer(self, now: float, limit: int | None = None) -> None:
+        """Run due timers; at most ``limit`` events (the rest stay due, so
+        ``get_timer`` says to call again at once)."""
+        budget = -1 if limit is None else limit
         heap = self._route_heap
-        while heap and heap[0][0] <= now:
+        while heap and heap[0][0] <= now and budget != 0:
             at, _, entry = heapq.heappop(heap)
             if entry.timer_at == at:
                 entry.timer_at = None
                 self._route_timers -= 1
                 self._on_route_timer(entry.subnet, entry.neighbour, now)
-        while True:
+                budget -= 1
+        while budget != 0:
+            budget -= 1
             key = self._timers.pop_due(now)
             if key is None:
                 return
@@ -572,7 +584,8 @@ class RouterEngine:
                 return
             routes = self._add_routes(subnet, router_id[:32])
         elif routes.find(peer_id) is None and metric != INFINITE and feasible:
-            if not self._admit(peer_id, subnet, False, now):
+            admitted = self._admit(peer_id, subnet, False, now)
+            if not admitted:
                 return
 
         old = routes.selected()
@@ -649,11 +662,13 @@ class RouterEngine:
         """Room for a new entry from ``peer_id`` (see the module docstring)."""
         learned = self._learned.get(peer_id)
         limit = self.neighbour_route_limit()
-        if learned is not None and limit < MAX_SUBNETS and len(learned) >= limit:
-            if subnet not in self._table.queried or not self._evict_newest(peer_id, now):
-                self._nstats[peer_id]["routes_refused"] += 1
-                self.counters["drop_neighbour_route_limit"] += 1
-                return False
+        at_limit = learned is not None and limit < MAX_SUBNETS and len(learned) >= limit
+        # Past the limit the incoming route is the newest of all and is refused,
+        # unless one of our queries asked for it: then the neighbour's newest entry goes.
+        if at_limit and (subnet not in self._table.queried or not self._evict_newest(peer_id, now)):
+            self._nstats[peer_id]["routes_refused"] += 1
+            self.counters["drop_neighbour_route_limit"] += 1
+            return False
         if new_subnet and len(self._table.routes) >= MAX_SUBNETS and not self._make_room(peer_id, now):
             self._nstats[peer_id]["routes_refused"] += 1
             self.counters["drop_routing_table_full"] += 1

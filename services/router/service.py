@@ -4,6 +4,12 @@ data path, links to close).
 
 Peer ids are "<family>-<epoch>-<n>", so the family (which peerd owns the
 link) is the text before the first dash.
+
+Control-plane input is processed in bounded slices (``SLICE_TLVS`` TLVs or
+``SLICE_SECONDS``, whichever ends first); between two slices the router
+answers every waiting RPC (apid, FIB snapshots) and publishes what the slice
+produced, so a flood of TLVs delays an API answer by one slice, not by the
+whole backlog.
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ from .engine import FibDel, FibSet, PeerInfo, RouterEngine, RouteView
 log = logging.getLogger("router")
 FAMILIES = ("tcp",)
 MAX_WAIT = 1.0  # seconds between loop turns at most (stats, rpc responsiveness)
+SLICE_TLVS = 2_000  # control TLVs per slice of inbox processing
+SLICE_SECONDS = 0.02  # ... or this much time, whichever comes first
+SLICE_TIMERS = 2_000  # timer events per slice
+MAX_RPC_PER_TURN = 100
 
 
 def family_of(peer_id: str) -> str:
@@ -69,13 +79,14 @@ class RouterService:
 
     # --- inputs -----------------------------------------------------------
 
-    def handle_inbox(self, msg: bus.Message, now: float) -> None:
+    def handle_inbox(self, msg: bus.Message, now: float) -> int:
+        """Feed one bus message to the engine; returns the TLVs it carried."""
         kind, f = msg.kind, msg.fields
         if kind == "ctl":
             peer_id = f.get("peer")
             if peer_id not in self.peers:
                 self.counters["ctl_from_unknown_peer"] += len(msg.payloads)
-                return
+                return 0
             for frame in msg.payloads:
                 try:
                     pkt = decode_packet(frame)
@@ -84,7 +95,8 @@ class RouterService:
                     continue
                 if isinstance(pkt, ControlPacket):
                     self.engine.receive_tlv(peer_id, pkt.tlv, now)
-        elif kind == "peer_up":
+            return len(msg.payloads)
+        if kind == "peer_up":
             peer_id = f["peer"]
             if peer_id in self.peers:
                 return
@@ -113,6 +125,7 @@ class RouterService:
             self.engine.request_route(addr, now)
         else:
             self.counters["bus_unknown_kind"] += 1
+        return 1
 
     def handle_rpc(self, frames: list[bytes], now: float) -> None:
         request = bus.parse_request(frames, self.counters)
@@ -138,7 +151,7 @@ class RouterService:
             return [{"subnet": str(s), "expiration": str(left)} for s, left in self.engine.queried_subnets(now)]
         if method == "pubkey":
             addr = bytes(params["addr"])
-            key = self.lookup_key(addr)
+            key = self.engine.lookup_public_key(ipaddress.IPv6Address(addr))
             if key is None:  # start a lookup so that a later call can answer (the data path does the same)
                 self.engine.request_route(ipaddress.IPv6Address(addr), now)
             return key.hex() if key else None
@@ -150,14 +163,6 @@ class RouterService:
         if method == "info":
             return {"routerId": router_id_text(self.router_id), "seqno": self.engine.seqno}
         raise ValueError(f"unknown method {method!r}")
-
-    def lookup_key(self, addr: bytes) -> bytes | None:
-        best: tuple[int, bytes] | None = None
-        ip = ipaddress.IPv6Address(addr)
-        for subnet, entry in self.engine.fib_snapshot().items():
-            if subnet.contains_address(ip) and (best is None or subnet.prefix_len > best[0]):
-                best = (subnet.prefix_len, entry.public_key)
-        return best[1] if best else None
 
     def route_json(self, r: RouteView) -> dict[str, Any]:
         info = self.peers.get(r.next_hop)
@@ -227,39 +232,66 @@ class RouterService:
             wait = MAX_WAIT if timer is None else min(MAX_WAIT, max(0.0, timer - now))
             events = dict(poller.poll(wait * 1000))
             now = time.monotonic()
+            backlog = False
             if self.inbox in events:
-                for _ in range(1000):  # bounded batch per turn
-                    try:
-                        frames = self.inbox.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        self.handle_inbox(bus.unpack(frames), now)
-                    except (bus.BusError, KeyError, TypeError, ValueError) as exc:
-                        self.counters["bus_malformed"] += 1
-                        log.debug("bad bus message: %s", exc)
-            if self.rpc in events:
-                for _ in range(100):
-                    try:
-                        frames = self.rpc.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.handle_rpc(frames, now)
+                backlog = self.inbox_slice(now)
+            self.answer_rpcs(now)
             timer = self.engine.get_timer()
             if timer is not None and timer <= now:
-                self.engine.handle_timer(now)
+                self.engine.handle_timer(now, SLICE_TIMERS)
             self.flush()
-            if self.stats.due(now):
-                self.stats.maybe_publish(
-                    now,
-                    self.counters + self.engine.counters,
-                    {
-                        "peers": len(self.peers),
-                        "routes": len(self.engine.selected_routes()),
-                        "seqno": self.engine.seqno,
-                    },
-                )
+            self.publish_stats(now)
+            while backlog and not self.stop.stopped:  # more input waiting: slices with RPCs in between
+                now = time.monotonic()
+                backlog = self.inbox_slice(now)
+                self.answer_rpcs(now)
+                self.flush()
+                self.publish_stats(now)
         self.ctx.destroy(linger=0)
+
+    def inbox_slice(self, now: float) -> bool:
+        """One bounded slice of inbox messages; True when input is left over."""
+        tlvs = 0
+        deadline = time.monotonic() + SLICE_SECONDS
+        while tlvs < SLICE_TLVS:
+            try:
+                frames = self.inbox.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            try:
+                tlvs += self.handle_inbox(bus.unpack(frames), now)
+            except (bus.BusError, KeyError, TypeError, ValueError) as exc:
+                self.counters["bus_malformed"] += 1
+                log.debug("bad bus message: %s", exc)
+                tlvs += 1
+            if time.monotonic() >= deadline:
+                break
+        self.counters["inbox_slices_cut"] += 1
+        return True
+
+    def answer_rpcs(self, now: float) -> None:
+        for _ in range(MAX_RPC_PER_TURN):
+            try:
+                frames = self.rpc.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle_rpc(frames, now)
+
+    def publish_stats(self, now: float) -> None:
+        if not self.stats.due(now):
+            return
+        self.stats.maybe_publish(
+            now,
+            self.counters + self.engine.counters,
+            {
+                "peers": len(self.peers),
+                "routes": self.engine.selected_count(),
+                "subnets": self.engine.subnet_count(),
+                "seqno": self.engine.seqno,
+                # per-neighbour fairness figures; apid's /metrics labels them by peer
+                "neighbours": self.engine.neighbour_stats(),
+            },
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
