@@ -153,8 +153,14 @@ def test_flood_of_owned_subnets_leaves_honest_routes_and_the_api_alone(
     print(
         f"\n[router flood] {FLOOD_UPDATES} Updates written in {sent_s:.1f} s, processed in {processed_s:.1f} s; "
         f"router rx_update={counters.get('rx_update')} refused={counters.get('drop_neighbour_route_limit')} "
-        f"evicted={counters.get('routes_evicted', 0)}; {len(routed)} router-backed API calls, statuses {sorted(statuses)}, "
-        f"worst latency {worst * 1000:.0f} ms, router's longest RPC gap {gauges.get('max_rpc_gap_ms')} ms; router RSS {rss_before:.0f} -> {rss_after:.0f} MiB; peerd-backed /admin/peers: "
+        f"evicted={counters.get('routes_evicted', 0)}"
+    )
+    print(
+        f"[router flood] {len(routed)} router-backed API calls, statuses {sorted(statuses)}, "
+        f"worst latency {worst * 1000:.0f} ms; router's longest RPC gap {gauges.get('max_rpc_gap_ms')} ms"
+    )
+    print(
+        f"[router flood] router RSS {rss_before:.0f} -> {rss_after:.0f} MiB; peerd-backed /admin/peers: "
         f"{sum(1 for r in peerd_calls if r[1] != 200)}/{len(peerd_calls)} not 200, "
         f"worst {max((r[2] for r in peerd_calls), default=0) * 1000:.0f} ms"
     )
