@@ -83,6 +83,13 @@ class Subnet:
         shift = addr.max_prefixlen - self.prefix_len
         return int(addr) >> shift == self._key >> (9 + shift)
 
+    def contains_int6(self, value: int) -> bool:
+        """``contains_address`` for an IPv6 address given as an int."""
+        if not self._key & 1:
+            return False
+        shift = 128 - self.prefix_len
+        return value >> shift == self._key >> (9 + shift)
+
     def contains(self, other: Subnet) -> bool:
         """True when ``other`` lies entirely inside this subnet."""
         if (other._key ^ self._key) & 1 or other.prefix_len < self.prefix_len:

@@ -61,7 +61,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from common.identity import GLOBAL_PREFIX, address_of, subnet_of
+from common.identity import GLOBAL_PREFIX, address_int, address_of, subnet_of
 from common.wire.subnet import Subnet
 from common.wire.tlv import (
     HELLO_UNICAST,
@@ -230,7 +230,7 @@ class RouterEngine:
         self._timers = TimerQueue()
         self._fib: dict[Subnet, FibEntry] = {}
         self._recoveries: dict[Subnet, list] = {}  # subnet -> [router id to ask about, retries done]
-        self._address_cache: dict[bytes, ipaddress.IPv6Address] = {}
+        self._address_cache: dict[bytes, int] = {}  # public key -> its overlay address as an int
         # Fairness bookkeeping (see the module docstring).
         self._learned: dict[str, dict[Subnet, None]] = {}  # neighbour -> its entries' subnets, oldest first
         self._query_origin: dict[Subnet, str] = {}  # queried subnet -> neighbour whose request we forwarded
@@ -544,8 +544,8 @@ class RouterEngine:
         if address is None:
             if len(self._address_cache) >= _ADDRESS_CACHE_SIZE:
                 self._address_cache.clear()
-            address = self._address_cache[pk] = address_of(pk)
-        return subnet.contains_address(address)
+            address = self._address_cache[pk] = address_int(pk)
+        return subnet.contains_int6(address)
 
     def _update_filter(self, update: Update) -> str | None:
         """Why an Update is dropped before processing, or None to accept it."""
@@ -641,7 +641,7 @@ class RouterEngine:
             self._send_seqno_request(subnet, old_router_id, None, None, now)  # type: ignore[arg-type]
             routes.unselect()
             lost = True
-        self._sync_fib(subnet)
+        self._sync_fib(subnet, routes)
 
         if old is not None and new is not None:
             trigger = new.router_id != old_router_id or metric_delta(new.metric, old_metric) > BIG_METRIC_CHANGE
@@ -791,9 +791,12 @@ class RouterEngine:
             skip = None
         if not self._record_advertised(update, now):
             return
-        for peer_id in list(self._peers) if targets is None else targets:
-            if peer_id != skip:
-                self._send(peer_id, update)
+        if targets is None:
+            self._send_all(update, skip)
+        else:
+            for peer_id in targets:
+                if peer_id != skip:
+                    self._send(peer_id, update)
 
     def _own_update(self) -> Update:
         return Update(0, UPDATE_INTERVAL_CS, self._seqno, 0, self._own_subnet, self._router_id)
@@ -1121,12 +1124,15 @@ class RouterEngine:
         """A route for ``subnet`` was just selected: send requests that peers
         are still waiting on along it. Without this a request that reached us
         while we had no route (and was parked as a duplicate) would die here."""
+        keys = self._seqno_cache.keys_for(subnet)
+        if not keys:
+            return
         routes = self._table.routes.get(subnet)
         selected = routes.selected() if routes is not None else None
         if selected is None or selected.metric == INFINITE:
             return
         hop = selected.neighbour
-        for key in self._seqno_cache.keys_for(subnet):
+        for key in keys:
             info = self._seqno_cache.get(key)
             router_id, _, seqno = key
             if info is None or not info.sources or hop in info.targets or hop in info.sources:
@@ -1218,6 +1224,16 @@ class RouterEngine:
         peer = self._peers.get(peer_id)
         return INFINITE if peer is None else peer.link_cost
 
+    def _send_all(self, update: Update, skip: str | None) -> None:
+        """``_send`` of one Update to every live peer but ``skip`` (the hot path of triggered updates)."""
+        if not update.subnet.is_ipv6:
+            self.counters["tx_ipv4_suppressed"] += 1
+            return
+        out = [(p, update) for p in self._peers if p != skip]
+        if out:
+            self.counters["tx_update"] += len(out)
+            self._tlvs_out += out
+
     def _send(self, peer_id: str, tlv: Tlv) -> None:
         if peer_id not in self._peers:
             self.counters["tx_to_dead_peer_suppressed"] += 1
@@ -1269,9 +1285,10 @@ class RouterEngine:
             self._route_heap = [item for item in heap if item[2].timer_at == item[0]]
             heapq.heapify(self._route_heap)
 
-    def _sync_fib(self, subnet: Subnet) -> None:
+    def _sync_fib(self, subnet: Subnet, routes: SubnetRoutes | None = None) -> None:
         """Emit a FIB change if ``subnet``'s forwarding state differs from what we last published."""
-        routes = self._table.routes.get(subnet)
+        if routes is None:
+            routes = self._table.routes.get(subnet)
         if routes is None:
             if self._fib.pop(subnet, None) is not None:
                 self._fib_out.append(FibDel(subnet))
