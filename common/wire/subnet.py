@@ -105,9 +105,24 @@ class Subnet:
     def __hash__(self) -> int:
         return hash(self._key)
 
+    @property
+    def network_packed(self) -> bytes:
+        """The masked network address in network byte order (16 or 4 bytes)."""
+        return (self._key >> 9).to_bytes(16 if self._key & 1 else 4)
+
     def __str__(self) -> str:
+        masked = self._key >> 9
+        if self.prefix_len == 64 and self._key & 1 and masked >> 112:
+            # Fast path for the overlay's /64s (the API lists every route):
+            # the last four hextets are zero and form the longest zero run,
+            # together with any zero hextets just before them.
+            head = masked >> 64
+            groups = [(head >> 48) & 0xFFFF, (head >> 32) & 0xFFFF, (head >> 16) & 0xFFFF, head & 0xFFFF]
+            while groups[-1] == 0:
+                groups.pop()
+            return ":".join([f"{g:x}" for g in groups]) + "::/64"
         cls = ipaddress.IPv6Address if self._key & 1 else ipaddress.IPv4Address
-        return f"{cls(self._masked)}/{self.prefix_len}"
+        return f"{cls(masked)}/{self.prefix_len}"
 
     def __repr__(self) -> str:
         return f"Subnet({self.address}/{self.prefix_len})"

@@ -93,7 +93,7 @@ class NodeCollector(Collector):
             for name, value in sorted(row.items()):
                 if not numeric(value):
                     continue
-                if name in ("routes", "queries", "seqno_requests"):
+                if name in ("routes", "queries", "seqno_requests", "ctl_backlog"):
                     held.add_metric([str(peer), name], value)
                 else:
                     events.add_metric([str(peer), name], value)

@@ -60,6 +60,7 @@ import random
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from common.identity import GLOBAL_PREFIX, address_int, address_of, subnet_of
 from common.wire.subnet import Subnet
@@ -180,9 +181,9 @@ class FibDel:
 FibChange = FibSet | FibDel
 
 
-@dataclass(frozen=True)
-class RouteView:
-    """One row of the API's routes/selected and routes/fallback."""
+class RouteView(NamedTuple):
+    """One row of the API's routes/selected and routes/fallback (a tuple:
+    the API lists every route, so building rows must be cheap)."""
 
     subnet: Subnet
     next_hop: str  # peer id

@@ -11,6 +11,13 @@ answers every waiting RPC (apid, FIB snapshots) and publishes what the slice
 produced, so a flood of TLVs delays an API answer by one slice, not by the
 whole backlog.
 
+Control packets wait in one queue per neighbour, served round robin
+(``ROUND_FRAMES`` each), so an honest neighbour's Hellos, IHUs and Updates
+are not stuck behind a flooding neighbour's backlog (were its IHUs late by
+43 s, the link would be declared dead). A queue holds at most
+``MAX_PEER_BACKLOG`` frames; what a neighbour sends beyond that is dropped
+unread and counted (``ctl_dropped_backlog``, also per neighbour).
+
 A full collection of Python's cyclic GC walks every tracked object: about
 0.5 s at 65,000 routes, and during a flood it runs again each time the
 heap grows by a quarter. The router therefore moves its long-lived objects
@@ -48,6 +55,9 @@ SLICE_TLVS = 2_000  # control TLVs per slice of inbox processing
 SLICE_SECONDS = 0.02  # ... or this much time, whichever comes first
 SLICE_TIMERS = 2_000  # timer events per slice
 MAX_RPC_PER_TURN = 100
+MAX_PEER_BACKLOG = 50_000  # control frames queued per neighbour (~0.5-1 s of engine work)
+ROUND_FRAMES = 64  # frames per neighbour per round-robin turn
+READ_PER_SLICE = 256  # bus messages read per slice at most
 GC_FREEZE_INTERVAL = 2.0
 
 
@@ -88,22 +98,31 @@ class RouterService:
         self.last_rpc_check = time.monotonic()
         self.max_rpc_gap = 0.0
         self.next_freeze = 0.0
-        self.backlog: deque[tuple[str, list[bytes]]] = deque()  # control frames not yet fed to the engine
-        self.backlog_pos = 0  # frames of backlog[0] already fed
+        self.backlog: dict[str, deque[bytes]] = {}  # per neighbour: control frames not yet fed to the engine
+        self.backlog_drops: Counter[str] = Counter()
 
     # --- inputs -----------------------------------------------------------
 
     def handle_inbox(self, msg: bus.Message, now: float) -> None:
-        """One bus message. Control packets are queued for ``run_backlog``
-        (one read of a link can carry tens of thousands of them)."""
+        """One bus message. Control packets are queued per neighbour for
+        ``run_backlog`` (one read of a link can carry tens of thousands)."""
         kind, f = msg.kind, msg.fields
         if kind == "ctl":
             peer_id = f.get("peer")
             if peer_id not in self.peers:
                 self.counters["ctl_from_unknown_peer"] += len(msg.payloads)
                 return
-            if msg.payloads:
-                self.backlog.append((peer_id, msg.payloads))
+            queue = self.backlog.get(peer_id)
+            if queue is None:
+                queue = self.backlog[peer_id] = deque()
+            room = MAX_PEER_BACKLOG - len(queue)
+            frames = msg.payloads
+            if len(frames) > room:
+                dropped = len(frames) - max(room, 0)
+                self.counters["ctl_dropped_backlog"] += dropped
+                self.backlog_drops[peer_id] += dropped
+                frames = frames[: max(room, 0)]
+            queue.extend(frames)
         elif kind == "peer_up":
             peer_id = f["peer"]
             if peer_id in self.peers:
@@ -116,6 +135,7 @@ class RouterService:
             peer_id = f["peer"]
             if self.peers.pop(peer_id, None) is not None:
                 self.engine.peer_down(peer_id, now)
+                self.forget_backlog(peer_id)
                 log.info("peer down %s", peer_id)
         elif kind == "peerd_hello":
             # a (re)started peerd: links of any older incarnation are gone
@@ -123,6 +143,7 @@ class RouterService:
             for peer_id in [p for p in self.peers if family_of(p) == fam and epoch_of(p) != epoch]:
                 del self.peers[peer_id]
                 self.engine.peer_down(peer_id, now)
+                self.forget_backlog(peer_id)
             log.info("peerd-%s started (epoch %s)", fam, epoch)
         elif kind == "need_route":
             try:
@@ -187,7 +208,7 @@ class RouterService:
 
     def fib_entries(self) -> list[list[Any]]:
         return [
-            [s.network.network_address.packed, s.prefix_len, e.next_hop, e.public_key]
+            [s.network_packed, s.prefix_len, e.next_hop, e.public_key]
             for s, e in self.engine.fib_snapshot().items()
             if s.is_ipv6
         ]
@@ -213,7 +234,7 @@ class RouterService:
             for ch in changes:
                 if not ch.subnet.is_ipv6:
                     continue
-                net = ch.subnet.network.network_address.packed
+                net = ch.subnet.network_packed
                 if isinstance(ch, FibSet):
                     sets.append([net, ch.subnet.prefix_len, ch.entry.next_hop, ch.entry.public_key])
                 elif isinstance(ch, FibDel):
@@ -262,48 +283,53 @@ class RouterService:
         self.ctx.destroy(linger=0)
 
     def inbox_slice(self, now: float) -> bool:
-        """One bounded slice of input; True when input is left over. New bus
-        messages are read only once the backlog is empty, so the order of
-        control packets and link events is kept."""
+        """One bounded slice of input; True when input is left over. Bus
+        messages are read first (cheap: control frames are only queued), then
+        the neighbours' queues are served round robin."""
         budget = SLICE_TLVS
         deadline = time.monotonic() + SLICE_SECONDS
-        while budget > 0 and time.monotonic() < deadline:
-            if self.backlog:
-                budget -= self.run_backlog(min(budget, 256), now)
-                continue
+        unread = True
+        for _ in range(READ_PER_SLICE):
             try:
                 frames = self.inbox.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return False
-            budget -= 1
+                unread = False
+                break
             try:
                 self.handle_inbox(bus.unpack(frames), now)
             except (bus.BusError, KeyError, TypeError, ValueError) as exc:
                 self.counters["bus_malformed"] += 1
                 log.debug("bad bus message: %s", exc)
-        self.counters["inbox_slices_cut"] += 1
-        return True
+        while budget > 0 and self.backlog and time.monotonic() < deadline:
+            for peer_id in list(self.backlog):
+                budget -= self.run_backlog(peer_id, ROUND_FRAMES, now)
+        if unread or self.backlog:
+            self.counters["inbox_slices_cut"] += 1
+            return True
+        return False
 
-    def run_backlog(self, limit: int, now: float) -> int:
-        """Feed at most ``limit`` queued control frames to the engine; returns how many."""
-        peer_id, frames = self.backlog[0]
-        start = self.backlog_pos
-        end = min(len(frames), start + limit)
+    def run_backlog(self, peer_id: str, limit: int, now: float) -> int:
+        """Feed at most ``limit`` of ``peer_id``'s queued control frames to the engine; returns how many."""
+        queue = self.backlog[peer_id]
         receive = self.engine.receive_tlv
-        for frame in frames[start:end]:
+        n = min(limit, len(queue))
+        pop = queue.popleft
+        for _ in range(n):
             try:
-                pkt = decode_packet(frame)
+                pkt = decode_packet(pop())
             except CodecError:
                 self.counters["ctl_malformed"] += 1
                 continue
             if isinstance(pkt, ControlPacket):
                 receive(peer_id, pkt.tlv, now)
-        if end == len(frames):
-            self.backlog.popleft()
-            self.backlog_pos = 0
-        else:
-            self.backlog_pos = end
-        return max(1, end - start)
+        if not queue:
+            del self.backlog[peer_id]
+        return max(1, n)
+
+    def forget_backlog(self, peer_id: str) -> None:
+        """A dead link's queued frames are discarded (PROTOCOL.md 5.5)."""
+        self.backlog.pop(peer_id, None)
+        self.backlog_drops.pop(peer_id, None)
 
     def answer_rpcs(self, now: float) -> None:
         # the longest stretch without looking at the RPC socket, a figure for the flood test
@@ -320,6 +346,13 @@ class RouterService:
             except zmq.Again:
                 return
             self.handle_rpc(frames, now)
+
+    def neighbour_stats(self) -> dict[str, dict[str, int]]:
+        rows = self.engine.neighbour_stats()
+        for peer_id, row in rows.items():
+            row["ctl_dropped_backlog"] = self.backlog_drops.get(peer_id, 0)
+            row["ctl_backlog"] = len(self.backlog.get(peer_id, ()))
+        return rows
 
     def publish_stats(self, now: float) -> None:
         if now >= self.next_freeze:  # (see the module docstring)
@@ -338,7 +371,7 @@ class RouterService:
                 "seqno": self.engine.seqno,
                 "max_rpc_gap_ms": round(self.max_rpc_gap * 1000),
                 # per-neighbour fairness figures; apid's /metrics labels them by peer
-                "neighbours": self.engine.neighbour_stats(),
+                "neighbours": self.neighbour_stats(),
             },
         )
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import select
 import socket
 import threading
 import time
@@ -37,7 +38,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from common.identity import address_of, subnet_of
 from common.wire.packet import ControlPacket
 from common.wire.subnet import Subnet
-from common.wire.tlv import Hello, Update
+from common.wire.tlv import Hello, Ihu, Update
 
 from .nodes import Node, wait_for
 
@@ -52,9 +53,13 @@ def fresh_public_key() -> bytes:
     return X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
+IHU_EVERY = 5_000  # the flooder keeps its link alive (no IHU for 43 s = dead peer)
+
+
 def flood_frames(count: int) -> bytes:
     out = bytearray()
     made = 0
+    ihu = ControlPacket(Ihu(0, 6000, None)).encode()
     while made < count:
         pk = fresh_public_key()
         address = address_of(pk)
@@ -64,6 +69,8 @@ def flood_frames(count: int) -> bytes:
                 break
             out += ControlPacket(Update(0, 30_000, 1, 0, Subnet(address, plen), router_id)).encode()
             made += 1
+            if made % IHU_EVERY == 0:
+                out += ihu
     return bytes(out)
 
 
@@ -72,6 +79,21 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+def drain(sock: socket.socket, stop: threading.Event) -> None:
+    """Read and discard what the node sends the flooder, so its send queue never fills."""
+    while not stop.is_set():  # (the socket's timeout is the sender's: wait with select instead)
+        readable, _, _ = select.select([sock], [], [], 0.5)
+        if not readable:
+            continue
+        try:
+            if not sock.recv(1 << 16, socket.MSG_DONTWAIT):
+                return
+        except BlockingIOError:
+            continue
+        except OSError:
+            return
 
 
 class ApiProbe(threading.Thread):
@@ -120,6 +142,9 @@ def test_flood_of_owned_subnets_leaves_honest_routes_and_the_api_alone(
         pk = fresh_public_key()
         flooder.sendall(ControlPacket(Hello(0x8000, 0, 2000)).encode())
         flooder.sendall(ControlPacket(Update(0, 30_000, 0, 0, subnet_of(address_of(pk)), pk + bytes(8))).encode())
+        reader_stop = threading.Event()
+        reader = threading.Thread(target=drain, args=(flooder, reader_stop), daemon=True)
+        reader.start()
         started = time.monotonic()
         flooder.sendall(frames)
         sent_s = time.monotonic() - started
@@ -142,6 +167,8 @@ def test_flood_of_owned_subnets_leaves_honest_routes_and_the_api_alone(
             wait_for("the late node's route", lambda: node.lookup(str(late_address)) == late_pk.hex(), 15)
         probe.stop.set()
         probe.join(15)
+        reader_stop.set()
+        reader.join(5)
         rss_after = rss_mib(router_pid)
 
     counters = node.counters("router")
