@@ -177,9 +177,9 @@ class RouterService:
         if method == "fib_snapshot":
             return {"epoch": self.fib_epoch, "seq": self.fib_seq, "entries": self.fib_entries()}
         if method == "routes_selected":
-            return [self.route_json(r) for r in self.engine.selected_routes()]
+            return self.routes_json(self.engine.selected_routes())
         if method == "routes_fallback":
-            return [self.route_json(r) for r in self.engine.fallback_routes()]
+            return self.routes_json(self.engine.fallback_routes())
         if method == "routes_queried":
             return [{"subnet": str(s), "expiration": str(left)} for s, left in self.engine.queried_subnets(now)]
         if method == "pubkey":
@@ -197,14 +197,17 @@ class RouterService:
             return {"routerId": router_id_text(self.router_id), "seqno": self.engine.seqno}
         raise ValueError(f"unknown method {method!r}")
 
-    def route_json(self, r: RouteView) -> dict[str, Any]:
-        info = self.peers.get(r.next_hop)
-        return {
-            "subnet": str(r.subnet),
-            "nextHop": info.link_name if info and info.link_name else r.next_hop,
-            "metric": metric_json(r.metric),
-            "seqno": r.seqno,
-        }
+    def routes_json(self, views: list[RouteView]) -> list[dict[str, Any]]:
+        names = {p: info.link_name or p for p, info in self.peers.items()}
+        return [
+            {
+                "subnet": str(r.subnet),
+                "nextHop": names.get(r.next_hop, r.next_hop),
+                "metric": metric_json(r.metric),
+                "seqno": r.seqno,
+            }
+            for r in views
+        ]
 
     def fib_entries(self) -> list[list[Any]]:
         return [
