@@ -16,7 +16,9 @@ Control packets wait in one queue per neighbour, served round robin
 are not stuck behind a flooding neighbour's backlog (were its IHUs late by
 43 s, the link would be declared dead). A queue holds at most
 ``MAX_PEER_BACKLOG`` frames; what a neighbour sends beyond that is dropped
-unread and counted (``ctl_dropped_backlog``, also per neighbour).
+unread and counted (``ctl_dropped_backlog``, also per neighbour). Hellos
+and IHUs bypass the queues (fed at once, never dropped): a neighbour that
+forwards a flood to us is still alive, and must look alive.
 
 A full collection of Python's cyclic GC walks every tracked object: about
 0.5 s at 65,000 routes, and during a flood it runs again each time the
@@ -44,7 +46,8 @@ from common.identity import Identity, load_key_file, make_router_id, router_id_t
 from common.lifecycle import StopSignal, start_service
 from common.nodeconfig import NodeConfig
 from common.wire.errors import CodecError
-from common.wire.packet import ControlPacket, decode_packet
+from common.wire.packet import ControlPacket, control_tlv_type, decode_packet
+from common.wire.tlv import TYPE_HELLO, TYPE_IHU
 
 from .engine import FibDel, FibSet, PeerInfo, RouterEngine, RouteView
 
@@ -58,6 +61,7 @@ MAX_RPC_PER_TURN = 100
 MAX_PEER_BACKLOG = 50_000  # control frames queued per neighbour (~0.5-1 s of engine work)
 ROUND_FRAMES = 64  # frames per neighbour per round-robin turn
 READ_PER_SLICE = 256  # bus messages read per slice at most
+LIVENESS_TLVS = (TYPE_HELLO, TYPE_IHU)
 GC_FREEZE_INTERVAL = 2.0
 
 
@@ -115,14 +119,18 @@ class RouterService:
             queue = self.backlog.get(peer_id)
             if queue is None:
                 queue = self.backlog[peer_id] = deque()
-            room = MAX_PEER_BACKLOG - len(queue)
-            frames = msg.payloads
-            if len(frames) > room:
-                dropped = len(frames) - max(room, 0)
-                self.counters["ctl_dropped_backlog"] += dropped
-                self.backlog_drops[peer_id] += dropped
-                frames = frames[: max(room, 0)]
-            queue.extend(frames)
+            for frame in msg.payloads:
+                if control_tlv_type(frame) in LIVENESS_TLVS:
+                    # at once and never dropped: a Hello or IHU stuck behind
+                    # (or dropped from) a backlog would make a live link look dead
+                    self.feed_frame(peer_id, frame, now)
+                elif len(queue) < MAX_PEER_BACKLOG:
+                    queue.append(frame)
+                else:
+                    self.counters["ctl_dropped_backlog"] += 1
+                    self.backlog_drops[peer_id] += 1
+            if not queue:
+                del self.backlog[peer_id]
         elif kind == "peer_up":
             peer_id = f["peer"]
             if peer_id in self.peers:
@@ -314,20 +322,23 @@ class RouterService:
     def run_backlog(self, peer_id: str, limit: int, now: float) -> int:
         """Feed at most ``limit`` of ``peer_id``'s queued control frames to the engine; returns how many."""
         queue = self.backlog[peer_id]
-        receive = self.engine.receive_tlv
         n = min(limit, len(queue))
         pop = queue.popleft
+        feed = self.feed_frame
         for _ in range(n):
-            try:
-                pkt = decode_packet(pop())
-            except CodecError:
-                self.counters["ctl_malformed"] += 1
-                continue
-            if isinstance(pkt, ControlPacket):
-                receive(peer_id, pkt.tlv, now)
+            feed(peer_id, pop(), now)
         if not queue:
             del self.backlog[peer_id]
         return max(1, n)
+
+    def feed_frame(self, peer_id: str, frame: bytes, now: float) -> None:
+        try:
+            pkt = decode_packet(frame)
+        except CodecError:
+            self.counters["ctl_malformed"] += 1
+            return
+        if isinstance(pkt, ControlPacket):
+            self.engine.receive_tlv(peer_id, pkt.tlv, now)
 
     def forget_backlog(self, peer_id: str) -> None:
         """A dead link's queued frames are discarded (PROTOCOL.md 5.5)."""
