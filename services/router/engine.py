@@ -195,7 +195,7 @@ class RouteView(NamedTuple):
 class _Peer:
     """Per-link liveness and link-cost state (PROTOCOL.md 2.9)."""
 
-    __slots__ = ("hello_seqno", "info", "next_hello", "smoothed", "t_hello", "t_last_ihu")
+    __slots__ = ("hello_seqno", "info", "next_hello", "smoothed", "t_hello", "t_last_heard", "t_last_ihu")
 
     def __init__(self, info: PeerInfo, now: float) -> None:
         self.info = info
@@ -203,6 +203,7 @@ class _Peer:
         self.smoothed = INITIAL_SMOOTHED_COST
         self.t_hello = now
         self.t_last_ihu = now
+        self.t_last_heard = now  # any TLV at all (liveness under load, see _on_dead_timer)
         self.next_hello = now
 
     @property
@@ -389,6 +390,7 @@ class RouterEngine:
         if peer is None:
             self.counters["rx_from_unknown_peer"] += 1  # TLVs from dead peers are discarded (5.5)
             return
+        peer.t_last_heard = now
         kind = type(tlv)
         name = _RX_NAMES.get(kind)
         if name is None:
@@ -505,7 +507,10 @@ class RouterEngine:
         peer = self._peers.get(peer_id)
         if peer is None:
             return
-        deadline = peer.t_last_ihu + DEAD_PEER_THRESHOLD
+        # Unlike the reference, any TLV from the peer keeps it alive, not only
+        # an IHU: a neighbour busy forwarding a flood to us may get its IHUs
+        # to us late (they queue behind its Updates), yet the link plainly works.
+        deadline = max(peer.t_last_ihu, peer.t_last_heard) + DEAD_PEER_THRESHOLD
         if now < deadline:
             self._timers.schedule(("dead", peer_id), deadline)
             return

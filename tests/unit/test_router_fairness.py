@@ -145,3 +145,13 @@ def test_a_dead_neighbours_entries_leave_its_index() -> None:
     e.handle_timer(2.0 + 2 * engine_mod.RETRACTED_ROUTE_HOLD + 2)
     assert "a" not in e._learned
     assert e.subnet_count() == 0
+
+
+def test_a_neighbour_that_keeps_sending_stays_alive_without_ihus() -> None:
+    """Its IHUs may queue behind the flood it forwards; any TLV proves the link works."""
+    e = new_engine("busy", "quiet")
+    for t in range(0, 100, 10):
+        e.receive_tlv("busy", Ident(9000 + t).update(), float(t))
+        e.handle_timer(float(t) + 0.5)
+    assert "busy" in [p.peer_id for p in e.peers]
+    assert "quiet" not in [p.peer_id for p in e.peers]  # heard nothing for 43 s
