@@ -57,7 +57,7 @@ import heapq
 import ipaddress
 import itertools
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -111,6 +111,7 @@ PREFIX_LEN_MIN = 64
 MAX_SUBNETS = 131_072  # subnets in the routing table (a public node carries ~100k)
 MIN_FAIR_SHARE = 1_024  # a neighbour's share of a table never drops below this
 MAX_EVICTION_TRIES = 8  # entries evicted at most to free one subnet slot
+DEAD_PEER_SLICE = 4_096  # a dead peer's routes retracted at once; more go in handle_timer slices
 MAX_QUERIED = 16_384
 MAX_SOURCES = 2 * MAX_SUBNETS
 MAX_SEQNO_CACHE = 16_384
@@ -249,6 +250,7 @@ class RouterEngine:
         self._route_heap: list[tuple[float, int, RouteEntry]] = []
         self._route_seq = itertools.count()
         self._route_timers = 0  # entries with an armed expiry
+        self._dead_work: deque[tuple[str, list[Subnet], float]] = deque()  # dead peers' routes still to retract
 
         self._next_announce = now + OWN_ROUTE_INTERVAL
         self._timers.schedule(("announce",), self._next_announce)
@@ -349,6 +351,9 @@ class RouterEngine:
 
     def get_timer(self) -> float | None:
         when = self._timers.next_time()
+        if self._dead_work:
+            since = self._dead_work[0][2]
+            when = since if when is None or since < when else when
         heap = self._route_heap
         while heap:
             at, _, entry = heap[0]
@@ -446,6 +451,16 @@ class RouterEngine:
         """Run due timers; at most ``limit`` events (the rest stay due, so
         ``get_timer`` says to call again at once)."""
         budget = -1 if limit is None else limit
+        while self._dead_work and budget != 0:
+            peer_id, subnets, _ = self._dead_work[0]
+            take = len(subnets) if budget < 0 else min(budget, len(subnets))
+            chunk = subnets[len(subnets) - take :]
+            del subnets[len(subnets) - take :]
+            self._retract_peer_routes(peer_id, chunk, now)
+            if budget > 0:
+                budget -= take
+            if not subnets:
+                self._dead_work.popleft()
         heap = self._route_heap
         while heap and heap[0][0] <= now and budget != 0:
             at, _, entry = heapq.heappop(heap)
@@ -526,8 +541,20 @@ class RouterEngine:
         self._timers.cancel(("hello", peer_id))
         self._timers.cancel(("dead", peer_id))
         self._nstats.pop(peer_id, None)
+        self._seqno_cache.forget_peer(peer_id)
+        self._rr_cache.forget_peer(peer_id)
+        subnets = list(self._learned.get(peer_id, ()))
+        if len(subnets) <= DEAD_PEER_SLICE:
+            self._retract_peer_routes(peer_id, subnets, now)
+        else:
+            # A neighbour that held tens of thousands of routes: retract them in
+            # slices from handle_timer, so the caller can answer in between.
+            self.counters["dead_peer_cleanup_deferred"] += 1
+            self._dead_work.append((peer_id, subnets, now))
+
+    def _retract_peer_routes(self, peer_id: str, subnets: list[Subnet], now: float) -> None:
         reselect: list[Subnet] = []
-        for subnet in list(self._learned.get(peer_id, ())):
+        for subnet in subnets:
             routes = self._table.routes.get(subnet)
             entry = routes.find(peer_id) if routes is not None else None
             if routes is None or entry is None:
@@ -538,8 +565,6 @@ class RouterEngine:
                 reselect.append(subnet)
             else:
                 self._remove_entry(subnet, routes, entry)
-        self._seqno_cache.forget_peer(peer_id)
-        self._rr_cache.forget_peer(peer_id)
         for subnet in reselect:
             self._route_selection(subnet, now)
 

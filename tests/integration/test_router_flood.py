@@ -195,6 +195,7 @@ def test_flood_of_owned_subnets_leaves_honest_routes_and_the_api_alone(
     assert node.program_pid("router") == router_pid  # never restarted
     assert counters.get("drop_neighbour_route_limit", 0) > 0  # the flooder was held to its share
     assert honest.subnet in node.selected()  # the honest neighbour's route survived
-    assert node.lookup(honest.address) is not None
+    status, body = node.api_status(f"/api/v1/pubkey/{honest.address}", timeout=10)
+    assert status == 200, (status, body)
     assert rss_after < ROUTER_RSS_BOUND_MIB
     ipaddress.IPv6Address(honest.address)

@@ -155,3 +155,19 @@ def test_a_neighbour_that_keeps_sending_stays_alive_without_ihus() -> None:
         e.handle_timer(float(t) + 0.5)
     assert "busy" in [p.peer_id for p in e.peers]
     assert "quiet" not in [p.peer_id for p in e.peers]  # heard nothing for 43 s
+
+
+def test_a_dead_neighbours_many_routes_are_retracted_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_mod, "DEAD_PEER_SLICE", 3)
+    e = new_engine("big", "other")
+    flooded = flood(e, "big", 9500, 10)
+    drain(e)
+    e.peer_down("big", 2.0)
+    assert e.get_timer() == 2.0  # the rest is due at once
+    e.handle_timer(2.0, limit=4)
+    retracted = [t for _, t in e.tlvs_to_send() if isinstance(t, Update) and t.metric == INFINITE]
+    assert len(retracted) == 4
+    e.handle_timer(2.0)
+    retracted = [t for _, t in e.tlvs_to_send() if isinstance(t, Update) and t.metric == INFINITE]
+    assert len(retracted) == 6
+    assert all(entry.next_hop is None for s, entry in e.fib_snapshot().items() if s in {i.subnet for i in flooded})
