@@ -1,6 +1,11 @@
-"""Overlay names for the DNS resolver: ``<64-hex public key>.mycelium``
-and the config's ``[names]`` table (short name -> key or address). Shared
-by the option checks (a bad table is a start-up error) and dnsd."""
+"""Overlay names for the DNS resolver: a public key's name and the
+config's ``[names]`` table (short name -> key or address). Shared by the
+option checks (a bad table is a start-up error) and dnsd.
+
+A DNS label holds at most 63 characters, so the 64 hex digits of a key
+cannot be one label: the key's name is its hex digits cut into labels
+anywhere, normally two halves, ``<32 hex>.<32 hex>.mycelium``
+(``key_name`` writes that form)."""
 
 from __future__ import annotations
 
@@ -23,13 +28,23 @@ def normalise(name: str) -> str:
     return name.lower().rstrip(".")
 
 
+def key_name(public_key: bytes) -> str:
+    """The name that answers a key's address: ``<32 hex>.<32 hex>.mycelium``."""
+    text = public_key.hex()
+    return f"{text[:32]}.{text[32:]}.{ZONE}"
+
+
 def key_name_address(name: str) -> ipaddress.IPv6Address | None:
-    """``<64 hex>.mycelium`` -> the node address of that key; None for any other name."""
+    """A key's name (its 64 hex digits in one or more labels, then
+    ``.mycelium``) -> the node address of that key; None for any other name."""
     labels = normalise(name).split(".")
-    if len(labels) != 2 or labels[1] != ZONE or len(labels[0]) != 64:
+    if len(labels) < 2 or labels[-1] != ZONE:
+        return None
+    digits = "".join(labels[:-1])
+    if len(digits) != 64:
         return None
     try:
-        return address_of(parse_public_key(labels[0]))
+        return address_of(parse_public_key(digits))
     except IdentityError:
         return None
 

@@ -100,9 +100,12 @@ class Proxy:
     # --- probing -----------------------------------------------------------
 
     def start_probing(self) -> None:
-        if self.probe_task is None or self.probe_task.done():
-            log.info("start SOCKS5 proxy probing")
-            self.probe_task = asyncio.create_task(self._probe_loop())
+        """Start the rounds; a start while probing begins a new round now
+        (the reference would start a second, never-ending loop)."""
+        if self.probe_task is not None:
+            self.probe_task.cancel()
+        log.info("start SOCKS5 proxy probing")
+        self.probe_task = asyncio.create_task(self._probe_loop())
 
     def stop_probing(self) -> None:
         if self.probe_task is not None:
