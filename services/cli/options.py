@@ -5,6 +5,7 @@ starts."""
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
 import socket
@@ -193,10 +194,13 @@ def ensure_dns_port_free(port: int) -> None:
             try:
                 s.bind(("::", port))
             except OSError as exc:
-                raise OptionError(
-                    f"--enable-dns: {proto} port {port} is not available ({exc.strerror}); "
-                    "another DNS server (systemd-resolved, dnsmasq) may be using it"
-                ) from exc
+                why = (
+                    "binding it needs root or CAP_NET_BIND_SERVICE"
+                    if exc.errno == errno.EACCES
+                    else "another DNS server (systemd-resolved, dnsmasq) may be using it"
+                )
+                text = f"--enable-dns: {proto} port {port} is not available ({exc.strerror}); {why}"
+                raise OptionError(text) from exc
 
 
 def default_run_dir(tcp_port: int) -> str:

@@ -23,7 +23,8 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from collections import Counter
+from typing import Any, cast
 
 import dns.asyncquery
 import dns.exception
@@ -55,7 +56,7 @@ class PortTaken(Exception):
 
 def bind_sockets(port: int) -> tuple[socket.socket, socket.socket]:
     """UDP and TCP sockets on [::]:port, IPv4 too (dual stack)."""
-    out = []
+    out: list[socket.socket] = []
     for kind, proto in ((socket.SOCK_DGRAM, "UDP"), (socket.SOCK_STREAM, "TCP")):
         s = socket.socket(socket.AF_INET6, kind)
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -210,16 +211,16 @@ async def serve(cfg: NodeConfig, udp_sock: socket.socket, tcp_sock: socket.socke
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(resolver), sock=udp_sock)
     server = await asyncio.start_server(lambda r, w: _tcp_client(resolver, r, w), sock=tcp_sock)
-    rpc = bus.bind(ctx, zmq.ROUTER, cfg.run_dir, "dnsd.rpc")  # type: ignore[arg-type]
+    rpc = cast(zmq.asyncio.Socket, bus.bind(ctx, zmq.ROUTER, cfg.run_dir, "dnsd.rpc"))
     stats = bus.StatsPublisher(sync_ctx, cfg.run_dir, "dnsd")
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     async def rpc_loop() -> None:
-        drops: dict[str, int] = {}
+        drops: Counter[str] = Counter()
         while True:
-            request = bus.parse_request(await rpc.recv_multipart(), drops)  # type: ignore[arg-type]
+            request = bus.parse_request(await rpc.recv_multipart(), drops)
             if request is None:
                 continue
             envelope, msg = request

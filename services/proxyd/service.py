@@ -24,7 +24,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -299,7 +299,7 @@ async def serve(cfg: NodeConfig) -> None:
     sync_ctx = zmq.Context()
     ctx = zmq.asyncio.Context.shadow(sync_ctx)
     proxy = Proxy(cfg, identity, sync_ctx)
-    sock = bus.bind(ctx, zmq.ROUTER, cfg.run_dir, "proxyd.rpc")  # type: ignore[arg-type]
+    sock = cast(zmq.asyncio.Socket, bus.bind(ctx, zmq.ROUTER, cfg.run_dir, "proxyd.rpc"))
     stats = bus.StatsPublisher(sync_ctx, cfg.run_dir, "proxyd")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
