@@ -12,7 +12,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from .identity import IdentityError, address_of, is_overlay_address, parse_public_key
+from .identity import IdentityError, address_of, parse_public_key
+from .wire.rules import is_overlay_address
 
 ZONE = "mycelium"
 MAX_NAMES = 10_000

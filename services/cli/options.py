@@ -15,8 +15,8 @@ from typing import Any
 
 from common.dnsnames import DnsNameError, parse_names
 from common.endpoint import Endpoint, EndpointError
-from common.identity import is_overlay_address
 from common.nodeconfig import NodeConfig
+from common.wire.rules import is_overlay_address
 
 DEFAULTS: dict[str, Any] = {
     "tcp_listen_port": 9651,
