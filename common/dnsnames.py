@@ -70,6 +70,17 @@ def parse_names(table: object) -> dict[str, ipaddress.IPv6Address]:
     return out
 
 
+def parse_overlay_address(text: str) -> ipaddress.IPv6Address:
+    """An overlay IPv6 address (inside 400::/7); DnsNameError says what is wrong."""
+    try:
+        addr = ipaddress.IPv6Address(text)
+    except ValueError as exc:
+        raise DnsNameError(f"{text!r} is not an IPv6 address") from exc
+    if not is_overlay_address(addr):
+        raise DnsNameError(f"{text} is not an overlay address (400::/7)")
+    return addr
+
+
 def _target(name: str, value: str) -> ipaddress.IPv6Address:
     if len(value) == 64:
         try:
@@ -77,12 +88,9 @@ def _target(name: str, value: str) -> ipaddress.IPv6Address:
         except IdentityError:
             pass
     try:
-        addr = ipaddress.ip_address(value)
-    except ValueError as exc:
-        raise DnsNameError(f"[names] {name}: {value!r} is neither a 64-hex public key nor an IPv6 address") from exc
-    if not isinstance(addr, ipaddress.IPv6Address) or not is_overlay_address(addr):
-        raise DnsNameError(f"[names] {name}: {value} is not an overlay address (400::/7)")
-    return addr
+        return parse_overlay_address(value)
+    except DnsNameError as exc:
+        raise DnsNameError(f"[names] {name}: {exc} (nor a 64-hex public key)") from exc
 
 
 def lookup(names: dict[str, ipaddress.IPv6Address], qname: str) -> ipaddress.IPv6Address | None:

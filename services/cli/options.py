@@ -13,10 +13,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from common.dnsnames import DnsNameError, parse_names
+from common.dnsnames import DnsNameError, parse_names, parse_overlay_address
 from common.endpoint import Endpoint, EndpointError
 from common.nodeconfig import NodeConfig
-from common.wire.rules import is_overlay_address
 
 DEFAULTS: dict[str, Any] = {
     "tcp_listen_port": 9651,
@@ -163,16 +162,10 @@ def dns_settings(file: dict[str, Any]) -> dict[str, Any]:
     if resolvers is not None:
         if not isinstance(resolvers, list) or not all(isinstance(r, str) for r in resolvers):
             raise OptionError("dns_resolvers must be an array of overlay IPv6 addresses")
-        checked = []
-        for text in resolvers:
-            try:
-                addr = ipaddress.IPv6Address(text)
-            except ValueError as exc:
-                raise OptionError(f"dns_resolvers: {text!r} is not an IPv6 address") from exc
-            if not is_overlay_address(addr):
-                raise OptionError(f"dns_resolvers: {text} is not an overlay address (400::/7)")
-            checked.append(str(addr))
-        out["dns_resolvers"] = checked
+        try:
+            out["dns_resolvers"] = [str(parse_overlay_address(text)) for text in resolvers]
+        except DnsNameError as exc:
+            raise OptionError(f"dns_resolvers: {exc}") from exc
     fallback = file.get("dns_fallback", "1.1.1.1")
     try:
         out["dns_fallback"] = str(ipaddress.ip_address(fallback if isinstance(fallback, str) else ""))
