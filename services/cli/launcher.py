@@ -294,6 +294,7 @@ def cleanup(run_dir: str) -> None:
     paths = [
         *glob.glob(os.path.join(run_dir, "*.ipc")),
         *glob.glob(os.path.join(run_dir, "*.data")),  # data path sockets (common/datapath.py)
+        *glob.glob(os.path.join(run_dir, "*.state.json")),  # what a restarted service resumes (proxyd), not a new node
         os.path.join(run_dir, SOCK_FILE),
     ]
     for path in [*paths, os.path.join(run_dir, SERVICE_KEY_FILE)]:

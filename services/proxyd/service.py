@@ -8,6 +8,9 @@ privilege and never sees a mycelium packet. apid drives it over
 ``proxyd.rpc``: ``list``, ``connect {remote}``, ``disconnect``,
 ``probe_start``, ``probe_stop``, ``stats``.
 
+Its state (probing, the remote) is kept in the run directory, so a
+proxyd restarted by supervisord (kill -9, a crash) resumes both.
+
 Bounded: at most ``PROBE_CONCURRENCY`` probes at once, ``MAX_RELAYED``
 relayed connections (more are accepted and closed, counted), each closed
 after ``IDLE_TIMEOUT`` seconds without a byte in either direction.
@@ -18,12 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
+import os
 import signal
 import socket
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, cast
 
 import zmq
@@ -57,6 +63,7 @@ IDLE_TIMEOUT = 300.0  # seconds without a byte either way
 CONNECT_TIMEOUT = 5.0  # to the remote proxy, per relayed connection
 RACE_TIMEOUT = 5.0  # connect without a remote: how long the valid proxies may take to answer
 CHUNK = 65_536
+STATE_FILE = "proxyd.state.json"  # in the run directory: probing and remote survive a restart
 
 
 async def greet(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> bytes | None:
@@ -96,6 +103,36 @@ class Proxy:
         self.probe_slots = asyncio.Semaphore(PROBE_CONCURRENCY)
         self.rounds = 0
         self._connect_lock = asyncio.Lock()
+        self.state_file = Path(cfg.run_dir) / STATE_FILE
+
+    # --- surviving a restart ---------------------------------------------------
+
+    def save_state(self) -> None:
+        """What a restarted proxyd resumes: probing on or off, the remote relayed to."""
+        state = {"probing": self.probe_task is not None, "remote": show_remote(*self.remote) if self.remote else None}
+        tmp = self.state_file.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, self.state_file)
+        except OSError as exc:
+            log.warning("cannot save %s: %s", self.state_file, exc.strerror)
+
+    async def restore_state(self) -> None:
+        try:
+            state = json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s: %s", self.state_file, exc)
+            return
+        if not isinstance(state, dict):
+            return
+        if state.get("probing") is True:
+            self.start_probing()
+        remote = state.get("remote")
+        if isinstance(remote, str):
+            result = await self.connect(remote)
+            log.info("resumed the proxy after a restart: %s", result.get("remote") or result.get("message"))
 
     # --- probing -----------------------------------------------------------
 
@@ -106,12 +143,14 @@ class Proxy:
             self.probe_task.cancel()
         log.info("start SOCKS5 proxy probing")
         self.probe_task = asyncio.create_task(self._probe_loop())
+        self.save_state()
 
     def stop_probing(self) -> None:
         if self.probe_task is not None:
             log.info("stop SOCKS5 proxy probing")
             self.probe_task.cancel()
             self.probe_task = None
+            self.save_state()
 
     async def _probe_loop(self) -> None:
         while True:
@@ -164,6 +203,7 @@ class Proxy:
                 self.remote = None
                 return {"error": "bind", "message": f"cannot bind [::]:{self.listen_port}: {exc.strerror}"}
             self.remote = target
+            self.save_state()
             log.info("relaying [::]:%d to SOCKS5 proxy %s", self.listen_port, show_remote(*target))
             return {"remote": show_remote(*target)}
 
@@ -192,6 +232,7 @@ class Proxy:
             if self.remote is not None:
                 log.info("disconnected from SOCKS5 proxy %s", show_remote(*self.remote))
             self.remote = None
+            self.save_state()
             await self._close_listener()
 
     async def _close_listener(self) -> None:
@@ -335,10 +376,12 @@ async def serve(cfg: NodeConfig) -> None:
             await asyncio.sleep(0.2)
 
     tasks = [asyncio.create_task(rpc_loop()), asyncio.create_task(stats_loop())]
+    await proxy.restore_state()
     log.info("proxyd ready (SOCKS5 probing on request, relay port %d)", SOCKS_PORT)
     await stop.wait()
-    proxy.stop_probing()
-    await proxy.disconnect()
+    if proxy.probe_task is not None:
+        proxy.probe_task.cancel()
+    await proxy._close_listener()  # the state file stays: a restart resumes
     for t in tasks:
         t.cancel()
     sock.close(linger=0)

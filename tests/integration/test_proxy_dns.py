@@ -12,6 +12,8 @@ and a DNS server on its overlay address (dns_server.py). Node a runs with
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -144,6 +146,10 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         )  # fmt: skip
         wait("a route from a to b", lambda: any(_addr(b.address) in _net(s) for s in a.selected()), 30)
+        for node in (a, b):  # supervisord says RUNNING after 1 s, before a loaded machine has them serving
+            wait(f"{node.name}'s API", lambda n=node: http(n, "GET", "/api/v1/admin")[0] == 200, 30)  # type: ignore[misc]
+            wait(f"{node.name}'s proxyd", lambda n=node: n.rpc("proxyd", "stats"), 30)  # type: ignore[misc]
+        wait("a's dnsd", lambda: a.rpc("dnsd", "stats"), 30)
         yield m
     finally:
         if any(getattr(i, "rep_call", None) is not None and i.rep_call.failed for i in request.session.items):
@@ -235,6 +241,13 @@ def test_probe_list_connect_curl_disconnect(mesh: Mesh) -> None:
     assert curl(m).stdout.encode() == PAGE
     stats = m.a.rpc("proxyd", "stats")
     assert stats["counters"]["relay_bytes_down"] >= len(PAGE) and stats["gauges"]["remote"] == remote
+    # a proxyd killed and restarted by supervisord resumes probing and the relay
+    old = m.a.program_pid("proxyd")
+    os.kill(old, signal.SIGKILL)
+    wait("proxyd to be restarted", lambda: m.a.program_pid("proxyd") not in (0, old), 30)
+    wait("the relay to be back", lambda: m.a.rpc("proxyd", "stats")["gauges"]["remote"] == remote, 30)
+    assert m.a.rpc("proxyd", "stats")["gauges"]["probing"] is True
+    assert curl(m).stdout.encode() == PAGE
     assert cli(m, "proxy", "disconnect").returncode == 0
     assert curl(m).returncode != 0
     assert cli(m, "proxy", "probe", "stop").returncode == 0
