@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -19,7 +20,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from .nodes import Node, wait_for
+from .nodes import MYCELIUM, REPO, Node, wait_for
 from .test_messages import line, pop, push, status_of
 
 pytestmark = pytest.mark.integration
@@ -214,3 +215,24 @@ def test_kill_mid_stream_loses_nothing(make_nodes: Callable[..., list[Node]], vi
         assert not missing, f"{len(missing)} messages lost after kill -9 of {victim}"
     finally:
         sub.close()
+
+
+def test_cli_receive_follow(make_nodes: Callable[..., list[Node]]) -> None:
+    a, b = two_nodes(make_nodes)
+    cmd = [*MYCELIUM, "message", "receive", "--follow", "--count", "2", "-t", "news"]
+    cmd += ["--jsonrpc-addr", f"127.0.0.1:{b.rpc_port}", "--timeout", "60"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        # no need to wait for the subscription: what arrives first waits in the inbox and is pushed then
+        assert push(a, b, b"not news", b"other")[0] == 201
+        assert push(a, b, b"first", b"news")[0] == 201
+        assert push(a, b, b"second", b"news")[0] == 201
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == 0, err
+    shown = [json.loads(text) for text in out.splitlines()]
+    assert [(m["payload"], m["topic"]) for m in shown] == [("first", "news"), ("second", "news")]
+    assert payload_of(pop(b, timeout=5) or {}) == b"not news"
