@@ -62,7 +62,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from common.identity import GLOBAL_PREFIX, address_int, address_of, subnet_of
+from common.identity import address_int, address_of, subnet_of
+from common.wire.rules import OVERLAY_PREFIX, is_overlay_address
 from common.wire.subnet import Subnet
 from common.wire.tlv import (
     HELLO_UNICAST,
@@ -128,7 +129,9 @@ _TLV_NAMES = {
 }
 _RX_NAMES = {cls: f"rx_{name}" for cls, name in _TLV_NAMES.items()}
 _TX_NAMES = {cls: f"tx_{name}" for cls, name in _TLV_NAMES.items()}
-_GLOBAL_SUBNET = Subnet(GLOBAL_PREFIX.network_address, GLOBAL_PREFIX.prefixlen)
+# common/wire/rules' overlay prefix as a Subnet: the 6.3 filter then needs no
+# network object per Update (is_overlay_network would build one).
+_OVERLAY_SUBNET = Subnet(OVERLAY_PREFIX.network_address, OVERLAY_PREFIX.prefixlen)
 
 # Per-neighbour counters (``neighbour_stats``).
 NEIGHBOUR_COUNTERS = (
@@ -420,7 +423,7 @@ class RouterEngine:
         whose FIB entry has no next hop, and (to refresh routes before they
         expire) for destinations being forwarded to.
         """
-        if address.version != 6 or address not in GLOBAL_PREFIX:
+        if not is_overlay_address(address):
             self.counters["request_route_outside_overlay"] += 1
             return
         if self._own_subnet.contains_address(address):
@@ -581,7 +584,7 @@ class RouterEngine:
     def _update_filter(self, update: Update) -> str | None:
         """Why an Update is dropped before processing, or None to accept it."""
         subnet = update.subnet
-        if not _GLOBAL_SUBNET.contains(subnet):
+        if not _OVERLAY_SUBNET.contains(subnet):  # rules.is_overlay_network, on the int key
             return "outside_overlay"
         if subnet.prefix_len < PREFIX_LEN_MIN:
             return "prefix_too_short"
@@ -967,7 +970,7 @@ class RouterEngine:
         if self._own_subnet.contains(subnet):
             self._send_own_update([peer_id], now)
             return
-        if not subnet.is_ipv6 or subnet.prefix_len < PREFIX_LEN_MIN or subnet.address not in GLOBAL_PREFIX:
+        if not subnet.is_ipv6 or subnet.prefix_len < PREFIX_LEN_MIN or not is_overlay_address(subnet.address):
             # Nobody can hold such a route (updates for it are filtered), and
             # forwarding IPv4 prefixes can crash reference nodes (5.6).
             self.counters["route_request_invalid_prefix"] += 1
