@@ -405,15 +405,15 @@ class RouterEngine:
             self.counters["rx_unknown_tlv"] += 1
             return
         self.counters[name] += 1
-        if kind is Update:
-            self._handle_update(peer_id, tlv, now)  # type: ignore[arg-type]
-        elif kind is Hello:
+        if isinstance(tlv, Update):  # the common case first
+            self._handle_update(peer_id, tlv, now)
+        elif isinstance(tlv, Hello):
             self._send(peer_id, Ihu(peer.link_cost, IHU_INTERVAL_CS, None))
-        elif kind is Ihu:
+        elif isinstance(tlv, Ihu):
             self._handle_ihu(peer, now)
         elif isinstance(tlv, RouteRequest):
             self._handle_route_request(peer_id, tlv, now)
-        else:
+        elif isinstance(tlv, SeqNoRequest):
             self._handle_seqno_request(peer_id, tlv, now)
 
     def request_route(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, now: float) -> None:

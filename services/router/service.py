@@ -162,7 +162,6 @@ class RouterService:
             self.engine.request_route(addr, now)
         else:
             self.counters["bus_unknown_kind"] += 1
-        return 1
 
     def handle_rpc(self, frames: list[bytes], now: float) -> None:
         request = bus.parse_request(frames, self.counters)
