@@ -271,7 +271,7 @@ class PeerdService:
             links = self.links
             counters = self.counters
             for next_hop, parts in routed.transit.items():
-                blob = parts[0] if len(parts) == 1 else b"".join(parts)
+                blob = b"".join(parts)  # always a copy: the parts may be views of a link's read buffer
                 link = links.get(next_hop)
                 if link is not None:
                     if link.send_data(blob, len(parts)):
