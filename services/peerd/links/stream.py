@@ -56,7 +56,14 @@ class StreamLink(Link):
         self.task: asyncio.Task[None] | None = None
 
     def _writev(self, bufs: Sequence[Buffer]) -> int:
+        """Write to the socket (a TLS link overrides this to encrypt first);
+        raises BlockingIOError when it is full."""
         return os.writev(self.fd, bufs)
+
+    def read_into(self, view: memoryview) -> int:
+        """Read what the socket has into ``view`` (0: EOF; a TLS link
+        overrides this to decrypt); raises BlockingIOError when empty."""
+        return os.readv(self.fd, [view])
 
     # --- Link -------------------------------------------------------------
 
@@ -141,7 +148,7 @@ class StreamLink(Link):
         if self.closed:
             return
         try:
-            n = os.readv(self.fd, [self.view[self.have :]])
+            n = self.read_into(self.view[self.have :])
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
