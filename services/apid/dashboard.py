@@ -29,6 +29,8 @@ STATIC = {
 }
 MAX_ROUTES_SHOWN = 500
 SERIES_POINTS = 120
+
+
 def expected_services(cfg: NodeConfig) -> tuple[str, ...]:
     """The programs this node runs (a peerd per transport family)."""
     return tuple(name for name, _module, _prio in programs(cfg))
