@@ -52,7 +52,6 @@ from common.wire.tlv import TYPE_HELLO, TYPE_IHU
 from .engine import FibDel, FibSet, PeerInfo, RouterEngine, RouteView
 
 log = logging.getLogger("router")
-FAMILIES = ("tcp",)
 MAX_WAIT = 1.0  # seconds between loop turns at most (stats, rpc responsiveness)
 SLICE_TLVS = 2_000  # control TLVs per slice of inbox processing
 SLICE_SECONDS = 0.02  # ... or this much time, whichever comes first
@@ -91,7 +90,7 @@ class RouterService:
         self.fib_pub = bus.bind(self.ctx, zmq.PUB, run, "router.fib")
         self.peerd = {
             fam: bus.Sender(bus.connect(self.ctx, zmq.PUSH, run, f"{bus.peerd_name(fam)}.in"), self.counters, fam)
-            for fam in FAMILIES
+            for fam in cfg.peerd_families
         }
         self.stats = bus.StatsPublisher(self.ctx, run, "router")
         self.engine = RouterEngine(self.identity.public_key, self.router_id, time.monotonic())
