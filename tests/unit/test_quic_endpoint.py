@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from common.wire.packet import ControlPacket, DataPacket, decode_packet
 from common.wire.tlv import Hello
 from services.peerd.links import quic_endpoint as qe
+from services.peerd.links.base import COST_QUIC, ip_cost
 from services.peerd.links.quic_endpoint import (
     ControlIn,
     DataIn,
@@ -263,8 +264,8 @@ def test_control_in_a_datagram_is_accepted() -> None:
 
 
 def test_static_cost() -> None:
-    assert qe.static_cost("10.0.0.1") == 12 and qe.static_cost("::ffff:10.0.0.1") == 12
-    assert qe.static_cost("2001:db8::1") == 7 and qe.static_cost("fe80::1%eth0") == 7
+    assert ip_cost("10.0.0.1", COST_QUIC) == 12 and ip_cost("::ffff:10.0.0.1", COST_QUIC) == 12
+    assert ip_cost("2001:db8::1", COST_QUIC) == 7 and ip_cost("fe80::1%eth0", COST_QUIC) == 7
     assert qe.socket_addr("10.0.0.1", 5) == ("::ffff:10.0.0.1", 5)
     assert qe.socket_addr("2001:0db8:0::1", 5) == ("2001:db8::1", 5)
     assert qe.peer_host(("::ffff:10.0.0.1", 5)) == "10.0.0.1"

@@ -74,18 +74,9 @@ MAX_DATA = 16 * 1024 * 1024
 # byte, the peer's CID, a 2-byte packet number, the 16-byte AEAD tag, the frame
 # type and a 2-byte length
 DATAGRAM_OVERHEAD = 1 + 2 + 16 + 1 + 2
-# reference static link costs (TRANSPORTS.md 1.5), on top of the smoothed RTT
-COST_IPV4 = 12
-COST_IPV6 = 7
 
 Addr = tuple[str, int]
 DRAIN_STATES = (QuicConnectionState.DRAINING, QuicConnectionState.TERMINATED)
-
-
-def static_cost(host: str) -> int:
-    """QUIC 12 over IPv4 (or v4-mapped), 7 over native IPv6."""
-    bare = host.split("%", 1)[0]
-    return COST_IPV4 if ":" not in bare or bare.startswith("::ffff:") else COST_IPV6
 
 
 def socket_addr(host: str, port: int) -> Addr:
