@@ -27,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "update_workers": 1,
 }
 BOOLEANS = ("no_tun", "disable_quic", "disable_peer_discovery", "enable_dns", "no_dashboard")
-SUPPORTED_PEER_PROTOCOLS = ("tcp",)
+SUPPORTED_PEER_PROTOCOLS = ("tcp", "quic")
 
 
 class OptionError(Exception):
@@ -158,7 +158,7 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
     """Everything the node needs, validated; raises OptionError."""
     merged = merge(args, read_config_file(args.config_file))
     tcp_port = _check_port("tcp listen port", merged["tcp_listen_port"])
-    _check_port("quic listen port", merged["quic_listen_port"])
+    quic_port = _check_port("quic listen port", merged["quic_listen_port"])
     peers: list[str] = []
     for text in merged["peers"]:
         if not isinstance(text, str):
@@ -169,6 +169,9 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
             raise OptionError(str(exc)) from exc
         if ep.proto not in SUPPORTED_PEER_PROTOCOLS:
             warn(f"skipping peer {ep}: the {ep.proto} transport is not available in this build")
+            continue
+        if ep.proto == "quic" and merged["disable_quic"]:
+            warn(f"skipping peer {ep}: QUIC is disabled")
             continue
         if str(ep) not in peers:
             peers.append(str(ep))
@@ -186,6 +189,8 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
                 raise OptionError(f"{what} and {other} are both {_show_addr(*addr)}; they need different ports")
     if check_ports:
         ensure_free(socket.SOCK_STREAM, "::", tcp_port, "TCP listen port")
+        if not merged["disable_quic"]:
+            ensure_free(socket.SOCK_DGRAM, "::", quic_port, "QUIC listen port")
         for what, (host, port) in listeners:
             ensure_free(socket.SOCK_STREAM, host, port, what)
     level = "error" if args.silent else "debug" if args.debug else "info"
@@ -194,14 +199,14 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         run_dir=run_dir,
         key_file=os.path.abspath(args.key_file),
         tcp_listen_port=tcp_port,
-        quic_listen_port=merged["quic_listen_port"],
+        quic_listen_port=quic_port,
         peers=peers,
         no_tun=merged["no_tun"],
         tun_name=str(merged["tun_name"]),
         api_addr=_show_addr(api_host, api_port),
         jsonrpc_addr=_show_addr(rpc_host, rpc_port),
         metrics_api_address=None if metrics is None else _show_addr(*metrics),
-        disable_quic=True,  # no QUIC transport in this build yet
+        disable_quic=merged["disable_quic"],
         disable_peer_discovery=merged["disable_peer_discovery"],
         peer_discovery_port=_check_port("peer discovery port", merged["peer_discovery_port"]),
         log_level=level,

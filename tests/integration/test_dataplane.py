@@ -294,7 +294,7 @@ def test_missing_capability_is_one_line_naming_no_tun(tmp_path: Path) -> None:
     cmd = [
         "setpriv", "--inh-caps=-all", "--bounding-set=-net_admin", "--",
         sys.executable, "-m", "services.cli", "-k", str(tmp_path / "key"), "--run-dir", str(tmp_path / "run"),
-        "-t", "1", "--peers", "tcp://192.0.2.1:9651",
+        "-t", "1", "--disable-quic", "--peers", "tcp://192.0.2.1:9651",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO)
     assert out.returncode == 1
