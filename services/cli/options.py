@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.endpoint import Endpoint, EndpointError
-from common.nodeconfig import NodeConfig
+from common.nodeconfig import STREAM_PROTOCOLS, NodeConfig
 
 DEFAULTS: dict[str, Any] = {
     "tcp_listen_port": 9651,
@@ -25,9 +25,22 @@ DEFAULTS: dict[str, Any] = {
     "topic_config": None,
     "firewall_mark": None,
     "update_workers": 1,
+    "vsock_listen_port": None,
 }
 BOOLEANS = ("no_tun", "disable_quic", "disable_peer_discovery", "enable_dns", "no_dashboard")
-SUPPORTED_PEER_PROTOCOLS = ("tcp", "quic")
+SUPPORTED_PEER_PROTOCOLS = ("tcp", "vsock", "quic")
+# tests only: quic:// peers over a TCP stream in a peerd-quic (services/peerd/links/tcp.py)
+DEBUG_STREAM_QUIC_ENV = "MYCELIUM_DEBUG_STREAM_QUIC"
+
+
+def peerd_families(disable_quic: bool) -> dict[str, list[str]]:
+    """node.json's peerd processes and the protocols each serves: stream
+    links in peerd-tcp; peerd-quic only when QUIC is available and on."""
+    families = {"tcp": [p for p in STREAM_PROTOCOLS if p in SUPPORTED_PEER_PROTOCOLS]}
+    debug_quic = os.environ.get(DEBUG_STREAM_QUIC_ENV) == "1"
+    if ("quic" in SUPPORTED_PEER_PROTOCOLS or debug_quic) and not disable_quic:
+        families["quic"] = ["quic"]
+    return families
 
 
 class OptionError(Exception):
@@ -44,6 +57,7 @@ def add_node_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "-p", "--tcp-listen-port", type=int, metavar="PORT", help="TCP listen port (default 9651)")
     p.add_argument("--disable-quic", action="store_true", help="do not use QUIC")
     p.add_argument("-q", "--quic-listen-port", type=int, metavar="PORT", help="QUIC listen port (default 9651)")
+    p.add_argument("--vsock-listen-port", type=int, metavar="PORT", help="vsock listen port (Linux; default none)")
     p.add_argument("--peer-discovery-port", type=int, metavar="PORT", help="link-local discovery port (default 9650)")
     p.add_argument("--disable-peer-discovery", action="store_true", help="no link-local multicast discovery")
     p.add_argument("--peer-discovery-interface", action="append", default=[], metavar="NAME")
@@ -159,6 +173,13 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
     merged = merge(args, read_config_file(args.config_file))
     tcp_port = _check_port("tcp listen port", merged["tcp_listen_port"])
     quic_port = _check_port("quic listen port", merged["quic_listen_port"])
+    vsock_port = merged["vsock_listen_port"]
+    if vsock_port is not None and (
+        isinstance(vsock_port, bool) or not isinstance(vsock_port, int) or not 0 <= vsock_port < 1 << 32
+    ):
+        raise OptionError(f"vsock listen port must be a number 0-4294967295, got {vsock_port!r}")
+    families = peerd_families(bool(merged["disable_quic"]))
+    served = {p for protos in families.values() for p in protos}
     peers: list[str] = []
     for text in merged["peers"]:
         if not isinstance(text, str):
@@ -167,11 +188,11 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
             ep = Endpoint.parse(text)
         except EndpointError as exc:
             raise OptionError(str(exc)) from exc
-        if ep.proto not in SUPPORTED_PEER_PROTOCOLS:
-            warn(f"skipping peer {ep}: the {ep.proto} transport is not available in this build")
-            continue
         if ep.proto == "quic" and merged["disable_quic"]:
             warn(f"skipping peer {ep}: QUIC is disabled")
+            continue
+        if ep.proto not in served:
+            warn(f"skipping peer {ep}: the {ep.proto} transport is not available in this build")
             continue
         if str(ep) not in peers:
             peers.append(str(ep))
@@ -189,7 +210,7 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
                 raise OptionError(f"{what} and {other} are both {_show_addr(*addr)}; they need different ports")
     if check_ports:
         ensure_free(socket.SOCK_STREAM, "::", tcp_port, "TCP listen port")
-        if not merged["disable_quic"]:
+        if "quic" in families:
             ensure_free(socket.SOCK_DGRAM, "::", quic_port, "QUIC listen port")
         for what, (host, port) in listeners:
             ensure_free(socket.SOCK_STREAM, host, port, what)
@@ -206,7 +227,9 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         api_addr=_show_addr(api_host, api_port),
         jsonrpc_addr=_show_addr(rpc_host, rpc_port),
         metrics_api_address=None if metrics is None else _show_addr(*metrics),
-        disable_quic=merged["disable_quic"],
+        disable_quic="quic" not in families,
+        vsock_listen_port=vsock_port,
+        peerd_families=families,
         disable_peer_discovery=merged["disable_peer_discovery"],
         peer_discovery_port=_check_port("peer discovery port", merged["peer_discovery_port"]),
         log_level=level,
