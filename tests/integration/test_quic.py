@@ -166,6 +166,7 @@ class TestPeer:
             except TimeoutError:
                 if self.quic is not None and timer is not None and time.monotonic() >= timer:
                     self.quic.handle_timer(time.monotonic())
+                    self._events()
                 continue
             if self.quic is None:  # the first Initial of a node dialling us
                 self.addr = addr
@@ -278,23 +279,23 @@ def test_bad_input_to_the_quic_port_is_counted_and_links_survive(make_nodes: Cal
     b.wait_ready()
     wait_for("the QUIC link", lambda: quic_alive(a) == 1 and quic_alive(b) == 1, 30)
     target = ("127.0.0.1", a.quic_port)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        # garbage of every size, short headers for unknown connections, bogus long headers
-        for n in (0, 1, 5, 40, 1200, 1500, 9000, 65000):
-            s.sendto(os.urandom(n), target)
-        s.sendto(b"\x40" + os.urandom(60), target)
-        s.sendto(b"\xc0\x00\x00\x00\x01" + os.urandom(1300), target)
-        # a flood of half-open handshakes: real Initials that never continue
-        for _ in range(40):
-            client = QuicConnection(configuration=reference_config(True))
-            client.connect(target, time.monotonic())
-            for data, _ in client.datagrams_to_send(time.monotonic()):
-                s.sendto(data, target)
     # a peer that completes its handshake and never opens the stream
     silent = TestPeer()
     try:
         silent.connect(a.quic_port)
         assert silent.pump(lambda: silent.handshake, 10)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            # garbage of every size, short headers for unknown connections, bogus long headers
+            for n in (0, 1, 5, 40, 1200, 1500, 9000, 65000):
+                s.sendto(os.urandom(n), target)
+            s.sendto(b"\x40" + os.urandom(60), target)
+            s.sendto(b"\xc0\x00\x00\x00\x01" + os.urandom(1300), target)
+            # a flood of half-open handshakes: real Initials that never continue
+            for _ in range(40):
+                client = QuicConnection(configuration=reference_config(True))
+                client.connect(target, time.monotonic())
+                for data, _ in client.datagrams_to_send(time.monotonic()):
+                    s.sendto(data, target)
 
         def counted() -> bool:
             c = a.counters("peerd-quic")
@@ -317,5 +318,12 @@ def test_bad_input_to_the_quic_port_is_counted_and_links_survive(make_nodes: Cal
             "timeouts counted", lambda: a.counters("peerd-quic").get("quic_inbound_handshake_timeout", 0) >= 10, 10
         )
         assert quic_alive(a) == 1 and quic_alive(b) == 1
+        # and new peers are accepted again
+        late = TestPeer()
+        try:
+            late.connect(a.quic_port)
+            assert late.pump(lambda: late.handshake, 10)
+        finally:
+            late.close()
     finally:
         silent.close()

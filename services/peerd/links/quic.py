@@ -50,6 +50,7 @@ from .quic_endpoint import (
 )
 
 log = logging.getLogger("peerd")
+logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic logs every handshake and close at INFO
 
 SOL_UDP = 17
 UDP_SEGMENT = 103
