@@ -65,7 +65,7 @@ def alive(node: NetNode, proto: str) -> int:
 
 def next_hop_proto(node: NetNode, dst: NetNode) -> str | None:
     route = node.selected().get(dst.subnet)
-    return None if route is None else str(route["peer"]).split("-", 1)[0]
+    return None if route is None else str(route["nextHop"]).split(" ", 1)[0].lower()  # "QUIC <local> <-> <remote>"
 
 
 def test_quic_link_carries_the_data_plane(mesh: Topology) -> None:
