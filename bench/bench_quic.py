@@ -181,6 +181,10 @@ def netns_pairs(seconds: int) -> list[Result]:
             res = measure(topo, src, dst, addr, seconds, Result(name))
             print(f"    {res.gbit * 1000:.0f} Mbit/s, {res.per_gb(res.proc_cpu):.1f} s/GB", flush=True)
             out.append(res)
+            if name == "one QUIC link":
+                for node in (src, dst):
+                    c = topo.nodes[node].rpc("peerd-quic", "stats")["counters"]
+                    print(f"    {node} peerd-quic: " + ", ".join(f"{k}={v}" for k, v in sorted(c.items()) if "quic" in k or "drop" in k or "full" in k))
         return out
     finally:
         topo.close()

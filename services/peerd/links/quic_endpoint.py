@@ -203,6 +203,7 @@ class QuicLinkConn:
     up: bool = False
     closed: bool = False  # locally closed or terminated: no more events
     decoder: StreamDecoder = field(default_factory=StreamDecoder)
+    stream_buf: bytearray = field(default_factory=bytearray)  # the control stream's unframed tail
     last_tx: float = 0.0
     rx_data: bytearray = field(default_factory=bytearray)  # this batch's received data packets
     rx_offsets: list[int] = field(default_factory=list)
@@ -402,6 +403,7 @@ class QuicEndpoint:
         limit = conn.datagram_limit()
         view = memoryview(blob)
         pos, end, queued = 0, len(view), 0
+        stream: list[memoryview] = []
         while pos + DATA_PREFIX_SIZE <= end:
             nxt = pos + DATA_PREFIX_SIZE + (view[pos + 5] << 8 | view[pos + 6])
             if nxt > end:
@@ -414,10 +416,12 @@ class QuicEndpoint:
                 else:
                     pending.append(bytes(view[pos:nxt]))
                     queued += 1
-            elif self.send_control(conn, view[pos:nxt]):
-                self.counters["quic_data_on_stream"] += 1
-                queued += 1
+            else:
+                stream.append(view[pos:nxt])
             pos = nxt
+        if stream and self.send_control(conn, b"".join(stream)):
+            self.counters["quic_data_on_stream"] += len(stream)
+            queued += len(stream)
         if queued:
             self.dirty.add(conn)
         return queued
@@ -523,8 +527,10 @@ class QuicEndpoint:
             self._link_up(conn, now)
         if conn.closed or not conn.up:
             return
+        buf = conn.stream_buf
+        buf += event.data
         try:
-            packets = conn.decoder.feed(event.data)
+            control, offsets, used = conn.decoder.cut(buf, len(buf))
         except CodecError as exc:
             self.counters["quic_stream_malformed"] += 1
             self._fail(conn, f"malformed stream: {exc}")
@@ -533,13 +539,17 @@ class QuicEndpoint:
             for key, count in conn.decoder.drops.items():
                 self.counters[f"control_dropped_{key}"] += count
             conn.decoder.drops.clear()
-        control = [p for p in packets if isinstance(p, ControlPacket)]
         if control:
             self.events.append(ControlIn(conn, control))
-        if len(control) != len(packets):
-            for p in packets:
-                if not isinstance(p, ControlPacket):
-                    self._add_data(conn, p.encode())
+        if offsets:  # data packets on the stream: too big for a datagram at the sender
+            rx, rx_offsets = conn.rx_data, conn.rx_offsets
+            with memoryview(buf) as view:
+                for off in offsets:
+                    rx_offsets.append(len(rx))
+                    rx += view[off : off + DATA_PREFIX_SIZE + (buf[off + 5] << 8 | buf[off + 6])]
+            self._batch.add(conn)
+        if used:
+            del buf[:used]  # what is left is less than one packet
 
     def _datagram(self, conn: QuicLinkConn, data: bytes) -> None:
         """One DATAGRAM frame: exactly one packet, data or control."""
