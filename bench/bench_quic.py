@@ -184,7 +184,8 @@ def netns_pairs(seconds: int) -> list[Result]:
             if name == "one QUIC link":
                 for node in (src, dst):
                     c = topo.nodes[node].rpc("peerd-quic", "stats")["counters"]
-                    print(f"    {node} peerd-quic: " + ", ".join(f"{k}={v}" for k, v in sorted(c.items()) if "quic" in k or "drop" in k or "full" in k))
+                    shown = [f"{k}={v}" for k, v in sorted(c.items()) if "quic" in k or "drop" in k or "full" in k]
+                    print(f"    {node} peerd-quic: {', '.join(shown)}")
         return out
     finally:
         topo.close()
