@@ -42,7 +42,13 @@ from common.nodeconfig import NodeConfig  # noqa: E402
 from common.wire.packet import ControlPacket, DataPacket  # noqa: E402
 from common.wire.tlv import Hello  # noqa: E402
 from services.peerd.links.quic import QuicFactory  # noqa: E402
-from services.peerd.links.quic_endpoint import DataIn, LinkUp, QuicEndpoint, server_configuration  # noqa: E402
+from services.peerd.links.quic_endpoint import (  # noqa: E402
+    DataIn,
+    LinkUp,
+    QuicEndpoint,
+    QuicLinkConn,
+    server_configuration,
+)
 from tests.integration.netns import NODE_PORT, Topology, cleanup_stale, have_privileges  # noqa: E402
 
 A = ("::ffff:10.0.0.1", 9651)
@@ -101,7 +107,7 @@ class Pair:
                     self.cpu[side] += time.process_time() - t0
 
 
-def handshake_in_memory() -> tuple[Pair, object, float]:
+def handshake_in_memory() -> tuple[Pair, QuicLinkConn, float]:
     pair = Pair()
     t0 = time.process_time()
     conn = pair.a.dial(B, pair.now)

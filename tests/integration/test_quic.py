@@ -230,7 +230,7 @@ def exchange_with(node: Node, peer: TestPeer) -> None:
     assert ihu.interval == 6000
     wait_for("Alice's subnet selected", lambda: (peer.pump(lambda: False, 0.1), ALICE_SUBNET in node.selected())[1], 15)
     # node -> peer: a message to Alice leaves as an encrypted data packet in one DATAGRAM frame
-    code, _ = push(node, _Addr(ALICE_IP), b"hello alice")
+    code, _ = push(node, _Addr(ALICE_IP), b"hello alice")  # type: ignore[arg-type]
     assert code == 201
     assert peer.pump(lambda: bool(peer.datagrams), 15), "no datagram from the node"
     packet = decode_packet(peer.datagrams[0])

@@ -18,6 +18,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -46,13 +47,13 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Topology]:
         topo.start_all()
         yield topo
     finally:
-        if any(getattr(i, "rep_call", None) is not None and i.rep_call.failed for i in request.session.items):
+        if any(getattr(getattr(i, "rep_call", None), "failed", False) for i in request.session.items):
             for node in topo.nodes.values():
                 print(f"\n===== log of {node.name} ({node.ns}) =====\n{node.log_tail()}")
         topo.close()
 
 
-def peers(node: NetNode, proto: str) -> list[dict[str, object]]:
+def peers(node: NetNode, proto: str) -> list[dict[str, Any]]:
     out = []
     for fam in ("tcp", "quic"):
         out += [p for p in node.rpc(f"peerd-{fam}", "list_peers") if p["endpoint"]["proto"] == proto]
@@ -75,7 +76,7 @@ def test_quic_link_carries_the_data_plane(mesh: Topology) -> None:
     for src in (a, b, c):
         for dst in (a, b, c):
             if src is not dst:
-                wait(f"{src.name} -> {dst.name}", lambda s=src, d=dst: ping(mesh, s.name, d.address, 1, deadline=2), 25)
+                wait(f"{src.name} -> {dst.name}", lambda s=src, d=dst: ping(mesh, s.name, d.address, 1, deadline=2), 25)  # type: ignore[misc]
     assert next_hop_proto(a, b) == "quic" and next_hop_proto(b, a) == "quic"
     # iperf3 over the QUIC link
     server = mesh.popen("b", ["iperf3", "-s", "-1", "-B", b.address], stdout=subprocess.DEVNULL)
