@@ -22,7 +22,16 @@ from typing import Any
 
 import pytest
 
-from .netns import NODE_PORT, BackgroundPing, NetNode, Topology, cleanup_stale, have_privileges, ping
+from .netns import (
+    NODE_PORT,
+    BackgroundPing,
+    NetNode,
+    Topology,
+    cleanup_stale,
+    dump_logs_on_failure,
+    have_privileges,
+    ping,
+)
 from .netns import wait_for as wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.privileged]
@@ -47,9 +56,7 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Topology]:
         topo.start_all()
         yield topo
     finally:
-        if any(getattr(getattr(i, "rep_call", None), "failed", False) for i in request.session.items):
-            for node in topo.nodes.values():
-                print(f"\n===== log of {node.name} ({node.ns}) =====\n{node.log_tail()}")
+        dump_logs_on_failure(topo, request.session.items)
         topo.close()
 
 
