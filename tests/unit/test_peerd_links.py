@@ -269,3 +269,21 @@ def test_vsock_link_over_loopback(tmp_path: Any) -> None:
     assert out.link_type == "vsock" and out.static_cost == 5
     assert out.name.startswith("VSOCK ") and out.name.endswith(f"<-> 1:{out.endpoint.port}")
     assert str(out.endpoint).startswith("vsock://1:") and inbound.inbound
+
+
+@pytest.mark.skipif(VSOCK_PROBLEM is not None, reason=str(VSOCK_PROBLEM))
+def test_vsock_dial_failure_is_an_oserror(tmp_path: Any) -> None:
+    """Without a listener (or without the loopback transport) a dial to CID 1
+    fails as a dial does: OSError or TimeoutError, retried by peerd."""
+
+    async def scenario() -> None:
+        factory = VsockFactory(NodeConfig(run_dir=str(tmp_path), key_file=""), FakeHost())
+        with pytest.raises((OSError, TimeoutError)):
+            await factory.dial(Endpoint.parse("vsock://1:4294967294"))
+        with pytest.raises(LinkError):
+            await factory.dial(Endpoint.parse("tcp://127.0.0.1:1"))
+        assert factory.describe() == "vsock (dial only)"
+        await factory.listen()  # no port configured: no listener
+        assert factory.listener is None
+
+    asyncio.run(scenario())

@@ -30,6 +30,7 @@ log = logging.getLogger("peerd")
 
 READ_BUFFER = 512 * 1024  # a link's own read buffer (always room for one largest packet more)
 ACCEPT_BURST = 16
+LISTEN_BACKLOG = 128
 
 
 class StreamLink(Link):
@@ -55,7 +56,14 @@ class StreamLink(Link):
         self.task: asyncio.Task[None] | None = None
 
     def _writev(self, bufs: Sequence[Buffer]) -> int:
+        """Write to the socket (a TLS link overrides this to encrypt first);
+        raises BlockingIOError when it is full."""
         return os.writev(self.fd, bufs)
+
+    def read_into(self, view: memoryview) -> int:
+        """Read what the socket has into ``view`` (0: EOF; a TLS link
+        overrides this to decrypt); raises BlockingIOError when empty."""
+        return os.readv(self.fd, [view])
 
     # --- Link -------------------------------------------------------------
 
@@ -140,7 +148,7 @@ class StreamLink(Link):
         if self.closed:
             return
         try:
-            n = os.readv(self.fd, [self.view[self.have :]])
+            n = self.read_into(self.view[self.have :])
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -198,9 +206,16 @@ class StreamFactory(LinkFactory):
         """The bound, listening socket, or None for no listener."""
         return None
 
-    def inbound(self, sock: socket.socket, addr: Any) -> StreamLink | None:
-        """The link for an accepted connection, or None to refuse it."""
+    def wrap(self, sock: socket.socket, inbound: bool) -> StreamLink:
+        """The link for a connected socket (raises OSError if it is already gone)."""
         raise NotImplementedError
+
+    def inbound(self, sock: socket.socket, addr: Any) -> StreamLink | None:
+        """The link for an accepted connection, or None (reset before we looked at it)."""
+        try:
+            return self.wrap(sock, inbound=True)
+        except OSError:
+            return None
 
     async def listen(self) -> None:
         """Bind (make_listener) and accept on the loop."""
@@ -243,3 +258,17 @@ class StreamFactory(LinkFactory):
             asyncio.get_running_loop().remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
+
+
+def bound_listener(family: int, addr: Any, options: tuple[tuple[int, int, int], ...] = ()) -> socket.socket:
+    """A stream socket bound to ``addr`` and listening (closed on failure)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        for level, opt, value in options:
+            sock.setsockopt(level, opt, value)
+        sock.bind(addr)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
