@@ -76,6 +76,7 @@ class Node:
         self.tcp_port = free_port()
         self.quic_port = free_udp_port()
         self.api_port = free_port()
+        self.rpc_port = free_port()
         self.peers: list[str] = []
         self.extra_args: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -97,7 +98,7 @@ class Node:
             "-t", str(self.tcp_port),
             "-q", str(self.quic_port),
             "--api-addr", f"127.0.0.1:{self.api_port}",
-            "--jsonrpc-addr", f"127.0.0.1:{free_port()}",
+            "--jsonrpc-addr", f"127.0.0.1:{self.rpc_port}",
             "--run-dir", str(self.run_dir),
             "--disable-peer-discovery",
         ]  # fmt: skip
