@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from common import bus
 from common.wire.packet import ControlPacket, DataPacket, StreamDecoder, decode_packet
 from common.wire.tlv import Ihu, Update
 from tests.vectors import vectors
@@ -47,6 +49,15 @@ def frame(name: str) -> bytes:
 
 def quic_peers(node: Node) -> list[dict[str, Any]]:
     return [p for p in node.api("/api/v1/admin/peers") if p["endpoint"]["proto"] == "quic"]
+
+
+def router_peers(node: Node) -> list[dict[str, Any]]:
+    """The router's neighbours (one per live link)."""
+    ctx = zmq.Context()
+    try:
+        return list(bus.rpc_call(ctx, str(node.run_dir), "router", "peers", {}, timeout_ms=3000))
+    finally:
+        ctx.destroy(linger=0)
 
 
 def quic_alive(node: Node) -> int:
@@ -137,9 +148,9 @@ class TestPeer:
 
     __test__ = False
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.quic: QuicConnection | None = None
         self.addr: tuple[str, int] | None = None
@@ -264,6 +275,14 @@ def test_reference_style_peer_dials_the_node(make_nodes: Callable[..., list[Node
         exchange_with(node, peer)
         (p,) = quic_peers(node)
         assert p["type"] == "inbound" and p["connectionState"] == "alive"
+        # the peer restarts on the same port (as a reference node re-dials from 9651):
+        # the new connection replaces the old link at once
+        peer.close()
+        peer = TestPeer(peer.port)
+        peer.connect(node.quic_port)
+        peer.send_stream(frame("frame_reference_own_subnet_update") + frame("frame_reference_hello_first"))
+        assert peer.pump(lambda: any(isinstance(t, Update) for t in peer.control), 15)
+        wait_for("one link, the new one", lambda: len(router_peers(node)) == 1 and len(quic_peers(node)) == 1, 10)
     finally:
         peer.close()
 
