@@ -269,3 +269,23 @@ def test_static_cost() -> None:
     assert qe.socket_addr("10.0.0.1", 5) == ("::ffff:10.0.0.1", 5)
     assert qe.socket_addr("2001:0db8:0::1", 5) == ("2001:db8::1", 5)
     assert qe.peer_host(("::ffff:10.0.0.1", 5)) == "10.0.0.1"
+
+
+def test_a_library_fault_ends_only_that_connection(monkeypatch: object) -> None:
+    w = Wire()
+    conn_a, conn_b = link(w)
+    other_a = w.a.dial(B, w.now)
+    w.pump()
+    w.a.send_control(other_a, hello(1))
+    w.pump()
+
+    def boom(*_: object) -> None:
+        raise RuntimeError("unexpected")
+
+    conn_b.quic.receive_datagram = boom  # type: ignore[method-assign]
+    w.a.send_control(conn_a, hello(2))
+    w.a.send_control(other_a, hello(3))
+    w.pump()
+    assert w.b.counters["quic_library_errors"] == 1
+    assert any(isinstance(e, LinkDown) and e.conn is conn_b for e in w.b.events)
+    assert [p.tlv.seqno for e in w.b.events if isinstance(e, ControlIn) for p in e.packets][-1] == 3

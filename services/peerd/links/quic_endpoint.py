@@ -330,7 +330,10 @@ class QuicEndpoint:
         for conn in list(self.conns):
             timer = conn.quic.get_timer()
             if timer is not None and timer <= now:
-                conn.quic.handle_timer(now)
+                try:
+                    conn.quic.handle_timer(now)
+                except Exception as exc:
+                    self._library_fault(conn, exc)
                 self._drain(conn, now)
                 self.dirty.add(conn)
             if conn.closed:
@@ -364,7 +367,12 @@ class QuicEndpoint:
             out.append(([data], addr))
         self.replies.clear()
         for conn in list(self.dirty):
-            datagrams = conn.quic.datagrams_to_send(now)
+            try:
+                datagrams = conn.quic.datagrams_to_send(now)
+            except Exception as exc:
+                self._library_fault(conn, exc)
+                self._forget(conn)
+                continue
             if datagrams:
                 conn.last_tx = now
                 group: list[bytes] = []
@@ -466,13 +474,25 @@ class QuicEndpoint:
         elif not conn.inbound:
             self.events.append(DialFailed(conn, reason))
 
+    def _library_fault(self, conn: QuicLinkConn, exc: Exception) -> None:
+        """aioquic raised where it should not: end this connection, keep the rest."""
+        self.counters["quic_library_errors"] += 1
+        if not conn.closed:
+            conn.closed = True
+            self._ended(conn, f"QUIC library error: {type(exc).__name__}: {exc}")
+        self._forget(conn)
+
     def _stream_backlog(self, conn: QuicLinkConn) -> int:
         stream = conn.quic._streams.get(conn.stream_id) if conn.stream_id is not None else None
         return 0 if stream is None else len(stream.sender._buffer)
 
     def _receive_on(self, conn: QuicLinkConn, data: bytes, addr: Addr, now: float) -> None:
         conn.rx_bytes += len(data)
-        conn.quic.receive_datagram(data, addr, now)
+        try:
+            conn.quic.receive_datagram(data, addr, now)
+        except Exception as exc:
+            self._library_fault(conn, exc)
+            return
         self._drain(conn, now)
         self.dirty.add(conn)
 
