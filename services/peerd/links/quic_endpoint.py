@@ -332,8 +332,9 @@ class QuicEndpoint:
             if timer is not None and timer <= now:
                 try:
                     conn.quic.handle_timer(now)
-                except Exception as exc:
+                except Exception as exc:  # a library fault ends this connection only
                     self._library_fault(conn, exc)
+                    continue
                 self._drain(conn, now)
                 self.dirty.add(conn)
             if conn.closed:
@@ -490,7 +491,7 @@ class QuicEndpoint:
         conn.rx_bytes += len(data)
         try:
             conn.quic.receive_datagram(data, addr, now)
-        except Exception as exc:
+        except Exception as exc:  # whatever a peer sends affects its own connection only
             self._library_fault(conn, exc)
             return
         self._drain(conn, now)
