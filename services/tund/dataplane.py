@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from common.crypto import MIN_SEALED_SIZE, DecryptError, SessionKey, shared_secret
 from common.fib import FibReplica, Route
 from common.identity import Identity
+from common.native import kernel as NATIVE
 from common.pending import PendingQueue
 from common.wire.errors import CodecError
 from common.wire.icmp import (
@@ -137,7 +138,10 @@ class DataPlane:
         self.vnet = vnet and tun
         self.off = VNET_HDR_SIZE if self.vnet else 0  # where the IPv6 packet starts in a TUN read
         self.counters: Counter[str] = Counter()
-        self.gro = Gro(self.vnet)
+        # native kernel (common/_kernel.c): the same steps as from_tun/from_peer/Gro below, in C
+        self.gro: Any = Gro(self.vnet) if NATIVE is None else NATIVE.Gro(self.vnet)
+        self.nonce_bytes: Callable[[int], bytes] = os.urandom  # the nonce scheme: n bytes per call, 12 per packet
+        self.mtu = MTU
         self.out: dict[str, list[bytes]] = {}  # next hop -> pieces of encoded packets (see take_out)
         self.messages: list[tuple[bytes, bytes, bytes]] = []
         self.need: set[bytes] = set()
@@ -161,15 +165,18 @@ class DataPlane:
         """Packets read from the TUN (each with its virtio-net header when
         ``vnet``; ``off`` bytes before the IPv6 header): checks of 4.7, FIB
         lookup, encryption, grouping by next hop."""
-        self.now = now
         if off is None:
             off = self.off
+        if NATIVE is not None:
+            NATIVE.from_tun(self, pkts, now, off)
+            return
+        self.now = now
         vnet = self.vnet and off == self.off
         routes = self.routes
         out = self.out
         pack = DATA8.pack
         l3 = L3_HEADER
-        nonces = os.urandom(12 * len(pkts))
+        nonces = self.nonce_bytes(12 * len(pkts))
         ni = 0
         last_hop: str | None = None
         parts: list[bytes] = []
@@ -236,7 +243,7 @@ class DataPlane:
             parts = self.out[next_hop] = []
         pack = DATA8.pack
         addrs = p[off + 8 : off + 40]
-        nonces = os.urandom(12 * n)
+        nonces = self.nonce_bytes(12 * n)
         ni = 0
         for pt in pts:
             nonce = nonces[ni : ni + 12]
@@ -317,7 +324,7 @@ class DataPlane:
                 self.counters["tx_no_route_dropped"] += 1
             return False
         next_hop, encrypt = r
-        nonce = os.urandom(12)
+        nonce = self.nonce_bytes(12)
         ct = encrypt(nonce, plaintext, None)
         parts = self.out.get(next_hop)
         if parts is None:
@@ -415,6 +422,9 @@ class DataPlane:
     def from_peer(self, blob: bytes, now: float) -> None:
         """Encoded data packets for this node, back to back, hop limit
         already decremented by peerd (4.5)."""
+        if NATIVE is not None:
+            NATIVE.from_peer(self, blob, now)
+            return
         self.now = now
         view = memoryview(blob)
         end = len(blob)
