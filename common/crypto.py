@@ -41,10 +41,10 @@ class SessionKey:
 
     __slots__ = ("_aead",)
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, native: bool = True) -> None:
         if len(key) != KEY_SIZE:  # AESGCM would quietly run AES-128/192 on a short key
             raise ValueError(f"AES-256-GCM key must be {KEY_SIZE} bytes, got {len(key)}")
-        self._aead = AESGCM(key) if kernel is None else kernel.Aead(key)
+        self._aead = kernel.Aead(key) if native and kernel is not None else AESGCM(key)
 
     @property
     def aead(self) -> AESGCM:

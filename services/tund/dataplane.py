@@ -73,8 +73,9 @@ class KeyCache:
     """Bounded LRU of AES-GCM states by peer public key (X25519 is the
     expensive part; one exchange per peer, not per packet)."""
 
-    def __init__(self, secret: X25519PrivateKey, size: int = KEY_CACHE_SIZE) -> None:
+    def __init__(self, secret: X25519PrivateKey, size: int = KEY_CACHE_SIZE, native: bool = True) -> None:
         self.secret = secret
+        self.native = native  # False: the reference's AESGCM even where the kernel is built
         self.size = size
         self._keys: OrderedDict[bytes, SessionKey] = OrderedDict()
 
@@ -84,7 +85,7 @@ class KeyCache:
     def get(self, public_key: bytes) -> SessionKey:
         key = self._keys.get(public_key)
         if key is None:
-            key = SessionKey(shared_secret(self.secret, public_key))
+            key = SessionKey(shared_secret(self.secret, public_key), self.native)
             self._keys[public_key] = key
             if len(self._keys) > self.size:
                 self._keys.popitem(last=False)
@@ -128,7 +129,9 @@ def finish_checksum(pkt: bytes, off: int) -> bytes | None:
 
 
 class DataPlane:
-    def __init__(self, identity: Identity, fib: FibReplica, keys: KeyCache, tun: bool, vnet: bool) -> None:
+    def __init__(
+        self, identity: Identity, fib: FibReplica, keys: KeyCache, tun: bool, vnet: bool, kernel: Any = NATIVE
+    ) -> None:
         self.own_addr = identity.address.packed
         self.own_prefix = self.own_addr[:8]
         self.own_net = self.own_prefix + bytes(8)
@@ -138,8 +141,10 @@ class DataPlane:
         self.vnet = vnet and tun
         self.off = VNET_HDR_SIZE if self.vnet else 0  # where the IPv6 packet starts in a TUN read
         self.counters: Counter[str] = Counter()
-        # native kernel (common/_kernel.c): the same steps as from_tun/from_peer/Gro below, in C
-        self.gro: Any = Gro(self.vnet) if NATIVE is None else NATIVE.Gro(self.vnet)
+        # native kernel (common/_kernel.c): the same steps as from_tun/from_peer/Gro below, in C;
+        # None (MYCELIUM_NATIVE=0, not built, or a test's choice) runs the reference here
+        self.kernel = kernel
+        self.gro: Any = Gro(self.vnet) if kernel is None else kernel.Gro(self.vnet)
         self.nonce_bytes: Callable[[int], bytes] = os.urandom  # the nonce scheme: n bytes per call, 12 per packet
         self.mtu = MTU
         self.out: dict[str, list[bytes]] = {}  # next hop -> pieces of encoded packets (see take_out)
@@ -167,8 +172,8 @@ class DataPlane:
         lookup, encryption, grouping by next hop."""
         if off is None:
             off = self.off
-        if NATIVE is not None:
-            NATIVE.from_tun(self, pkts, now, off)
+        if self.kernel is not None:
+            self.kernel.from_tun(self, pkts, now, off)
             return
         self.now = now
         vnet = self.vnet and off == self.off
@@ -422,8 +427,8 @@ class DataPlane:
     def from_peer(self, blob: bytes, now: float) -> None:
         """Encoded data packets for this node, back to back, hop limit
         already decremented by peerd (4.5)."""
-        if NATIVE is not None:
-            NATIVE.from_peer(self, blob, now)
+        if self.kernel is not None:
+            self.kernel.from_peer(self, blob, now)
             return
         self.now = now
         view = memoryview(blob)
