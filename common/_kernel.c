@@ -596,9 +596,18 @@ typedef struct {
     PyObject *hop;     /* next hop of the current run (borrowed identity) */
     PyObject *buf;     /* bytearray of the run, NULL when none */
     PyObject *hop_ref; /* strong ref to hop */
+    Py_ssize_t used;   /* bytes of buf in use; the rest is room to grow (cut off by run_end) */
 } Run;
 
 static void run_end(Run *r) {
+    if (r->buf && PyByteArray_GET_SIZE(r->buf) != r->used) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb); /* may run on an error path */
+        if (PyByteArray_Resize(r->buf, r->used) < 0)
+            PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
+    }
+    r->used = 0;
     Py_CLEAR(r->buf);
     Py_CLEAR(r->hop_ref);
     r->hop = NULL;
@@ -624,16 +633,24 @@ static uint8_t *run_reserve(Run *r, PyObject *hop, Py_ssize_t need) {
             return NULL;
         }
         r->buf = PyByteArray_FromStringAndSize(NULL, 0);
+        r->used = 0;
         if (!r->buf || PyList_Append(parts, r->buf) < 0)
             return NULL;
         Py_INCREF(hop);
         r->hop_ref = hop;
         r->hop = hop;
     }
-    Py_ssize_t have = PyByteArray_GET_SIZE(r->buf);
-    if (PyByteArray_Resize(r->buf, have + need) < 0)
-        return NULL;
-    return (uint8_t *)PyByteArray_AS_STRING(r->buf) + have;
+    Py_ssize_t size = PyByteArray_GET_SIZE(r->buf);
+    if (r->used + need > size) { /* grow geometrically: one copy per doubling, not per packet */
+        Py_ssize_t want = size * 2 > r->used + need ? size * 2 : r->used + need;
+        if (want < 16384)
+            want = 16384;
+        if (PyByteArray_Resize(r->buf, want) < 0)
+            return NULL;
+    }
+    uint8_t *o = (uint8_t *)PyByteArray_AS_STRING(r->buf) + r->used;
+    r->used += need;
+    return o;
 }
 
 /* one framed data packet: header, addresses, AES-GCM of hdr||body, nonce */
@@ -904,6 +921,11 @@ static int tun_gso(Tun *s, const uint8_t *p, Py_ssize_t len) {
     run_end(&s->run);
     const uint8_t *nb = (const uint8_t *)PyBytes_AS_STRING(nonces);
     int rc = 0;
+    /* room for all n frames at once: header, inner header, IPv6, TCP, tag, nonce each, and the payload */
+    if (aead_of(encrypt, (void *)aead_encrypt) && run_reserve(&s->run, hop_obj, (Py_ssize_t)n * (DATA_HDR + 4 + 40 + t.thl + TAG + NONCE) + t.total))
+        s->run.used = 0;
+    else if (PyErr_Occurred())
+        rc = -1;
     for (int i = 0; i < n && rc == 0; i++) {
         uint8_t hdr[4 + 40 + 60];
         const uint8_t *pay;
