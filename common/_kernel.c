@@ -1327,6 +1327,88 @@ done:
     return ret;
 }
 
+/* --- peerd: a read whose packets are all for this node (local_batch.py) ---------- */
+
+static PyObject *k_all_local(PyObject *mod, PyObject *args) {
+    PyObject *bufobj, *offsets;
+    Py_buffer own;
+    if (!PyArg_ParseTuple(args, "OO!y*:all_local", &bufobj, &PyList_Type, &offsets, &own))
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(bufobj, &view, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&own);
+        return NULL;
+    }
+    PyObject *ret = NULL, *ranges = NULL, *runs = NULL;
+    Py_ssize_t n = PyList_GET_SIZE(offsets);
+    Py_ssize_t *offs = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Py_ssize_t));
+    uint8_t *b = view.buf;
+    if (!offs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (own.len != 8 || n == 0) {
+        PyErr_SetString(PyExc_ValueError, "own_prefix is 8 bytes, offsets not empty");
+        goto done;
+    }
+    int local = 1;
+    for (Py_ssize_t i = 0; i < n; i++) { /* everything checked before anything is changed */
+        Py_ssize_t o = PyLong_AsSsize_t(PyList_GET_ITEM(offsets, i));
+        if (o == -1 && PyErr_Occurred())
+            goto done;
+        if (o < 0 || o + DATA_HDR > view.len || o + DATA_HDR + rd16(b + o + 5) > view.len) {
+            PyErr_SetString(PyExc_IndexError, "offset of a data packet outside the buffer");
+            goto done;
+        }
+        offs[i] = o;
+        if (b[o + 7] < 2 || memcmp(b + o + 24, own.buf, 8) != 0)
+            local = 0;
+    }
+    if (!local) {
+        ret = Py_None;
+        Py_INCREF(ret);
+        goto done;
+    }
+    if (!(ranges = PyList_New(0)) || !(runs = PyList_New(0)))
+        goto done;
+    Py_ssize_t rstart = offs[0], run_at = 0;
+    long long run_bytes = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t o = offs[i];
+        b[o + 7]--;
+        Py_ssize_t end = o + DATA_HDR + rd16(b + o + 5);
+        if (i + 1 == n || offs[i + 1] != end) { /* a contiguous range ends here */
+            PyObject *t = Py_BuildValue("(nn)", rstart, end);
+            if (!t || PyList_Append(ranges, t) < 0) {
+                Py_XDECREF(t);
+                goto done;
+            }
+            Py_DECREF(t);
+            if (i + 1 < n)
+                rstart = offs[i + 1];
+        }
+        run_bytes += rd16(b + o + 5);
+        if (i + 1 == n || memcmp(b + offs[i + 1] + 8, b + o + 8, 32) != 0) { /* a run of one flow ends */
+            PyObject *t = Py_BuildValue("(y#nL)", b + offs[run_at] + 8, (Py_ssize_t)32, i + 1 - run_at, run_bytes);
+            if (!t || PyList_Append(runs, t) < 0) {
+                Py_XDECREF(t);
+                goto done;
+            }
+            Py_DECREF(t);
+            run_at = i + 1;
+            run_bytes = 0;
+        }
+    }
+    ret = PyTuple_Pack(2, ranges, runs);
+done:
+    Py_XDECREF(ranges);
+    Py_XDECREF(runs);
+    PyMem_Free(offs);
+    PyBuffer_Release(&view);
+    PyBuffer_Release(&own);
+    return ret;
+}
+
 /* --- module --------------------------------------------------------------------- */
 
 static PyObject *k_configure(PyObject *mod, PyObject *args) {
@@ -1347,6 +1429,7 @@ static PyMethodDef k_methods[] = {
     {"split_tcp", k_split_tcp, METH_VARARGS, "split_tcp(super_packet, off) -> plaintexts (gso.split_tcp, L3 prefix)"},
     {"from_tun", (PyCFunction)(void (*)(void))k_from_tun, METH_FASTCALL, "from_tun(dp, pkts, now, off)"},
     {"from_peer", (PyCFunction)(void (*)(void))k_from_peer, METH_FASTCALL, "from_peer(dp, blob, now)"},
+    {"all_local", k_all_local, METH_VARARGS, "all_local(buf, offsets, own_prefix): as local_batch.all_local"},
     {NULL}};
 
 static struct PyModuleDef k_module = {PyModuleDef_HEAD_INIT, "_kernel", "The data plane's per-packet kernel in C.",

@@ -20,8 +20,7 @@ offload saves; numpy sums all segments of a super packet in one call
 from __future__ import annotations
 
 import struct
-
-import numpy as np
+from typing import Any
 
 from common.native import SegmentError
 
@@ -52,6 +51,7 @@ def ones_sums(data: bytes | memoryview, start: int, step: int, count: int) -> li
     """One's complement sums (not folded, big-endian 16-bit words) of
     ``count`` consecutive pieces of ``step`` bytes from ``start`` to the
     end of ``data`` (the last piece may be shorter, even odd)."""
+    np = _numpy()
     length = len(data) - start
     if step & 1:  # pieces not word-aligned: the slow way (the kernel's MSS is even in practice)
         return [_sum_slow(data[start + i * step : min(start + (i + 1) * step, len(data))]) for i in range(count)]
@@ -62,6 +62,14 @@ def ones_sums(data: bytes | memoryview, start: int, step: int, count: int) -> li
     if length & 1:
         sums[-1] += data[len(data) - 1] << 8
     return sums
+
+
+def _numpy() -> Any:
+    """numpy, imported on first use: with the native kernel (common/_kernel.c)
+    tund never sums here and saves the ~10 MiB numpy costs a process."""
+    import numpy
+
+    return numpy
 
 
 def _sum_slow(piece: bytes | memoryview) -> int:

@@ -346,3 +346,33 @@ def test_garbage_never_crashes_the_kernel(data: bytes, off: int) -> None:
         K.Gro(True).add(data, 3)
     c.gro.flush()
     c.take_out()
+
+
+# --- peerd ---------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0, 1, 2, 64]), st.sampled_from(["me", "peer"]), st.integers(0, 2), st.binary(max_size=50)
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    st.booleans(),
+)
+def test_all_local_native_equals_numpy(packets: list[tuple[int, str, int, bytes]], gaps: bool) -> None:
+    from services.peerd import local_batch
+
+    buf, offsets = bytearray(), []
+    for hop, dst, src, body in packets:
+        if gaps and src == 2:
+            buf += b"\x00" * 3  # a control packet's bytes between data packets
+        offsets.append(len(buf))
+        srcs = (PEER, OTHER, STRANGER)
+        buf += frame(srcs[src].address.packed, address(dst, bytes(8)), hop, body)
+    own = ME.address.packed[:8]
+    ref, nat = bytearray(buf), bytearray(buf)
+    assert K.all_local(nat, list(offsets), own) == local_batch._all_local_numpy(ref, list(offsets), own)
+    assert nat == ref
