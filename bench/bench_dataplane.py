@@ -164,7 +164,10 @@ def restart_overlay(topo: Topology, kernel: str) -> None:
     saved = os.environ.get("MYCELIUM_NATIVE")
     os.environ["MYCELIUM_NATIVE"] = "0" if kernel == "python" else "1"
     try:
-        topo.start_all()
+        for node in topo.nodes.values():
+            node.start()
+        for node in topo.nodes.values():
+            node.wait_ready(120)  # a loaded machine starts Python slowly
     finally:
         if saved is None:
             os.environ.pop("MYCELIUM_NATIVE", None)
