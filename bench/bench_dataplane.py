@@ -424,7 +424,7 @@ def main() -> int:
     print()
     print("CPU µs per TCP segment of each process (best round of each path)")
     print()
-    ours = [r for r in results if r.per_packet]
+    ours = [r for r in results if r.name.startswith("(b)")]
     print("| process | " + " | ".join(r.name for r in ours) + " |")
     print("|---|" + "---:|" * len(ours))
     for role in ("sender tund", "sender peerd", "receiver peerd", "receiver tund"):
