@@ -435,12 +435,14 @@ class DataPlane:
 
     # --- inbound: peers -> TUN -------------------------------------------------
 
-    def from_peer(self, blob: bytes, now: float) -> None:
+    def from_peer(self, blob: bytes | memoryview, now: float) -> None:
         """Encoded data packets for this node, back to back, hop limit
         already decremented by peerd (4.5)."""
         if self.kernel is not None:
             self.kernel.from_peer(self, blob, now)
             return
+        if not isinstance(blob, bytes):  # the reference keys dicts by slices of it
+            blob = bytes(blob)
         self.now = now
         view = memoryview(blob)
         end = len(blob)

@@ -26,7 +26,7 @@ from services.tund import gso
 from services.tund.dataplane import DataPlane, KeyCache
 from services.tund.tun import VNET_HDR_SIZE
 
-K = native.kernel
+K: Any = native.kernel
 pytestmark = pytest.mark.skipif(K is None, reason=f"native kernel not in use: {native.REASON}")
 NOW = 1000.0
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
