@@ -7,7 +7,6 @@ Also run under AddressSanitizer by ``make asan``."""
 
 from __future__ import annotations
 
-import os
 import struct
 from collections import Counter
 from typing import Any
@@ -32,18 +31,6 @@ NOW = 1000.0
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 ME, PEER, OTHER, STRANGER = (Identity.from_secret(bytes([i]) * 32) for i in (1, 2, 3, 4))
-
-
-def test_native_kernel_in_use_when_built() -> None:
-    """Fails when the extension is built but the services would silently
-    run the pure-Python path (say, an import error swallowed)."""
-    if not native.built() or os.environ.get(native.ENV) == "0":
-        pytest.skip("no native kernel built here")
-    assert native.NAME == "native", native.REASON
-    dp = plane(ME, True)
-    assert dp.kernel is native.kernel
-    assert type(dp.gro).__module__ == "common._kernel"
-    assert type(SessionKey(bytes(32)).aead).__name__ == "Aead"
 
 
 class Counting:
