@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from common import privnet
 from common.endpoint import Endpoint, EndpointError
 from common.nodeconfig import NodeConfig
 
@@ -27,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "update_workers": 1,
 }
 BOOLEANS = ("no_tun", "disable_quic", "disable_peer_discovery", "enable_dns", "no_dashboard")
-SUPPORTED_PEER_PROTOCOLS = ("tcp",)
+SUPPORTED_PEER_PROTOCOLS = ("tcp", "tls")
 
 
 class OptionError(Exception):
@@ -46,7 +47,24 @@ def add_node_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quic-listen-port", type=int, metavar="PORT", help="QUIC listen port (default 9651)")
     p.add_argument("--peer-discovery-port", type=int, metavar="PORT", help="link-local discovery port (default 9650)")
     p.add_argument("--disable-peer-discovery", action="store_true", help="no link-local multicast discovery")
-    p.add_argument("--peer-discovery-interface", action="append", default=[], metavar="NAME")
+    p.add_argument(
+        "--peer-discovery-interface",
+        action="append",
+        default=[],
+        dest="peer_discovery_interfaces",
+        metavar="NAME",
+        help="discover peers only on this interface (repeatable; default: every qualifying interface)",
+    )
+    p.add_argument(
+        "--network-name",
+        metavar="NAME",
+        help="run a private network with this name (2-64 bytes, sent in clear); needs --network-key-file",
+    )
+    p.add_argument(
+        "--network-key-file",
+        metavar="PATH",
+        help="the private network's secret key: the file's first 32 raw bytes; needs --network-name",
+    )
     p.add_argument("--api-addr", metavar="ADDR:PORT", help="HTTP API address (default 127.0.0.1:8989)")
     p.add_argument("--jsonrpc-addr", metavar="ADDR:PORT", help="JSON-RPC address (default 127.0.0.1:8990)")
     p.add_argument("--no-tun", action="store_true", help="run without a TUN device (unprivileged; messages only)")
@@ -107,7 +125,36 @@ def merge(args: argparse.Namespace, file: dict[str, Any]) -> dict[str, Any]:
     for key in BOOLEANS:
         out[key] = bool(getattr(args, key, False)) or bool(file.get(key, False))
     out["peers"] = list(args.peers) or list(file.get("peers", []))
+    out["peer_discovery_interfaces"] = list(getattr(args, "peer_discovery_interfaces", None) or []) or list(
+        file.get("peer_discovery_interfaces", [])
+    )
+    for key in ("network_name", "network_key_file"):  # the private binary's rule: the CLI, else the file
+        cli = getattr(args, key, None)
+        out[key] = cli if cli is not None else file.get(key)
     return out
+
+
+def resolve_private_network(merged: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The network name and the key file's absolute path, both or neither;
+    the key file is read now so a bad one is an error before anything starts."""
+    name, key_file = merged["network_name"], merged["network_key_file"]
+    if name is None and key_file is None:
+        return None, None
+    if name is None:
+        raise OptionError("--network-key-file requires --network-name (network_name in the config file)")
+    if key_file is None:
+        raise OptionError("--network-name requires --network-key-file (network_key_file in the config file)")
+    if not isinstance(name, str) or not isinstance(key_file, str):
+        raise OptionError("network_name and network_key_file must be strings")
+    problem = privnet.psk_support_problem()
+    if problem is not None:
+        raise OptionError(problem)
+    try:
+        privnet.check_name(name)
+        privnet.load_network_key(key_file)
+    except privnet.PrivnetError as exc:
+        raise OptionError(str(exc)) from exc
+    return name, os.path.abspath(key_file)
 
 
 def _check_timeout(value: float) -> float:
@@ -159,6 +206,12 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
     merged = merge(args, read_config_file(args.config_file))
     tcp_port = _check_port("tcp listen port", merged["tcp_listen_port"])
     _check_port("quic listen port", merged["quic_listen_port"])
+    network_name, network_key_file = resolve_private_network(merged)
+    interfaces = merged["peer_discovery_interfaces"]
+    if not isinstance(interfaces, list) or not all(isinstance(i, str) and i for i in interfaces):
+        raise OptionError(f"peer discovery interfaces must be interface names, got {interfaces!r}")
+    if merged["disable_peer_discovery"] and interfaces:
+        warn("--disable-peer-discovery is set, ignoring --peer-discovery-interface values")
     peers: list[str] = []
     for text in merged["peers"]:
         if not isinstance(text, str):
@@ -170,6 +223,11 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         if ep.proto not in SUPPORTED_PEER_PROTOCOLS:
             warn(f"skipping peer {ep}: the {ep.proto} transport is not available in this build")
             continue
+        if ep.proto == "tls" and network_name is None:
+            warn(f"skipping peer {ep}: tls:// needs a private network (--network-name); use tcp:// instead")
+            continue
+        if ep.proto == "tcp" and network_name is not None:
+            warn(f"peer {ep}: a private network is configured, the connection is upgraded to TLS")
         if str(ep) not in peers:
             peers.append(str(ep))
     api_host, api_port = parse_socket_addr("api address", merged["api_addr"])
@@ -190,7 +248,7 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
             ensure_free(socket.SOCK_STREAM, host, port, what)
     level = "error" if args.silent else "debug" if args.debug else "info"
     run_dir = os.path.abspath(args.run_dir or default_run_dir(tcp_port))
-    return NodeConfig(
+    cfg = NodeConfig(
         run_dir=run_dir,
         key_file=os.path.abspath(args.key_file),
         tcp_listen_port=tcp_port,
@@ -204,8 +262,14 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         disable_quic=True,  # no QUIC transport in this build yet
         disable_peer_discovery=merged["disable_peer_discovery"],
         peer_discovery_port=_check_port("peer discovery port", merged["peer_discovery_port"]),
+        peer_discovery_interfaces=[str(i) for i in interfaces],
+        network_name=network_name,
+        network_key_file=network_key_file,
         log_level=level,
         topic_config=merged["topic_config"],
         message_timeout=_check_timeout(args.message_timeout),
         dashboard=not merged["no_dashboard"],
     )
+    if network_name is not None:
+        cfg.disable_quic = True  # QUIC is off in private mode, as in the reference (TRANSPORTS.md 2.3)
+    return cfg
