@@ -1,0 +1,193 @@
+"""Private networks and discovery, short figures beside a baseline from the same run.
+
+    sudo .venv/bin/python bench/bench_privnet.py [--seconds 5] [--handshakes 50]
+
+(1) TLS-PSK handshake time on loopback: our ``handshake()`` (both sides in
+    this process, the node's code) against a plain TCP connect+accept, and the
+    handshake's CPU cost alone (two in-memory ``TlsSession``s).
+(2) Between two network namespaces joined by a veth pair (needs root,
+    iperf3): time from starting two nodes to their first live link, with a
+    static tcp:// peer (baseline), a static tls:// peer in a private
+    network, and no peers at all (link-local discovery); and single-stream
+    iperf3 throughput through the overlay over the TCP link and over the
+    TLS link.
+
+Prints markdown; docs/PERFORMANCE.md records one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_dataplane import Result, machine, measure, warm  # noqa: E402
+
+from common.privnet import PrivateNetwork, client_context, server_context  # noqa: E402
+from services.peerd.links.tls import TlsSession, handshake  # noqa: E402
+from tests.integration.netns import NODE_PORT, Topology, cleanup_stale, have_privileges, wait_for  # noqa: E402
+
+NET = PrivateNetwork("benchnet", os.urandom(32))
+
+
+async def _pairs(n: int, tls: bool) -> list[float]:
+    """``n`` connections on loopback, each timed from connect to ready (TLS: both handshakes done)."""
+    loop = asyncio.get_running_loop()
+    lsock = socket.create_server(("127.0.0.1", 0))
+    lsock.setblocking(False)
+    port = lsock.getsockname()[1]
+    sctx, cctx = server_context(NET), client_context(NET)
+    times = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            client = socket.socket()
+            client.setblocking(False)
+            connect = loop.create_task(loop.sock_connect(client, ("127.0.0.1", port)))
+            conn, _ = await loop.sock_accept(lsock)
+            await connect
+            conn.setblocking(False)
+            if tls:
+                await asyncio.gather(handshake(conn, sctx, True, 5.0), handshake(client, cctx, False, 5.0))
+            times.append(time.perf_counter() - t0)
+            conn.close()
+            client.close()
+    finally:
+        lsock.close()
+    return times
+
+
+def memory_handshake_cpu(n: int) -> float:
+    """CPU seconds of one handshake (both sides), no sockets."""
+    sctx, cctx = server_context(NET), client_context(NET)
+    t0 = time.process_time()
+    for _ in range(n):
+        c, s = TlsSession(cctx, False), TlsSession(sctx, True)
+        done_c = done_s = False
+        while not (done_c and done_s):
+            done_c = done_c or c.handshake()
+            s.feed(c.pending_out())
+            done_s = done_s or s.handshake()
+            c.feed(s.pending_out())
+    return (time.process_time() - t0) / n
+
+
+def handshakes(n: int) -> str:
+    tcp = asyncio.run(_pairs(n, tls=False))
+    tls = asyncio.run(_pairs(n, tls=True))
+    cpu = memory_handshake_cpu(n)
+    med_tcp, med_tls = statistics.median(tcp) * 1e3, statistics.median(tls) * 1e3
+    return "\n".join(
+        [
+            "| loopback, one process | median ms | p90 ms |",
+            "|---|---|---|",
+            f"| TCP connect + accept (baseline) | {med_tcp:.2f} | {sorted(tcp)[int(n * 0.9)] * 1e3:.2f} |",
+            f"| TCP + TLS 1.3 PSK handshake (ours) | {med_tls:.2f} | {sorted(tls)[int(n * 0.9)] * 1e3:.2f} |",
+            f"| handshake CPU, both sides, in memory | {cpu * 1e3:.2f} | |",
+        ]
+    )
+
+
+# --- nodes in namespaces ---------------------------------------------------------------------
+
+
+def link_up_time(kind: str, key: Path) -> tuple[float, Topology]:
+    """Start x and y (y peers x per ``kind``); seconds until both have a live link."""
+    topo = Topology(["x", "y"])
+    x_addr, _ = topo.connect("x", "y", 1)
+    private = ["--network-name", NET.name, "--network-key-file", str(key)]
+    if kind == "tcp":
+        topo.add_node("x")
+        topo.add_node("y", peers=[f"tcp://{x_addr}:{NODE_PORT}"])
+    elif kind == "tls":
+        topo.add_node("x", extra=private)
+        topo.add_node("y", peers=[f"tls://{x_addr}:{NODE_PORT}"], extra=private)
+    else:
+        topo.add_node("x", tun=False, discovery=True)
+        topo.add_node("y", tun=False, discovery=True)
+    t0 = time.monotonic()
+    for node in topo.nodes.values():
+        node.start()
+
+    def linked() -> bool:
+        try:
+            return all(
+                any(p["connectionState"] == "alive" for p in n.rpc("peerd-tcp", "list_peers"))
+                for n in topo.nodes.values()
+            )
+        except Exception:
+            return False
+
+    wait_for(f"{kind} link", linked, 90, interval=0.05)
+    return time.monotonic() - t0, topo
+
+
+def nodes_part(seconds: int) -> str:
+    key = Path(f"/tmp/bench-privnet-{os.getpid()}.key")
+    key.write_bytes(NET.key)
+    key.chmod(0o644)
+    rows = []
+    try:
+        results: dict[str, tuple[float, Result | None]] = {}
+        for kind in ("tcp", "tls", "discovery"):
+            print(f"{kind}: starting two nodes ...", flush=True)
+            took, topo = link_up_time(kind, key)
+            res = None
+            try:
+                if kind != "discovery":
+                    y = topo.nodes["y"]
+                    warm(topo, "x", y.address)
+                    res = measure(topo, "x", "y", y.address, seconds, Result(f"overlay over a {kind} link"))
+                    print(f"    {res.gbit:.2f} Gbit/s", flush=True)
+            finally:
+                topo.close()
+            results[kind] = (took, res)
+        rows = [
+            "| two nodes in namespaces | start to live link, s | overlay iperf3 Gbit/s | x TCP link |",
+            "|---|---|---|---|",
+        ]
+        base = results["tcp"][1]
+        for kind, label in (
+            ("tcp", "static tcp:// peer (baseline)"),
+            ("tls", "static tls:// peer, private network"),
+            ("discovery", "no peers, link-local discovery"),
+        ):
+            took, res = results[kind]
+            gbit = f"{res.gbit:.2f}" if res else "-"
+            ratio = f"{res.gbit / base.gbit:.2f}" if res and base and base.gbit else "-"
+            rows.append(f"| {label} | {took:.1f} | {gbit} | {ratio} |")
+    finally:
+        key.unlink(missing_ok=True)
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=5, help="iperf3 duration (default 5)")
+    parser.add_argument("--handshakes", type=int, default=50)
+    parser.add_argument("--no-nodes", action="store_true", help="only the in-process handshake figures")
+    args = parser.parse_args()
+    print(f"machine: {machine()}", flush=True)
+    print(handshakes(args.handshakes), flush=True)
+    if args.no_nodes:
+        return 0
+    problem = have_privileges()
+    if problem:
+        print(f"bench_privnet: {problem}", file=sys.stderr)
+        return 1
+    cleanup_stale()
+    print(nodes_part(args.seconds), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
