@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_dataplane import Result, machine, measure, warm  # noqa: E402
 
-from common.privnet import PrivateNetwork, client_context, server_context  # noqa: E402
-from services.peerd.links.tls import TlsSession, handshake  # noqa: E402
+from common.privnet import PrivateNetwork, TlsSession, client_context, server_context  # noqa: E402
+from services.peerd.links.tls import handshake  # noqa: E402
 from tests.integration.netns import NODE_PORT, Topology, cleanup_stale, have_privileges, wait_for  # noqa: E402
 
 NET = PrivateNetwork("benchnet", os.urandom(32))

@@ -114,6 +114,51 @@ def client_context(net: PrivateNetwork) -> ssl.SSLContext:
     return ctx
 
 
+class TlsSession:
+    """Sans-IO TLS: ciphertext in (``feed``), ciphertext out (``pending_out``)."""
+
+    def __init__(self, ctx: ssl.SSLContext, server_side: bool) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side, server_hostname=None)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self.incoming.write(data)
+
+    def feed_eof(self) -> None:
+        self.incoming.write_eof()
+
+    def pending_out(self) -> bytes:
+        return self.outgoing.read() if self.outgoing.pending else b""
+
+    def handshake(self) -> bool:
+        """One step: True once done; False when it needs more input; raises
+        ``ssl.SSLError`` when refused (the alert is then in ``pending_out``)."""
+        try:
+            self.obj.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        return True
+
+    def read_into(self, view: memoryview) -> int:
+        """Plaintext into ``view``; 0 when nothing is decrypted yet. Raises
+        ``ssl.SSLZeroReturnError`` on close_notify, ``ssl.SSLError`` on bad records."""
+        total = 0
+        while total < len(view):
+            try:
+                n = self.obj.read(len(view) - total, view[total:])
+            except ssl.SSLWantReadError:
+                break
+            if n == 0:
+                break
+            total += n
+        return total
+
+    def encrypt(self, data: bytes | bytearray | memoryview) -> bytes:
+        self.obj.write(data)
+        return self.pending_out()
+
+
 def used_psk(obj: ssl.SSLObject | ssl.SSLSocket) -> bool:
     """After a handshake: TLS 1.3 and no certificate from the other side."""
     return obj.version() == "TLSv1.3" and obj.getpeercert(binary_form=True) is None

@@ -16,10 +16,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from common import privnet
-from common.privnet import PrivateNetwork, PrivnetError, client_context, refusal_reason, server_context
+from common.privnet import (
+    PrivateNetwork,
+    PrivnetError,
+    TlsSession,
+    client_context,
+    refusal_reason,
+    server_context,
+)
 from services.cli.main import build_parser
 from services.cli.options import OptionError, resolve
-from services.peerd.links.tls import TlsSession
 
 from .test_launcher_options import run_cli
 

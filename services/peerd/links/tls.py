@@ -25,6 +25,7 @@ from typing import ClassVar
 from common import privnet
 from common.endpoint import Endpoint
 from common.nodeconfig import NodeConfig
+from common.privnet import TlsSession
 from common.wire.errors import CodecError
 from common.wire.packet import MAX_PACKET_SIZE, StreamDecoder
 
@@ -39,51 +40,6 @@ READ_CHUNK = 256 * 1024  # ciphertext read per call
 ENCRYPT_BATCH = 256 * 1024  # plaintext encrypted per turn of the write loop
 DIAL_TIMEOUT = 5.0
 LOGGED_MAX = 1024  # remote addresses whose refusal was logged (each is logged once)
-
-
-class TlsSession:
-    """Sans-IO TLS: ciphertext in (``feed``), ciphertext out (``pending_out``)."""
-
-    def __init__(self, ctx: ssl.SSLContext, server_side: bool) -> None:
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side, server_hostname=None)
-
-    def feed(self, data: Buffer) -> None:
-        self.incoming.write(data)
-
-    def feed_eof(self) -> None:
-        self.incoming.write_eof()
-
-    def pending_out(self) -> bytes:
-        return self.outgoing.read() if self.outgoing.pending else b""
-
-    def handshake(self) -> bool:
-        """One step: True once done; False when it needs more input; raises
-        ``ssl.SSLError`` when refused (the alert is then in ``pending_out``)."""
-        try:
-            self.obj.do_handshake()
-        except ssl.SSLWantReadError:
-            return False
-        return True
-
-    def read_into(self, view: memoryview) -> int:
-        """Plaintext into ``view``; 0 when nothing is decrypted yet. Raises
-        ``ssl.SSLZeroReturnError`` on close_notify, ``ssl.SSLError`` on bad records."""
-        total = 0
-        while total < len(view):
-            try:
-                n = self.obj.read(len(view) - total, view[total:])
-            except ssl.SSLWantReadError:
-                break
-            if n == 0:
-                break
-            total += n
-        return total
-
-    def encrypt(self, data: Buffer) -> bytes:
-        self.obj.write(data)
-        return self.pending_out()
 
 
 async def _send_all(sock: socket.socket, data: bytes) -> None:
