@@ -57,7 +57,7 @@ class Discovery:
         self.beacon = Beacon(tcp_port, router_id).encode()
         self.proto = "tls" if private else "tcp"
         self.joined: set[int] = set()
-        self.next_send = now  # the first beacons go at start
+        self.next_send = now + BEACON_INTERVAL  # the first beacons are the greetings of the first scan, at start
         self.next_scan = now
         self.tokens = BURST
         self.last_refill = now
