@@ -91,10 +91,23 @@ def tun_problem() -> str | None:
     return None
 
 
-def program_args(module: str, run_dir: str, crypto_workers: int = 1, tund_user: str | None = None) -> list[str]:
+def programs(cfg: NodeConfig) -> list[tuple[str, str, int]]:
+    """PROGRAMS plus a peerd per further transport family of node.json
+    (``peerd-quic`` when QUIC is on): each family restarts alone."""
+    out = list(PROGRAMS)
+    for family in cfg.peerd_families:
+        name = f"peerd-{family}"
+        if all(name != n for n, _m, _p in out):
+            out.append((name, "services.peerd", 30))
+    return out
+
+
+def program_args(
+    module: str, run_dir: str, crypto_workers: int = 1, tund_user: str | None = None, family: str = "tcp"
+) -> list[str]:
     extra: list[str] = []
     if module == "services.peerd":
-        extra = ["--family", "tcp"] + (["--tund-workers", str(crypto_workers)] if crypto_workers > 1 else [])
+        extra = ["--family", family] + (["--tund-workers", str(crypto_workers)] if crypto_workers > 1 else [])
     elif module == "services.tund":
         extra = (["--workers", str(crypto_workers)] if crypto_workers > 1 else []) + (
             ["--user", tund_user] if tund_user else []
@@ -134,9 +147,10 @@ def supervisord_conf(
         f"password={password}",
         "",
     ]
-    for name, module, priority in PROGRAMS:
+    for name, module, priority in programs(cfg):
         privileged = module == "services.tund" and not cfg.no_tun
-        args = program_args(module, run, crypto_workers, privsep.user if privileged else None)
+        family = name.split("-", 1)[1] if module == "services.peerd" else "tcp"
+        args = program_args(module, run, crypto_workers, privsep.user if privileged else None, family)
         if privsep.drop_caps and not privileged:
             args = [*DROP_CAPS, *args]
         user = [f"user={privsep.user}"] if privsep.user and not privileged else []

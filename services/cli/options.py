@@ -13,7 +13,7 @@ from typing import Any
 
 from common import privnet
 from common.endpoint import Endpoint, EndpointError
-from common.nodeconfig import NodeConfig
+from common.nodeconfig import STREAM_PROTOCOLS, NodeConfig
 
 DEFAULTS: dict[str, Any] = {
     "tcp_listen_port": 9651,
@@ -26,9 +26,22 @@ DEFAULTS: dict[str, Any] = {
     "topic_config": None,
     "firewall_mark": None,
     "update_workers": 1,
+    "vsock_listen_port": None,
 }
 BOOLEANS = ("no_tun", "disable_quic", "disable_peer_discovery", "enable_dns", "no_dashboard")
-SUPPORTED_PEER_PROTOCOLS = ("tcp", "tls")
+SUPPORTED_PEER_PROTOCOLS = ("tcp", "tls", "vsock")
+# tests only: quic:// peers over a TCP stream in a peerd-quic (services/peerd/links/tcp.py)
+DEBUG_STREAM_QUIC_ENV = "MYCELIUM_DEBUG_STREAM_QUIC"
+
+
+def peerd_families(disable_quic: bool) -> dict[str, list[str]]:
+    """node.json's peerd processes and the protocols each serves: stream
+    links in peerd-tcp; peerd-quic only when QUIC is available and on."""
+    families = {"tcp": [p for p in STREAM_PROTOCOLS if p in SUPPORTED_PEER_PROTOCOLS]}
+    debug_quic = os.environ.get(DEBUG_STREAM_QUIC_ENV) == "1"
+    if ("quic" in SUPPORTED_PEER_PROTOCOLS or debug_quic) and not disable_quic:
+        families["quic"] = ["quic"]
+    return families
 
 
 class OptionError(Exception):
@@ -45,6 +58,7 @@ def add_node_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "-p", "--tcp-listen-port", type=int, metavar="PORT", help="TCP listen port (default 9651)")
     p.add_argument("--disable-quic", action="store_true", help="do not use QUIC")
     p.add_argument("-q", "--quic-listen-port", type=int, metavar="PORT", help="QUIC listen port (default 9651)")
+    p.add_argument("--vsock-listen-port", type=int, metavar="PORT", help="vsock listen port (Linux; default none)")
     p.add_argument("--peer-discovery-port", type=int, metavar="PORT", help="link-local discovery port (default 9650)")
     p.add_argument("--disable-peer-discovery", action="store_true", help="no link-local multicast discovery")
     p.add_argument(
@@ -212,6 +226,14 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         raise OptionError(f"peer discovery interfaces must be interface names, got {interfaces!r}")
     if merged["disable_peer_discovery"] and interfaces:
         warn("--disable-peer-discovery is set, ignoring --peer-discovery-interface values")
+    vsock_port = merged["vsock_listen_port"]
+    if vsock_port is not None and (
+        isinstance(vsock_port, bool) or not isinstance(vsock_port, int) or not 0 <= vsock_port < 1 << 32
+    ):
+        raise OptionError(f"vsock listen port must be a number 0-4294967295, got {vsock_port!r}")
+    # QUIC is off in private mode, as in the reference (TRANSPORTS.md 2.3)
+    families = peerd_families(bool(merged["disable_quic"]) or network_name is not None)
+    served = {p for protos in families.values() for p in protos}
     peers: list[str] = []
     for text in merged["peers"]:
         if not isinstance(text, str):
@@ -220,7 +242,7 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
             ep = Endpoint.parse(text)
         except EndpointError as exc:
             raise OptionError(str(exc)) from exc
-        if ep.proto not in SUPPORTED_PEER_PROTOCOLS:
+        if ep.proto not in served:
             warn(f"skipping peer {ep}: the {ep.proto} transport is not available in this build")
             continue
         if ep.proto == "tls" and network_name is None:
@@ -248,7 +270,7 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
             ensure_free(socket.SOCK_STREAM, host, port, what)
     level = "error" if args.silent else "debug" if args.debug else "info"
     run_dir = os.path.abspath(args.run_dir or default_run_dir(tcp_port))
-    cfg = NodeConfig(
+    return NodeConfig(
         run_dir=run_dir,
         key_file=os.path.abspath(args.key_file),
         tcp_listen_port=tcp_port,
@@ -259,7 +281,9 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         api_addr=_show_addr(api_host, api_port),
         jsonrpc_addr=_show_addr(rpc_host, rpc_port),
         metrics_api_address=None if metrics is None else _show_addr(*metrics),
-        disable_quic=True,  # no QUIC transport in this build yet
+        disable_quic="quic" not in families,
+        vsock_listen_port=vsock_port,
+        peerd_families=families,
         disable_peer_discovery=merged["disable_peer_discovery"],
         peer_discovery_port=_check_port("peer discovery port", merged["peer_discovery_port"]),
         peer_discovery_interfaces=[str(i) for i in interfaces],
@@ -270,6 +294,3 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         message_timeout=_check_timeout(args.message_timeout),
         dashboard=not merged["no_dashboard"],
     )
-    if network_name is not None:
-        cfg.disable_quic = True  # QUIC is off in private mode, as in the reference (TRANSPORTS.md 2.3)
-    return cfg
