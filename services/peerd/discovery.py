@@ -52,7 +52,9 @@ Action = Join | Send
 class Discovery:
     """State: the joined interfaces, the send timer and a token bucket."""
 
-    def __init__(self, router_id: bytes, tcp_port: int, private: bool, now: float) -> None:
+    def __init__(
+        self, router_id: bytes, tcp_port: int, private: bool, now: float, counters: Counter[str] | None = None
+    ) -> None:
         self.router_id = router_id
         self.beacon = Beacon(tcp_port, router_id).encode()
         self.proto = "tls" if private else "tcp"
@@ -61,7 +63,7 @@ class Discovery:
         self.next_scan = now
         self.tokens = BURST
         self.last_refill = now
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter() if counters is None else counters
 
     def interfaces(self, found: set[int], now: float) -> list[Action]:
         """A scan's result (qualifying interface indexes): join the new ones

@@ -1,14 +1,14 @@
 """TLS links: private networks (TRANSPORTS.md section 2). A stream link
 like TCP whose bytes go through TLS 1.3 with the network's external PSK.
 
-The TLS state machine is an ``ssl.SSLObject`` over memory BIOs
-(``TlsSession``): the link reads and writes its own non-blocking socket,
-as the TCP link does, and only feeds ciphertext in and takes ciphertext
-out, so the handshake timeout, the alert sent on a refusal and the
-counters are all ours. In private mode this module owns the TCP listen
-port (the listener accepts only TLS), ``tcp://`` peers are dialled as TLS
-and the same wrapping serves vsock (``wrap_server`` / ``wrap_client``),
-which the reference leaves plain (see docs/ARCHITECTURE.md).
+The TLS state machine is a sans-IO ``TlsSession`` (common/privnet.py: an
+``ssl.SSLObject`` over memory BIOs) inside a ``StreamLink``: the link reads
+and writes its own non-blocking socket as the TCP link does, only feeding
+ciphertext in and taking ciphertext out, so the handshake timeout, the
+alert sent on a refusal and the counters are all ours. In private mode
+this module owns the TCP listen port (the listener accepts only TLS),
+dials ``tls://`` and upgraded ``tcp://`` peers, and wraps vsock links the
+same way, which the reference leaves plain (see docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -18,26 +18,24 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any
 
 from common import privnet
 from common.endpoint import Endpoint
 from common.nodeconfig import NodeConfig
 from common.privnet import TlsSession
-from common.wire.errors import CodecError
-from common.wire.packet import MAX_PACKET_SIZE, StreamDecoder
 
-from .base import COST_TLS, Buffer, Link, LinkError, LinkFactory, LinkHost, LinkStats, ip_cost
+from ..sendqueue import Buffer
+from .base import COST_VSOCK, LinkError, LinkFactory, LinkHost
+from .stream import ACCEPT_BURST, StreamFactory, StreamLink
+from .tcp import TcpFactory, make_link
+from .vsock import AF_VSOCK, VsockFactory
 
 log = logging.getLogger("peerd.tls")
 
-MAX_CONTROL_QUEUE = 10_000
-MAX_DATA_QUEUE_BYTES = 2_000 * 1472  # as the TCP link: 2000 packets of the largest size the reference sends
-READ_BUFFER = 512 * 1024
 READ_CHUNK = 256 * 1024  # ciphertext read per call
-ENCRYPT_BATCH = 256 * 1024  # plaintext encrypted per turn of the write loop
 DIAL_TIMEOUT = 5.0
 LOGGED_MAX = 1024  # remote addresses whose refusal was logged (each is logged once)
 
@@ -114,115 +112,70 @@ def explain(reason: str) -> str:
     }.get(reason, "handshake failed")
 
 
-def sockaddr_text(addr: tuple[object, ...] | str) -> str:
-    if isinstance(addr, str) or len(addr) < 2:
-        return str(addr)
-    host, port = str(addr[0]), addr[1]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    scope = addr[3] if len(addr) >= 4 and addr[3] else 0
-    if scope and "%" not in host:
-        host = f"{host}%{scope}"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+class TlsLink(StreamLink):
+    """A stream socket carrying the packet stream inside TLS. The send
+    queue's ``writev`` encrypts (so a borrowed buffer is copied at once) and
+    writes the ciphertext; what the socket did not take waits in ``out``
+    and is written when it has room."""
 
-
-class TlsLink(Link):
-    """One TLS connection: control packets first, data bounded in bytes,
-    plaintext encrypted in batches and written with one ``send`` per
-    record batch."""
-
-    link_type: ClassVar[str] = "tls"
+    link_type = "tls"
 
     def __init__(
-        self,
-        host: LinkHost,
-        endpoint: Endpoint,
-        sock: socket.socket,
-        session: TlsSession,
-        inbound: bool,
-        name: str,
-        static_cost: int,
+        self, host: LinkHost, sock: socket.socket, endpoint: Endpoint, name: str, static_cost: int, inbound: bool
     ) -> None:
-        super().__init__(host, endpoint, name, static_cost, inbound)
-        self.sock = sock
-        self.session = session
-        self.control: deque[bytes] = deque()
-        self.data: deque[bytes] = deque()
-        self.data_bytes = 0
-        self.out = bytearray()  # ciphertext not yet written
-        self.buf = bytearray(READ_BUFFER + MAX_PACKET_SIZE)
-        self.view = memoryview(self.buf)
-        self.have = 0
-        self.decoder = StreamDecoder()
-        self.tx = self.rx = 0
-        self.wake = asyncio.Event()
-        self.writable: asyncio.Future[None] | None = None  # set while the write loop waits for room
-        self.started = False
-        self.ended = False
-        self.reason = ""
+        super().__init__(host, sock, endpoint, name, static_cost, inbound)
+        self.session: TlsSession | None = None  # attached right after the handshake, before start()
+        self.out = bytearray()  # ciphertext the socket has not taken yet
 
-    # --- peerd's side ---------------------------------------------------
+    def attach(self, session: TlsSession) -> TlsLink:
+        self.session = session
+        return self
 
     def start(self) -> None:
-        self.started = True
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.sock.fileno(), self._on_readable)
-        self.host.spawn(self._write_loop(), f"tls-write-{self.link_id}")
+        super().start()
         self._decrypt()  # application data that came with the handshake's last flight
-        self.wake.set()
-
-    def send_control(self, packets: Sequence[bytes]) -> None:
-        for packet in packets:
-            if len(self.control) >= MAX_CONTROL_QUEUE:
-                self.host.counters["control_queue_full"] += 1
-                continue
-            self.control.append(bytes(packet))
-        self.wake.set()
-
-    def send_data(self, frame: Buffer, packets: int = 1, borrowed: bool = False) -> bool:
-        if self.closed:
-            return False
-        if self.data_bytes + len(frame) > MAX_DATA_QUEUE_BYTES:
-            self.host.counters["data_queue_full"] += packets
-            return False
-        data = bytes(frame)  # encrypted later: a borrowed ring slot must not be kept
-        self.data.append(data)
-        self.data_bytes += len(data)
-        self.wake.set()
-        return True
-
-    def close(self, reason: str) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.reason = self.reason or reason
-        if self.started:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        self.wake.set()
-        if self.writable is not None and not self.writable.done():
-            self.writable.set_result(None)
-        if not self.started:
-            self._finish()
-
-    def stats(self) -> LinkStats:
-        return LinkStats(self.tx, self.rx, len(self.control), self.data_bytes)
 
     def remote_ip(self) -> str | None:
         return self.endpoint.host if self.endpoint.proto != "vsock" else None
 
-    # --- the loops ------------------------------------------------------
+    # --- writing ----------------------------------------------------------
 
-    def _finish(self) -> None:
-        if self.ended:
+    def _flush(self) -> None:
+        """Write what ciphertext the socket takes; raises OSError if broken."""
+        try:
+            sent = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
             return
-        self.ended = True
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        if self.started:
-            self.host.on_closed(self, self.reason or "closed")
+        del self.out[:sent]
 
-    def _on_readable(self) -> None:
+    def _drain(self) -> None:
+        """The loop says the socket has room: more of ``out``."""
+        loop = asyncio.get_running_loop()
+        try:
+            self._flush()
+        except OSError as exc:
+            loop.remove_writer(self.fd)
+            self.close(f"write error: {exc}")
+            return
+        if not self.out:
+            loop.remove_writer(self.fd)
+
+    def _writev(self, bufs: Sequence[Buffer]) -> int:
+        assert self.session is not None
+        if self.out:
+            self._flush()
+            if self.out:
+                raise BlockingIOError  # the queue keeps the plaintext and waits for room
+        size = sum(len(b) for b in bufs)
+        self.out += self.session.encrypt(b"".join(bufs))
+        self._flush()
+        if self.out and not self.closed:
+            asyncio.get_running_loop().add_writer(self.fd, self._drain)
+        return size
+
+    # --- reading ----------------------------------------------------------
+
+    def on_readable(self) -> None:
         if self.closed:
             return
         try:
@@ -233,16 +186,23 @@ class TlsLink(Link):
             self.close(f"read error: {exc}")
             return
         if not data:
-            self.close("eof inside a packet" if self.have else "eof")
+            if self.have:
+                self.host.counters["stream_truncated"] += 1
+                self.close(f"eof inside a packet ({self.have} bytes buffered)")
+            else:
+                self.close("eof")
             return
-        self.rx += len(data)
+        self.rx_bytes += len(data)
+        assert self.session is not None
         self.session.feed(data)
         self._decrypt()
 
     def _decrypt(self) -> None:
+        session = self.session
+        assert session is not None
         while not self.closed:
             try:
-                n = self.session.read_into(self.view[self.have :])
+                n = session.read_into(self.view[self.have :])
             except ssl.SSLZeroReturnError:
                 self.close("closed by the peer (TLS close_notify)")
                 return
@@ -253,85 +213,129 @@ class TlsLink(Link):
             if n == 0:
                 break
             self.have += n
-            if not self._deliver():
+            why = self.process()
+            if why is not None:
+                self.close(why)
                 return
-        if self.session.outgoing.pending:  # e.g. a key update answer
-            self.out += self.session.pending_out()
-            self.wake.set()
+        if session.outgoing.pending and not self.closed:  # post-handshake messages (a key update's answer)
+            self.out += session.pending_out()
+            asyncio.get_running_loop().add_writer(self.fd, self._drain)
 
-    def _deliver(self) -> bool:
+
+class TlsVsockLink(TlsLink):
+    """A vsock stream inside TLS (private mode; the reference leaves it plain)."""
+
+    link_type = "vsock"
+
+
+class PskWrapping(StreamFactory):
+    """What the TLS factories add to a stream factory: accepted connections
+    are handshaken (bounded, counted, logged once) before they become
+    links; dialled ones likewise before ``dial`` returns."""
+
+    def setup(self, net: privnet.PrivateNetwork) -> None:
+        self.net = net
+        self.server_ctx = privnet.server_context(net)
+        self.client_ctx = privnet.client_context(net)
+        self.refusals = Refusals(self.host)
+
+    def tls_link(self, sock: socket.socket, inbound: bool) -> TlsLink:
+        raise NotImplementedError
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        for _ in range(ACCEPT_BURST):
+            try:
+                conn, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.host.counters["accept_error"] += 1
+                log.debug("accept failed: %s", exc)
+                return
+            self.host.spawn(self._inbound(conn, addr), "tls handshake")
+
+    async def _inbound(self, conn: socket.socket, addr: Any) -> None:
+        conn.setblocking(False)
+        remote = str(addr[0]) if isinstance(addr, tuple) else str(addr)
         try:
-            control, offsets, used = self.decoder.cut(self.buf, self.have)
-        except CodecError as exc:
-            self.host.counters["stream_malformed"] += 1
-            self.close(f"malformed stream: {exc}")
-            return False
-        if self.decoder.drops:
-            for key, count in self.decoder.drops.items():
-                self.host.counters[f"control_dropped_{key}"] += count
-            self.decoder.drops.clear()
-        if offsets:
-            self.host.on_data(self, self.buf, offsets)
-        if control:
-            self.host.on_control(self, [pkt.encode() for pkt in control])
-        if used:
-            self.buf[: self.have - used] = self.view[used : self.have]
-            self.have -= used
-        return not self.closed
+            session = await handshake(conn, self.server_ctx, True, privnet.HANDSHAKE_TIMEOUT)
+            link = self.tls_link(conn, inbound=True)
+        except (OSError, TimeoutError) as exc:
+            self.refusals.refused(remote, f"{remote} port {addr[1]}", "from", exc)
+            conn.close()
+            return
+        self.host.counters["tls_accepted"] += 1
+        self.host.accepted(link.attach(session))
 
-    async def _wait_writable(self) -> None:
-        """Until the socket has room again, or the link closes."""
-        loop = asyncio.get_running_loop()
-        fut = self.writable = loop.create_future()
-        fd = self.sock.fileno()
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        loop.add_writer(fd, ready)
+    async def secure(self, sock: socket.socket, endpoint: Endpoint) -> TlsSession:
+        """The client handshake on a dialled socket (closed on failure)."""
         try:
-            await fut
-        finally:
-            self.writable = None
-            loop.remove_writer(fd)
+            session = await handshake(sock, self.client_ctx, False, privnet.HANDSHAKE_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            reason = self.refusals.refused(endpoint.host, str(endpoint), "to", exc)
+            raise ConnectionRefusedError(f"TLS handshake with {endpoint} refused: {explain(reason)}") from exc
+        self.host.counters["tls_dialled"] += 1
+        return session
 
-    def _encrypt_queued(self) -> None:
-        parts: list[bytes] = []
-        size = 0
-        while self.control and size < ENCRYPT_BATCH:
-            parts.append(self.control.popleft())
-            size += len(parts[-1])
-        data_size = 0
-        while self.data and size < ENCRYPT_BATCH:
-            parts.append(self.data.popleft())
-            size += len(parts[-1])
-            data_size += len(parts[-1])
-        self.data_bytes -= data_size
-        if parts:
-            self.out += self.session.encrypt(b"".join(parts))
 
-    async def _write_loop(self) -> None:
-        try:
-            while not self.closed:
-                await self.wake.wait()
-                self.wake.clear()
-                while not self.closed and (self.out or self.control or self.data):
-                    if not self.out:
-                        self._encrypt_queued()
-                    try:
-                        sent = self.sock.send(self.out)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
-                    except OSError as exc:
-                        self.close(f"write error: {exc}")
-                        break
-                    self.tx += sent
-                    del self.out[:sent]
-                    if self.out:
-                        await self._wait_writable()
-        finally:
-            self._finish()
+class TlsFactory(PskWrapping, TcpFactory):
+    """Private mode: the TLS listener on the TCP port, and the dialler of
+    ``tls://`` and (upgraded) ``tcp://`` endpoints."""
+
+    link_type = "tls"
+    link_class = TlsLink
+
+    def __init__(self, cfg: NodeConfig, host: LinkHost, net: privnet.PrivateNetwork) -> None:
+        super().__init__(cfg, host)
+        self.setup(net)
+
+    def tls_link(self, sock: socket.socket, inbound: bool) -> TlsLink:
+        link = make_link(self.host, sock, inbound, cls=TlsLink)
+        assert isinstance(link, TlsLink)
+        return link
+
+    async def listen(self) -> None:
+        if self.listener is None:  # also serves tcp:// (one object under two names)
+            await super().listen()
+
+    async def dial(self, endpoint: Endpoint) -> TlsLink:
+        if endpoint.proto not in ("tls", "tcp"):
+            raise LinkError(f"{endpoint} is not a TLS endpoint")
+        plain = await TcpFactory.dial(self, Endpoint("tls", endpoint.host, endpoint.port))
+        sock = plain.sock  # never started: only the connected socket is kept
+        session = await self.secure(sock, endpoint)
+        return self.tls_link(sock, inbound=False).attach(session)
+
+    def describe(self) -> str:
+        return f"TLS (private network {self.net.name!r}) on TCP port {self.port}"
+
+
+class VsockTlsFactory(PskWrapping, VsockFactory):
+    """Private mode: vsock links inside the same TLS-PSK (unlike the reference)."""
+
+    def __init__(self, cfg: NodeConfig, host: LinkHost, net: privnet.PrivateNetwork) -> None:
+        super().__init__(cfg, host)
+        self.setup(net)
+
+    def tls_link(self, sock: socket.socket, inbound: bool) -> TlsLink:
+        lcid, lport = sock.getsockname()[:2]
+        rcid, rport = sock.getpeername()[:2]
+        ep = Endpoint("vsock", str(rcid), int(rport))
+        name = f"VSOCK+TLS {lcid}:{lport} <-> {rcid}:{rport}"
+        return TlsVsockLink(self.host, sock, ep, name, COST_VSOCK, inbound)
+
+    async def dial(self, endpoint: Endpoint) -> TlsLink:
+        if endpoint.proto != "vsock" or AF_VSOCK is None:
+            raise LinkError(f"{endpoint}: no vsock here")
+        sock = socket.socket(AF_VSOCK, socket.SOCK_STREAM)
+        await self.connect(sock, (int(endpoint.host), endpoint.port), DIAL_TIMEOUT)
+        session = await self.secure(sock, endpoint)
+        return self.tls_link(sock, inbound=False).attach(session)
+
+    def describe(self) -> str:
+        return "vsock inside TLS-PSK " + super().describe()
 
 
 # --- making links ---------------------------------------------------------
@@ -349,121 +353,13 @@ def network_of(cfg: NodeConfig) -> privnet.PrivateNetwork | None:
         raise LinkError(str(exc)) from exc
 
 
-class TlsFactory(LinkFactory):
-    """In private mode: the TLS listener on the TCP port and the dialler of
-    ``tls://`` (and upgraded ``tcp://``) endpoints."""
-
-    link_type: ClassVar[str] = "tls"
-
-    def __init__(self, cfg: NodeConfig, host: LinkHost, net: privnet.PrivateNetwork) -> None:
-        super().__init__(cfg, host)
-        self.net = net
-        self.server_ctx = privnet.server_context(net)
-        self.client_ctx = privnet.client_context(net)
-        self.refusals = Refusals(host)
-        self.listener: socket.socket | None = None
-        self.accept_task: asyncio.Task[None] | None = None
-
-    async def listen(self) -> None:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        try:
-            sock.bind(("::", self.cfg.tcp_listen_port))
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        self.listener = sock
-        self.accept_task = self.host.spawn(self._accept_loop(), "tls-accept")
-
-    def describe(self) -> str:
-        return f"TLS (private network {self.net.name!r}) on TCP port {self.cfg.tcp_listen_port}"
-
-    async def _accept_loop(self) -> None:
-        assert self.listener is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, addr = await loop.sock_accept(self.listener)
-            except OSError as exc:
-                if self.listener is None or self.listener.fileno() < 0:
-                    return
-                log.debug("accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
-            self.host.spawn(self._inbound(conn, addr), "tls-handshake")
-
-    async def _inbound(self, conn: socket.socket, addr: tuple[object, ...]) -> None:
-        remote = sockaddr_text(addr)
-        conn.setblocking(False)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            session = await handshake(conn, self.server_ctx, True, privnet.HANDSHAKE_TIMEOUT)
-        except (OSError, TimeoutError) as exc:
-            self.refusals.refused(str(addr[0]), remote, "from", exc)
-            conn.close()
-            return
-        self.host.counters["tls_accepted"] += 1
-        host_text = str(addr[0])
-        if host_text.startswith("::ffff:") and "." in host_text:
-            host_text = host_text[7:]
-        scope = addr[3] if len(addr) >= 4 else 0
-        if scope and "%" not in host_text:
-            host_text = f"{host_text}%{scope}"
-        ep = Endpoint("tls", host_text, int(str(addr[1])))
-        self.host.accepted(self._link(conn, session, ep, inbound=True))
-
-    def _link(self, conn: socket.socket, session: TlsSession, ep: Endpoint, inbound: bool) -> TlsLink:
-        local = sockaddr_text(conn.getsockname())
-        remote = sockaddr_text(conn.getpeername())
-        return TlsLink(self.host, ep, conn, session, inbound, f"TLS {local} <-> {remote}", ip_cost(ep.host, COST_TLS))
-
-    async def dial(self, endpoint: Endpoint) -> Link:
-        if endpoint.proto not in ("tls", "tcp"):
-            raise LinkError(f"{endpoint} is not a TLS endpoint")
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
-        family, kind, proto, _, sockaddr = infos[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setblocking(False)
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, sockaddr), DIAL_TIMEOUT)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, TimeoutError):
-            sock.close()
-            raise
-        try:
-            session = await handshake(sock, self.client_ctx, False, privnet.HANDSHAKE_TIMEOUT)
-        except (OSError, TimeoutError) as exc:
-            sock.close()
-            reason = self.refusals.refused(endpoint.host, str(endpoint), "to", exc)
-            raise ConnectionRefusedError(f"TLS handshake with {endpoint} refused: {explain(reason)}") from exc
-        self.host.counters["tls_dialled"] += 1
-        return self._link(sock, session, Endpoint("tls", endpoint.host, endpoint.port), inbound=False)
-
-    async def close(self) -> None:
-        if self.accept_task is not None:
-            self.accept_task.cancel()
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-
-
 def make_factory(cfg: NodeConfig, host: LinkHost) -> LinkFactory | None:
     """A TLS factory in private mode only (``tls://`` is refused otherwise)."""
     net = network_of(cfg)
     return None if net is None else TlsFactory(cfg, host, net)
 
 
-async def wrap(sock: socket.socket, cfg: NodeConfig, server_side: bool) -> TlsSession | None:
-    """For other stream link types (vsock) in private mode: the handshake
-    on their connected socket, or None when not in private mode. Raises as
-    ``handshake``."""
+def make_vsock_factory(cfg: NodeConfig, host: LinkHost) -> LinkFactory | None:
+    """vsock in private mode (None otherwise: the plain vsock factory serves)."""
     net = network_of(cfg)
-    if net is None:
-        return None
-    ctx = privnet.server_context(net) if server_side else privnet.client_context(net)
-    sock.setblocking(False)
-    return await handshake(sock, ctx, server_side, privnet.HANDSHAKE_TIMEOUT)
+    return None if net is None else VsockTlsFactory(cfg, host, net)

@@ -11,7 +11,7 @@ from typing import Any
 from common.endpoint import Endpoint
 from common.nodeconfig import NodeConfig
 
-from .base import COST_VSOCK, LinkError, LinkHost
+from .base import COST_VSOCK, LinkError, LinkFactory, LinkHost
 from .stream import StreamFactory, StreamLink
 
 DIAL_TIMEOUT = 5.0
@@ -90,6 +90,11 @@ class VsockFactory(StreamFactory):
         return "vsock (dial only)" if self.port is None else f"vsock port {self.port}"
 
 
-def make_factory(cfg: NodeConfig, host: LinkHost) -> VsockFactory:
-    """peerd's entry point: vsock can always be dialled where the kernel has it."""
+def make_factory(cfg: NodeConfig, host: LinkHost) -> LinkFactory | None:
+    """peerd's entry point: vsock can always be dialled where the kernel has
+    it; in a private network inside TLS-PSK (links/tls.py, unlike the reference)."""
+    if cfg.network_name is not None:
+        from .tls import make_vsock_factory
+
+        return make_vsock_factory(cfg, host)
     return VsockFactory(cfg, host)
