@@ -256,7 +256,9 @@ def setup_privsep(cfg: NodeConfig, run: Path) -> Privsep:
                 os.chown(path, user.pw_uid, user.pw_gid)
         if _probe(run, [], user):
             return Privsep(user=name)
-        os.chown(key_copy, 0, 0)
+        for secret_copy in (key_copy, run / NETWORK_KEY_FILE):
+            if secret_copy.exists():
+                os.chown(secret_copy, 0, 0)
         os.chmod(run, 0o700)
     if shutil.which("setpriv") and _probe(run, DROP_CAPS, None):
         _warn(

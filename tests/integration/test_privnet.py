@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import ssl
 import threading
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from common.identity import Identity
 from common.privnet import psk_support_problem
 from common.wire.packet import ControlPacket, StreamDecoder
 from common.wire.tlv import Update
@@ -141,12 +143,14 @@ def test_reference_settings_peer_both_directions(make_nodes: Callable[..., list[
     port = free_port()
     (node,) = make_nodes(1)
     private(node, key, peers=[f"tcp://127.0.0.1:{port}"])  # tcp:// is upgraded to TLS
+    node.key_file.write_bytes(os.urandom(32))
+    subnet = str(Identity.from_secret(node.key_file.read_bytes()).subnet)
     accepted: list[tuple[str, Update]] = []
 
     def serve(listener: socket.socket) -> None:
         conn, _ = listener.accept()
         with reference_server_context(NAME, key_bytes).wrap_socket(conn, server_side=True) as tls:
-            accepted.append((str(tls.cipher()[0]), own_update(tls, node.subnet)))
+            accepted.append((str(tls.cipher()[0]), own_update(tls, subnet)))
 
     with socket.create_server(("127.0.0.1", port)) as listener:
         listener.settimeout(40)
@@ -158,7 +162,7 @@ def test_reference_settings_peer_both_directions(make_nodes: Callable[..., list[
         with reference_client_context(NAME, key_bytes).wrap_socket(raw) as tls:
             assert tls.version() == "TLSv1.3" and tls.getpeercert(binary_form=True) is None
             assert tls.cipher()[0].endswith("SHA256")  # the PSK's hash
-            update = own_update(tls, node.subnet)
+            update = own_update(tls, subnet)
             assert update.metric == 0
         # and the node dials us (its static peer)
         server.join(40)
