@@ -573,6 +573,8 @@ class PeerdService:
         self.counters[f"discovery_peer_{outcome}"] += 1
         if outcome == "added":
             log.info("discovered peer %s", ep)
+            for entry in self.table.due_dials(time.monotonic()):  # now, not at the dial loop's next turn
+                self.spawn(self.dial(entry), f"dial {entry.endpoint}")
 
     async def watch_stop(self) -> None:
         """Ends the task group: on a signal (_Stop) or a failed callback."""
