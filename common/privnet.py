@@ -15,6 +15,7 @@ import os
 import ssl
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 NETWORK_KEY_SIZE = 32
 NAME_MIN, NAME_MAX = 2, 64  # bytes of UTF-8 (ref: mycelium/src/lib.rs)
@@ -144,9 +145,10 @@ class TlsSession:
         """Plaintext into ``view``; 0 when nothing is decrypted yet. Raises
         ``ssl.SSLZeroReturnError`` on close_notify, ``ssl.SSLError`` on bad records."""
         total = 0
+        read: Any = self.obj.read  # with a buffer it returns a count (typeshed says bytes)
         while total < len(view):
             try:
-                n = self.obj.read(len(view) - total, view[total:])
+                n: int = read(len(view) - total, view[total:])
             except ssl.SSLWantReadError:
                 break
             if n == 0:

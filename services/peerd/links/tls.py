@@ -29,8 +29,8 @@ from common.privnet import TlsSession
 
 from ..sendqueue import Buffer
 from .base import COST_VSOCK, LinkError, LinkFactory, LinkHost
-from .stream import ACCEPT_BURST, StreamFactory, StreamLink
-from .tcp import TcpFactory, make_link
+from .stream import ACCEPT_BURST, StreamFactory
+from .tcp import TcpFactory, TcpLink, make_link
 from .vsock import AF_VSOCK, VsockFactory
 
 log = logging.getLogger("peerd.tls")
@@ -112,7 +112,7 @@ def explain(reason: str) -> str:
     }.get(reason, "handshake failed")
 
 
-class TlsLink(StreamLink):
+class TlsLink(TcpLink):
     """A stream socket carrying the packet stream inside TLS. The send
     queue's ``writev`` encrypts (so a borrowed buffer is copied at once) and
     writes the ciphertext; what the socket did not take waits in ``out``
@@ -134,9 +134,6 @@ class TlsLink(StreamLink):
     def start(self) -> None:
         super().start()
         self._decrypt()  # application data that came with the handshake's last flight
-
-    def remote_ip(self) -> str | None:
-        return self.endpoint.host if self.endpoint.proto != "vsock" else None
 
     # --- writing ----------------------------------------------------------
 
@@ -226,6 +223,9 @@ class TlsVsockLink(TlsLink):
     """A vsock stream inside TLS (private mode; the reference leaves it plain)."""
 
     link_type = "vsock"
+
+    def remote_ip(self) -> str | None:
+        return None  # no IP: nothing for the interface watch
 
 
 class PskWrapping(StreamFactory):
@@ -326,7 +326,7 @@ class VsockTlsFactory(PskWrapping, VsockFactory):
         name = f"VSOCK+TLS {lcid}:{lport} <-> {rcid}:{rport}"
         return TlsVsockLink(self.host, sock, ep, name, COST_VSOCK, inbound)
 
-    async def dial(self, endpoint: Endpoint) -> TlsLink:
+    async def dial(self, endpoint: Endpoint) -> TlsLink:  # type: ignore[override]  # a vsock link inside TLS
         if endpoint.proto != "vsock" or AF_VSOCK is None:
             raise LinkError(f"{endpoint}: no vsock here")
         sock = socket.socket(AF_VSOCK, socket.SOCK_STREAM)
