@@ -131,28 +131,33 @@ def link_up_time(kind: str, key: Path) -> tuple[float, Topology]:
     return time.monotonic() - t0, topo
 
 
-def nodes_part(seconds: int) -> str:
+def nodes_part(seconds: int, rounds: int) -> str:
     key = Path(f"/tmp/bench-privnet-{os.getpid()}.key")
     key.write_bytes(NET.key)
     key.chmod(0o644)
     rows = []
     try:
-        results: dict[str, tuple[float, Result | None]] = {}
-        for kind in ("tcp", "tls", "discovery"):
-            print(f"{kind}: starting two nodes ...", flush=True)
-            took, topo = link_up_time(kind, key)
-            res = None
-            try:
-                if kind != "discovery":
-                    y = topo.nodes["y"]
-                    warm(topo, "x", y.address)
-                    res = measure(topo, "x", "y", y.address, seconds, Result(f"overlay over a {kind} link"))
-                    print(f"    {res.gbit:.2f} Gbit/s", flush=True)
-            finally:
-                topo.close()
-            results[kind] = (took, res)
+        results: dict[str, tuple[list[float], Result | None]] = {}
+        for rnd in range(rounds):
+            for kind in ("tcp", "tls", "discovery"):
+                print(f"round {rnd + 1}, {kind}: starting two nodes ...", flush=True)
+                took, topo = link_up_time(kind, key)
+                print(f"    linked after {took:.1f} s", flush=True)
+                times, best = results.get(kind, ([], None))
+                try:
+                    if kind != "discovery":
+                        y = topo.nodes["y"]
+                        warm(topo, "x", y.address)
+                        res = measure(topo, "x", "y", y.address, seconds, Result(f"overlay over a {kind} link"))
+                        print(f"    {res.gbit:.2f} Gbit/s", flush=True)
+                        if best is None or res.gbit > best.gbit:
+                            best = res
+                finally:
+                    topo.close()
+                results[kind] = ([*times, took], best)
         rows = [
-            "| two nodes in namespaces | start to live link, s | overlay iperf3 Gbit/s | x TCP link |",
+            "| two nodes in namespaces | start to live link, s (each round) | overlay iperf3 Gbit/s (best) "
+            "| x TCP link |",
             "|---|---|---|---|",
         ]
         base = results["tcp"][1]
@@ -161,10 +166,10 @@ def nodes_part(seconds: int) -> str:
             ("tls", "static tls:// peer, private network"),
             ("discovery", "no peers, link-local discovery"),
         ):
-            took, res = results[kind]
+            times, res = results[kind]
             gbit = f"{res.gbit:.2f}" if res else "-"
             ratio = f"{res.gbit / base.gbit:.2f}" if res and base and base.gbit else "-"
-            rows.append(f"| {label} | {took:.1f} | {gbit} | {ratio} |")
+            rows.append(f"| {label} | {', '.join(f'{t:.1f}' for t in times)} | {gbit} | {ratio} |")
     finally:
         key.unlink(missing_ok=True)
     return "\n".join(rows)
@@ -174,6 +179,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=5, help="iperf3 duration (default 5)")
     parser.add_argument("--handshakes", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=2, help="node measurements in rotation (default 2)")
     parser.add_argument("--no-nodes", action="store_true", help="only the in-process handshake figures")
     args = parser.parse_args()
     print(f"machine: {machine()}", flush=True)
@@ -185,7 +191,7 @@ def main() -> int:
         print(f"bench_privnet: {problem}", file=sys.stderr)
         return 1
     cleanup_stale()
-    print(nodes_part(args.seconds), flush=True)
+    print(nodes_part(args.seconds, args.rounds), flush=True)
     return 0
 
 
