@@ -148,7 +148,7 @@ def nodes_part(seconds: int, rounds: int) -> str:
                     if kind != "discovery":
                         y = topo.nodes["y"]
                         warm(topo, "x", y.address)
-                        res = measure(topo, "x", "y", y.address, seconds, Result(f"overlay over a {kind} link"))
+                        res: Result = measure(topo, "x", "y", y.address, seconds, Result(f"overlay over a {kind} link"))
                         print(f"    {res.gbit:.2f} Gbit/s", flush=True)
                         if best is None or res.gbit > best.gbit:
                             best = res
@@ -166,9 +166,9 @@ def nodes_part(seconds: int, rounds: int) -> str:
             ("tls", "static tls:// peer, private network"),
             ("discovery", "no peers, link-local discovery"),
         ):
-            times, res = results[kind]
-            gbit = f"{res.gbit:.2f}" if res else "-"
-            ratio = f"{res.gbit / base.gbit:.2f}" if res and base and base.gbit else "-"
+            times, shown = results[kind]
+            gbit = f"{shown.gbit:.2f}" if shown else "-"
+            ratio = f"{shown.gbit / base.gbit:.2f}" if shown and base and base.gbit else "-"
             rows.append(f"| {label} | {', '.join(f'{t:.1f}' for t in times)} | {gbit} | {ratio} |")
     finally:
         key.unlink(missing_ok=True)

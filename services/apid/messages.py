@@ -18,7 +18,8 @@ from typing import Any
 from flask import Response, request
 
 from common import bus
-from common.identity import IdentityError, address_of, is_overlay_address, parse_public_key
+from common.identity import IdentityError, address_of, parse_public_key
+from common.wire.rules import is_overlay_address
 
 from . import rpc
 from .app import json_body, json_response

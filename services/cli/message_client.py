@@ -11,7 +11,8 @@ import sys
 import urllib.parse
 from typing import Any
 
-from common.identity import IdentityError, is_overlay_address, parse_public_key
+from common.identity import IdentityError, parse_public_key
+from common.wire.rules import is_overlay_address
 
 from .client import Client, ClientError
 

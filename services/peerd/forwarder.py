@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from common.fib import FibReplica
 from common.pending import PendingQueue
 from common.wire.icmp import CODE_HOP_LIMIT, CODE_NO_ROUTE, DEST_UNREACHABLE, TIME_EXCEEDED
+from common.wire.rules import DATA_PREFIX_SIZE, HOP_OFFSET, MIN_FORWARD_HOP_LIMIT, body_len
 
 from .local_batch import MIN_PACKETS, all_local
 from .packet_stats import PacketStats
 
 Buffer = bytes | bytearray | memoryview
 ROUTE_CACHE_MAX = 65_536
-HEADER = 40  # data packet header (PROTOCOL.md 3.1): body length at 5-6, hop limit at 7, dst at 24-40
+HEADER = DATA_PREFIX_SIZE  # common.wire.rules: body length at 5-6, hop limit at 7, dst at 24-40
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Forwarder:
         if workers > 1:
             ranges_ = local[int.from_bytes(run_key[:8]) % workers]
         transit = out.transit
+        min_hop = MIN_FORWARD_HOP_LIMIT
         for off in offsets:
             end = off + HEADER + (buf[off + 5] << 8 | buf[off + 6])
             if not buf.startswith(run_key, off + 8):
@@ -138,12 +140,12 @@ class Forwarder:
                     ranges_ = local[int.from_bytes(run_key[:8]) % workers]
             run_n += 1
             run_b += end - off - HEADER
-            hop = buf[off + 7]
-            if hop < 2:
+            hop = buf[off + HOP_OFFSET]
+            if hop < min_hop:  # common.wire.rules.can_forward, as a local compare
                 counters["data_drop_hop_limit"] += 1
                 out.icmp.append((bytes(view[off:end]), TIME_EXCEEDED, CODE_HOP_LIMIT))
                 continue
-            buf[off + 7] = hop - 1
+            buf[off + HOP_OFFSET] = hop - 1
             if buf.startswith(own, off + 24):  # for this node
                 if ranges_ and ranges_[-1] == off:
                     ranges_[-1] = end
@@ -200,7 +202,7 @@ class Forwarder:
         pos, end = 0, len(blob)
         now = time.monotonic()
         while pos + HEADER <= end:
-            nxt = pos + HEADER + (blob[pos + 5] << 8 | blob[pos + 6])
+            nxt = pos + HEADER + body_len(blob, pos)
             if nxt > end:
                 self.counters["data_out_malformed"] += 1
                 break

@@ -20,6 +20,8 @@ from common.endpoint import Endpoint, EndpointError
 from .links.base import LinkStats
 from .peer_table import PeerExists, PeerTable, PeerUnknown
 
+LEGACY_FILE = "peers.json"
+
 
 def peers_file(run_dir: str, family: str) -> Path:
     return Path(run_dir) / f"peers-{family}.json"
@@ -37,13 +39,15 @@ class PeerApi:
 
     def load(self, configured: list[str]) -> list[str]:
         """The static peers to start with: the saved list (the API may have
-        changed it since start-up), else the configured ones."""
-        try:
-            saved = json.loads(self.path.read_text())
+        changed it since start-up; before one file per family it was
+        ``peers.json``), else the configured ones."""
+        for path in (self.path, self.path.with_name(LEGACY_FILE)):
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
             if isinstance(saved, list):
                 return [p for p in saved if isinstance(p, str)]
-        except (OSError, ValueError):
-            pass
         return list(configured)
 
     def save(self) -> None:

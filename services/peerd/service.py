@@ -284,7 +284,7 @@ class PeerdService:
             links = self.links
             counters = self.counters
             for next_hop, parts in routed.transit.items():
-                blob = parts[0] if len(parts) == 1 else b"".join(parts)
+                blob = b"".join(parts)  # always a copy: the parts may be views of a link's read buffer
                 link = links.get(next_hop)
                 if link is not None:
                     if link.send_data(blob, len(parts)):
@@ -344,9 +344,7 @@ class PeerdService:
         except zmq.Again:
             self.counters["router_bus_full"] += 1
 
-    def to_tund(
-        self, kind: str, frames: list[bytes | bytearray], fields: dict[str, Any] | None = None, worker: int = 0
-    ) -> None:
+    def to_tund(self, kind: str, frames: list[bytes], fields: dict[str, Any] | None = None, worker: int = 0) -> None:
         try:
             self.tunds[worker].send_multipart(bus.pack(kind, fields, frames), flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -387,7 +385,7 @@ class PeerdService:
         copied out of ZeroMQ: the link writes their buffers directly."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        fd = self.inbox.getsockopt(zmq.FD)
+        fd = int(self.inbox.getsockopt(zmq.FD))  # type: ignore[arg-type]
         loop.add_reader(fd, wake.set)
         recv = self.inbox.recv_multipart
         try:
@@ -412,7 +410,7 @@ class PeerdService:
                 else:
                     await asyncio.sleep(0)  # more may be waiting: let the writers run first
                     continue
-                if not self.inbox.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if not int(self.inbox.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # type: ignore[arg-type]
                     await wake.wait()
         finally:
             loop.remove_reader(fd)
@@ -474,7 +472,7 @@ class PeerdService:
     async def fib_loop(self) -> None:
         await self.fib_resync()
         while True:
-            frames = await self.fib_sub.recv_multipart()
+            frames = await self.fib_sub.recv_multipart()  # type: ignore[misc]  # zmq.asyncio: a future
             try:
                 msg = bus.unpack(frames)
             except bus.BusError:
@@ -504,14 +502,14 @@ class PeerdService:
 
     async def rpc_loop(self) -> None:
         while True:
-            frames = await self.rpc.recv_multipart()
+            frames = await self.rpc.recv_multipart()  # type: ignore[misc]  # zmq.asyncio: a future
             request = bus.parse_request(frames, self.counters)
             if request is None:
                 continue
             envelope, msg = request
             result = self.rpc_result(msg.kind, msg.fields)
             frames_out = bus.pack("ok", {"result": result})
-            await self.rpc.send_multipart([*envelope, b"", *frames_out])
+            await self.rpc.send_multipart([*envelope, b"", *frames_out])  # type: ignore[misc]
 
     def live_stats(self, link_id: str) -> LinkStats | None:
         link = self.links.get(link_id)

@@ -30,6 +30,7 @@ log = logging.getLogger("peerd")
 
 READ_BUFFER = 512 * 1024  # a link's own read buffer (always room for one largest packet more)
 ACCEPT_BURST = 16
+LISTEN_BACKLOG = 128
 
 
 class StreamLink(Link):
@@ -198,9 +199,16 @@ class StreamFactory(LinkFactory):
         """The bound, listening socket, or None for no listener."""
         return None
 
-    def inbound(self, sock: socket.socket, addr: Any) -> StreamLink | None:
-        """The link for an accepted connection, or None to refuse it."""
+    def wrap(self, sock: socket.socket, inbound: bool) -> StreamLink:
+        """The link for a connected socket (raises OSError if it is already gone)."""
         raise NotImplementedError
+
+    def inbound(self, sock: socket.socket, addr: Any) -> StreamLink | None:
+        """The link for an accepted connection, or None (reset before we looked at it)."""
+        try:
+            return self.wrap(sock, inbound=True)
+        except OSError:
+            return None
 
     async def listen(self) -> None:
         """Bind (make_listener) and accept on the loop."""
@@ -222,11 +230,16 @@ class StreamFactory(LinkFactory):
                 self.host.counters["accept_error"] += 1
                 log.debug("accept failed: %s", exc)
                 return
-            link = self.inbound(conn, addr)
-            if link is None:
-                conn.close()
-                continue
-            self.host.accepted(link)
+            self.on_accepted(conn, addr)
+
+    def on_accepted(self, conn: socket.socket, addr: Any) -> None:
+        """An accepted connection becomes an inbound link at once (the TLS
+        factories override this: a handshake first)."""
+        link = self.inbound(conn, addr)
+        if link is None:
+            conn.close()
+            return
+        self.host.accepted(link)
 
     async def connect(self, sock: socket.socket, addr: Any, timeout: float) -> None:
         """Connect a non-blocking socket (closed on failure)."""
@@ -243,3 +256,17 @@ class StreamFactory(LinkFactory):
             asyncio.get_running_loop().remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
+
+
+def bound_listener(family: int, addr: Any, options: tuple[tuple[int, int, int], ...] = ()) -> socket.socket:
+    """A stream socket bound to ``addr`` and listening (closed on failure)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        for level, opt, value in options:
+            sock.setsockopt(level, opt, value)
+        sock.bind(addr)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -11,7 +11,7 @@ from common.endpoint import Endpoint
 from common.nodeconfig import NodeConfig
 
 from .base import COST_TCP, LinkError, LinkHost, ip_cost
-from .stream import StreamFactory, StreamLink
+from .stream import StreamFactory, StreamLink, bound_listener
 
 DIAL_TIMEOUT = 5.0
 
@@ -71,23 +71,12 @@ class TcpFactory(StreamFactory):
 
     def make_listener(self) -> socket.socket | None:
         """``[::]:port`` accepting IPv4 too."""
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(("::", self.port))
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        opts = ((socket.SOL_SOCKET, socket.SO_REUSEADDR, 1), (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0))
+        return bound_listener(socket.AF_INET6, ("::", self.port), opts)
 
-    def inbound(self, sock: socket.socket, addr: Any) -> StreamLink | None:
-        """An accepted connection becomes an inbound link."""
-        try:
-            return make_link(self.host, sock, inbound=True, cls=self.link_class)
-        except OSError:  # reset before we looked at it
-            return None
+    def wrap(self, sock: socket.socket, inbound: bool) -> TcpLink:
+        """A connected TCP socket as a link of this factory's class."""
+        return make_link(self.host, sock, inbound, cls=self.link_class)
 
     async def dial(self, endpoint: Endpoint) -> TcpLink:
         """Connect to ``tcp://host:port`` (link-local with %scope too)."""
@@ -102,7 +91,7 @@ class TcpFactory(StreamFactory):
         family, kind, proto, _, addr = infos[0]
         sock = socket.socket(family, kind, proto)
         await self.connect(sock, addr, DIAL_TIMEOUT)
-        return make_link(self.host, sock, inbound=False, cls=self.link_class)
+        return self.wrap(sock, inbound=False)
 
     def describe(self) -> str:
         """For the start-up log."""

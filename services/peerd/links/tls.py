@@ -28,15 +28,15 @@ from common.nodeconfig import NodeConfig
 from common.privnet import TlsSession
 
 from ..sendqueue import Buffer
-from .base import COST_VSOCK, LinkError, LinkFactory, LinkHost
-from .stream import ACCEPT_BURST, StreamFactory
-from .tcp import TcpFactory, TcpLink, make_link
-from .vsock import AF_VSOCK, VsockFactory
+from .base import LinkError, LinkFactory, LinkHost
+from .stream import StreamFactory
+from .tcp import TcpFactory, TcpLink
+from .vsock import VsockFactory, VsockLink
+from .vsock import make_link as make_vsock_link
 
 log = logging.getLogger("peerd.tls")
 
 READ_CHUNK = 256 * 1024  # ciphertext read per call
-DIAL_TIMEOUT = 5.0
 LOGGED_MAX = 1024  # remote addresses whose refusal was logged (each is logged once)
 
 
@@ -219,7 +219,7 @@ class TlsLink(TcpLink):
             asyncio.get_running_loop().add_writer(self.fd, self._drain)
 
 
-class TlsVsockLink(TlsLink):
+class TlsVsockLink(TlsLink, VsockLink):
     """A vsock stream inside TLS (private mode; the reference leaves it plain)."""
 
     link_type = "vsock"
@@ -229,9 +229,10 @@ class TlsVsockLink(TlsLink):
 
 
 class PskWrapping(StreamFactory):
-    """What the TLS factories add to a stream factory: accepted connections
-    are handshaken (bounded, counted, logged once) before they become
-    links; dialled ones likewise before ``dial`` returns."""
+    """What the TLS factories add to a stream factory (mixed in before it):
+    an accepted connection is handshaken (bounded, counted, logged once)
+    before it becomes a link, and so is a dialled one before ``dial``
+    returns. The stream factory's ``wrap`` must make a ``TlsLink``."""
 
     def setup(self, net: privnet.PrivateNetwork) -> None:
         self.net = net
@@ -239,45 +240,35 @@ class PskWrapping(StreamFactory):
         self.client_ctx = privnet.client_context(net)
         self.refusals = Refusals(self.host)
 
-    def tls_link(self, sock: socket.socket, inbound: bool) -> TlsLink:
-        raise NotImplementedError
-
-    def _accept(self) -> None:
-        assert self.listener is not None
-        for _ in range(ACCEPT_BURST):
-            try:
-                conn, addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self.host.counters["accept_error"] += 1
-                log.debug("accept failed: %s", exc)
-                return
-            self.host.spawn(self._inbound(conn, addr), "tls handshake")
+    def on_accepted(self, conn: socket.socket, addr: Any) -> None:
+        self.host.spawn(self._inbound(conn, addr), "tls handshake")
 
     async def _inbound(self, conn: socket.socket, addr: Any) -> None:
         conn.setblocking(False)
         remote = str(addr[0]) if isinstance(addr, tuple) else str(addr)
+        shown = f"{remote} port {addr[1]}" if isinstance(addr, tuple) and len(addr) > 1 else remote
         try:
             session = await handshake(conn, self.server_ctx, True, privnet.HANDSHAKE_TIMEOUT)
-            link = self.tls_link(conn, inbound=True)
+            link = self.wrap(conn, inbound=True)
         except (OSError, TimeoutError) as exc:
-            self.refusals.refused(remote, f"{remote} port {addr[1]}", "from", exc)
+            self.refusals.refused(remote, shown, "from", exc)
             conn.close()
             return
+        assert isinstance(link, TlsLink)
         self.host.counters["tls_accepted"] += 1
         self.host.accepted(link.attach(session))
 
-    async def secure(self, sock: socket.socket, endpoint: Endpoint) -> TlsSession:
-        """The client handshake on a dialled socket (closed on failure)."""
+    async def dial(self, endpoint: Endpoint) -> TlsLink:
+        link = await super().dial(endpoint)  # type: ignore[safe-super]  # the stream factory's: connected, wrapped
+        assert isinstance(link, TlsLink)
         try:
-            session = await handshake(sock, self.client_ctx, False, privnet.HANDSHAKE_TIMEOUT)
+            session = await handshake(link.sock, self.client_ctx, False, privnet.HANDSHAKE_TIMEOUT)
         except (OSError, TimeoutError) as exc:
-            sock.close()
+            link.sock.close()
             reason = self.refusals.refused(endpoint.host, str(endpoint), "to", exc)
             raise ConnectionRefusedError(f"TLS handshake with {endpoint} refused: {explain(reason)}") from exc
         self.host.counters["tls_dialled"] += 1
-        return session
+        return link.attach(session)
 
 
 class TlsFactory(PskWrapping, TcpFactory):
@@ -291,11 +282,6 @@ class TlsFactory(PskWrapping, TcpFactory):
         super().__init__(cfg, host)
         self.setup(net)
 
-    def tls_link(self, sock: socket.socket, inbound: bool) -> TlsLink:
-        link = make_link(self.host, sock, inbound, cls=TlsLink)
-        assert isinstance(link, TlsLink)
-        return link
-
     async def listen(self) -> None:
         if self.listener is None:  # also serves tcp:// (one object under two names)
             await super().listen()
@@ -303,10 +289,7 @@ class TlsFactory(PskWrapping, TcpFactory):
     async def dial(self, endpoint: Endpoint) -> TlsLink:
         if endpoint.proto not in ("tls", "tcp"):
             raise LinkError(f"{endpoint} is not a TLS endpoint")
-        plain = await TcpFactory.dial(self, Endpoint("tls", endpoint.host, endpoint.port))
-        sock = plain.sock  # never started: only the connected socket is kept
-        session = await self.secure(sock, endpoint)
-        return self.tls_link(sock, inbound=False).attach(session)
+        return await super().dial(Endpoint("tls", endpoint.host, endpoint.port))
 
     def describe(self) -> str:
         return f"TLS (private network {self.net.name!r}) on TCP port {self.port}"
@@ -319,23 +302,18 @@ class VsockTlsFactory(PskWrapping, VsockFactory):
         super().__init__(cfg, host)
         self.setup(net)
 
-    def tls_link(self, sock: socket.socket, inbound: bool) -> TlsLink:
-        lcid, lport = sock.getsockname()[:2]
-        rcid, rport = sock.getpeername()[:2]
-        ep = Endpoint("vsock", str(rcid), int(rport))
-        name = f"VSOCK+TLS {lcid}:{lport} <-> {rcid}:{rport}"
-        return TlsVsockLink(self.host, sock, ep, name, COST_VSOCK, inbound)
+    def wrap(self, sock: socket.socket, inbound: bool) -> TlsVsockLink:
+        link = make_vsock_link(self.host, sock, inbound, cls=TlsVsockLink)
+        assert isinstance(link, TlsVsockLink)
+        return link
 
-    async def dial(self, endpoint: Endpoint) -> TlsLink:  # type: ignore[override]  # a vsock link inside TLS
-        if endpoint.proto != "vsock" or AF_VSOCK is None:
-            raise LinkError(f"{endpoint}: no vsock here")
-        sock = socket.socket(AF_VSOCK, socket.SOCK_STREAM)
-        await self.connect(sock, (int(endpoint.host), endpoint.port), DIAL_TIMEOUT)
-        session = await self.secure(sock, endpoint)
-        return self.tls_link(sock, inbound=False).attach(session)
+    async def dial(self, endpoint: Endpoint) -> TlsVsockLink:
+        link = await super().dial(endpoint)
+        assert isinstance(link, TlsVsockLink)
+        return link
 
     def describe(self) -> str:
-        return "vsock inside TLS-PSK " + super().describe()
+        return "vsock inside TLS-PSK, " + super().describe()
 
 
 # --- making links ---------------------------------------------------------

@@ -6,13 +6,12 @@ that is set (the reference's ``--vsock-listen-port``; no default)."""
 from __future__ import annotations
 
 import socket
-from typing import Any
 
 from common.endpoint import Endpoint
 from common.nodeconfig import NodeConfig
 
 from .base import COST_VSOCK, LinkError, LinkFactory, LinkHost
-from .stream import StreamFactory, StreamLink
+from .stream import StreamFactory, StreamLink, bound_listener
 
 DIAL_TIMEOUT = 5.0
 AF_VSOCK: int | None = getattr(socket, "AF_VSOCK", None)
@@ -36,12 +35,12 @@ class VsockLink(StreamLink):
     link_type = "vsock"
 
 
-def make_link(host: LinkHost, sock: socket.socket, inbound: bool) -> VsockLink:
+def make_link(host: LinkHost, sock: socket.socket, inbound: bool, cls: type[VsockLink] = VsockLink) -> VsockLink:
     """Wrap a connected vsock socket, named as the reference names it."""
     lcid, lport = sock.getsockname()[:2]
     rcid, rport = sock.getpeername()[:2]
     ep = Endpoint("vsock", str(rcid), int(rport))
-    return VsockLink(host, sock, ep, f"VSOCK {lcid}:{lport} <-> {rcid}:{rport}", COST_VSOCK, inbound)
+    return cls(host, sock, ep, f"VSOCK {lcid}:{lport} <-> {rcid}:{rport}", COST_VSOCK, inbound)
 
 
 class VsockFactory(StreamFactory):
@@ -59,21 +58,11 @@ class VsockFactory(StreamFactory):
             return None
         if AF_VSOCK is None:
             raise OSError("vsock listen port set but this platform has no AF_VSOCK")
-        sock = socket.socket(AF_VSOCK, socket.SOCK_STREAM)
-        try:
-            sock.bind((CID_ANY, self.port))
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        return bound_listener(AF_VSOCK, (CID_ANY, self.port))
 
-    def inbound(self, sock: socket.socket, addr: Any) -> StreamLink | None:
-        """An accepted connection becomes an inbound link."""
-        try:
-            return make_link(self.host, sock, inbound=True)
-        except OSError:
-            return None
+    def wrap(self, sock: socket.socket, inbound: bool) -> VsockLink:
+        """A connected vsock socket as a link."""
+        return make_link(self.host, sock, inbound)
 
     async def dial(self, endpoint: Endpoint) -> VsockLink:
         """Connect to ``vsock://cid:port``."""
@@ -83,7 +72,7 @@ class VsockFactory(StreamFactory):
             raise LinkError("this platform has no AF_VSOCK")
         sock = socket.socket(AF_VSOCK, socket.SOCK_STREAM)
         await self.connect(sock, (int(endpoint.host), endpoint.port), DIAL_TIMEOUT)
-        return make_link(self.host, sock, inbound=False)
+        return self.wrap(sock, inbound=False)
 
     def describe(self) -> str:
         """For the start-up log."""
