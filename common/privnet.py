@@ -66,21 +66,13 @@ def load_network_key(path: str | os.PathLike[str]) -> bytes:
     """The first 32 bytes of the key file (extra bytes ignored, as the
     reference's ``read_exact``). Never created or rewritten: a missing or
     short file is an error."""
+    from .identity import IdentityError, load_key_file  # here: the Python check must import nothing heavy
+
     try:
-        with open(path, "rb") as f:
-            data = f.read(NETWORK_KEY_SIZE)
-    except FileNotFoundError as exc:
-        raise PrivnetError(f"network key file {path} does not exist") from exc
-    except IsADirectoryError as exc:
-        raise PrivnetError(f"network key file {path} is a directory") from exc
-    except OSError as exc:
-        raise PrivnetError(f"cannot read network key file {path}: {exc.strerror}") from exc
-    if len(data) < NETWORK_KEY_SIZE:
-        raise PrivnetError(
-            f"network key file {path} holds {len(data)} bytes; it must hold {NETWORK_KEY_SIZE} raw bytes "
-            f"(e.g. head -c 32 /dev/urandom > {path})"
-        )
-    return data
+        return load_key_file(path, "network key file")
+    except IdentityError as exc:
+        hint = f" (e.g. head -c 32 /dev/urandom > {path})" if "holds" in str(exc) else ""
+        raise PrivnetError(f"{exc}{hint}") from exc
 
 
 def server_context(net: PrivateNetwork) -> ssl.SSLContext:

@@ -141,7 +141,7 @@ class StreamLink(Link):
         if self.closed:
             return
         try:
-            n = os.readv(self.fd, [self.view[self.have :]])
+            n = self.read_some()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -155,10 +155,18 @@ class StreamLink(Link):
                 self.close("eof")
             return
         self.rx_bytes += n
-        self.have += n
-        why = self.process()
+        why = self.received(n)
         if why is not None:
             self.close(why)
+
+    def read_some(self) -> int:
+        """One read from the socket (0: end of stream); the TLS link reads ciphertext."""
+        return os.readv(self.fd, [self.view[self.have :]])
+
+    def received(self, n: int) -> str | None:
+        """``n`` bytes came in at the end of the buffer: hand over the packets."""
+        self.have += n
+        return self.process()
 
     def process(self) -> str | None:
         """Cut the buffer into packets and hand them over; why the link must

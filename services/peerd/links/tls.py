@@ -172,27 +172,16 @@ class TlsLink(TcpLink):
 
     # --- reading ----------------------------------------------------------
 
-    def on_readable(self) -> None:
-        if self.closed:
-            return
-        try:
-            data = self.sock.recv(READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.close(f"read error: {exc}")
-            return
-        if not data:
-            if self.have:
-                self.host.counters["stream_truncated"] += 1
-                self.close(f"eof inside a packet ({self.have} bytes buffered)")
-            else:
-                self.close("eof")
-            return
-        self.rx_bytes += len(data)
-        assert self.session is not None
-        self.session.feed(data)
+    def read_some(self) -> int:
+        data = self.sock.recv(READ_CHUNK)
+        if data:
+            assert self.session is not None
+            self.session.feed(data)
+        return len(data)
+
+    def received(self, n: int) -> str | None:
         self._decrypt()
+        return None  # _decrypt closes the link itself
 
     def _decrypt(self) -> None:
         session = self.session
