@@ -4,7 +4,9 @@
 
 (1) TLS-PSK handshake time on loopback: our ``handshake()`` (both sides in
     this process, the node's code) against a plain TCP connect+accept, and the
-    handshake's CPU cost alone (two in-memory ``TlsSession``s).
+    handshake's CPU cost alone (two in-memory ``TlsSession``s); and the link
+    alone: 64 KB batches of packets through one TLS link and one TCP link
+    (the node's link classes, both ends in this process).
 (2) Between two network namespaces joined by a veth pair (needs root,
     iperf3): time from starting two nodes to their first live link, with a
     static tcp:// peer (baseline), a static tls:// peer in a private
@@ -23,9 +25,12 @@ import datetime
 import os
 import socket
 import statistics
+import struct
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -33,9 +38,13 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_dataplane import Result, machine, measure, warm  # noqa: E402
 
+from common.endpoint import Endpoint  # noqa: E402
+from common.nodeconfig import NodeConfig  # noqa: E402
 from common.privnet import PrivateNetwork, TlsSession, client_context, server_context  # noqa: E402
-from services.peerd.links.tls import handshake  # noqa: E402
+from services.peerd.links.tcp import TcpFactory  # noqa: E402
+from services.peerd.links.tls import TlsFactory, handshake  # noqa: E402
 from tests.integration.netns import NODE_PORT, Topology, cleanup_stale, have_privileges, wait_for  # noqa: E402
+from tests.integration.nodes import free_port  # noqa: E402
 
 NET = PrivateNetwork("benchnet", os.urandom(32))
 
@@ -96,6 +105,74 @@ def handshakes(n: int) -> str:
             f"| handshake CPU, both sides, in memory | {cpu * 1e3:.2f} | |",
         ]
     )
+
+
+class SinkHost:
+    """A LinkHost that counts what arrives (for the link-only figure)."""
+
+    def __init__(self) -> None:
+        self.counters: Counter[str] = Counter()
+        self.bytes = 0
+        self.links: list[Any] = []
+
+    def on_control(self, link: Any, packets: list[bytes]) -> None:
+        pass
+
+    def on_data(self, link: Any, buf: bytearray, offsets: list[int]) -> None:
+        self.bytes += sum(40 + (buf[o + 5] << 8 | buf[o + 6]) for o in offsets)
+
+    def on_closed(self, link: Any, reason: str) -> None:
+        pass
+
+    def accepted(self, link: Any) -> None:
+        link.link_id = "in"
+        self.links.append(link)
+        link.start()
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(coro, name=name)
+
+
+async def _link_throughput(tls: bool, megabytes: int) -> float:
+    """One process, loopback: batches of 1440-byte packets through one link; Gbit/s."""
+    tmp = Path(f"/tmp/bench-privnet-link-{os.getpid()}.key")
+    tmp.write_bytes(NET.key)
+    cfg = NodeConfig(run_dir="/tmp", key_file="k", tcp_listen_port=free_port())
+    if tls:
+        cfg.network_name, cfg.network_key_file = NET.name, str(tmp)
+    server_host, client_host = SinkHost(), SinkHost()
+    server: TcpFactory = TlsFactory(cfg, server_host, NET) if tls else TcpFactory(cfg, server_host)
+    client: TcpFactory = TlsFactory(cfg, client_host, NET) if tls else TcpFactory(cfg, client_host)
+    await server.listen()
+    link = await client.dial(Endpoint("tls" if tls else "tcp", "127.0.0.1", cfg.tcp_listen_port))
+    link.link_id = "out"
+    link.start()
+    body = bytes(1400)
+    batch = (struct.pack("!BBxxxHB", 1, 0, len(body), 64) + bytes(32) + body) * 44  # ~64 KB, as tund sends
+    total = megabytes * 1_000_000
+    t0 = time.perf_counter()
+    sent = 0
+    while sent < total:
+        if link.send_data(batch, 44):
+            sent += len(batch)
+        else:
+            await asyncio.sleep(0)
+    while server_host.bytes < sent:
+        await asyncio.sleep(0.001)
+    took = time.perf_counter() - t0
+    link.close("done")
+    await server.close()
+    tmp.unlink(missing_ok=True)
+    return sent * 8 / took / 1e9
+
+
+def link_throughput(megabytes: int) -> str:
+    rows = ["| one link, one process, loopback | Gbit/s (best of 3) | x TCP |", "|---|---|---|"]
+    tcp = max(asyncio.run(_link_throughput(False, megabytes)) for _ in range(3))
+    tls = max(asyncio.run(_link_throughput(True, megabytes)) for _ in range(3))
+    rows.append(f"| TCP link (baseline) | {tcp:.2f} | 1.00 |")
+    rows.append(f"| TLS link (ChaCha20-Poly1305) | {tls:.2f} | {tls / tcp:.2f} |")
+    return "\n".join(rows)
 
 
 # --- nodes in namespaces ---------------------------------------------------------------------
@@ -200,11 +277,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=5, help="iperf3 duration (default 5)")
     parser.add_argument("--handshakes", type=int, default=50)
+    parser.add_argument("--megabytes", type=int, default=200, help="per link-only run (default 200)")
     parser.add_argument("--rounds", type=int, default=2, help="node measurements in rotation (default 2)")
     parser.add_argument("--no-nodes", action="store_true", help="only the in-process handshake figures")
     args = parser.parse_args()
     print(f"machine: {machine()}", flush=True)
     print(handshakes(args.handshakes), flush=True)
+    print(link_throughput(args.megabytes), flush=True)
     if args.no_nodes:
         return 0
     problem = have_privileges()

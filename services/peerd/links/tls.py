@@ -125,7 +125,7 @@ class TlsLink(TcpLink):
     ) -> None:
         super().__init__(host, sock, endpoint, name, static_cost, inbound)
         self.session: TlsSession | None = None  # attached right after the handshake, before start()
-        self.out = bytearray()  # ciphertext the socket has not taken yet
+        self.out = memoryview(b"")  # ciphertext the socket has not taken yet (of one batch: no more is encrypted)
 
     def attach(self, session: TlsSession) -> TlsLink:
         self.session = session
@@ -143,7 +143,7 @@ class TlsLink(TcpLink):
             sent = self.sock.send(self.out)
         except (BlockingIOError, InterruptedError):
             return
-        del self.out[:sent]
+        self.out = self.out[sent:]
 
     def _drain(self) -> None:
         """The loop says the socket has room: more of ``out``."""
@@ -164,7 +164,7 @@ class TlsLink(TcpLink):
             if self.out:
                 raise BlockingIOError  # the queue keeps the plaintext and waits for room
         size = sum(len(b) for b in bufs)
-        self.out += self.session.encrypt(b"".join(bufs))
+        self.out = memoryview(self.session.encrypt(bufs[0] if len(bufs) == 1 else b"".join(bufs)))
         self._flush()
         if self.out and not self.closed:
             asyncio.get_running_loop().add_writer(self.fd, self._drain)
@@ -204,7 +204,7 @@ class TlsLink(TcpLink):
                 self.close(why)
                 return
         if session.outgoing.pending and not self.closed:  # post-handshake messages (a key update's answer)
-            self.out += session.pending_out()
+            self.out = memoryview(bytes(self.out) + session.pending_out())
             asyncio.get_running_loop().add_writer(self.fd, self._drain)
 
 
