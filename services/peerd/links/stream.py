@@ -56,7 +56,14 @@ class StreamLink(Link):
         self.task: asyncio.Task[None] | None = None
 
     def _writev(self, bufs: Sequence[Buffer]) -> int:
+        """Write to the socket (a TLS link overrides this to encrypt first);
+        raises BlockingIOError when it is full."""
         return os.writev(self.fd, bufs)
+
+    def read_into(self, view: memoryview) -> int:
+        """Read what the socket has into ``view`` (0: EOF; a TLS link
+        overrides this to decrypt); raises BlockingIOError when empty."""
+        return os.readv(self.fd, [view])
 
     # --- Link -------------------------------------------------------------
 
@@ -141,7 +148,7 @@ class StreamLink(Link):
         if self.closed:
             return
         try:
-            n = self.read_some()
+            n = self.read_into(self.view[self.have :])
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -155,18 +162,10 @@ class StreamLink(Link):
                 self.close("eof")
             return
         self.rx_bytes += n
-        why = self.received(n)
+        self.have += n
+        why = self.process()
         if why is not None:
             self.close(why)
-
-    def read_some(self) -> int:
-        """One read from the socket (0: end of stream); the TLS link reads ciphertext."""
-        return os.readv(self.fd, [self.view[self.have :]])
-
-    def received(self, n: int) -> str | None:
-        """``n`` bytes came in at the end of the buffer: hand over the packets."""
-        self.have += n
-        return self.process()
 
     def process(self) -> str | None:
         """Cut the buffer into packets and hand them over; why the link must

@@ -133,7 +133,7 @@ class TlsLink(TcpLink):
 
     def start(self) -> None:
         super().start()
-        self._decrypt()  # application data that came with the handshake's last flight
+        self._early_data()
 
     # --- writing ----------------------------------------------------------
 
@@ -172,40 +172,52 @@ class TlsLink(TcpLink):
 
     # --- reading ----------------------------------------------------------
 
-    def read_some(self) -> int:
-        data = self.sock.recv(READ_CHUNK)
-        if data:
-            assert self.session is not None
-            self.session.feed(data)
-        return len(data)
-
-    def received(self, n: int) -> str | None:
-        self._decrypt()
-        return None  # _decrypt closes the link itself
-
-    def _decrypt(self) -> None:
+    def read_into(self, view: memoryview) -> int:
+        """StreamLink's read hook: ciphertext from the socket, plaintext into
+        ``view`` (0: end of stream or close_notify). It always fits: one
+        read's plaintext is at most READ_CHUNK (plus a partial record) and
+        the link's buffer has READ_BUFFER free after every turn."""
         session = self.session
         assert session is not None
-        while not self.closed:
-            try:
-                n = session.read_into(self.view[self.have :])
-            except ssl.SSLZeroReturnError:
-                self.close("closed by the peer (TLS close_notify)")
-                return
-            except ssl.SSLError as exc:
-                self.host.counters["tls_bad_record"] += 1
-                self.close(f"TLS error: {exc}")
-                return
-            if n == 0:
-                break
+        data = self.sock.recv(READ_CHUNK)  # BlockingIOError when empty
+        if not data:
+            return 0
+        session.feed(data)
+        return self._plaintext(view)
+
+    def _plaintext(self, view: memoryview) -> int:
+        session = self.session
+        assert session is not None
+        try:
+            n = session.read_into(view)
+        except ssl.SSLZeroReturnError:
+            return 0
+        except ssl.SSLError:
+            self.host.counters["tls_bad_record"] += 1
+            raise  # an OSError: the link ends with it as the reason
+        if session.outgoing.pending and not self.closed:  # post-handshake messages (a key update's answer)
+            self.out = memoryview(bytes(self.out) + session.pending_out())
+            asyncio.get_running_loop().add_writer(self.fd, self._drain)
+        if n == 0:
+            raise BlockingIOError  # only part of a record so far
+        return n
+
+    def _early_data(self) -> None:
+        """Plaintext that came with the handshake's last flight (the socket
+        may stay quiet after it)."""
+        try:
+            n = self._plaintext(self.view[self.have :])
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close(f"read error: {exc}")
+            return
+        if n:
+            self.rx_bytes += n
             self.have += n
             why = self.process()
             if why is not None:
                 self.close(why)
-                return
-        if session.outgoing.pending and not self.closed:  # post-handshake messages (a key update's answer)
-            self.out = memoryview(bytes(self.out) + session.pending_out())
-            asyncio.get_running_loop().add_writer(self.fd, self._drain)
 
 
 class TlsVsockLink(TlsLink, VsockLink):
