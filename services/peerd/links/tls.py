@@ -90,7 +90,7 @@ class Refusals:
         reason = privnet.refusal_reason(exc)
         self.host.counters[f"tls_refused_{reason}"] += 1
         key = (remote_ip, reason)
-        if key in self.logged:
+        if key in self.logged or direction == "to":  # a failed dial is logged by peerd, with this reason
             log.debug("TLS %s %s refused (%s): %s", direction, remote, reason, exc)
         else:
             self.logged[key] = None
@@ -134,6 +134,12 @@ class TlsLink(TcpLink):
     def start(self) -> None:
         super().start()
         self._early_data()
+
+    def close(self, reason: str) -> None:
+        if not self.closed and self.started:  # our own writer (ciphertext remainder) goes with the socket
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_writer(self.fd)
+        super().close(reason)
 
     # --- writing ----------------------------------------------------------
 
