@@ -38,6 +38,7 @@ class PeerEntry:
     next_dial: float = 0.0  # monotonic
     backoff: float = FIRST_RETRY
     failures: int = 0  # dials failed in a row (reset by a link)
+    last_error: str = ""  # why the last dial failed (logged once per reason)
 
     def to_json(self, wall_now: float) -> dict[str, Any]:
         return {
@@ -113,6 +114,7 @@ class PeerTable:
         entry.last_connected = time.time()
         entry.backoff = FIRST_RETRY
         entry.failures = 0
+        entry.last_error = ""
 
     def dial_failed(self, entry: PeerEntry, now: float) -> bool:
         """Back off; a discovered peer that failed 3 times in a row is

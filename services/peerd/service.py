@@ -248,8 +248,11 @@ class PeerdService:
         try:
             link = await factory.dial(ep)
         except (OSError, TimeoutError, LinkError) as exc:
-            # the first failure in a row is logged, the retries only at debug level (as the reference)
-            log.log(logging.DEBUG if entry.failures else logging.WARNING, "dial %s failed: %s", ep, exc)
+            # a failure is logged once, the retries failing the same way only at debug level (as the
+            # reference); a new reason (say, the peer is up now but refuses our TLS) is logged again
+            why = str(exc)
+            log.log(logging.DEBUG if why == entry.last_error else logging.WARNING, "dial %s failed: %s", ep, why)
+            entry.last_error = why
             if self.table.dial_failed(entry, time.monotonic()):
                 log.info("forgetting the locally discovered peer %s after %d failed dials", ep, entry.failures)
             return
