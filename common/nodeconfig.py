@@ -49,6 +49,11 @@ class NodeConfig:
     start_time: int = 0
     message_timeout: float = 300.0  # abort unacknowledged messages after this long (the reference's 300 s)
     dashboard: bool = True  # the ops dashboard at /dashboard on the API address
+    enable_dns: bool = False  # dnsd: the resolver on port 53 (TRANSPORTS.md 3.4)
+    dns_resolvers: list[str] | None = None  # overlay resolver nodes; None = the reference's ten public nodes
+    dns_fallback: str = "1.1.1.1"  # resolver used while none of dns_resolvers has a selected route
+    dns_names: dict[str, str] = field(default_factory=dict)  # [names]: short name -> 64-hex key or IPv6
+    dns_port: int = 53
 
     def family_of_proto(self, proto: str) -> str | None:
         """The peerd family that serves endpoints of ``proto``, or None."""
