@@ -37,12 +37,14 @@ SUPPORTED_PEER_PROTOCOLS = ("tcp", "tls", "vsock", "quic")
 DEBUG_STREAM_QUIC_ENV = "MYCELIUM_DEBUG_STREAM_QUIC"
 
 
-def peerd_families(disable_quic: bool) -> dict[str, list[str]]:
+def peerd_families(disable_quic: bool, private: bool = False) -> dict[str, list[str]]:
     """node.json's peerd processes and the protocols each serves: stream
-    links in peerd-tcp; peerd-quic only when QUIC is available and on."""
-    families = {"tcp": [p for p in STREAM_PROTOCOLS if p in SUPPORTED_PEER_PROTOCOLS]}
+    links in peerd-tcp (tls:// only in a private network); peerd-quic only
+    when QUIC is available and on (never in a private network)."""
+    stream = [p for p in STREAM_PROTOCOLS if p in SUPPORTED_PEER_PROTOCOLS and (p != "tls" or private)]
+    families = {"tcp": stream}
     debug_quic = os.environ.get(DEBUG_STREAM_QUIC_ENV) == "1"
-    if ("quic" in SUPPORTED_PEER_PROTOCOLS or debug_quic) and not disable_quic:
+    if ("quic" in SUPPORTED_PEER_PROTOCOLS or debug_quic) and not disable_quic and not private:
         families["quic"] = ["quic"]
     return families
 
@@ -282,7 +284,7 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
     ):
         raise OptionError(f"vsock listen port must be a number 0-4294967295, got {vsock_port!r}")
     # QUIC is off in private mode, as in the reference (TRANSPORTS.md 2.3)
-    families = peerd_families(bool(merged["disable_quic"]) or network_name is not None)
+    families = peerd_families(bool(merged["disable_quic"]), private=network_name is not None)
     served = {p for protos in families.values() for p in protos}
     peers: list[str] = []
     for text in merged["peers"]:
@@ -298,11 +300,11 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         if ep.proto == "quic" and network_name is not None:
             warn(f"skipping peer {ep}: QUIC is off in a private network (as in the reference)")
             continue
-        if ep.proto not in served:
-            warn(f"skipping peer {ep}: the {ep.proto} transport is not available in this build")
-            continue
         if ep.proto == "tls" and network_name is None:
             warn(f"skipping peer {ep}: tls:// needs a private network (--network-name); use tcp:// instead")
+            continue
+        if ep.proto not in served:
+            warn(f"skipping peer {ep}: the {ep.proto} transport is not available in this build")
             continue
         if ep.proto == "tcp" and network_name is not None:
             warn(f"peer {ep}: a private network is configured, the connection is upgraded to TLS")
