@@ -19,6 +19,7 @@ from pathlib import Path
 from common.identity import Identity, load_or_create_key
 from common.lifecycle import die_with_parent
 from common.nodeconfig import NodeConfig
+from common.privnet import PrivnetError, load_network_key
 from common.shmring import remove_rings
 
 log = logging.getLogger("mycelium")
@@ -41,6 +42,7 @@ CONF_FILE = "supervisord.conf"
 PID_FILE = "supervisord.pid"
 SOCK_FILE = "supervisor.sock"
 SERVICE_KEY_FILE = "service_key.bin"  # copy of the secret key the unprivileged services can read
+NETWORK_KEY_FILE = "network_key.bin"  # copy of the private network's key, likewise (never the user's file)
 # Privilege separation (started as root): every program but tund runs as this
 # user, created as a system user if missing; "root" turns separation off.
 SERVICE_USER = "mycelium"
@@ -261,7 +263,9 @@ def setup_privsep(cfg: NodeConfig, run: Path) -> Privsep:
                 os.chown(path, user.pw_uid, user.pw_gid)
         if _probe(run, [], user):
             return Privsep(user=name)
-        os.chown(key_copy, 0, 0)
+        for secret_copy in (key_copy, run / NETWORK_KEY_FILE):
+            if secret_copy.exists():
+                os.chown(secret_copy, 0, 0)
         os.chmod(run, 0o700)
     if shutil.which("setpriv") and _probe(run, DROP_CAPS, None):
         _warn(
@@ -291,6 +295,8 @@ def prepare(cfg: NodeConfig, log_to_stdout: bool = True, crypto_workers: int = 1
         raise LaunchError(f"a node is already running with run directory {run} (supervisord pid {pid})")
     cleanup(str(run))  # sockets of a killed predecessor, possibly owned by another user
     cfg.start_time = int(time.time())
+    if cfg.network_key_file is not None:
+        cfg.network_key_file = _copy_network_key(cfg.network_key_file, run)
     cfg.save()
     privsep = setup_privsep(cfg, run)
     conf = run / CONF_FILE
@@ -300,6 +306,21 @@ def prepare(cfg: NodeConfig, log_to_stdout: bool = True, crypto_workers: int = 1
     return identity
 
 
+def _copy_network_key(path: str, run: Path) -> str:
+    """The key's 32 bytes into the run directory (0600, owned like the other
+    service files), so services that gave up root can read it."""
+    try:
+        key = load_network_key(path)
+    except PrivnetError as exc:
+        raise LaunchError(str(exc)) from exc
+    copy = run / NETWORK_KEY_FILE
+    copy.unlink(missing_ok=True)
+    fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return str(copy)
+
+
 def cleanup(run_dir: str) -> None:
     paths = [
         *glob.glob(os.path.join(run_dir, "*.ipc")),
@@ -307,7 +328,7 @@ def cleanup(run_dir: str) -> None:
         *glob.glob(os.path.join(run_dir, "*.state.json")),  # what a restarted service resumes (proxyd), not a new node
         os.path.join(run_dir, SOCK_FILE),
     ]
-    for path in [*paths, os.path.join(run_dir, SERVICE_KEY_FILE)]:
+    for path in [*paths, os.path.join(run_dir, SERVICE_KEY_FILE), os.path.join(run_dir, NETWORK_KEY_FILE)]:
         try:
             os.unlink(path)
         except OSError:

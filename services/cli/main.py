@@ -26,8 +26,8 @@ def _add_key_option(p: argparse.ArgumentParser, default: object) -> None:
     p.add_argument("-k", "--key-file", default=default, help=f"node secret key file (default: {DEFAULT_KEY_FILE})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mycelium", description="End-to-end encrypted IPv6 overlay network node.")
+def build_parser(prog: str = "mycelium") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="End-to-end encrypted IPv6 overlay network node.")
     _add_key_option(parser, DEFAULT_KEY_FILE)
     add_node_options(parser)
     parser.add_argument(
@@ -52,8 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main_private(argv: Sequence[str] | None = None) -> int:
+    """`mycelium-private`: the reference's private-network binary (the same
+    node; --network-name / --network-key-file are what it is for)."""
+    return main(argv, prog="mycelium-private")
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "mycelium") -> int:
+    parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
         if args.command == "inspect":
@@ -81,10 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return launcher.run(cfg, crypto_workers=args.crypto_workers)
     except UsageError as exc:
-        print(f"mycelium: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except (IdentityError, OptionError, launcher.LaunchError, client.ClientError) as exc:
-        print(f"mycelium: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
