@@ -90,7 +90,8 @@ class Messages:
         except bus.BusError as exc:
             raise Unavailable(str(exc)) from exc
         if isinstance(result, dict) and "error" in result:
-            status = 503 if result["error"] in ("full", "busy") else 400
+            # a store failure is the reference's 500 (internal); a full outbox or too many waits 503
+            status = {"full": 503, "busy": 503, "storage": 500}.get(result["error"], 400)
             raise ApiError(status, RPC_PUSH_INTERNAL, str(result.get("message", result["error"])))
         return result
 

@@ -276,7 +276,9 @@ class Sampler:
             t0 = time.monotonic()
             try:
                 self.sample(time.time())
-            except Exception:  # the sampler must outlive any bad input
+            except (KeyError, TypeError, ValueError, ArithmeticError):
+                # malformed statistics from a service; anything else is a bug and
+                # ends the process (common/lifecycle.exit_on_crash)
                 log.exception("sampling failed")
             self._stop.wait(max(0.05, self.interval - (time.monotonic() - t0)))
 

@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import queue
 import socket
+import sqlite3
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -189,6 +190,15 @@ class MsgbusService:
         except MessageError as exc:
             code = "full" if isinstance(exc, OutboxFull) else "invalid"
             self.reply(envelope, {"error": code, "message": str(exc)})
+        except sqlite3.Error as exc:
+            # disk full, locked, corrupt: the engine writes the store before its
+            # memory, so the failed call changed nothing; answer and keep serving
+            self.store_failed(envelope, msg.kind, exc)
+
+    def store_failed(self, envelope: list[bytes], method: str, exc: sqlite3.Error) -> None:
+        self.counters["store_error"] += 1
+        log.error("message store failed during %s: %s", method, exc)
+        self.reply(envelope, {"error": "storage", "message": f"message store failed: {exc}"})
 
     def dispatch(self, envelope: list[bytes], method: str, p: dict[str, Any], now: float) -> None:
         topics = self.engine.topics
@@ -277,7 +287,11 @@ class MsgbusService:
         keep: list[Parked] = []
         for w in self.parked:
             if w.kind == "pop":
-                m = self.engine.pop(w.topic, w.peek, now)
+                try:
+                    m = self.engine.pop(w.topic, w.peek, now)
+                except sqlite3.Error as exc:  # the message stays in the inbox
+                    self.store_failed(w.envelope, "pop", exc)
+                    continue
                 if m is not None:
                     self.reply(w.envelope, {"message": self.receive_info(m)})
                     continue
@@ -301,7 +315,11 @@ class MsgbusService:
         if msg.kind != "message":
             self.counters["bus_unknown_kind"] += 1
             return
-        src, dst = bytes(msg.fields["src"]), bytes(msg.fields["dst"])
+        try:
+            src, dst = bytes(msg.fields["src"]), bytes(msg.fields["dst"])
+        except (KeyError, TypeError, ValueError):
+            self.counters["bus_malformed"] += 1
+            return
         for plaintext in msg.payloads:
             try:
                 kind, payload = split_inner(plaintext)
@@ -400,9 +418,11 @@ class MsgbusService:
                     except zmq.Again:
                         break
                     try:
-                        self.handle_inbox(bus.unpack(frames), now)
-                    except (bus.BusError, KeyError, TypeError, ValueError):
+                        msg = bus.unpack(frames)
+                    except bus.BusError:
                         self.counters["bus_malformed"] += 1
+                        continue
+                    self.handle_inbox(msg, now)
             if self.rpc in events:
                 for _ in range(100):
                     try:

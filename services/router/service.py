@@ -70,9 +70,16 @@ class RouterService:
     # --- inputs -----------------------------------------------------------
 
     def handle_inbox(self, msg: bus.Message, now: float) -> None:
+        """One bus message from peerd. Only its fields are checked here
+        (malformed ones are counted); what the engine raises is a bug and
+        takes the process down (supervisord restarts it)."""
         kind, f = msg.kind, msg.fields
+        try:
+            peer_id = _peer_field(f) if kind in ("ctl", "peer_up", "peer_down") else ""
+        except BusFieldError:
+            self.counters["bus_malformed"] += 1
+            return
         if kind == "ctl":
-            peer_id = f.get("peer")
             if peer_id not in self.peers:
                 self.counters["ctl_from_unknown_peer"] += len(msg.payloads)
                 return
@@ -85,21 +92,26 @@ class RouterService:
                 if isinstance(pkt, ControlPacket):
                     self.engine.receive_tlv(peer_id, pkt.tlv, now)
         elif kind == "peer_up":
-            peer_id = f["peer"]
             if peer_id in self.peers:
                 return
-            info = PeerInfo(peer_id, int(f["static_cost"]), str(f.get("link_name", "")))
+            try:
+                info = PeerInfo(peer_id, int(f["static_cost"]), str(f.get("link_name", "")))
+            except (KeyError, TypeError, ValueError):
+                self.counters["bus_malformed"] += 1
+                return
             self.peers[peer_id] = info
             self.engine.peer_up(info, now)
             log.info("peer up %s (%s)", peer_id, info.link_name)
         elif kind == "peer_down":
-            peer_id = f["peer"]
             if self.peers.pop(peer_id, None) is not None:
                 self.engine.peer_down(peer_id, now)
                 log.info("peer down %s", peer_id)
         elif kind == "peerd_hello":
             # a (re)started peerd: links of any older incarnation are gone
-            fam, epoch = f["family"], str(f["epoch"])
+            fam, epoch = f.get("family"), str(f.get("epoch"))
+            if not isinstance(fam, str) or "epoch" not in f:
+                self.counters["bus_malformed"] += 1
+                return
             for peer_id in [p for p in self.peers if family_of(p) == fam and epoch_of(p) != epoch]:
                 del self.peers[peer_id]
                 self.engine.peer_down(peer_id, now)
@@ -107,7 +119,7 @@ class RouterService:
         elif kind == "need_route":
             try:
                 addr = ipaddress.IPv6Address(f["addr"])
-            except (KeyError, ValueError):
+            except (KeyError, TypeError, ValueError):
                 self.counters["need_route_malformed"] += 1
                 return
             self.engine.request_route(addr, now)
@@ -121,8 +133,8 @@ class RouterService:
         envelope, msg = request
         try:
             result = self.rpc_result(msg.kind, msg.fields, now)
-        except Exception as exc:  # an rpc bug must not take the router down
-            log.exception("rpc %s failed", msg.kind)
+        except BadRequest as exc:  # a malformed call from another service; a bug here is loud
+            self.counters["rpc_bad_request"] += 1
             bus.rpc_reply(self.rpc, envelope, error=str(exc))
             return
         bus.rpc_reply(self.rpc, envelope, result)
@@ -137,7 +149,12 @@ class RouterService:
         if method == "routes_queried":
             return [{"subnet": str(s), "expiration": str(left)} for s, left in self.engine.queried_subnets(now)]
         if method == "pubkey":
-            addr = bytes(params["addr"])
+            try:
+                addr = bytes(params["addr"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BadRequest(f"pubkey needs a 16-byte addr: {exc!r}") from exc
+            if len(addr) != 16:
+                raise BadRequest("pubkey needs a 16-byte addr")
             key = self.lookup_key(addr)
             if key is None:  # start a lookup so that a later call can answer (the data path does the same)
                 self.engine.request_route(ipaddress.IPv6Address(addr), now)
@@ -149,7 +166,7 @@ class RouterService:
             ]
         if method == "info":
             return {"routerId": router_id_text(self.router_id), "seqno": self.engine.seqno}
-        raise ValueError(f"unknown method {method!r}")
+        raise BadRequest(f"unknown method {method!r}")
 
     def lookup_key(self, addr: bytes) -> bytes | None:
         best: tuple[int, bytes] | None = None
@@ -180,11 +197,7 @@ class RouterService:
     def flush(self) -> None:
         by_peer: dict[str, list[bytes]] = defaultdict(list)
         for peer_id, tlv in self.engine.tlvs_to_send():
-            try:
-                by_peer[peer_id].append(ControlPacket(tlv).encode())
-            except CodecError:
-                log.exception("engine produced an unencodable TLV %r", tlv)
-                continue
+            by_peer[peer_id].append(ControlPacket(tlv).encode())  # an unencodable TLV is an engine bug: loud
         for peer_id, frames in by_peer.items():
             sender = self.peerd.get(family_of(peer_id))
             if sender is not None:
@@ -234,10 +247,12 @@ class RouterService:
                     except zmq.Again:
                         break
                     try:
-                        self.handle_inbox(bus.unpack(frames), now)
-                    except (bus.BusError, KeyError, TypeError, ValueError) as exc:
+                        msg = bus.unpack(frames)
+                    except bus.BusError as exc:
                         self.counters["bus_malformed"] += 1
                         log.debug("bad bus message: %s", exc)
+                        continue
+                    self.handle_inbox(msg, now)
             if self.rpc in events:
                 for _ in range(100):
                     try:
@@ -260,6 +275,21 @@ class RouterService:
                     },
                 )
         self.ctx.destroy(linger=0)
+
+
+class BadRequest(ValueError):
+    """An RPC call this router cannot answer (unknown method, bad parameters)."""
+
+
+class BusFieldError(ValueError):
+    """A bus message whose fields are not what its kind needs."""
+
+
+def _peer_field(fields: dict[str, Any]) -> str:
+    peer = fields.get("peer")
+    if not isinstance(peer, str):
+        raise BusFieldError(f"peer field {peer!r}")
+    return peer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,13 +136,14 @@ class TundWorker:
     # --- bus --------------------------------------------------------------------
 
     def fib_resync(self) -> None:
-        try:
+        try:  # only the router's answer is outside input; the data plane's reaction is not
             snap = bus.rpc_call(self.ctx, self.cfg.run_dir, "router", "fib_snapshot", timeout_ms=500)
             self.fib.load_snapshot(snap)
-            self.fib_synced = True
-            self.dp.fib_changed(time.monotonic())
         except (bus.BusError, KeyError, TypeError, ValueError):
             self.fib_synced = False
+            return
+        self.fib_synced = True
+        self.dp.fib_changed(time.monotonic())
 
     def read_fib(self, now: float) -> None:
         changed = False
@@ -154,11 +155,13 @@ class TundWorker:
             except bus.BusError:
                 continue
             try:
-                if not self.fib.apply_delta(msg.fields):
-                    self.fib_resync()
-                changed = True
+                applied = self.fib.apply_delta(msg.fields)
             except (KeyError, TypeError, ValueError):
                 self.counters["fib_delta_malformed"] += 1
+                continue
+            if not applied:
+                self.fib_resync()
+            changed = True
         if changed:
             self.dp.fib_changed(now)
 
