@@ -15,13 +15,12 @@ STAMP := $(VENV)/.installed-$(notdir $(PYTHON))
 SYSTEM_TOOLS := ip:iproute2 ping:iputils-ping iperf3:iperf3 curl:curl chromium:chromium chromedriver:chromium-driver
 ARGS ?= --no-tun
 
-.PHONY: run test install system-deps lint bench clean
+.PHONY: run test install system-deps lint bench fuzz clean
 
 run: install
 	$(VENV)/bin/mycelium $(ARGS)
 
-test: install
-	$(VENV)/bin/ruff check .
+test: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 install: system-deps $(STAMP)
@@ -47,9 +46,12 @@ apt-install:
 		echo "warning: missing system packages:$(APT_PACKAGES); install them with: sudo apt-get install$(APT_PACKAGES)"; \
 	fi
 
+# ruff, the import contract (imports point down, no cycles) and mypy on common/ and services/
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit/test_import_contract.py
+	$(VENV)/bin/mypy
 
 bench: install
 	$(VENV)/bin/python bench/bench_codec.py

@@ -74,9 +74,8 @@ def exit_on_crash(name: str) -> None:
         if args.exc_type is SystemExit:
             return
         thread = args.thread.name if args.thread is not None else "?"
-        log.critical(
-            "%s: thread %s died; exiting", name, thread, exc_info=(args.exc_type, args.exc_value, args.exc_traceback)
-        )
+        exc = args.exc_value if args.exc_value is not None else args.exc_type()
+        log.critical("%s: thread %s died; exiting", name, thread, exc_info=(args.exc_type, exc, args.exc_traceback))
         logging.shutdown()
         os._exit(EXIT_BUG)
 

@@ -56,7 +56,7 @@ class Subnet:
         """True when ``other`` lies entirely inside this subnet."""
         if other._network.version != self._network.version:
             return False
-        return other.prefix_len >= self.prefix_len and other._network.subnet_of(self._network)  # type: ignore[arg-type]
+        return other.prefix_len >= self.prefix_len and other._network.subnet_of(self._network)  # type: ignore[arg-type]  # same IP version, checked above
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Subnet):

@@ -17,7 +17,7 @@ from typing import Any
 
 from flask import Flask, Response
 
-from services.cli.launcher import PROGRAMS
+from common.programs import PROGRAMS
 
 from .core import NodeApi, Unavailable
 from .stats import Sampler, StatsCollector, is_drop_counter, numeric, peer_key

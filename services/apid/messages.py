@@ -23,8 +23,8 @@ from common.wire.rules import is_overlay_address
 
 from . import rpc
 from .app import json_body, json_response
+from .context import ApiContext
 from .core import ApiError, Unavailable, parse_ip
-from .extensions import ApiContext
 
 SLICE = 50.0  # seconds per bus call while waiting (msgbus answers parked calls at least this often)
 MAX_TOPIC_LEN = 255
@@ -150,14 +150,14 @@ class Messages:
             wait = min(left, SLICE)
             result = self._call("pop", {"peek": peek, "timeout": wait, "topic": topic}, timeout=wait + 10)
             if result["message"] is not None or left <= SLICE:
-                return result["message"]  # type: ignore[no-any-return]
+                return result["message"]
 
     def status(self, id_text: Any) -> dict[str, Any]:
         msg_id = message_id(id_text, RPC_BAD_MESSAGE_ID)
         info = self._call("status", {"id": msg_id})["status"]
         if info is None:
             raise ApiError(404, RPC_MESSAGE_NOT_FOUND, "no message with that id (unknown or forgotten)", "empty")
-        return info  # type: ignore[no-any-return]
+        return info
 
     # --- topics ------------------------------------------------------------
 
@@ -189,7 +189,7 @@ class Messages:
         self._subnet_call("source_remove", topic, subnet)
 
     def forward_socket(self, topic: bytes) -> str | None:
-        return self._call("forward_get", {"topic": topic})["path"]  # type: ignore[no-any-return]
+        return self._call("forward_get", {"topic": topic})["path"]
 
     def set_forward_socket(self, topic: bytes, path: str) -> None:
         self._call("forward_set", {"topic": topic, "path": path})
@@ -352,15 +352,14 @@ def register(ctx: ApiContext) -> None:
         return True
 
     reg = ctx.rpc
-    opt = {"required": False}
     reg.add(
         "popMessage",
         rpc_pop,
-        rpc.Param("peek", rpc.boolean, **opt),
-        rpc.Param("timeout", rpc.u64, **opt),
-        rpc.Param("topic", rpc.string, **opt),
+        rpc.Param("peek", rpc.boolean, required=False),
+        rpc.Param("timeout", rpc.u64, required=False),
+        rpc.Param("topic", rpc.string, required=False),
     )
-    reg.add("pushMessage", rpc_push, rpc.Param("message", rpc.obj), rpc.Param("reply_timeout", rpc.u64, **opt))
+    reg.add("pushMessage", rpc_push, rpc.Param("message", rpc.obj), rpc.Param("reply_timeout", rpc.u64, required=False))
     reg.add("pushMessageReply", rpc_reply, rpc.Param("id", rpc.string), rpc.Param("message", rpc.obj))
     reg.add("getMessageInfo", impl.status, rpc.Param("id", rpc.string))
     reg.add("getDefaultTopicAction", impl.default_action)

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter, deque
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgpack
 import zmq
@@ -68,7 +68,7 @@ def crypto_operation(name: str) -> tuple[str, str] | None:
     return operation, ("failed" if "fail" in name or "undecryptable" in name else "ok")
 
 
-def numeric(value: Any) -> bool:
+def numeric(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 

@@ -21,20 +21,11 @@ from pathlib import Path
 from common.identity import Identity, load_or_create_key
 from common.lifecycle import die_with_parent
 from common.nodeconfig import NodeConfig
+from common.programs import PROGRAMS
 from common.shmring import remove_rings
 
 log = logging.getLogger("mycelium")
 
-# (supervisord program name, python module, priority): started in ascending
-# and stopped in descending order, so peerd starts last and stops first and
-# neighbours see the links close before anything else goes away
-PROGRAMS: tuple[tuple[str, str, int], ...] = (
-    ("router", "services.router", 10),
-    ("tund", "services.tund", 20),
-    ("apid", "services.apid", 20),
-    ("msgbus", "services.msgbus", 20),
-    ("peerd-tcp", "services.peerd", 30),
-)
 CONF_FILE = "supervisord.conf"
 PID_FILE = "supervisord.pid"
 SOCK_FILE = "supervisor.sock"
@@ -237,7 +228,7 @@ def _probe(run: Path, prefix: list[str], user: pwd.struct_passwd | None) -> bool
     try:
         out = subprocess.run(
             [*prefix, sys.executable, "-c", _PROBE, str(run)],
-            cwd=run, capture_output=True, timeout=30, **kwargs,  # type: ignore[call-overload]
+            cwd=run, capture_output=True, timeout=30, **kwargs,  # type: ignore[call-overload]  # user/group only as root
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return False

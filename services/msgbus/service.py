@@ -18,6 +18,7 @@ import base64
 import hashlib
 import ipaddress
 import logging
+import math
 import queue
 import socket
 import sqlite3
@@ -136,7 +137,7 @@ class MsgbusService:
         file_hash = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).exists() else None
         if saved is not None and saved.get("file_hash") == file_hash:
             try:
-                return TopicConfig.from_dict(saved["config"])  # type: ignore[arg-type]
+                return TopicConfig.from_dict(saved["config"])  # type: ignore[arg-type]  # JSON; from_dict validates
             except (TopicConfigError, KeyError, TypeError, ValueError):
                 log.warning("saved topic configuration is unreadable; using defaults")
         if path:
@@ -397,7 +398,7 @@ class MsgbusService:
             now = time.monotonic()
             timers = [t for t in (self.engine.get_timer(), *(w.deadline for w in self.parked)) if t is not None]
             wait = min([MAX_WAIT, *(max(0.0, t - now) for t in timers)])
-            events = dict(poller.poll(wait * 1000))
+            events = dict(poller.poll(math.ceil(wait * 1000)))
             now = time.monotonic()
             if not self.fib_synced:
                 self.fib_resync()

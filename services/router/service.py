@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import random
 import time
@@ -238,7 +239,7 @@ class RouterService:
             now = time.monotonic()
             timer = self.engine.get_timer()
             wait = MAX_WAIT if timer is None else min(MAX_WAIT, max(0.0, timer - now))
-            events = dict(poller.poll(wait * 1000))
+            events = dict(poller.poll(math.ceil(wait * 1000)))
             now = time.monotonic()
             if self.inbox in events:
                 for _ in range(1000):  # bounded batch per turn

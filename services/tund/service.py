@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import signal
 import sys
@@ -333,7 +334,7 @@ class TundWorker:
         tun_fd = self.device.fd if self.device is not None else None
         dp = self.dp
         while not self.stop.stopped:
-            events = dict(poller.poll(MAX_WAIT * 1000))
+            events = dict(poller.poll(math.ceil(MAX_WAIT * 1000)))
             now = time.monotonic()
             if self.fib_sub in events:
                 self.read_fib(now)
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         log.info(
             "TUN %s up: %s/%d, MTU %d, %d queue(s)%s",
-            devices[0].name,  # type: ignore[union-attr]
+            devices[0].name if devices[0] is not None else "?",
             identity.address,
             tunmod.OVERLAY_PREFIX_LEN,
             tunmod.MTU,
