@@ -20,6 +20,8 @@ from typing import Any
 import zmq
 
 from common import bus
+from common.fib import Route as FibRoute
+from common.fib import make_delta
 from common.identity import Identity, load_key_file, make_router_id, router_id_text
 from common.lifecycle import StopSignal, start_service
 from common.nodeconfig import NodeConfig
@@ -206,19 +208,17 @@ class RouterService:
                 self.counters["ctl_sent"] += len(frames)
         changes = self.engine.fib_changes()
         if changes:
-            sets, dels = [], []
+            ordered: list[tuple[bytes, int, FibRoute | None]] = []
             for ch in changes:
                 if not ch.subnet.is_ipv6:
                     continue
                 net = ch.subnet.network.network_address.packed
                 if isinstance(ch, FibSet):
-                    sets.append([net, ch.subnet.prefix_len, ch.entry.next_hop, ch.entry.public_key])
+                    ordered.append((net, ch.subnet.prefix_len, FibRoute(ch.entry.next_hop, ch.entry.public_key)))
                 elif isinstance(ch, FibDel):
-                    dels.append([net, ch.subnet.prefix_len])
+                    ordered.append((net, ch.subnet.prefix_len, None))
             self.fib_seq += 1
-            self.fib_pub.send_multipart(
-                bus.pack("fib", {"epoch": self.fib_epoch, "seq": self.fib_seq, "set": sets, "del": dels})
-            )
+            self.fib_pub.send_multipart(bus.pack("fib", make_delta(self.fib_epoch, self.fib_seq, ordered)))
         for peer_id in self.engine.peers_to_close():
             sender = self.peerd.get(family_of(peer_id))
             if sender is not None:
