@@ -53,8 +53,22 @@ lint: install
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit/test_import_contract.py
 	$(VENV)/bin/mypy
 
+# coverage-guided fuzzing of every decoder, both engines' input and apid's JSON handlers
+# (fuzz/targets.py): 10^6 inputs, 10 s per input at most, 2 GB at most; findings in fuzz/artifacts/
+FUZZ_RUNS ?= 1000000
+fuzz: install
+	$(VENV)/bin/python fuzz/run.py --seeds fuzz/corpus
+	mkdir -p fuzz/artifacts
+	$(VENV)/bin/python fuzz/run.py -runs=$(FUZZ_RUNS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+		-artifact_prefix=fuzz/artifacts/ fuzz/corpus
+
+# what production runs: the data path between namespaces (short mode; needs root, iperf3,
+# Yggdrasil as the baseline if installed), then the codec functions and the shared wire rules
+BENCH_SECONDS ?= 3
 bench: install
-	$(VENV)/bin/python bench/bench_codec.py
+	$(VENV)/bin/python bench/bench_dataplane.py --seconds $(BENCH_SECONDS) --no-failover
+	$(VENV)/bin/python bench/bench_codec.py --seconds 1
+	$(VENV)/bin/python bench/bench_rules.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
