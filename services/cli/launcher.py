@@ -21,7 +21,7 @@ from pathlib import Path
 from common.identity import Identity, load_or_create_key
 from common.lifecycle import die_with_parent
 from common.nodeconfig import NodeConfig
-from common.programs import PROGRAMS
+from common.programs import PRIVILEGED, programs
 from common.shmring import remove_rings
 
 log = logging.getLogger("mycelium")
@@ -82,14 +82,18 @@ def tun_problem() -> str | None:
     return None
 
 
-def program_args(module: str, run_dir: str, crypto_workers: int = 1, tund_user: str | None = None) -> list[str]:
+def program_args(
+    module: str, run_dir: str, crypto_workers: int = 1, tund_user: str | None = None, family: str = "tcp"
+) -> list[str]:
     extra: list[str] = []
     if module == "services.peerd":
-        extra = ["--family", "tcp"] + (["--tund-workers", str(crypto_workers)] if crypto_workers > 1 else [])
+        extra = ["--family", family] + (["--tund-workers", str(crypto_workers)] if crypto_workers > 1 else [])
     elif module == "services.tund":
         extra = (["--workers", str(crypto_workers)] if crypto_workers > 1 else []) + (
             ["--user", tund_user] if tund_user else []
         )
+    elif module == "services.dnsd" and tund_user:
+        extra = ["--user", tund_user]
     return [sys.executable, "-m", module, "--run-dir", run_dir, *extra]
 
 
@@ -146,9 +150,10 @@ def supervisord_conf(
     factory = "supervisor.rpcinterface:make_main_rpcinterface"
     ini["rpcinterface:supervisor"] = {"supervisor.rpcinterface_factory": factory}
     ini["supervisorctl"] = {"serverurl": f"unix://{here}/{SOCK_FILE}", "username": "mycelium", "password": password}
-    for name, module, priority in PROGRAMS:
-        privileged = module == "services.tund" and not cfg.no_tun
-        args = program_args(module, run, crypto_workers, privsep.user if privileged else None)
+    for name, module, priority in programs(cfg):
+        privileged = module in PRIVILEGED and not (module == "services.tund" and cfg.no_tun)
+        family = name.split("-", 1)[1] if module == "services.peerd" else "tcp"
+        args = program_args(module, run, crypto_workers, privsep.user if privileged else None, family)
         if privsep.drop_caps and not privileged:
             args = [*DROP_CAPS, *args]
         section: dict[str, str] = {"command": command_line(args)}
@@ -304,6 +309,7 @@ def cleanup(run_dir: str) -> None:
     paths = [
         *glob.glob(os.path.join(run_dir, "*.ipc")),
         *glob.glob(os.path.join(run_dir, "*.data")),  # data path sockets (common/datapath.py)
+        *glob.glob(os.path.join(run_dir, "*.state.json")),  # what a restarted service resumes (proxyd), not a new node
         os.path.join(run_dir, SOCK_FILE),
     ]
     for path in [*paths, os.path.join(run_dir, SERVICE_KEY_FILE)]:

@@ -10,7 +10,7 @@ from typing import NoReturn
 from common.identity import DEFAULT_KEY_FILE, IdentityError
 from common.nodeconfig import valid_tun_name
 
-from . import client, launcher, message_client
+from . import client, launcher, message_client, proxy_client
 from .inspect_key import inspect
 from .options import OptionError, add_node_options, resolve
 
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_option(p_inspect, argparse.SUPPRESS)
     client.add_commands(sub)  # peers, routes, stats: clients of a running node's HTTP API
     message_client.add_message_commands(sub, client.client_parent(), {})
+    proxy_client.add_proxy_commands(sub, client.client_parent(), {})
     return parser
 
 

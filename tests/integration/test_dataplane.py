@@ -35,7 +35,18 @@ from common.wire.icmp import build_icmpv6
 from common.wire.inner import L3_HEADER
 from common.wire.packet import DataPacket
 
-from .netns import NODE_PORT, REPO, BackgroundPing, NetNode, Topology, cleanup_stale, have_privileges, in_netns, ping
+from .netns import (
+    NODE_PORT,
+    REPO,
+    BackgroundPing,
+    NetNode,
+    Topology,
+    cleanup_stale,
+    dump_logs_on_failure,
+    have_privileges,
+    in_netns,
+    ping,
+)
 from .netns import wait_for as wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.privileged]
@@ -46,9 +57,7 @@ if _missing:
 
 
 def _dump_logs(topo: Topology, request: pytest.FixtureRequest) -> None:
-    if any(getattr(item, "rep_call", None) is not None and item.rep_call.failed for item in request.session.items):
-        for node in topo.nodes.values():
-            print(f"\n===== log of {node.name} ({node.ns}) =====\n{node.log_tail()}")
+    dump_logs_on_failure(topo, request.session.items)
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +303,7 @@ def test_missing_capability_is_one_line_naming_no_tun(tmp_path: Path) -> None:
     cmd = [
         "setpriv", "--inh-caps=-all", "--bounding-set=-net_admin", "--",
         sys.executable, "-m", "services.cli", "-k", str(tmp_path / "key"), "--run-dir", str(tmp_path / "run"),
-        "-t", "1", "--peers", "tcp://192.0.2.1:9651",
+        "-t", "1", "--disable-quic", "--peers", "tcp://192.0.2.1:9651",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO)
     assert out.returncode == 1
