@@ -21,7 +21,9 @@ from pathlib import Path
 from common.identity import Identity, load_or_create_key
 from common.lifecycle import die_with_parent
 from common.nodeconfig import NodeConfig
+from common.programs import DNS_PROGRAM as DNS_PROGRAM  # re-exported: the launcher is where readers look
 from common.programs import PRIVILEGED, programs
+from common.programs import PROGRAMS as PROGRAMS
 from common.shmring import remove_rings
 
 log = logging.getLogger("mycelium")

@@ -46,10 +46,11 @@ def test_supervisord_reads_back_every_path(tmp_path: Path, name: str, monkeypatc
     assert options.childlogdir == str(run / "logs")
     assert options.server_configs[0]["file"] == str(run / launcher.SOCK_FILE)
     programs = {g.name: g.process_configs[0] for g in options.process_group_configs}
-    assert set(programs) == {name for name, _, _ in launcher.PROGRAMS}
-    for prog, module, priority in launcher.PROGRAMS:
+    assert set(programs) == {name for name, _, _ in launcher.programs(cfg)}
+    for prog, module, priority in launcher.programs(cfg):
         pc = programs[prog]
-        expected = launcher.program_args(module, cfg.run_dir, 2)
+        family = prog.split("-", 1)[1] if module == "services.peerd" else "tcp"
+        expected = launcher.program_args(module, cfg.run_dir, 2, None, family)
         assert shlex.split(pc.command) == expected  # what supervisord execs (after its expansion)
         assert pc.directory == str(run)
         assert pc.priority == priority
