@@ -233,8 +233,12 @@ class Api:
             for r in self.http.url_map.iter_rules()
             if not str(r.rule).startswith(("/static", "/dashboard"))
         )
-        for name in ("apid", "services.apid", ""):
-            logging.getLogger(name).addHandler(_RaiseOnLoggedBug())
+        self.bug_handler = _RaiseOnLoggedBug()
+        logging.getLogger("apid").addHandler(self.bug_handler)  # apid's loggers are apid.*
+
+    def close(self) -> None:
+        """Detach the handler (for in-process use, e.g. the test suite)."""
+        logging.getLogger("apid").removeHandler(self.bug_handler)
 
 
 _api: Api | None = None
@@ -245,6 +249,14 @@ def api() -> Api:
     if _api is None:
         _api = Api()
     return _api
+
+
+def reset() -> None:
+    """Drop the persistent engines and the API (and its log handler)."""
+    global _api, _engines
+    if _api is not None:
+        _api.close()
+    _api = _engines = None
 
 
 def t_rpc(data: bytes) -> None:

@@ -18,8 +18,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_every_seed_runs_clean() -> None:
     seeds = list(targets.seeds())
     assert {s[0] for s in seeds} == set(range(len(targets.TARGETS)))  # every target has seeds
-    for seed in seeds:
-        targets.run_one(seed)
+    try:
+        for seed in seeds:
+            targets.run_one(seed)
+    finally:
+        targets.reset()
 
 
 def test_short_fuzzing_run_finds_nothing(tmp_path: Path) -> None:
