@@ -42,9 +42,13 @@ def parse_public_key(text: str) -> bytes:
 
 def address_of(public_key: bytes) -> ipaddress.IPv6Address:
     """BLAKE3 rule of v0.5+: first byte becomes 0x04 | popcount parity."""
-    h = bytearray(blake3.blake3(public_key).digest(length=16))
-    h[0] = 0x04 | (bin(h[0]).count("1") & 1)
-    return ipaddress.IPv6Address(bytes(h))
+    return ipaddress.IPv6Address(address_int(public_key))
+
+
+def address_int(public_key: bytes) -> int:
+    """``address_of`` as a 128-bit int (the router's ownership check needs no address object)."""
+    h = blake3.blake3(public_key).digest(length=16)
+    return ((0x04 | (h[0].bit_count() & 1)) << 120) | int.from_bytes(h[1:])
 
 
 def subnet_of(address: ipaddress.IPv6Address) -> Subnet:

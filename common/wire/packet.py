@@ -98,6 +98,14 @@ def encode_data_header(src: bytes, dst: bytes, hop_limit: int, body_len: int) ->
     return _DATA_PREFIX.pack(VERSION, TYPE_DATA, body_len, hop_limit, src, dst)
 
 
+def control_tlv_type(frame: bytes) -> int | None:
+    """The TLV type of an encoded control packet without decoding it (None if
+    it is not one), so a receiver can treat liveness TLVs before a backlog."""
+    if len(frame) < _CONTROL_PREFIX.size or frame[0] != VERSION or frame[1] != TYPE_CONTROL:
+        return None
+    return frame[_CONTROL_PREFIX.size - 2]
+
+
 def decode_babel_body(body: bytes) -> Tlv:
     """The first TLV of a babel body; trailing bytes are ignored (5.6)."""
     if len(body) < 2:

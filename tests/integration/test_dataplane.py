@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from common import native
 from common.crypto import SessionKey, shared_secret
 from common.identity import Identity
 from common.wire.icmp import build_icmpv6
@@ -109,6 +110,17 @@ def test_tun_device_is_configured_and_privileges_dropped(mesh: Topology) -> None
             if uid == 0 or program == "tund":  # root without capabilities cannot get them back either
                 assert int(fields["CapBnd"].strip(), 16) & ~(1 << 12) == 0, program
     assert mesh.nodes["c"].tun_name == "ovl0"
+
+
+def test_tund_runs_the_kernel_this_checkout_built(mesh: Topology) -> None:
+    """The nodes inherit MYCELIUM_NATIVE from the test run: with a built
+    kernel and without MYCELIUM_NATIVE=0 tund must run it, not fall back."""
+    want = native.NAME
+    if native.built() and os.environ.get(native.ENV) != "0":
+        assert want == "native", native.REASON
+    ran = {node.name: node.rpc("tund", "info")["kernel"] for node in mesh.nodes.values()}
+    print(f"\nFIGURE data-plane kernel in tund: {ran}")
+    assert set(ran.values()) == {want}
 
 
 def test_ping6_between_all_overlay_addresses(mesh: Topology) -> None:
