@@ -83,3 +83,11 @@ class NodeConfig:
         data = json.loads((Path(run_dir) / NODE_FILE).read_text())
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+TUN_NAME_MAX = 15  # IFNAMSIZ - 1
+
+
+def valid_tun_name(name: str) -> bool:
+    """A name Linux accepts for an interface."""
+    return 0 < len(name.encode()) <= TUN_NAME_MAX and not any(c in name for c in "/: \t\n") and name not in (".", "..")

@@ -65,10 +65,11 @@ class DataPacket:
             raise CodecError(f"hop limit {self.hop_limit!r} out of range") from exc
 
 
-_set_src = DataPacket.src.__set__  # type: ignore[attr-defined]
-_set_dst = DataPacket.dst.__set__  # type: ignore[attr-defined]
-_set_hop_limit = DataPacket.hop_limit.__set__  # type: ignore[attr-defined]
-_set_body = DataPacket.body.__set__  # type: ignore[attr-defined]
+# the slot descriptors' setters, taken from the class dict (what ``DataPacket.src`` is at runtime)
+_set_src = DataPacket.__dict__["src"].__set__
+_set_dst = DataPacket.__dict__["dst"].__set__
+_set_hop_limit = DataPacket.__dict__["hop_limit"].__set__
+_set_body = DataPacket.__dict__["body"].__set__
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from common.identity import DEFAULT_KEY_FILE, IdentityError
+from common.nodeconfig import valid_tun_name
 
-from . import client, launcher
+from . import client, launcher, message_client, proxy_client
 from .inspect_key import inspect
 from .options import OptionError, add_node_options, resolve
 
@@ -18,7 +20,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
 
@@ -49,6 +51,8 @@ def build_parser(prog: str = "mycelium") -> argparse.ArgumentParser:
     p_inspect.add_argument("--json", action="store_true", help="print JSON")
     _add_key_option(p_inspect, argparse.SUPPRESS)
     client.add_commands(sub)  # peers, routes, stats: clients of a running node's HTTP API
+    message_client.add_message_commands(sub, client.client_parent(), {})
+    proxy_client.add_proxy_commands(sub, client.client_parent(), {})
     return parser
 
 
@@ -73,9 +77,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "mycelium") -> int:
             check_ports=not args.prepare_only,
         )
         if not cfg.no_tun:
-            from services.tund.tun import valid_name  # pytun only when a TUN is wanted
-
-            if not valid_name(cfg.tun_name):
+            if not valid_tun_name(cfg.tun_name):
                 raise OptionError(f"invalid --tun-name {cfg.tun_name!r} (1-15 characters, no '/', ':' or spaces)")
             problem = None if args.prepare_only else launcher.tun_problem()
             if problem:

@@ -17,6 +17,7 @@ from common import privnet
 from common.dnsnames import DnsNameError, parse_names, parse_overlay_address
 from common.endpoint import Endpoint, EndpointError
 from common.nodeconfig import STREAM_PROTOCOLS, NodeConfig
+from common.options import OptionError, parse_socket_addr
 
 DEFAULTS: dict[str, Any] = {
     "tcp_listen_port": 9651,
@@ -47,10 +48,6 @@ def peerd_families(disable_quic: bool, private: bool = False) -> dict[str, list[
     if ("quic" in SUPPORTED_PEER_PROTOCOLS or debug_quic) and not disable_quic and not private:
         families["quic"] = ["quic"]
     return families
-
-
-class OptionError(Exception):
-    """An invalid option or config file; the message is user-facing."""
 
 
 def add_node_options(p: argparse.ArgumentParser) -> None:
@@ -190,16 +187,6 @@ def _check_port(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 0xFFFF:
         raise OptionError(f"{name} must be a port number 1-65535, got {value!r}")
     return value
-
-
-def parse_socket_addr(name: str, text: Any) -> tuple[str, int]:
-    if not isinstance(text, str):
-        raise OptionError(f"{name} must be ADDR:PORT, got {text!r}")
-    try:
-        ep = Endpoint.parse(f"tcp://{text}")
-    except EndpointError as exc:
-        raise OptionError(f"{name} {text!r} is not a valid ADDR:PORT") from exc
-    return str(ep.ip), ep.port
 
 
 def _show_addr(host: str, port: int) -> str:

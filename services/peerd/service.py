@@ -388,7 +388,7 @@ class PeerdService:
         copied out of ZeroMQ: the link writes their buffers directly."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        fd = int(self.inbox.getsockopt(zmq.FD))  # type: ignore[arg-type]
+        fd = int(self.inbox.getsockopt(zmq.FD))
         loop.add_reader(fd, wake.set)
         recv = self.inbox.recv_multipart
         try:
@@ -413,7 +413,7 @@ class PeerdService:
                 else:
                     await asyncio.sleep(0)  # more may be waiting: let the writers run first
                     continue
-                if not int(self.inbox.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # type: ignore[arg-type]
+                if not int(self.inbox.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     await wake.wait()
         finally:
             loop.remove_reader(fd)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 import logging
+import math
 import os
 import random
 import time
@@ -42,6 +43,8 @@ from typing import Any
 import zmq
 
 from common import bus
+from common.fib import Route as FibRoute
+from common.fib import make_delta
 from common.identity import Identity, load_key_file, make_router_id, router_id_text
 from common.lifecycle import StopSignal, start_service
 from common.nodeconfig import NodeConfig
@@ -108,10 +111,16 @@ class RouterService:
 
     def handle_inbox(self, msg: bus.Message, now: float) -> None:
         """One bus message. Control packets are queued per neighbour for
-        ``run_backlog`` (one read of a link can carry tens of thousands)."""
+        ``run_backlog`` (one read of a link can carry tens of thousands). Only the
+        fields are checked here (malformed ones are counted); what the engine
+        raises is a bug and takes the process down (supervisord restarts it)."""
         kind, f = msg.kind, msg.fields
+        try:
+            peer_id = _peer_field(f) if kind in ("ctl", "peer_up", "peer_down") else ""
+        except BusFieldError:
+            self.counters["bus_malformed"] += 1
+            return
         if kind == "ctl":
-            peer_id = f.get("peer")
             if peer_id not in self.peers:
                 self.counters["ctl_from_unknown_peer"] += len(msg.payloads)
                 return
@@ -131,22 +140,27 @@ class RouterService:
             if not queue:
                 del self.backlog[peer_id]
         elif kind == "peer_up":
-            peer_id = f["peer"]
             if peer_id in self.peers:
                 return
-            info = PeerInfo(peer_id, int(f["static_cost"]), str(f.get("link_name", "")))
+            try:
+                info = PeerInfo(peer_id, int(f["static_cost"]), str(f.get("link_name", "")))
+            except (KeyError, TypeError, ValueError):
+                self.counters["bus_malformed"] += 1
+                return
             self.peers[peer_id] = info
             self.engine.peer_up(info, now)
             log.info("peer up %s (%s)", peer_id, info.link_name)
         elif kind == "peer_down":
-            peer_id = f["peer"]
             if self.peers.pop(peer_id, None) is not None:
                 self.engine.peer_down(peer_id, now)
                 self.forget_backlog(peer_id)
                 log.info("peer down %s", peer_id)
         elif kind == "peerd_hello":
             # a (re)started peerd: links of any older incarnation are gone
-            fam, epoch = f["family"], str(f["epoch"])
+            fam, epoch = f.get("family"), str(f.get("epoch"))
+            if not isinstance(fam, str) or "epoch" not in f:
+                self.counters["bus_malformed"] += 1
+                return
             for peer_id in [p for p in self.peers if family_of(p) == fam and epoch_of(p) != epoch]:
                 del self.peers[peer_id]
                 self.engine.peer_down(peer_id, now)
@@ -155,7 +169,7 @@ class RouterService:
         elif kind == "need_route":
             try:
                 addr = ipaddress.IPv6Address(f["addr"])
-            except (KeyError, ValueError):
+            except (KeyError, TypeError, ValueError):
                 self.counters["need_route_malformed"] += 1
                 return
             self.engine.request_route(addr, now)
@@ -170,8 +184,8 @@ class RouterService:
         started = time.monotonic()
         try:
             result = self.rpc_result(msg.kind, msg.fields, now)
-        except Exception as exc:  # an rpc bug must not take the router down
-            log.exception("rpc %s failed", msg.kind)
+        except BadRequest as exc:  # a malformed call from another service; a bug here is loud
+            self.counters["rpc_bad_request"] += 1
             bus.rpc_reply(self.rpc, envelope, error=str(exc))
             return
         bus.rpc_reply(self.rpc, envelope, result)
@@ -189,7 +203,12 @@ class RouterService:
         if method == "routes_queried":
             return [{"subnet": str(s), "expiration": str(left)} for s, left in self.engine.queried_subnets(now)]
         if method == "pubkey":
-            addr = bytes(params["addr"])
+            try:
+                addr = bytes(params["addr"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BadRequest(f"pubkey needs a 16-byte addr: {exc!r}") from exc
+            if len(addr) != 16:
+                raise BadRequest("pubkey needs a 16-byte addr")
             key = self.engine.lookup_public_key(ipaddress.IPv6Address(addr))
             if key is None:  # start a lookup so that a later call can answer (the data path does the same)
                 self.engine.request_route(ipaddress.IPv6Address(addr), now)
@@ -201,7 +220,7 @@ class RouterService:
             ]
         if method == "info":
             return {"routerId": router_id_text(self.router_id), "seqno": self.engine.seqno}
-        raise ValueError(f"unknown method {method!r}")
+        raise BadRequest(f"unknown method {method!r}")
 
     def routes_json(self, views: list[RouteView]) -> list[dict[str, Any]]:
         names = {p: info.link_name or p for p, info in self.peers.items()}
@@ -227,11 +246,7 @@ class RouterService:
     def flush(self) -> None:
         by_peer: dict[str, list[bytes]] = defaultdict(list)
         for peer_id, tlv in self.engine.tlvs_to_send():
-            try:
-                by_peer[peer_id].append(ControlPacket(tlv).encode())
-            except CodecError:
-                log.exception("engine produced an unencodable TLV %r", tlv)
-                continue
+            by_peer[peer_id].append(ControlPacket(tlv).encode())  # an unencodable TLV is an engine bug: loud
         for peer_id, frames in by_peer.items():
             sender = self.peerd.get(family_of(peer_id))
             if sender is not None:
@@ -239,19 +254,17 @@ class RouterService:
                 self.counters["ctl_sent"] += len(frames)
         changes = self.engine.fib_changes()
         if changes:
-            sets, dels = [], []
+            ordered: list[tuple[bytes, int, FibRoute | None]] = []
             for ch in changes:
                 if not ch.subnet.is_ipv6:
                     continue
                 net = ch.subnet.network_packed
                 if isinstance(ch, FibSet):
-                    sets.append([net, ch.subnet.prefix_len, ch.entry.next_hop, ch.entry.public_key])
+                    ordered.append((net, ch.subnet.prefix_len, FibRoute(ch.entry.next_hop, ch.entry.public_key)))
                 elif isinstance(ch, FibDel):
-                    dels.append([net, ch.subnet.prefix_len])
+                    ordered.append((net, ch.subnet.prefix_len, None))
             self.fib_seq += 1
-            self.fib_pub.send_multipart(
-                bus.pack("fib", {"epoch": self.fib_epoch, "seq": self.fib_seq, "set": sets, "del": dels})
-            )
+            self.fib_pub.send_multipart(bus.pack("fib", make_delta(self.fib_epoch, self.fib_seq, ordered)))
         for peer_id in self.engine.peers_to_close():
             sender = self.peerd.get(family_of(peer_id))
             if sender is not None:
@@ -272,7 +285,7 @@ class RouterService:
             now = time.monotonic()
             timer = self.engine.get_timer()
             wait = MAX_WAIT if timer is None else min(MAX_WAIT, max(0.0, timer - now))
-            events = dict(poller.poll(wait * 1000))
+            events = dict(poller.poll(math.ceil(wait * 1000)))
             now = self.last_rpc_check = time.monotonic()  # waiting in poll is not a gap: it wakes for RPCs
             backlog = False
             if self.inbox in events:
@@ -305,10 +318,12 @@ class RouterService:
                 unread = False
                 break
             try:
-                self.handle_inbox(bus.unpack(frames), now)
-            except (bus.BusError, KeyError, TypeError, ValueError) as exc:
+                msg = bus.unpack(frames)
+            except bus.BusError as exc:
                 self.counters["bus_malformed"] += 1
                 log.debug("bad bus message: %s", exc)
+                continue
+            self.handle_inbox(msg, now)
         while budget > 0 and self.backlog and time.monotonic() < deadline:
             for peer_id in list(self.backlog):
                 budget -= self.run_backlog(peer_id, ROUND_FRAMES, now)
@@ -386,6 +401,21 @@ class RouterService:
                 "neighbours": self.neighbour_stats(),
             },
         )
+
+
+class BadRequest(ValueError):
+    """An RPC call this router cannot answer (unknown method, bad parameters)."""
+
+
+class BusFieldError(ValueError):
+    """A bus message whose fields are not what its kind needs."""
+
+
+def _peer_field(fields: dict[str, Any]) -> str:
+    peer = fields.get("peer")
+    if not isinstance(peer, str):
+        raise BusFieldError(f"peer field {peer!r}")
+    return peer
 
 
 def main(argv: list[str] | None = None) -> int:

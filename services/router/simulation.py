@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.identity import address_of
 from common.wire.subnet import Subnet
@@ -281,10 +282,10 @@ class Simulation:
             return self.now - start
         return None
 
-    def _process(self, kind: int, data: object) -> None:
+    def _process(self, kind: int, data: Any) -> None:
         self.events_processed += 1
         if kind == _DELIVER:
-            link, dst, peer_id, tlv = data  # type: ignore[misc]
+            link, dst, peer_id, tlv = data
             if not link.up or link.blackhole:
                 return
             node = self.nodes[dst]
@@ -293,7 +294,7 @@ class Simulation:
         elif kind == _TRAFFIC:
             self._traffic_tick()
         else:
-            node = self.nodes[data]  # type: ignore[index]
+            node = self.nodes[data]
             if not node.alive:
                 return
             if node.timer_at is not None and node.timer_at <= self.now:
