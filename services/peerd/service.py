@@ -94,8 +94,14 @@ def make_factories(cfg: NodeConfig, family: str, host: PeerdService) -> dict[str
         factory = module.make_factory(cfg, host)
         if factory is not None:
             factories[proto] = factory
-    if cfg.network_name is not None and "tls" in factories and "tcp" in cfg.peerd_families.get(family, []):
-        factories["tcp"] = factories["tls"]  # private network: tcp:// peers are dialled as TLS (TRANSPORTS.md 2.3)
+    protos = cfg.peerd_families.get(family, [])
+    if cfg.network_name is not None and "tls" in factories:
+        if "tcp" in protos:
+            factories["tcp"] = factories["tls"]  # private network: tcp:// peers are dialled as TLS (TRANSPORTS.md 2.3)
+        tls = load_link_module("tls")
+        vsock = None if tls is None or "vsock" not in protos else tls.make_vsock_factory(cfg, host)
+        if vsock is not None:
+            factories["vsock"] = vsock  # vsock inside TLS-PSK too (docs/ARCHITECTURE.md)
     return factories
 
 

@@ -81,9 +81,6 @@ class VsockFactory(StreamFactory):
 
 def make_factory(cfg: NodeConfig, host: LinkHost) -> LinkFactory | None:
     """peerd's entry point: vsock can always be dialled where the kernel has
-    it; in a private network inside TLS-PSK (links/tls.py, unlike the reference)."""
-    if cfg.network_name is not None:
-        from .tls import make_vsock_factory
-
-        return make_vsock_factory(cfg, host)
-    return VsockFactory(cfg, host)
+    it; in a private network links/tls.py serves it inside TLS-PSK instead
+    (unlike the reference), so there is no plain factory then."""
+    return None if cfg.network_name is not None else VsockFactory(cfg, host)
