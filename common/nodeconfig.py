@@ -36,6 +36,11 @@ class NodeConfig:
     start_time: int = 0
     message_timeout: float = 300.0  # abort unacknowledged messages after this long (the reference's 300 s)
     dashboard: bool = True  # the ops dashboard at /dashboard on the API address
+    # security extensions (docs/EXTENSIONS.md)
+    session_keys: bool = True  # negotiate forward-secret session keys with our own kind of node
+    session_rekey_seconds: float = 120.0
+    session_rekey_packets: int = 1 << 30
+    firewall_file: str | None = None  # inbound TUN firewall rules (TOML); reloaded on SIGHUP / API
 
     def save(self) -> Path:
         path = Path(self.run_dir) / NODE_FILE

@@ -45,6 +45,7 @@ from common.nodeconfig import NodeConfig
 from . import privs
 from . import tun as tunmod
 from .dataplane import DataPlane, KeyCache
+from .security import SecurityShell
 
 log = logging.getLogger("tund")
 MAX_WAIT = 1.0
@@ -98,7 +99,16 @@ class TundWorker:
         self.fib = FibReplica()
         self.keys = KeyCache(self.identity.private_key)
         vnet = device is not None and device.vnet
-        self.dp = DataPlane(self.identity, self.fib, self.keys, tun=device is not None, vnet=vnet)
+        self.security = SecurityShell(cfg, self.identity, self.keys, workers)
+        self.dp = DataPlane(
+            self.identity,
+            self.fib,
+            self.keys,
+            tun=device is not None,
+            vnet=vnet,
+            sessions=self.security.sessions,
+            firewall=self.security.active_firewall(),
+        )
         self.counters = self.dp.counters
         self.ctx = zmq.Context()
         run = cfg.run_dir
@@ -237,7 +247,7 @@ class TundWorker:
 
     def flush(self) -> None:
         dp = self.dp
-        if dp.out:
+        if dp.out or (dp.sessions is not None and dp.sessions.outbox):
             data_out = self.data_out
             for next_hop, blob in dp.take_out().items():
                 if data_out is not None:
@@ -292,6 +302,9 @@ class TundWorker:
             if request is None:
                 continue
             envelope, msg = request
+            if msg.kind in self.security.RPC_METHODS:
+                bus.rpc_reply(self.rpc, envelope, self.security.rpc(msg.kind, self.dp, time.monotonic()))
+                continue
             result: dict[str, Any] = {"counters": dict(self.dp.all_counters()), "gauges": self.gauges()}
             if msg.kind == "info":
                 result["tun"] = self.device.name if self.device else None
@@ -345,8 +358,11 @@ class TundWorker:
                 self.answer_rpc()
             if self.stats.due(now):
                 self.stats.maybe_publish(now, dp.all_counters(), self.gauges())
+            if self.security.reload_requested:
+                self.security.reload(self.dp, now)
             if now >= self.next_tick:
                 self.next_tick = now + 1.0
+                self.security.tick(self.dp)
                 if not self.fib_synced:
                     self.fib_resync()
                 dp.tick(now)
