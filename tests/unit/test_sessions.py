@@ -24,7 +24,9 @@ def ident() -> Identity:
 
 def node(me: Identity, peer: Identity, hop: str, cfg: SessionConfig | None = None, sessions: bool = True) -> DataPlane:
     fib = FibReplica()
-    fib.load_snapshot({"epoch": 1, "seq": 0, "entries": [[peer.address.packed[:8] + bytes(8), 64, hop, peer.public_key]]})
+    fib.load_snapshot(
+        {"epoch": 1, "seq": 0, "entries": [[peer.address.packed[:8] + bytes(8), 64, hop, peer.public_key]]}
+    )
     keys = KeyCache(me.private_key)
     engine = SessionEngine(me, keys.get, cfg or SessionConfig()) if sessions else None
     return DataPlane(me, fib, keys, tun=True, vnet=False, sessions=engine)
@@ -105,7 +107,7 @@ def test_negotiation_then_data_under_session_keys_not_the_static_key() -> None:
         try:
             static.open(pkt[40:])
             raise AssertionError("a session packet opened with the static key")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             assert "authentication" in str(exc)
     nonces = [pkt[-12:] for pkt in data]
     assert len({n[:4] for n in nonces}) == 1  # one session index ...
@@ -214,7 +216,7 @@ def test_middle_node_dropping_negotiation_blocks_visibly_never_static() -> None:
         if d == "a->b" and not is_negotiation(pkt):
             try:
                 pt = static.open(pkt[40:])
-            except Exception:  # noqa: BLE001
+            except Exception:
                 continue
             raise AssertionError(f"data sent with the static key: {pt[:8].hex()}")
 
