@@ -196,9 +196,8 @@ def test_captured_packets_replayed_are_dropped_and_never_open_with_the_static_ke
             kinds.append(None)
     opened_static = [i for i, k in enumerate(kinds) if k is not None and k != INNER_SESSION]
     under_session = [i for i, k in enumerate(kinds) if k is None]
-    print(
-        f"\nFIGURE capture A->B: {len(captured)} data packets, {len(under_session)} under session keys, static-key: {[k for k in kinds if k is not None]}"
-    )
+    shown = [k for k in kinds if k is not None]
+    print(f"\nFIGURE capture A->B: {len(captured)} data packets, {len(under_session)} under session keys, {shown=}")
     assert len(under_session) >= 5, kinds  # the pings after negotiation
     # static-key data (if any) only before the first session packet: never a fallback afterwards
     assert all(i < under_session[0] for i in opened_static), kinds
