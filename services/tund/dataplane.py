@@ -671,6 +671,11 @@ class DataPlane:
             "sessions": len(self.by_index),
             "session_peers_capable": len(self.capable),
             "nonce_filter": len(self.nonce_filter),
+            "session_handshake_ms": (
+                round(self.sessions.handshake_times[-1] * 1000, 2)
+                if self.sessions is not None and self.sessions.handshake_times
+                else None
+            ),
         }
 
     def all_counters(self) -> Counter[str]:
