@@ -163,8 +163,10 @@ def netns_iperf(seconds: int) -> list[tuple[str, float, float, float | None]]:
 
     out = []
     for name, extra in (
-        ("static keys (--no-session-keys)", ["--no-session-keys"]),
-        ("session keys + replay window", []),
+        ("static keys (--no-session-keys), round 1", ["--no-session-keys"]),
+        ("session keys + replay window, round 1", []),
+        ("static keys (--no-session-keys), round 2", ["--no-session-keys"]),
+        ("session keys + replay window, round 2", []),
     ):
         cleanup_stale()
         topo = Topology(["a", "b"])
