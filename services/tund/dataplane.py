@@ -495,6 +495,7 @@ class DataPlane:
                 try:
                     pt = rs.aead.decrypt(blob[e - 12 : e], view[pos + 40 : e - 12], None)
                     rs.window.mark(ctr)
+                    rs.used = now
                     if not rs.confirmed:
                         self.sessions.confirm(rs, now)  # type: ignore[union-attr]
                 except InvalidTag:
@@ -529,6 +530,7 @@ class DataPlane:
                 nonce_filter.add(nonce)
                 if spre in capable and pt[1] != INNER_SESSION:
                     counters["rx_downgrade"] += 1  # static key from a peer that negotiated sessions
+                    self._static_refused(blob[pos + 8 : pos + 24], now)
                     pos = e
                     continue
             opened += 1
@@ -571,6 +573,11 @@ class DataPlane:
         if pk is None:
             return
         self.sessions.on_packet(bytes(src), pk, bytes(pt[4:]), rs, now)
+
+    def _static_refused(self, src: bytes, now: float) -> None:
+        pk = self._public_key_of(src[:8])
+        if pk is not None and self.sessions is not None:
+            self.sessions.static_refused(pk, now)
 
     def _undecryptable(self, src: bytes, now: float) -> None:
         pk = self._public_key_of(src[:8])

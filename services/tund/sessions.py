@@ -98,7 +98,7 @@ class SendState:
 class RecvState:
     """Our receiving half: AES-GCM state, index and replay window."""
 
-    __slots__ = ("aead", "confirmed", "index", "prefix", "public_key", "session", "window")
+    __slots__ = ("aead", "confirmed", "index", "prefix", "public_key", "session", "used", "window")
 
     def __init__(self, aead: AESGCM, index: bytes, public_key: bytes, session: Session) -> None:
         self.aead = aead
@@ -108,6 +108,7 @@ class RecvState:
         self.window = ReplayWindow()
         self.confirmed = session.initiator  # a responder's session is confirmed by its first packet
         self.session = session
+        self.used = session.created  # last packet opened under it (the data plane sets it)
 
 
 class Session:
@@ -215,6 +216,23 @@ class SessionEngine:
         self.counters["session_restart_hint"] += 1
         self._start(peer, now)
 
+    def static_refused(self, public_key: bytes, now: float) -> None:
+        """We refused static-key data from a peer that negotiated: it lost its
+        session (restart) or never saw our CONFIRM. Confirm again, or start
+        anew (at most once a second)."""
+        peer = self.peers.get(public_key)
+        if peer is None or now - peer.last_hint < RESTART_HINT_INTERVAL or peer.pending is not None:
+            return
+        peer.last_hint = now
+        self.counters["session_refused_hint"] += 1
+        s = peer.current
+        if s is not None and s.initiator and now - s.created < self.config.reject_after:
+            nonce = s.send.nonce()
+            confirm = Confirm(s.recv.index).encode()
+            self.outbox.append((peer.address, s.send.aead.encrypt(nonce, confirm, None) + nonce))
+        else:
+            self._start(peer, now)
+
     def open_sent(self, public_key: bytes, body: bytes) -> bytes | None:
         """Open a body we sealed to this peer under a session (an OOB ICMP
         hands our own packet back, 4.6); None if no session matches."""
@@ -277,10 +295,12 @@ class SessionEngine:
                     peer.next_probe = now + peer.probe_backoff
                     peer.probe_backoff = min(PROBE_BACKOFF_MAX, peer.probe_backoff * 2)
                     self.counters["session_probe_unanswered"] += 1
-                else:
-                    p.tries += 1
-                    p.next_try = now + min(INIT_RETRY_MAX, INIT_RETRY * 2 ** (p.tries - 1))
-                    self.outbox.append((peer.address, self.static_key(peer.public_key).seal(p.init.encode())))
+                else:  # a fresh INIT (a responder refuses a timestamp it has taken: its RESP may be what was lost)
+                    tries = p.tries + 1
+                    self._start(peer, now)
+                    if peer.pending is not None:
+                        peer.pending.tries = tries
+                        peer.pending.next_try = now + min(INIT_RETRY_MAX, INIT_RETRY * 2 ** (tries - 1))
                     self.counters["session_init_retry"] += 1
             if peer.current is not None:
                 self._maybe_rekey(peer, peer.current, now)
@@ -412,7 +432,9 @@ class SessionEngine:
     def _expire(self, peer: Peer, now: float) -> None:
         keep_old, reject = self.config.keep_old, self.config.reject_after
         for s in list(peer.sessions):
-            if (s.replaced and now - s.replaced > keep_old) or now - s.created > reject + keep_old:
+            # a replaced session goes once the peer stopped using it too (crossed handshakes: each
+            # side may seal with a different one), and any session once it is too old to seal
+            if (s.replaced and now - max(s.replaced, s.recv.used) > keep_old) or now - s.created > reject + keep_old:
                 self._drop(peer, s)
         if peer.current is not None and now - peer.current.created >= reject:
             self.changed = True  # send_state answers BLOCKED (or static for a peer never capable) from now

@@ -313,3 +313,50 @@ def test_static_reference_packet_still_delivered_with_sessions_on() -> None:
     body = SessionKey(shared_secret(c.private_key, p.ib.public_key)).seal(L3_HEADER + echo(c, p.ib, 9))
     p.b.from_peer(struct.pack("!BBxxxHB", 1, 0, len(body), 63) + c.address.packed + p.ib.address.packed + body, T0)
     assert p.delivered(p.b) == [9]
+
+
+def test_lost_resp_is_recovered_by_a_fresh_init() -> None:
+    p = Pair()
+    p.drop_session_packets = True  # the first INIT/RESP exchange is lost
+    p.send("a", 0, T0)
+    p.pump(T0)
+    p.drop_session_packets = False
+    p.a.tick(T0 + 1.1)  # retry: a new INIT (the responder refuses a timestamp it has already taken)
+    p.pump(T0 + 1.1)
+    assert p.a.sessions is not None and p.a.sessions.counters["session_established"] == 1
+    assert p.ib.address.packed[:8] in p.a.capable
+
+
+def test_lost_confirm_with_one_way_traffic_from_the_responder_recovers() -> None:
+    p = Pair()
+    p.send("a", 0, T0)  # A initiates
+    p.pump(T0, rounds=1)  # INIT -> B, RESP -> A ... (one round each way)
+    for blob in p.a.take_out().values():  # A's CONFIRM (and nothing else) is lost
+        assert all(is_negotiation(x) for x in packets(blob))
+    # B, the responder, sends one way only: static (unconfirmed), refused by A which then confirms again
+    for i in range(1, 4):
+        p.send("b", i, T0 + 1 + i)
+        p.pump(T0 + 1 + i)
+    assert p.a.counters["rx_downgrade"] == 1
+    assert p.delivered(p.a)[-2:] == [2, 3]
+
+
+def test_crossed_handshakes_converge_without_losing_packets() -> None:
+    cfg = SessionConfig(rekey_after=60.0, keep_old=2.0)
+    p = Pair(cfg)
+    p.send("a", 0, T0)
+    p.send("b", 0, T0)  # both initiate at once
+    p.pump(T0)
+    p.delivered(p.a), p.delivered(p.b)
+    got_a: list[int] = []
+    got_b: list[int] = []
+    for step in range(1, 21):  # 10 s: the replaced sessions' keep_old runs out meanwhile
+        now = T0 + step * 0.5
+        p.a.tick(now)
+        p.b.tick(now)
+        p.send("a", step, now)
+        p.send("b", step, now)
+        p.pump(now)
+        got_b += p.delivered(p.b)
+        got_a += p.delivered(p.a)
+    assert got_a == got_b == list(range(1, 21))
