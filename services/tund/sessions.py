@@ -76,7 +76,7 @@ class SessionConfig:
     @property
     def reject_after(self) -> float:
         """Past this age a session no longer seals: if rotation keeps failing, traffic stops (visibly)."""
-        return 3 * self.rekey_after + 30.0
+        return 3 * self.rekey_after + min(30.0, 2 * self.rekey_after)
 
 
 class SendState:
@@ -186,9 +186,6 @@ class SessionEngine:
         peer = self._peer(public_key)
         s = peer.current
         if s is not None and now - s.created < self.config.reject_after:
-            if peer.blocked:
-                peer.blocked = False
-                self.log.append(f"session traffic to {peer.address.hex()} resumed")
             self._maybe_rekey(peer, s, now)
             return s.send
         if peer.pending is None and now >= peer.next_probe:
@@ -397,6 +394,9 @@ class SessionEngine:
             old.replaced = now
         peer.current = s
         peer.probe_backoff = PROBE_BACKOFF
+        if peer.blocked:
+            peer.blocked = False
+            self.log.append(f"session keys with {address_of(peer.public_key)} again: traffic resumes")
         if not peer.capable:
             peer.capable = True
             self.capable.add(peer.address[:8])
@@ -475,14 +475,13 @@ class SessionEngine:
         out: list[dict[str, object]] = []
         for peer in self.peers.values():
             cur = peer.current
+            usable = cur is not None and now - cur.created < self.config.reject_after
             out.append(
                 {
                     "address": str(address_of(peer.public_key)),
                     "publicKey": peer.public_key.hex(),
                     "capable": peer.capable,
-                    "state": (
-                        "session" if cur is not None and not peer.blocked else "blocked" if peer.capable else "static"
-                    ),
+                    "state": "session" if usable else "blocked" if peer.capable else "static",
                     "sessions": len(peer.sessions),
                     "currentAge": None if cur is None else round(now - cur.created, 1),
                     "sent": None if cur is None else cur.send.ctr,

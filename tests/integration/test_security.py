@@ -4,13 +4,16 @@
     A --- B --- C        C runs --no-session-keys: a reference-model data
                          plane (static keys, unknown inner types dropped)
 
-A raw AF_PACKET tap on A's veth records the A<->B link from its first
+B reaches A through a middlebox (a TCP relay in A's namespace) that can
+start dropping negotiation packets, as a malicious middle node would. A raw
+AF_PACKET tap on A's veth records the relay's A->B stream from its first
 byte (TCP reassembled by sequence number), so the test holds every data
 packet A sent to B, as an attacker on the link would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -31,7 +34,17 @@ from common.wire.inner import L3_HEADER
 from common.wire.packet import DataPacket, StreamDecoder
 from common.wire.session import INNER_SESSION
 
-from .netns import API_PORT, NODE_PORT, NetNode, Topology, cleanup_stale, have_privileges, in_netns, ping
+from .netns import (
+    API_PORT,
+    NODE_PORT,
+    BackgroundPing,
+    NetNode,
+    Topology,
+    cleanup_stale,
+    have_privileges,
+    in_netns,
+    ping,
+)
 from .netns import wait_for as wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.privileged]
@@ -42,7 +55,102 @@ if _missing:
 
 ETH_P_ALL = 0x0003
 CAPTURE_MAX = 8 * 1024 * 1024
-REKEY_SECONDS = 3
+REKEY_SECONDS = 2  # a session may seal for 3 x 2 + 4 = 10 s (SessionConfig.reject_after)
+RELAY_PORT = 9700
+
+
+class Middlebox:
+    """A TCP relay B -> (this) -> A's peerd that frames the packets it
+    carries and, once ``drop_negotiation`` is set, drops the static-key
+    negotiation packets (it holds both key files to recognise them: the
+    strongest middle node there is)."""
+
+    def __init__(self, ns: str, listen_ip: str, keys: list[SessionKey]) -> None:
+        self.keys = keys
+        self.drop_negotiation = False
+        self.dropped = 0
+        self.stopped = False
+        self.threads: list[threading.Thread] = []
+
+        def listen() -> socket.socket:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((listen_ip, RELAY_PORT))
+            s.listen(4)
+            s.settimeout(0.2)
+            return s
+
+        self.ns = ns
+        self.server = in_netns(ns, listen)
+        self._spawn(self._accept)
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                up = in_netns(self.ns, lambda: socket.create_connection(("127.0.0.1", NODE_PORT), timeout=5))
+            except OSError:  # A's peerd not listening yet: B connects again later
+                conn.close()
+                continue
+            for s in (conn, up):
+                s.settimeout(0.2)
+            self._spawn(self._pipe, conn, up)
+            self._spawn(self._pipe, up, conn)
+
+    def _negotiation(self, pkt: bytes) -> bool:
+        for key in self.keys:
+            try:
+                return key.open(pkt[40:])[1] == INNER_SESSION
+            except DecryptError:
+                continue
+        return False
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        buf = bytearray()
+        while not self.stopped:
+            try:
+                data = src.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            buf += data
+            out = bytearray()
+            while len(buf) >= 8:
+                n = 40 + (buf[5] << 8 | buf[6]) if buf[1] == 0 else 8 + (buf[6] << 8 | buf[7])
+                if len(buf) < n:
+                    break
+                pkt = bytes(buf[:n])
+                del buf[:n]
+                if self.drop_negotiation and pkt[1] == 0 and self._negotiation(pkt):
+                    self.dropped += 1
+                    continue
+                out += pkt
+            try:
+                dst.sendall(out)
+            except OSError:
+                break
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.stopped = True
+        self.server.close()
+        for t in self.threads:
+            t.join(2)
 
 
 class LinkTap:
@@ -121,6 +229,7 @@ def net(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     cleanup_stale()
     topo = Topology(["a", "b", "c"])
     tap = None
+    box = None
     rules = topo.base / "b-firewall.toml"
     rules.write_text('default = "allow"\n')
     os.chmod(rules, 0o644)
@@ -128,15 +237,19 @@ def net(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         a_ab, _ = topo.connect("a", "b", 1)
         b_bc, _ = topo.connect("b", "c", 2)
         rekey = ["--session-rekey-seconds", str(REKEY_SECONDS)]
-        topo.add_node("a", extra=rekey)
-        topo.add_node("b", peers=[f"tcp://{a_ab}:{NODE_PORT}"], extra=[*rekey, "--firewall", str(rules)])
+        a = topo.add_node("a", extra=rekey)
+        b = topo.add_node("b", peers=[f"tcp://{a_ab}:{RELAY_PORT}"], extra=[*rekey, "--firewall", str(rules)])
         topo.add_node("c", peers=[f"tcp://{b_bc}:{NODE_PORT}"], extra=["--no-session-keys"])
-        tap = LinkTap(topo.ns("a"), "vab", a_ab, NODE_PORT)  # before B connects: the stream from its start
+        static_ab = SessionKey(shared_secret(a.identity.private_key, b.identity.public_key))
+        box = Middlebox(topo.ns("a"), a_ab, [static_ab])
+        tap = LinkTap(topo.ns("a"), "vab", a_ab, RELAY_PORT)  # before B connects: the stream from its start
         topo.start_all()
-        yield {"topo": topo, "tap": tap, "rules": rules}
+        yield {"topo": topo, "tap": tap, "rules": rules, "box": box}
     finally:
         if tap is not None:
             tap.close()
+        if box is not None:
+            box.close()
         if any(getattr(i, "rep_call", None) is not None and i.rep_call.failed for i in request.session.items):
             for node in topo.nodes.values():
                 print(f"\n===== log of {node.name} =====\n{node.log_tail()}")
@@ -330,6 +443,42 @@ def test_firewall_allow_deny_reload_and_bad_files(net: dict[str, Any]) -> None:
     assert ping(topo, "c", b.address, count=2, interval=0.2)
     rules.write_text('default = "allow"\n')
     assert _api(topo, "b", "POST", "/api/v1/admin/firewall/reload")[0] == 200
+
+
+def test_middle_node_dropping_negotiation_blocks_visibly_never_falls_back(net: dict[str, Any]) -> None:
+    topo: Topology = net["topo"]
+    tap: LinkTap = net["tap"]
+    box: Middlebox = net["box"]
+    a, b = topo.nodes["a"], topo.nodes["b"]
+    _warm(topo, "a", b)
+    wait("A and B in session", lambda: _session_state(a, b) == "session", 20)
+    start = len(tap.data_packets(a.identity.address.packed, b.identity.address.packed))
+    blocked_before = a.counters().get("tx_session_blocked", 0)
+    box.drop_negotiation = True
+    try:
+        bg = BackgroundPing(topo, "a", b.address, interval=0.2, seconds=30)
+        try:
+            # rotation fails; once the last session is too old to seal (10 s), traffic stops
+            wait("A to report B blocked", lambda: _session_state(a, b) == "blocked", 25, interval=0.5)
+            wait("blocked packets to be counted", lambda: a.counters().get("tx_session_blocked", 0) > blocked_before, 5)
+            status, shown = _api(topo, "a", "GET", "/api/v1/admin/sessions")
+            assert status == 200 and any(s["address"] == b.address and s["state"] == "blocked" for s in shown)
+            wait("the warning in A's log", lambda: "traffic to it is blocked" in a.log_tail(400), 5)
+        finally:
+            bg.stop()
+    finally:
+        box.drop_negotiation = False
+    assert box.dropped > 0
+    static = SessionKey(shared_secret(a.identity.private_key, b.identity.public_key))
+    for pkt in tap.data_packets(a.identity.address.packed, b.identity.address.packed)[start:]:
+        try:
+            kind = static.open(pkt[40:])[1]
+        except DecryptError:
+            continue
+        assert kind == INNER_SESSION, f"A fell back to the static key (inner type {kind})"
+    # the middle node stops interfering: the nodes negotiate again and traffic resumes
+    wait("a new session", lambda: _session_state(a, b) == "session", 20, interval=0.5)
+    assert ping(topo, "a", b.address, count=2, interval=0.2)
 
 
 def test_restart_of_either_node_renegotiates(net: dict[str, Any]) -> None:

@@ -199,7 +199,7 @@ def test_middle_node_dropping_negotiation_blocks_visibly_never_static() -> None:
     negotiated(p)
     p.drop_session_packets = True
     start = len(p.wire)
-    for step in range(1, 120):  # 60 s: past reject_after (45 s)
+    for step in range(1, 120):  # 60 s: past reject_after (25 s)
         now = T0 + step * 0.5
         p.a.tick(now)
         p.b.tick(now)
