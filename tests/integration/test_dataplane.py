@@ -60,7 +60,9 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Topology]:
         b_bc, _ = topo.connect("b", "c", 2)
         a_ac, _ = topo.connect("a", "c", 3)
         topo.add_node("a")
-        topo.add_node("b", peers=[f"tcp://{a_ab}:{NODE_PORT}"])
+        # B keeps the reference's static keys (docs/EXTENSIONS.md): A and C use session keys with
+        # each other, static keys with B, and B relays their session packets as any others
+        topo.add_node("b", peers=[f"tcp://{a_ab}:{NODE_PORT}"], extra=["--no-session-keys"])
         topo.add_node(
             "c", peers=[f"tcp://{a_ac}:{NODE_PORT}", f"tcp://{b_bc}:{NODE_PORT}"], extra=["--tun-name", "ovl0"]
         )
