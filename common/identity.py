@@ -19,7 +19,6 @@ from .wire.subnet import Subnet
 KEY_SIZE = 32
 KEY_FILE_MODE = 0o600  # the reference uses 0o640; a secret key needs no group read
 DEFAULT_KEY_FILE = "priv_key.bin"
-GLOBAL_PREFIX = ipaddress.IPv6Network("400::/7")
 ROUTER_ID_SIZE = 40
 
 
@@ -51,10 +50,6 @@ def address_of(public_key: bytes) -> ipaddress.IPv6Address:
 def subnet_of(address: ipaddress.IPv6Address) -> Subnet:
     """The /64 holding ``address`` (host bits zero)."""
     return Subnet(ipaddress.IPv6Address(address.packed[:8] + bytes(8)), 64)
-
-
-def is_overlay_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return address.version == 6 and address in GLOBAL_PREFIX
 
 
 def make_router_id(public_key: bytes) -> bytes:

@@ -1,9 +1,8 @@
-"""Access to the shared wire-format vectors (../shared/spec/vectors.json).
+"""Access to the wire-format vectors (tests/data/vectors.json, a copy of
+shared/spec/vectors.json; see tests/data/README.md).
 
-The file lives beside the project, not inside it, so that the tests always
-read the spec's own copy. ``MYCELIUM_VECTORS`` overrides the location. When
-the file is missing the vector tests skip with the path they looked at;
-under CI (``CI=true``) a missing file is an error instead.
+``MYCELIUM_VECTORS`` overrides the location. A missing file is an error,
+never a skip: the vector tests are the proof of wire compatibility.
 """
 
 from __future__ import annotations
@@ -17,20 +16,27 @@ from typing import Any
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PATH = REPO_ROOT.parent / "shared" / "spec" / "vectors.json"
+DATA_DIR = REPO_ROOT / "tests" / "data"
+DEFAULT_PATH = DATA_DIR / "vectors.json"
 
 
 def vectors_path() -> Path:
     return Path(os.environ.get("MYCELIUM_VECTORS", DEFAULT_PATH))
 
 
+def data_file(name: str) -> Path:
+    """A file of tests/data; raises if it is missing (a test must fail, not skip)."""
+    path = DATA_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(f"test data {path} not found (see tests/data/README.md)")
+    return path
+
+
 @cache
 def _all() -> list[dict[str, Any]]:
     path = vectors_path()
     if not path.exists():
-        if os.environ.get("CI") == "true":
-            raise FileNotFoundError(f"spec vectors not found at {path}")
-        pytest.skip(f"spec vectors not found at {path} (set MYCELIUM_VECTORS)")
+        raise FileNotFoundError(f"spec vectors not found at {path} (MYCELIUM_VECTORS overrides the path)")
     return list(json.loads(path.read_text())["vectors"])
 
 
@@ -43,10 +49,4 @@ def vectors(group: str) -> list[dict[str, Any]]:
 
 def params(group: str) -> list[Any]:
     """pytest parameters for a group, with vector names as ids (collected lazily)."""
-    path = vectors_path()
-    if not path.exists():
-        if os.environ.get("CI") == "true":
-            raise FileNotFoundError(f"spec vectors not found at {path}")
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"spec vectors not found at {path}"))]
-    data = json.loads(path.read_text())["vectors"]
-    return [pytest.param(v, id=v["name"]) for v in data if v["group"] == group]
+    return [pytest.param(v, id=v["name"]) for v in _all() if v["group"] == group]

@@ -7,14 +7,16 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from .checksum import NEXT_ICMPV6, finish, ones_sum, pseudo_header_sum
 from .errors import CodecError
 from .inner import OOB_ICMP_HEADER
+from .rules import OOB_HOP_LIMIT
 
 IPV6_HEADER_SIZE = 40
 ICMPV6_HEADER_SIZE = 8
-NEXT_HEADER_ICMPV6 = 58
+NEXT_HEADER_ICMPV6 = NEXT_ICMPV6
 ICMP_PAYLOAD_CAP = 1232  # 1280 - 48
-OOB_HOP_LIMIT = 64
+
 
 DEST_UNREACHABLE = 1
 TIME_EXCEEDED = 3
@@ -29,13 +31,7 @@ _OOB_MAX = 1280 + 16
 
 def icmpv6_checksum(src: bytes, dst: bytes, icmp: bytes) -> int:
     """RFC 4443 checksum over the IPv6 pseudo-header and the ICMPv6 message."""
-    data = src + dst + struct.pack("!I3xB", len(icmp), NEXT_HEADER_ICMPV6) + icmp
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return finish(pseudo_header_sum(src + dst, len(icmp), NEXT_HEADER_ICMPV6) + ones_sum(icmp))
 
 
 def build_icmpv6(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CodecError
+from .rules import DATA_PREFIX, DATA_PREFIX_SIZE
 from .tlv import Tlv, decode_tlv
 
 VERSION = 1
@@ -25,13 +26,13 @@ BABEL_VERSION = 3
 
 OUTER_HEADER_SIZE = 4
 DATA_HEADER_SIZE = 36  # after the outer header
-DATA_PREFIX_SIZE = OUTER_HEADER_SIZE + DATA_HEADER_SIZE
+assert DATA_PREFIX_SIZE == OUTER_HEADER_SIZE + DATA_HEADER_SIZE
 BABEL_HEADER_SIZE = 4
 MAX_DATA_BODY = 0xFFFF
 MAX_PACKET_SIZE = DATA_PREFIX_SIZE + MAX_DATA_BODY
 MAX_BABEL_BODY = 2 + 0xFF  # one TLV: type, length (u8) and its body
 
-_DATA_PREFIX = struct.Struct("!BBxxxHB16s16s")
+_DATA_PREFIX = DATA_PREFIX
 _CONTROL_PREFIX = struct.Struct("!BBxxBBHBB")
 
 

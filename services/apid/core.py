@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from common import bus
-from common.identity import Identity, is_overlay_address
+from common.identity import Identity
 from common.nodeconfig import NodeConfig
+from common.wire.rules import is_overlay_address
 
 PEERD_FAMILIES = ("tcp",)
 # keys of the reference's PeerStats; anything else a peerd adds (per-peer

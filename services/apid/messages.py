@@ -18,7 +18,8 @@ from typing import Any
 from flask import Response, request
 
 from common import bus
-from common.identity import IdentityError, address_of, is_overlay_address, parse_public_key
+from common.identity import IdentityError, address_of, parse_public_key
+from common.wire.rules import is_overlay_address
 
 from . import rpc
 from .app import json_body, json_response
@@ -149,6 +150,24 @@ class Messages:
             result = self._call("pop", {"peek": peek, "timeout": wait, "topic": topic}, timeout=wait + 10)
             if result["message"] is not None or left <= SLICE:
                 return result["message"]  # type: ignore[no-any-return]
+
+    def lease(self, topic: bytes | None, wait: float, hold: float) -> tuple[dict[str, Any], int, int] | None:
+        """The next message for a push subscriber, held (not removed) for ``hold`` seconds:
+        (message, seq, lease) to ``ack`` once delivered or ``release``; None after ``wait``."""
+        result = self._call("pop", {"lease": hold, "timeout": wait, "topic": topic}, timeout=wait + 3)
+        if result["message"] is None:
+            return None
+        return result["message"], int(result["seq"]), int(result["lease"])
+
+    def ack(self, seq: int, lease: int) -> bool:
+        return bool(self._call("ack", {"seq": seq, "lease": lease})["ok"])
+
+    def release(self, seq: int, lease: int) -> bool:
+        return bool(self._call("release", {"seq": seq, "lease": lease})["ok"])
+
+    def release_all(self) -> int:
+        """Leases of an earlier apid (it died holding them) lapse now."""
+        return int(self._call("release_all")["released"])
 
     def status(self, id_text: Any) -> dict[str, Any]:
         msg_id = message_id(id_text, RPC_BAD_MESSAGE_ID)

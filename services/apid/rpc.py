@@ -32,6 +32,7 @@ from .core import (
 log = logging.getLogger("apid.rpc")
 
 MAX_BATCH = 1000
+MAX_WS_FRAME = 2 * 1024 * 1024  # a WebSocket request, as the HTTP body limit
 U64_MAX = (1 << 64) - 1
 # jsonrpsee's texts for the standard codes; custom codes all read "Server error"
 MESSAGES = {
@@ -119,16 +120,24 @@ class RpcRegistry:
 
     def dispatch(self, body: bytes) -> Any:
         """The JSON value to answer with, or None for no answer at all."""
-        try:
-            doc = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)  # UTF-8 only, as serde
-        except (ValueError, RecursionError, UnicodeDecodeError):
-            return error_response(None, RPC_PARSE_ERROR)
+        doc, error = self.parse(body)
+        if error is not None:
+            return error
         if isinstance(doc, list):
-            if not doc or len(doc) > MAX_BATCH:
-                return error_response(None, RPC_INVALID_REQUEST)
             answers = [a for a in (self.handle(item) for item in doc) if a is not None]
             return answers or None
         return self.handle(doc)
+
+    @staticmethod
+    def parse(body: bytes) -> tuple[Any, dict[str, Any] | None]:
+        """(request or batch, None), or (None, the error to answer) for what is not one."""
+        try:
+            doc = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)  # UTF-8 only, as serde
+        except (ValueError, RecursionError, UnicodeDecodeError):
+            return None, error_response(None, RPC_PARSE_ERROR)
+        if isinstance(doc, list) and (not doc or len(doc) > MAX_BATCH):
+            return None, error_response(None, RPC_INVALID_REQUEST)
+        return doc, None
 
     def handle(self, req: Any) -> dict[str, Any] | None:
         if not isinstance(req, dict):

@@ -33,9 +33,11 @@ from .app import create_app
 from .core import NodeApi
 from .dashboard import EXPECTED_SERVICES
 from .extensions import ApiContext, register_all
+from .messages import Messages
 from .metrics import NodeCollector, create_metrics_app
 from .rpc import RpcRegistry, create_rpc_app, register_node_methods
 from .stats import Sampler, StatsCollector
+from .websocket import serve_rpc
 
 log = logging.getLogger("apid")
 
@@ -48,8 +50,11 @@ CONNECTION_LIMIT = 200
 NICENESS = 5
 
 
-def build(cfg: NodeConfig, identity: Identity, ctx: zmq.Context) -> tuple[Any, Any, Any, StatsCollector, Sampler]:
-    """The three WSGI apps over one NodeApi, stats collector and sampler."""
+def build(
+    cfg: NodeConfig, identity: Identity, ctx: zmq.Context
+) -> tuple[Any, Any, Any, StatsCollector, Sampler, RpcRegistry, Messages]:
+    """The three WSGI apps over one NodeApi, stats collector and sampler, and
+    what the JSON-RPC port's WebSocket sessions use beside the HTTP app."""
 
     def call(
         service: str, method: str, params: dict[str, Any] | None = None, timeout_ms: int = bus.RPC_TIMEOUT_MS
@@ -65,7 +70,7 @@ def build(cfg: NodeConfig, identity: Identity, ctx: zmq.Context) -> tuple[Any, A
     register_all(ApiContext(cfg, identity, api, call, http_app, registry))
     rpc_app = create_rpc_app(registry, MAX_BODY)
     metrics_app = create_metrics_app(NodeCollector(api, stats, sampler, EXPECTED_SERVICES))
-    return http_app, rpc_app, metrics_app, stats, sampler
+    return http_app, rpc_app, metrics_app, stats, sampler, registry, Messages(call)
 
 
 def serve(name: str, addr: str | None, app: Callable[..., Any], threads: int) -> Any | None:
@@ -94,6 +99,20 @@ def serve(name: str, addr: str | None, app: Callable[..., Any], threads: int) ->
     return server
 
 
+def serve_jsonrpc(addr: str | None, registry: RpcRegistry, rpc_app: Any, messages: Messages) -> Any | None:
+    """The JSON-RPC port (HTTP POST and WebSocket, see websocket.py), or None (logged)."""
+    if addr is None:
+        return None
+    try:
+        host, port = parse_socket_addr("JSON-RPC API address", addr)
+        server, _ = serve_rpc("JSON-RPC API", host, port, registry, rpc_app, messages, RPC_THREADS)
+    except (OptionError, OSError) as exc:
+        log.error("cannot serve the JSON-RPC API on %s: %s", addr, exc)
+        return None
+    log.info("JSON-RPC API on http://%s (WebSocket: ws://%s/)", addr, addr)
+    return server
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = start_service("apid", argv)
     logging.getLogger("waitress").setLevel(logging.ERROR)
@@ -103,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         pass
     identity = Identity.from_secret(load_key_file(cfg.key_file))
     ctx = zmq.Context()
-    http_app, rpc_app, metrics_app, stats, sampler = build(cfg, identity, ctx)
+    http_app, rpc_app, metrics_app, stats, sampler, registry, messages = build(cfg, identity, ctx)
     stats.start()
     sampler.start()
     servers = [
         serve("HTTP API", cfg.api_addr, http_app, HTTP_THREADS),
-        serve("JSON-RPC API", cfg.jsonrpc_addr, rpc_app, RPC_THREADS),
         serve("metrics API", cfg.metrics_api_address, metrics_app, METRICS_THREADS),
     ]
+    rpc_server = serve_jsonrpc(cfg.jsonrpc_addr, registry, rpc_app, messages)
     if cfg.dashboard and servers[0] is not None:
         log.info("dashboard on http://%s/dashboard", cfg.api_addr)
 
@@ -130,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             with contextlib.suppress(Exception):
                 server.close()
+    if rpc_server is not None:
+        rpc_server.should_exit = True
     logging.shutdown()
     # waitress worker threads may sit in a bus call; nothing here needs flushing
     os._exit(0)

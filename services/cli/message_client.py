@@ -8,10 +8,12 @@ import base64
 import ipaddress
 import json
 import sys
+import time
 import urllib.parse
 from typing import Any
 
-from common.identity import IdentityError, is_overlay_address, parse_public_key
+from common.identity import IdentityError, parse_public_key
+from common.wire.rules import is_overlay_address
 
 from .client import Client, ClientError
 
@@ -101,17 +103,7 @@ def send(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def receive(client: Client, args: argparse.Namespace) -> int:
-    timeout = args.timeout if args.timeout is not None else ONE_YEAR
-    query: dict[str, str] = {"timeout": str(timeout)}
-    topic = _topic(args.topic)
-    if topic is not None:
-        query["topic"] = base64.b64encode(topic).decode()
-    client.timeout = timeout + 30
-    status, raw = client.request("GET", "/api/v1/messages?" + urllib.parse.urlencode(query))
-    if status == 204 or not raw:
-        return 0
-    message = json.loads(raw)
+def _deliver(message: dict[str, Any], args: argparse.Namespace) -> None:
     payload = base64.b64decode(message.get("payload", ""))
     if args.msg_path:
         try:
@@ -123,8 +115,64 @@ def receive(client: Client, args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(payload)
         sys.stdout.flush()
     else:
-        print(json.dumps(_show(message)))
+        print(json.dumps(_show(message)), flush=True)
+
+
+def follow(args: argparse.Namespace) -> int:
+    """Messages pushed over the JSON-RPC port's WebSocket (``subscribeMessages``) until
+    ``--count`` arrived or ``--timeout`` passed; reconnects when the node's API restarts."""
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake
+    from websockets.sync.client import connect
+
+    url = f"ws://{args.jsonrpc_addr}/"
+    topic = _topic(args.topic)
+    params = [] if topic is None else [base64.b64encode(topic).decode()]
+    deadline = time.monotonic() + (args.timeout if args.timeout is not None else ONE_YEAR)
+    received = 0
+    while time.monotonic() < deadline:
+        try:
+            with connect(url, open_timeout=5, close_timeout=1) as ws:
+                ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "subscribeMessages", "params": params}))
+                while args.count is None or received < args.count:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return 0
+                    try:
+                        doc = json.loads(ws.recv(timeout=left))
+                    except TimeoutError:
+                        return 0
+                    if doc.get("id") == 1 and "error" in doc:
+                        raise ClientError(f"the node refused the subscription: {doc['error'].get('message')}")
+                    if doc.get("method") == "messageReceived":
+                        _deliver(doc["params"]["result"], args)
+                        received += 1
+                return 0
+        except (OSError, ConnectionClosed, InvalidHandshake) as exc:
+            print(f"lost the node's JSON-RPC API at {url} ({exc}); reconnecting", file=sys.stderr)
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     return 0
+
+
+def receive(client: Client, args: argparse.Namespace) -> int:
+    if args.follow:
+        return follow(args)
+    timeout = args.timeout if args.timeout is not None else ONE_YEAR
+    query: dict[str, str] = {"timeout": str(timeout)}
+    topic = _topic(args.topic)
+    if topic is not None:
+        query["topic"] = base64.b64encode(topic).decode()
+    client.timeout = timeout + 30
+    status, raw = client.request("GET", "/api/v1/messages?" + urllib.parse.urlencode(query))
+    if status == 204 or not raw:
+        return 0
+    _deliver(json.loads(raw), args)
+    return 0
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
 
 
 def _seconds(text: str) -> int:
@@ -152,4 +200,14 @@ def add_message_commands(sub: Any, parent: argparse.ArgumentParser, kw: dict[str
     p.add_argument("-t", "--topic", help="only a message with exactly this topic")
     p.add_argument("--msg-path", help="also write the payload to this file")
     p.add_argument("--raw", action="store_true", help="print only the payload bytes")
+    p.add_argument(
+        "-f", "--follow", action="store_true", help="keep receiving: messages are pushed over the JSON-RPC WebSocket"
+    )
+    p.add_argument("--count", type=_count, help="with --follow: stop after this many messages")
+    p.add_argument(
+        "--jsonrpc-addr",
+        default="127.0.0.1:8990",
+        metavar="ADDR:PORT",
+        help="with --follow: the node's JSON-RPC address (default 127.0.0.1:8990)",
+    )
     p.set_defaults(client_handler=receive)

@@ -154,6 +154,8 @@ class Limits:
 class _InboxEntry:
     message: ReceivedMessage
     forward_socket: str | None  # set while the message is out to a forward socket
+    lease: int = 0  # non-zero while a push subscriber holds it (``pop(lease=...)``)
+    leased_until: float = 0.0  # engine clock; past it the lease lapses and others may pop it
 
 
 class MessageEngine:
@@ -178,6 +180,7 @@ class MessageEngine:
         self.timing = timing or SendTiming()
         self.topics = topics if topics is not None else TopicConfig()
         self.counters: Counter[str] = Counter()
+        self._lease_ids = itertools.count(random.getrandbits(48) | 1)
         self._rng = rng
         self._store = store
         self._wall_offset = (now if wall_now is None else wall_now) - now
@@ -448,22 +451,84 @@ class MessageEngine:
 
         Without ``peek`` the message is removed durably before it is returned.
         """
+        found = self._next_poppable(topic, now)
+        if found is None:
+            return None
+        seq, entry = found
+        if not peek:
+            self._remove_inbox(seq)
+        self._read(entry.message)
+        return entry.message
+
+    def lease(self, topic: bytes | None, seconds: float, now: float) -> tuple[ReceivedMessage, int] | None:
+        """Like ``pop``, but the message is held for the caller (a push subscriber) for ``seconds``.
+
+        Nobody else gets it until the lease lapses; it is removed (and its READ
+        sent) only by ``ack``, once the caller has delivered it. Leases live in
+        memory: after a restart every message is poppable again, so a crash
+        between delivery and ``ack`` repeats a message, never loses one.
+        """
+        found = self._next_poppable(topic, now)
+        if found is None:
+            return None
+        _, entry = found
+        entry.lease = next(self._lease_ids)
+        entry.leased_until = now + seconds
+        self.counters["leased"] += 1
+        return entry.message, entry.lease
+
+    def _next_poppable(self, topic: bytes | None, now: float) -> tuple[int, _InboxEntry] | None:
         wanted = None if topic is None else bytes(topic)
         for seq, entry in self._inbox.items():
-            if entry.forward_socket is not None:
+            if entry.forward_socket is not None or entry.leased_until > now:
                 continue
-            message = entry.message
-            if wanted is not None and message.topic != wanted:
+            if wanted is not None and entry.message.topic != wanted:
                 continue
-            if not peek:
-                if self._store is not None:
-                    self._store.delete_inbound(seq)
-                del self._inbox[seq]
-                self._inbox_bytes -= len(message.data)
-            self._out.append((message.dst_ip, message.src_ip, Read(message.id)))
-            self.counters["tx_read"] += 1
-            return message
+            return seq, entry
         return None
+
+    def _read(self, message: ReceivedMessage) -> None:
+        self._out.append((message.dst_ip, message.src_ip, Read(message.id)))
+        self.counters["tx_read"] += 1
+
+    def ack(self, seq: int, lease: int) -> bool:
+        """The leased message was delivered: remove it and tell its sender it was read.
+
+        False when that lease is no longer held (it lapsed and someone else may
+        have the message, or the engine restarted)."""
+        entry = self._inbox.get(seq)
+        if entry is None or entry.lease != lease or lease == 0:
+            self.counters["ack_stale"] += 1
+            return False
+        self._remove_inbox(seq)
+        self._read(entry.message)
+        self.counters["acked"] += 1
+        return True
+
+    def release(self, seq: int, lease: int) -> bool:
+        """The leased message could not be delivered: make it poppable again now."""
+        entry = self._inbox.get(seq)
+        if entry is None or entry.lease != lease or lease == 0:
+            return False
+        entry.lease, entry.leased_until = 0, 0.0
+        self.counters["released"] += 1
+        self._events.append(MessageReceived(entry.message))
+        return True
+
+    def release_all(self) -> int:
+        """Every lease lapses now (the subscribers' process restarted); how many there were."""
+        held = [e for e in self._inbox.values() if e.lease]
+        for entry in held:
+            entry.lease, entry.leased_until = 0, 0.0
+            self._events.append(MessageReceived(entry.message))
+        self.counters["released"] += len(held)
+        return len(held)
+
+    def _remove_inbox(self, seq: int) -> None:
+        entry = self._inbox.pop(seq)
+        if self._store is not None:
+            self._store.delete_inbound(seq)
+        self._inbox_bytes -= len(entry.message.data)
 
     def inbox_size(self) -> int:
         """Completed messages held, including those out to a forward socket."""

@@ -50,6 +50,7 @@ FORWARD_WRITE_TIMEOUT = 5.0  # the reference's write timeout
 FORWARD_READ_TIMEOUT = 60.0  # the reference has none; an unbounded read could pin a worker forever
 FORWARD_MAX_REPLY = 16 * 1024 * 1024
 MAX_PARKED = 1024  # waiting pops and pushes at once
+MAX_LEASE = 120.0  # seconds a push subscriber may hold a message before others can pop it
 WAIT_SLICE = 50.0  # a parked request is answered at least this often, so no bus call waits longer
 
 
@@ -64,6 +65,7 @@ class Parked:
     kind: str  # "pop" or "push"
     topic: bytes | None = None
     peek: bool = False
+    lease: float = 0.0  # > 0: a push subscriber's pop that holds the message instead of removing it
     msg_id: bytes = b""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -217,12 +219,15 @@ class MsgbusService:
         elif method == "pop":
             topic = None if p.get("topic") is None else bytes(p["topic"])
             peek = bool(p.get("peek", False))
-            m = self.engine.pop(topic, peek, now)
-            timeout = float(p.get("timeout") or 0)
-            if m is not None or timeout <= 0:
-                self.reply(envelope, {"message": self.receive_info(m) if m else None})
-            else:
-                self.park(Parked(envelope, now + min(timeout, WAIT_SLICE), "pop", topic=topic, peek=peek))
+            lease = min(float(p.get("lease") or 0), MAX_LEASE)
+            waiter = Parked(envelope, now + min(float(p.get("timeout") or 0), WAIT_SLICE), "pop", topic, peek, lease)
+            if not self.answer_pop(waiter, now):
+                self.park(waiter)
+        elif method in ("ack", "release"):
+            fn = self.engine.ack if method == "ack" else self.engine.release
+            self.reply(envelope, {"ok": fn(int(p["seq"]), int(p["lease"]))})
+        elif method == "release_all":
+            self.reply(envelope, {"released": self.engine.release_all()})
         elif method == "status":
             self.reply(envelope, {"status": self.engine.status(bytes(p["id"]), now)})
         elif method == "topics_default":
@@ -257,6 +262,24 @@ class MsgbusService:
         else:
             self.reply(envelope, error=f"unknown method {method!r}")
 
+    def answer_pop(self, w: Parked, now: float) -> bool:
+        """Answer a pop (plain or leased) if a message is there or its wait is over."""
+        if w.lease > 0:
+            leased = self.engine.lease(w.topic, w.lease, now)
+            if leased is not None:
+                m, lease = leased
+                self.reply(w.envelope, {"message": self.receive_info(m), "seq": m.seq, "lease": lease})
+                return True
+        else:
+            m = self.engine.pop(w.topic, w.peek, now)
+            if m is not None:
+                self.reply(w.envelope, {"message": self.receive_info(m)})
+                return True
+        if now >= w.deadline:
+            self.reply(w.envelope, {"message": None})
+            return True
+        return False
+
     def park_reply_wait(self, envelope: list[bytes], msg_id: bytes, now: float) -> None:
         self.park(Parked(envelope, min(self.reply_deadlines[msg_id], now + WAIT_SLICE), "push", msg_id=msg_id))
 
@@ -277,12 +300,7 @@ class MsgbusService:
         keep: list[Parked] = []
         for w in self.parked:
             if w.kind == "pop":
-                m = self.engine.pop(w.topic, w.peek, now)
-                if m is not None:
-                    self.reply(w.envelope, {"message": self.receive_info(m)})
-                    continue
-                if now >= w.deadline:
-                    self.reply(w.envelope, {"message": None})
+                if self.answer_pop(w, now):
                     continue
             elif now >= w.deadline:  # push waiting for a reply: its slice or its whole wait is over
                 if now >= self.reply_deadlines.get(w.msg_id, 0.0):

@@ -13,10 +13,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.wire.rules import (
+    DATA_PREFIX_SIZE,
+    DST_OFFSET,
+    DST_PREFIX_END,
+    HOP_OFFSET,
+    MIN_FORWARD_HOP_LIMIT,
+    SRC_OFFSET,
+)
+
 MIN_PACKETS = 16  # below this the per-packet loop is cheaper
-_HOP = 7
-_ADDRS = np.arange(8, 40)  # source and destination
-_DST_PREFIX = np.arange(24, 32)
+_HOP = HOP_OFFSET
+_ADDRS = np.arange(SRC_OFFSET, DATA_PREFIX_SIZE)  # source and destination
+_DST_PREFIX = np.arange(DST_OFFSET, DST_PREFIX_END)
 
 
 def all_local(
@@ -30,13 +39,13 @@ def all_local(
     arr = np.frombuffer(buf, dtype=np.uint8)
     offs = np.array(offsets, dtype=np.int64)
     hops = arr[offs + _HOP]
-    if hops.min() < 2:
+    if hops.min() < MIN_FORWARD_HOP_LIMIT:
         return None
     if not (arr[offs[:, None] + _DST_PREFIX] == np.frombuffer(own_prefix, dtype=np.uint8)).all():
         return None
     arr[offs + _HOP] = hops - 1
     bodies = (arr[offs + 5].astype(np.int64) << 8) | arr[offs + 6]
-    ends = offs + 40 + bodies
+    ends = offs + DATA_PREFIX_SIZE + bodies
     cuts = (np.flatnonzero(ends[:-1] != offs[1:]) + 1).tolist()  # where a new contiguous range starts
     starts = [0, *cuts]
     stops = [*cuts, len(offsets)]

@@ -34,6 +34,7 @@ from common.pending import PendingQueue
 from common.wire.errors import CodecError
 from common.wire.icmp import CODE_HOP_LIMIT, CODE_NO_ROUTE, DEST_UNREACHABLE, TIME_EXCEEDED
 from common.wire.packet import MAX_PACKET_SIZE, StreamDecoder
+from common.wire.rules import DATA_PREFIX_SIZE, HOP_OFFSET, MIN_FORWARD_HOP_LIMIT, body_len
 
 from .linkwatch import LinkWatch, route_ifindex
 from .local_batch import MIN_PACKETS, all_local
@@ -485,6 +486,7 @@ class PeerdService:
         transit = self.transit
         slow: list[tuple[bytes, bytes]] = []
         n_local = 0
+        min_hop = MIN_FORWARD_HOP_LIMIT
         if not offsets:
             return
         # addresses of the current run of packets, for the statistics
@@ -502,12 +504,12 @@ class PeerdService:
                     ranges = local[int.from_bytes(run_key[:8]) % workers]
             run_n += 1
             run_b += end - off - 40
-            hop = buf[off + 7]
-            if hop < 2:
+            hop = buf[off + HOP_OFFSET]
+            if hop < min_hop:  # common.wire.rules.can_forward, as a local compare
                 self.counters["data_drop_hop_limit"] += 1
                 self.oob_icmp(view[off:end], TIME_EXCEEDED, CODE_HOP_LIMIT)
                 continue
-            buf[off + 7] = hop - 1
+            buf[off + HOP_OFFSET] = hop - 1
             if buf.startswith(own, off + 24):  # for this node
                 if ranges and ranges[-1] == off:
                     ranges[-1] = end
@@ -566,7 +568,7 @@ class PeerdService:
         """Packets back to back whose next hop is gone: one by one through the FIB."""
         pos, end = 0, len(blob)
         while pos + 40 <= end:
-            nxt = pos + 40 + (blob[pos + 5] << 8 | blob[pos + 6])
+            nxt = pos + DATA_PREFIX_SIZE + body_len(blob, pos)
             if nxt > end:
                 self.counters["data_out_malformed"] += 1
                 return

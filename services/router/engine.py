@@ -43,7 +43,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from common.identity import GLOBAL_PREFIX, address_of, subnet_of
+from common.identity import address_of, subnet_of
+from common.wire.rules import is_overlay_address, is_overlay_network
 from common.wire.subnet import Subnet
 from common.wire.tlv import (
     HELLO_UNICAST,
@@ -324,7 +325,7 @@ class RouterEngine:
         whose FIB entry has no next hop, and (to refresh routes before they
         expire) for destinations being forwarded to.
         """
-        if address.version != 6 or address not in GLOBAL_PREFIX:
+        if not is_overlay_address(address):
             self.counters["request_route_outside_overlay"] += 1
             return
         if self._own_subnet.contains_address(address):
@@ -449,7 +450,7 @@ class RouterEngine:
     def _update_filter(self, update: Update) -> str | None:
         """Why an Update is dropped before processing, or None to accept it."""
         subnet = update.subnet
-        if not subnet.is_ipv6 or not subnet.network.subnet_of(GLOBAL_PREFIX):  # type: ignore[arg-type]
+        if not is_overlay_network(subnet.network):
             return "outside_overlay"
         if subnet.prefix_len < PREFIX_LEN_MIN:
             return "prefix_too_short"
@@ -753,7 +754,7 @@ class RouterEngine:
         if self._own_subnet.contains(subnet):
             self._send_own_update([peer_id], now)
             return
-        if not subnet.is_ipv6 or subnet.prefix_len < PREFIX_LEN_MIN or subnet.address not in GLOBAL_PREFIX:
+        if not subnet.is_ipv6 or subnet.prefix_len < PREFIX_LEN_MIN or not is_overlay_address(subnet.address):
             # Nobody can hold such a route (updates for it are filtered), and
             # forwarding IPv4 prefixes can crash reference nodes (5.6).
             self.counters["route_request_invalid_prefix"] += 1

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import struct
 
+from common.wire.checksum import NEXT_TCP, pseudo_header_sum
+
 from .tun import VNET_F_NEEDS_CSUM, VNET_GSO_TCPV6, VNET_HDR, VNET_PLAIN
 
 TCP_ACK = 0x10
@@ -30,7 +32,6 @@ TCP_PSH = 0x08
 MAX_PAYLOAD = 65535  # IPv6 payload length field
 _U16 = struct.Struct("!H")
 _SEQ = struct.Struct("!I")
-NEXT_TCP = 6
 IP = 4  # where the IPv6 header starts in a decrypted plaintext (after the inner header)
 HOP_BYTES = [bytes((i,)) for i in range(256)]
 
@@ -91,8 +92,7 @@ def single(pt: bytes, hop: int, vnet: bool) -> list[bytes | memoryview]:
 def _pseudo_sum(addrs: bytes, length: int) -> int:
     """Folded (not inverted) IPv6 pseudo-header sum for TCP: what the
     checksum field holds in a CHECKSUM_PARTIAL packet."""
-    s = (int.from_bytes(addrs, "big") + length + NEXT_TCP) % 0xFFFF
-    return s or 0xFFFF
+    return pseudo_header_sum(addrs, length, NEXT_TCP) or 0xFFFF
 
 
 class Gro:

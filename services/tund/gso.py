@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
+from common.wire.checksum import NEXT_TCP, ones_sum, ones_sums, pseudo_header_sum
 
 from .tun import VNET_GSO_ECN, VNET_GSO_TCPV6, VNET_HDR
 
-NEXT_TCP = 6
 TCP_FIN = 0x01
 TCP_PSH = 0x08
 TCP_CWR = 0x80
@@ -47,29 +46,6 @@ def _head(prefix_len: int, options_len: int) -> struct.Struct:
         # prefix+ip[0:4] | payload length | ip[6:40]+ports | seq | ack+offset | flags | window | checksum | urg+options
         s = _HEADS[key] = struct.Struct(f"!{prefix_len + 4}sH38sI5sB2sH{2 + options_len}s")
     return s
-
-
-def ones_sums(data: bytes | memoryview, start: int, step: int, count: int) -> list[int]:
-    """One's complement sums (not folded, big-endian 16-bit words) of
-    ``count`` consecutive pieces of ``step`` bytes from ``start`` to the
-    end of ``data`` (the last piece may be shorter, even odd)."""
-    length = len(data) - start
-    if step & 1:  # pieces not word-aligned: the slow way (the kernel's MSS is even in practice)
-        return [_sum_slow(data[start + i * step : min(start + (i + 1) * step, len(data))]) for i in range(count)]
-    words = np.frombuffer(data, dtype=">u2", offset=start, count=length // 2)
-    sums: list[int] = np.add.reduceat(words, np.arange(0, length // 2, step // 2), dtype=np.uint64).tolist()
-    if len(sums) < count:  # the last piece is a single odd byte
-        sums.append(0)
-    if length & 1:
-        sums[-1] += data[len(data) - 1] << 8
-    return sums
-
-
-def _sum_slow(piece: bytes | memoryview) -> int:
-    raw = bytes(piece)
-    if len(raw) & 1:
-        raw += b"\0"
-    return int.from_bytes(raw, "big") % 0xFFFF
 
 
 def split_tcp(packet: bytes, off: int, prefix: bytes) -> list[bytes]:
@@ -100,9 +76,8 @@ def split_tcp(packet: bytes, off: int, prefix: bytes) -> list[bytes]:
     # every segment: addresses, next header, ports, ack, offset, window,
     # urgent pointer, options (and the middle segments' flags)
     fixed = (
-        int.from_bytes(ip[8:40], "big")
-        + NEXT_TCP
-        + int.from_bytes(th[0:4] + th[8:12] + bytes((th[12], middle)) + th[14:16] + th[18:thl], "big")
+        pseudo_header_sum(ip[8:40], 0, NEXT_TCP)
+        + ones_sum(th[0:4] + th[8:12] + bytes((th[12], middle)) + th[14:16] + th[18:thl])
     ) % 0xFFFF
     pack = _head(len(prefix), thl - 20).pack
     a, b, c, window, d = prefix + ip[0:4], ip[6:40] + th[0:4], th[8:13], th[14:16], th[18:thl]

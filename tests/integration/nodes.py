@@ -67,6 +67,7 @@ class Node:
         self.log_path = self.dir / "node.log"
         self.tcp_port = free_port()
         self.api_port = free_port()
+        self.rpc_port = free_port()
         self.peers: list[str] = []
         self.extra_args: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -83,7 +84,7 @@ class Node:
             "-k", str(self.key_file),
             "-t", str(self.tcp_port),
             "--api-addr", f"127.0.0.1:{self.api_port}",
-            "--jsonrpc-addr", f"127.0.0.1:{free_port()}",
+            "--jsonrpc-addr", f"127.0.0.1:{self.rpc_port}",
             "--run-dir", str(self.run_dir),
             "--disable-peer-discovery",
         ]  # fmt: skip

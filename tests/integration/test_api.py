@@ -16,13 +16,13 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 
 from services.apid.rpc import openrpc_document
+from tests.vectors import data_file
 
 from .nodes import wait_for
 from .test_api_nodes import ApiNode, running_mesh
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 OVERLAY = ipaddress.IPv6Network("400::/7")
 PEER_KEYS = {"endpoint", "type", "connectionState", "txBytes", "rxBytes", "discovered", "lastConnected"}
-SPEC_OPENRPC = Path(__file__).resolve().parents[3] / "shared" / "spec" / "reference" / "openrpc.json"
+SPEC_OPENRPC = data_file("openrpc.json")
 
 
 @pytest.fixture(scope="module")
@@ -352,8 +352,7 @@ def test_jsonrpc_protocol(mesh: list[ApiNode]) -> None:
     assert a.result("getPeers", ["ignored"]) == a.result("getPeers")
     discovered = a.result("rpc.discover")
     assert discovered == openrpc_document()
-    if SPEC_OPENRPC.exists():
-        assert discovered == json.loads(SPEC_OPENRPC.read_text())
+    assert discovered == json.loads(SPEC_OPENRPC.read_text())
     assert {m["name"] for m in discovered["methods"]} >= {"getInfo", "getPeers", "addPeer", "getSelectedRoutes"}
 
 

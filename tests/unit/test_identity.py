@@ -26,7 +26,6 @@ from common.identity import (
     Identity,
     IdentityError,
     address_of,
-    is_overlay_address,
     load_key_file,
     load_or_create_key,
     make_router_id,
@@ -35,6 +34,7 @@ from common.identity import (
     router_id_text,
     subnet_of,
 )
+from common.wire.rules import is_overlay_address
 from common.wire.subnet import Subnet
 
 ALICE_SK = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
