@@ -4,6 +4,7 @@ route and its JSON-RPC method call one implementation, which asks tund."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flask import Response
@@ -30,10 +31,9 @@ class Security:
         return dict(self._tund("firewall"))
 
     def reload_firewall(self) -> dict[str, Any]:
-        result = dict(self._tund("firewall_reload"))
-        if not result.get("ok"):
-            raise ApiError(422, RPC_FIREWALL_REJECTED, f"firewall rules not reloaded: {result.get('error')}")
-        return result
+        """``{ok, error, firewall}``; a rejected file is ``ok: false`` with its
+        one-line error (JSON-RPC's custom error codes carry no text)."""
+        return dict(self._tund("firewall_reload"))
 
     def sessions(self) -> list[dict[str, Any]]:
         result = self._tund("sessions")
@@ -47,8 +47,6 @@ def register(ctx: ApiContext) -> None:
     http = ctx.http
 
     def json_response(value: Any) -> Response:
-        import json
-
         return Response(json.dumps(value), status=200, mimetype="application/json")
 
     @http.get("/api/v1/admin/firewall")
@@ -57,7 +55,10 @@ def register(ctx: ApiContext) -> None:
 
     @http.post("/api/v1/admin/firewall/reload")
     def reload_firewall() -> Response:
-        return json_response(impl.reload_firewall())
+        result = impl.reload_firewall()
+        if not result.get("ok"):
+            raise ApiError(422, RPC_FIREWALL_REJECTED, f"firewall rules not reloaded: {result.get('error')}")
+        return json_response(result)
 
     @http.get("/api/v1/admin/sessions")
     def get_sessions() -> Response:

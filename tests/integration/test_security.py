@@ -290,6 +290,18 @@ def _api(topo: Topology, name: str, method: str, path: str) -> tuple[int, Any]:
     return in_netns(topo.ns(name), call)
 
 
+def _jsonrpc(topo: Topology, name: str, method: str) -> Any:
+    def call() -> Any:
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": []}).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{API_PORT + 1}/", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())
+
+    return in_netns(topo.ns(name), call)
+
+
 def test_captured_packets_replayed_are_dropped_and_never_open_with_the_static_key(net: dict[str, Any]) -> None:
     topo: Topology = net["topo"]
     tap: LinkTap = net["tap"]
@@ -440,6 +452,9 @@ def test_firewall_allow_deny_reload_and_bad_files(net: dict[str, Any]) -> None:
     assert status == 422 and "\n" not in body["error"] and "port" in body["error"], body
     shown = _api(topo, "b", "GET", "/api/v1/admin/firewall")[1]
     assert len(shown["rules"]) == 3 and shown["lastError"]
+    rpc = _jsonrpc(topo, "b", "reloadFirewall")
+    assert rpc["result"]["ok"] is False and "port" in rpc["result"]["error"], rpc
+    assert _jsonrpc(topo, "b", "getFirewall")["result"]["rules"] == shown["rules"]
     assert ping(topo, "c", b.address, count=2, interval=0.2)
     rules.write_text('default = "allow"\n')
     assert _api(topo, "b", "POST", "/api/v1/admin/firewall/reload")[0] == 200
