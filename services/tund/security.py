@@ -6,7 +6,9 @@ error shown in the API), answers the ``firewall``, ``firewall_reload`` and
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ class SecurityShell:
             log.warning("session keys need a single crypto worker; %d workers use static keys only", workers)
         self.firewall = Firewall(source=cfg.firewall_file)
         self.reload_requested = False
+        self.children: list[int] = []  # worker 0 passes a reload on to the other crypto workers
         if cfg.firewall_file:
             error = self._load(0.0)
             if error:  # the launcher checked it; it changed since: refuse to run without the rules asked for
@@ -75,6 +78,9 @@ class SecurityShell:
         self.reload_requested = False
         error = self._load(now)
         dp.firewall = self.active_firewall()
+        for pid in self.children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGHUP)
         return error
 
     def tick(self, dp: DataPlane) -> None:

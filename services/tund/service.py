@@ -440,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     children = _start_children(cfg, devices)
     worker = TundWorker(cfg, 0, devices[0], workers)
     worker.children = children
+    worker.security.children = children
     worker.run()
     for dev in devices:
         if dev is not None:
