@@ -73,19 +73,40 @@ def pair(sessions: bool) -> tuple[DataPlane, DataPlane, Identity, Identity]:
     return a, b, ia, ib
 
 
-class NoFilter(set[bytes]):
-    """The code before the extensions: no recent-nonce filter (an empty set's
-    ``in`` and a no-op ``add``)."""
+BASELINE = REPO / "services" / "tund" / "_bench_baseline_dataplane.py"
 
-    def add(self, nonce: bytes) -> None:
+
+def baseline_class() -> type | None:
+    """main's DataPlane (before the extensions), from git, as a sibling
+    module (it imports .gro, .gso, .tun); None if git cannot show it."""
+    import importlib
+    import subprocess
+
+    out = subprocess.run(["git", "show", "main:services/tund/dataplane.py"], cwd=REPO, capture_output=True, text=True)
+    if out.returncode != 0 or "SessionEngine" in out.stdout:
         return None
+    BASELINE.write_text(out.stdout)
+    try:
+        return importlib.import_module("services.tund._bench_baseline_dataplane").DataPlane  # type: ignore[no-any-return]
+    finally:
+        BASELINE.unlink()
 
 
-def crypto_rate(sessions: bool, packets: int, nonce_filter: bool = True) -> tuple[float, float]:
+def crypto_rate(sessions: bool, packets: int, cls: type | None = None) -> tuple[float, float]:
     """(seal+open CPU s/GB, packets/s) for ``packets`` packets."""
-    a, b, ia, ib = pair(sessions)
-    if not nonce_filter:
-        b.nonce_filter = NoFilter()  # type: ignore[assignment]
+    if cls is not None:
+        ia, ib = Identity.from_secret(os.urandom(32)), Identity.from_secret(os.urandom(32))
+        fa, fb = FibReplica(), FibReplica()
+        fa.load_snapshot(
+            {"epoch": 1, "seq": 0, "entries": [[ib.address.packed[:8] + bytes(8), 64, "p", ib.public_key]]}
+        )
+        fb.load_snapshot(
+            {"epoch": 1, "seq": 0, "entries": [[ia.address.packed[:8] + bytes(8), 64, "p", ia.public_key]]}
+        )
+        a = cls(ia, fa, KeyCache(ia.private_key), tun=True, vnet=False)
+        b = cls(ib, fb, KeyCache(ib.private_key), tun=True, vnet=False)
+    else:
+        a, b, ia, ib = pair(sessions)
     batches = [[udp(ia, ib, i) for i in range(j, j + BATCH)] for j in range(0, packets, BATCH)]
     t0 = time.process_time()
     for pkts in batches:
@@ -194,14 +215,16 @@ def main() -> int:
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, shared with other work (figures are noisy)\n")
     print("| data plane in process (seal + open, 1400 B) | CPU s/GB | packets/s |\n|---|---|---|")
-    rows = (
-        ("static key, random nonce, no filter (before; baseline)", False, False),
-        ("static key, random nonce + recent-nonce filter (reference peers now)", False, True),
-        ("session key, counter nonce, replay window (our peers now)", True, True),
-    )
+    base = baseline_class()
+    rows = [
+        ("static key, random nonce + recent-nonce filter (reference peers now)", False, None),
+        ("session key, counter nonce, replay window (our peers now)", True, None),
+    ]
+    if base is not None:
+        rows.insert(0, ("main's DataPlane: static key, random nonce (baseline)", False, base))
     for _ in range(2):  # interleaved rounds, both printed
-        for label, on, filt in rows:
-            s_gb, pps = crypto_rate(on, args.packets, filt)
+        for label, on, cls in rows:
+            s_gb, pps = crypto_rate(on, args.packets, cls=cls)
             print(f"| {label} | {s_gb:.2f} | {pps:,.0f} |")
     print(f"\nnegotiation CPU (INIT+RESP+CONFIRM, both sides, median of 30): {negotiation_cpu(30) * 1000:.2f} ms")
     heap, grown = memory_per_session(1000)

@@ -59,25 +59,26 @@ NONCE_FILTER_SIZE = 65_536
 class NonceFilter:
     """The last ``size`` random nonces accepted (FIFO). Memory is bounded
     (about 100 bytes per entry: 6.5 MB at the default); a replay older than
-    ``size`` accepted packets is not caught."""
+    ``size`` accepted packets is not caught. ``seen`` and ``order`` are
+    public so a batch loop can test and add without a Python call."""
 
-    __slots__ = ("_order", "_seen", "size")
+    __slots__ = ("order", "seen", "size")
 
     def __init__(self, size: int = NONCE_FILTER_SIZE) -> None:
         self.size = size
-        self._seen: set[bytes] = set()
-        self._order: deque[bytes] = deque()
+        self.seen: set[bytes] = set()
+        self.order: deque[bytes] = deque()
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return len(self.seen)
 
     def __contains__(self, nonce: bytes) -> bool:
-        return nonce in self._seen
+        return nonce in self.seen
 
     def add(self, nonce: bytes) -> None:
-        if nonce in self._seen:
+        if nonce in self.seen:
             return
-        self._seen.add(nonce)
-        self._order.append(nonce)
-        if len(self._order) > self.size:
-            self._seen.discard(self._order.popleft())
+        self.seen.add(nonce)
+        self.order.append(nonce)
+        if len(self.order) > self.size:
+            self.seen.discard(self.order.popleft())

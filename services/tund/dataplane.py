@@ -484,7 +484,7 @@ class DataPlane:
         opened = 0
         by_index = self.by_index
         capable = self.capable
-        nonce_filter = self.nonce_filter
+        seen, seen_order, seen_max = self.nonce_filter.seen, self.nonce_filter.order, self.nonce_filter.size
         firewall = self.firewall
         while pos + 40 <= end:
             if blob[pos] != 1 or blob[pos + 1] != 0:
@@ -499,13 +499,14 @@ class DataPlane:
             rs = by_index.get(blob[e - 12 : e - 8]) if by_index and e - pos >= 40 + MIN_SEALED_SIZE else None
             if rs is not None and rs.prefix == spre:
                 ctr = int.from_bytes(blob[e - 8 : e], "big")
-                if not rs.window.fresh(ctr):
+                window = rs.window
+                if ctr <= window.top and not window.fresh(ctr):
                     counters["replay"] += 1
                     pos = e
                     continue
                 try:
                     pt = rs.aead.decrypt(blob[e - 12 : e], view[pos + 40 : e - 12], None)
-                    rs.window.mark(ctr)
+                    window.mark(ctr)
                     rs.used = now
                     if not rs.confirmed:
                         self.sessions.confirm(rs, now)  # type: ignore[union-attr]
@@ -526,7 +527,7 @@ class DataPlane:
                     pos = e
                     continue
                 nonce = blob[e - 12 : e]  # a bytes nonce is cheaper
-                if nonce in nonce_filter:
+                if nonce in seen:
                     counters["replay"] += 1  # an exact replay of a recent static-key packet
                     pos = e
                     continue
@@ -538,7 +539,10 @@ class DataPlane:
                         self._undecryptable(blob[pos + 8 : pos + 24], now)
                     pos = e
                     continue
-                nonce_filter.add(nonce)
+                seen.add(nonce)  # NonceFilter.add, inline (a random nonce is never already there)
+                seen_order.append(nonce)
+                if len(seen_order) > seen_max:
+                    seen.discard(seen_order.popleft())
                 if spre in capable and pt[1] != INNER_SESSION:
                     counters["rx_downgrade"] += 1  # static key from a peer that negotiated sessions
                     self._static_refused(blob[pos + 8 : pos + 24], now)
