@@ -12,7 +12,7 @@ PYTHON ?= $(shell for p in $(PY_CANDIDATES); do \
 VENV := .venv
 STAMP := $(VENV)/.installed-$(notdir $(PYTHON))
 # command:debian-package pairs the project needs on the machine
-SYSTEM_TOOLS := ip:iproute2 ping:iputils-ping iperf3:iperf3 curl:curl chromium:chromium chromedriver:chromium-driver
+SYSTEM_TOOLS := ip:iproute2 ping:iputils-ping iperf3:iperf3 curl:curl chromium:chromium chromedriver:chromium-driver dig:dnsutils
 ARGS ?= --no-tun
 
 .PHONY: run test install system-deps lint bench clean

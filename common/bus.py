@@ -15,6 +15,8 @@ Endpoints (one per service and purpose, bound by the owner):
 | tund.rpc        | tund   | ROUTER | crypto counters                                 |
 | msgbus.in       | msgbus | PULL   | decrypted message packets from tund             |
 | msgbus.rpc      | msgbus | ROUTER | push / pop / reply / status / topics for apid   |
+| proxyd.rpc      | proxyd | ROUTER | proxy list / connect / disconnect / probe       |
+| dnsd.rpc        | dnsd   | ROUTER | resolver counters (upstream chosen, cache)      |
 | stats           | apid   | SUB    | every service PUBlishes its counters ~1/s       |
 
 Overflow policy: data-path sends never block (drop the newest batch and

@@ -57,6 +57,14 @@ class Endpoint:
         return f"{self.proto}://{self.socket_text}"
 
 
+def parse_socket_address(text: object) -> Endpoint:
+    """A bare socket address as Rust's ``SocketAddr`` parses it (``[ipv6]:port``
+    or ``ipv4:port``, literal IPs only), e.g. a proxy remote; as a tcp Endpoint."""
+    if not isinstance(text, str) or not text or len(text) > 64 or text != text.strip() or "://" in text:
+        raise EndpointError(f"expected a socket address like [407:...]:1080, got {text!r}")
+    return Endpoint.parse(f"tcp://{text}")
+
+
 def _split_host_port(text: str, rest: str) -> tuple[str, str]:
     if rest.startswith("["):
         host, sep, tail = rest[1:].partition("]")

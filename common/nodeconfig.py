@@ -14,6 +14,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 NODE_FILE = "node.json"
+# peerd processes ("families") and the endpoint protocols each serves: stream
+# links in peerd-tcp, QUIC in its own peerd-quic (added by the launcher when
+# QUIC is on); each restarts alone
+STREAM_PROTOCOLS = ["tcp", "tls", "vsock"]
+
+
+def default_families() -> dict[str, list[str]]:
+    return {"tcp": list(STREAM_PROTOCOLS)}
 
 
 @dataclass
@@ -29,6 +37,8 @@ class NodeConfig:
     jsonrpc_addr: str = "127.0.0.1:8990"
     metrics_api_address: str | None = None
     disable_quic: bool = False
+    vsock_listen_port: int | None = None  # the reference's --vsock-listen-port (no listener without it)
+    peerd_families: dict[str, list[str]] = field(default_factory=default_families)
     disable_peer_discovery: bool = False
     peer_discovery_port: int = 9650
     log_level: str = "info"
@@ -41,6 +51,18 @@ class NodeConfig:
     session_rekey_seconds: float = 120.0
     session_rekey_packets: int = 1 << 30
     firewall_file: str | None = None  # inbound TUN firewall rules (TOML); reloaded on SIGHUP / API
+    enable_dns: bool = False  # dnsd: the resolver on port 53 (TRANSPORTS.md 3.4)
+    dns_resolvers: list[str] | None = None  # overlay resolver nodes; None = the reference's ten public nodes
+    dns_fallback: str = "1.1.1.1"  # resolver used while none of dns_resolvers has a selected route
+    dns_names: dict[str, str] = field(default_factory=dict)  # [names]: short name -> 64-hex key or IPv6
+    dns_port: int = 53
+
+    def family_of_proto(self, proto: str) -> str | None:
+        """The peerd family that serves endpoints of ``proto``, or None."""
+        for family, protos in self.peerd_families.items():
+            if proto in protos:
+                return family
+        return None
 
     def save(self) -> Path:
         path = Path(self.run_dir) / NODE_FILE

@@ -20,7 +20,6 @@ from common.identity import Identity
 from common.nodeconfig import NodeConfig
 from common.wire.rules import is_overlay_address
 
-PEERD_FAMILIES = ("tcp",)
 # keys of the reference's PeerStats; anything else a peerd adds (per-peer
 # packet counts for the metrics, say) is kept out of the API answers
 PEER_STATS_KEYS = ("endpoint", "type", "connectionState", "txBytes", "rxBytes", "discovered", "lastConnected")
@@ -92,12 +91,22 @@ class NodeApi:
         }
 
     def peers_raw(self) -> list[dict[str, Any]]:
-        """Every peerd's list, with whatever extra keys the peerd reports."""
+        """Every peerd's list, with whatever extra keys the peerd reports; a
+        peerd that is restarting is left out (503 only if none answers)."""
         out: list[dict[str, Any]] = []
-        for fam in PEERD_FAMILIES:
-            listed = self._call(bus.peerd_name(fam), "list_peers")
+        missing: Unavailable | None = None
+        answered = 0
+        for fam in self.cfg.peerd_families:
+            try:
+                listed = self._call(bus.peerd_name(fam), "list_peers")
+            except Unavailable as exc:
+                missing = exc
+                continue
+            answered += 1
             if isinstance(listed, list):
                 out.extend(p for p in listed if isinstance(p, dict))
+        if missing is not None and not answered:
+            raise missing
         return out
 
     def peers(self) -> list[dict[str, Any]]:
@@ -105,7 +114,7 @@ class NodeApi:
 
     def _peer_call(self, method: str, endpoint: str, parse_code: int) -> None:
         proto = endpoint.split("://", 1)[0].lower() if "://" in endpoint else ""
-        family = proto if proto in PEERD_FAMILIES else PEERD_FAMILIES[0]
+        family = self.cfg.family_of_proto(proto) or next(iter(self.cfg.peerd_families), "tcp")
         result = self._call(bus.peerd_name(family), method, {"endpoint": endpoint})
         error = result.get("error") if isinstance(result, dict) else "bad reply"
         if error is None:
@@ -145,8 +154,11 @@ class NodeApi:
         forwarded, delivered). A peerd without ``packet_stats`` counts nothing."""
         by_source: dict[str, list[int]] = {}
         by_destination: dict[str, list[int]] = {}
-        for fam in PEERD_FAMILIES:
-            result = self._call(bus.peerd_name(fam), "packet_stats")
+        for fam in self.cfg.peerd_families:
+            try:
+                result = self._call(bus.peerd_name(fam), "packet_stats")
+            except Unavailable:
+                continue  # restarting: its counts come back with it
             if not isinstance(result, dict) or "error" in result:
                 continue
             for key, table in (("bySource", by_source), ("byDestination", by_destination)):

@@ -17,7 +17,8 @@ from typing import Any
 
 from flask import Flask, Response
 
-from services.cli.launcher import PROGRAMS
+from common.nodeconfig import NodeConfig
+from services.cli.launcher import programs
 
 from .core import NodeApi, Unavailable
 from .stats import Sampler, StatsCollector, is_drop_counter, numeric, peer_key
@@ -28,7 +29,11 @@ STATIC = {
 }
 MAX_ROUTES_SHOWN = 500
 SERIES_POINTS = 120
-EXPECTED_SERVICES = tuple(name for name, _module, _prio in PROGRAMS)
+
+
+def expected_services(cfg: NodeConfig) -> tuple[str, ...]:
+    """The programs this node runs (a peerd per transport family)."""
+    return tuple(name for name, _module, _prio in programs(cfg))
 
 
 @cache
@@ -90,7 +95,7 @@ def state(api: NodeApi, stats: StatsCollector | None, sampler: Sampler | None) -
     return {
         "now": now,
         "node": api.info(),
-        "services": stats.services(EXPECTED_SERVICES, now) if stats else [],
+        "services": stats.services(expected_services(api.cfg), now) if stats else [],
         "peers": peer_rows,
         "routes": {"total": len(selected), "selected": selected[:MAX_ROUTES_SHOWN]},
         "series": sampler.recent(SERIES_POINTS) if sampler else [],

@@ -44,7 +44,7 @@ class ApiContext:
 
 
 def register_all(ctx: ApiContext) -> None:
-    from . import messages, security  # import this module: registered here, not at import time
+    from . import messages, proxy, security  # import this module: registered here, not at import time
 
-    for register in (messages.register, security.register):
+    for register in (messages.register, proxy.register, security.register):
         register(ctx)

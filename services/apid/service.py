@@ -31,7 +31,7 @@ from services.cli.options import OptionError, parse_socket_addr
 
 from .app import create_app
 from .core import NodeApi
-from .dashboard import EXPECTED_SERVICES
+from .dashboard import expected_services
 from .extensions import ApiContext, register_all
 from .messages import Messages
 from .metrics import NodeCollector, create_metrics_app
@@ -69,7 +69,7 @@ def build(
     register_node_methods(registry, api)
     register_all(ApiContext(cfg, identity, api, call, http_app, registry))
     rpc_app = create_rpc_app(registry, MAX_BODY)
-    metrics_app = create_metrics_app(NodeCollector(api, stats, sampler, EXPECTED_SERVICES))
+    metrics_app = create_metrics_app(NodeCollector(api, stats, sampler, expected_services(cfg)))
     return http_app, rpc_app, metrics_app, stats, sampler, registry, Messages(call)
 
 

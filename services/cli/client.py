@@ -333,6 +333,10 @@ def add_commands(sub: Any, parser_class: type[argparse.ArgumentParser] | None = 
 
     add_message_commands(sub, parent, kw)
 
+    from .proxy_client import add_proxy_commands  # imports this module
+
+    add_proxy_commands(sub, parent, kw)
+
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed client command; ClientError propagates to the caller."""

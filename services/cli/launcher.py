@@ -31,8 +31,12 @@ PROGRAMS: tuple[tuple[str, str, int], ...] = (
     ("tund", "services.tund", 20),
     ("apid", "services.apid", 20),
     ("msgbus", "services.msgbus", 20),
+    ("proxyd", "services.proxyd", 20),
     ("peerd-tcp", "services.peerd", 30),
 )
+DNS_PROGRAM = ("dnsd", "services.dnsd", 20)  # only with --enable-dns
+# programs that start as root and keep one capability (their own --user drop)
+PRIVILEGED = ("services.tund", "services.dnsd")
 CONF_FILE = "supervisord.conf"
 PID_FILE = "supervisord.pid"
 SOCK_FILE = "supervisor.sock"
@@ -89,15 +93,31 @@ def tun_problem() -> str | None:
     return None
 
 
-def program_args(module: str, run_dir: str, crypto_workers: int = 1, tund_user: str | None = None) -> list[str]:
+def program_args(
+    module: str, run_dir: str, crypto_workers: int = 1, tund_user: str | None = None, family: str = "tcp"
+) -> list[str]:
     extra: list[str] = []
     if module == "services.peerd":
-        extra = ["--family", "tcp"] + (["--tund-workers", str(crypto_workers)] if crypto_workers > 1 else [])
+        extra = ["--family", family] + (["--tund-workers", str(crypto_workers)] if crypto_workers > 1 else [])
     elif module == "services.tund":
         extra = (["--workers", str(crypto_workers)] if crypto_workers > 1 else []) + (
             ["--user", tund_user] if tund_user else []
         )
+    elif module == "services.dnsd" and tund_user:
+        extra = ["--user", tund_user]
     return [sys.executable, "-m", module, "--run-dir", run_dir, *extra]
+
+
+def programs(cfg: NodeConfig) -> list[tuple[str, str, int]]:
+    """The programs this node runs: dnsd only with --enable-dns; a peerd per
+    transport family of node.json (``peerd-quic`` when QUIC is on), so each
+    family restarts alone."""
+    out = [*PROGRAMS, *([DNS_PROGRAM] if cfg.enable_dns else [])]
+    for family in cfg.peerd_families:
+        name = f"peerd-{family}"
+        if all(name != n for n, _m, _p in out):
+            out.append((name, "services.peerd", 30))
+    return sorted(out, key=lambda p: p[2])
 
 
 def supervisord_conf(
@@ -132,9 +152,10 @@ def supervisord_conf(
         f"password={password}",
         "",
     ]
-    for name, module, priority in PROGRAMS:
-        privileged = module == "services.tund" and not cfg.no_tun
-        args = program_args(module, run, crypto_workers, privsep.user if privileged else None)
+    for name, module, priority in programs(cfg):
+        privileged = module in PRIVILEGED and not (module == "services.tund" and cfg.no_tun)
+        family = name.split("-", 1)[1] if module == "services.peerd" else "tcp"
+        args = program_args(module, run, crypto_workers, privsep.user if privileged else None, family)
         if privsep.drop_caps and not privileged:
             args = [*DROP_CAPS, *args]
         user = [f"user={privsep.user}"] if privsep.user and not privileged else []
@@ -283,6 +304,7 @@ def cleanup(run_dir: str) -> None:
     paths = [
         *glob.glob(os.path.join(run_dir, "*.ipc")),
         *glob.glob(os.path.join(run_dir, "*.data")),  # data path sockets (common/datapath.py)
+        *glob.glob(os.path.join(run_dir, "*.state.json")),  # what a restarted service resumes (proxyd), not a new node
         os.path.join(run_dir, SOCK_FILE),
     ]
     for path in [*paths, os.path.join(run_dir, SERVICE_KEY_FILE)]:

@@ -5,14 +5,17 @@ starts."""
 from __future__ import annotations
 
 import argparse
+import errno
+import ipaddress
 import os
 import socket
 import tomllib
 from pathlib import Path
 from typing import Any
 
+from common.dnsnames import DnsNameError, parse_names, parse_overlay_address
 from common.endpoint import Endpoint, EndpointError
-from common.nodeconfig import NodeConfig
+from common.nodeconfig import STREAM_PROTOCOLS, NodeConfig
 
 DEFAULTS: dict[str, Any] = {
     "tcp_listen_port": 9651,
@@ -25,9 +28,22 @@ DEFAULTS: dict[str, Any] = {
     "topic_config": None,
     "firewall_mark": None,
     "update_workers": 1,
+    "vsock_listen_port": None,
 }
 BOOLEANS = ("no_tun", "disable_quic", "disable_peer_discovery", "enable_dns", "no_dashboard")
-SUPPORTED_PEER_PROTOCOLS = ("tcp",)
+SUPPORTED_PEER_PROTOCOLS = ("tcp", "vsock")
+# tests only: quic:// peers over a TCP stream in a peerd-quic (services/peerd/links/tcp.py)
+DEBUG_STREAM_QUIC_ENV = "MYCELIUM_DEBUG_STREAM_QUIC"
+
+
+def peerd_families(disable_quic: bool) -> dict[str, list[str]]:
+    """node.json's peerd processes and the protocols each serves: stream
+    links in peerd-tcp; peerd-quic only when QUIC is available and on."""
+    families = {"tcp": [p for p in STREAM_PROTOCOLS if p in SUPPORTED_PEER_PROTOCOLS]}
+    debug_quic = os.environ.get(DEBUG_STREAM_QUIC_ENV) == "1"
+    if ("quic" in SUPPORTED_PEER_PROTOCOLS or debug_quic) and not disable_quic:
+        families["quic"] = ["quic"]
+    return families
 
 
 class OptionError(Exception):
@@ -44,6 +60,7 @@ def add_node_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "-p", "--tcp-listen-port", type=int, metavar="PORT", help="TCP listen port (default 9651)")
     p.add_argument("--disable-quic", action="store_true", help="do not use QUIC")
     p.add_argument("-q", "--quic-listen-port", type=int, metavar="PORT", help="QUIC listen port (default 9651)")
+    p.add_argument("--vsock-listen-port", type=int, metavar="PORT", help="vsock listen port (Linux; default none)")
     p.add_argument("--peer-discovery-port", type=int, metavar="PORT", help="link-local discovery port (default 9650)")
     p.add_argument("--disable-peer-discovery", action="store_true", help="no link-local multicast discovery")
     p.add_argument("--peer-discovery-interface", action="append", default=[], metavar="NAME")
@@ -63,7 +80,11 @@ def add_node_options(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="abort a message not acknowledged within this time (default 300, as the reference)",
     )
-    p.add_argument("--enable-dns", action="store_true")
+    p.add_argument(
+        "--enable-dns",
+        action="store_true",
+        help="DNS resolver on port 53 (UDP and TCP): <key>.mycelium, [names], the rest forwarded over the overlay",
+    )
     p.add_argument("--run-dir", metavar="DIR", help="directory for this node's sockets, supervisord config and logs")
     add_security_options(p)
 
@@ -181,6 +202,48 @@ def ensure_free(kind: int, host: str, port: int, what: str) -> None:
             raise OptionError(f"{what} {shown} is not available: {exc.strerror}") from exc
 
 
+def dns_settings(file: dict[str, Any]) -> dict[str, Any]:
+    """The resolver's settings from the config file (our keys: ``dns_resolvers``,
+    ``dns_fallback``, ``dns_port`` and the ``[names]`` table), validated."""
+    out: dict[str, Any] = {}
+    resolvers = file.get("dns_resolvers")
+    if resolvers is not None:
+        if not isinstance(resolvers, list) or not all(isinstance(r, str) for r in resolvers):
+            raise OptionError("dns_resolvers must be an array of overlay IPv6 addresses")
+        try:
+            out["dns_resolvers"] = [str(parse_overlay_address(text)) for text in resolvers]
+        except DnsNameError as exc:
+            raise OptionError(f"dns_resolvers: {exc}") from exc
+    fallback = file.get("dns_fallback", "1.1.1.1")
+    try:
+        out["dns_fallback"] = str(ipaddress.ip_address(fallback if isinstance(fallback, str) else ""))
+    except ValueError as exc:
+        raise OptionError(f"dns_fallback must be an IP address, got {fallback!r}") from exc
+    out["dns_port"] = _check_port("dns_port", file.get("dns_port", 53))
+    try:
+        parse_names(file.get("names", {}))
+    except DnsNameError as exc:
+        raise OptionError(str(exc)) from exc
+    out["dns_names"] = {str(k): str(v) for k, v in file.get("names", {}).items()}
+    return out
+
+
+def ensure_dns_port_free(port: int) -> None:
+    """The one-line error the reference does not give (it panics): port 53 taken."""
+    for kind, proto in ((socket.SOCK_DGRAM, "UDP"), (socket.SOCK_STREAM, "TCP")):
+        with socket.socket(socket.AF_INET6, kind) as s:
+            try:
+                s.bind(("::", port))
+            except OSError as exc:
+                why = (
+                    "binding it needs root or CAP_NET_BIND_SERVICE"
+                    if exc.errno == errno.EACCES
+                    else "another DNS server (systemd-resolved, dnsmasq) may be using it"
+                )
+                text = f"--enable-dns: {proto} port {port} is not available ({exc.strerror}); {why}"
+                raise OptionError(text) from exc
+
+
 def default_run_dir(tcp_port: int) -> str:
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base and os.path.isdir(base):
@@ -190,9 +253,17 @@ def default_run_dir(tcp_port: int) -> str:
 
 def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> NodeConfig:
     """Everything the node needs, validated; raises OptionError."""
-    merged = merge(args, read_config_file(args.config_file))
+    file = read_config_file(args.config_file)
+    merged = merge(args, file)
     tcp_port = _check_port("tcp listen port", merged["tcp_listen_port"])
     _check_port("quic listen port", merged["quic_listen_port"])
+    vsock_port = merged["vsock_listen_port"]
+    if vsock_port is not None and (
+        isinstance(vsock_port, bool) or not isinstance(vsock_port, int) or not 0 <= vsock_port < 1 << 32
+    ):
+        raise OptionError(f"vsock listen port must be a number 0-4294967295, got {vsock_port!r}")
+    families = peerd_families(bool(merged["disable_quic"]))
+    served = {p for protos in families.values() for p in protos}
     peers: list[str] = []
     for text in merged["peers"]:
         if not isinstance(text, str):
@@ -201,7 +272,7 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
             ep = Endpoint.parse(text)
         except EndpointError as exc:
             raise OptionError(str(exc)) from exc
-        if ep.proto not in SUPPORTED_PEER_PROTOCOLS:
+        if ep.proto not in served:
             warn(f"skipping peer {ep}: the {ep.proto} transport is not available in this build")
             continue
         if str(ep) not in peers:
@@ -222,6 +293,9 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         ensure_free(socket.SOCK_STREAM, "::", tcp_port, "TCP listen port")
         for what, (host, port) in listeners:
             ensure_free(socket.SOCK_STREAM, host, port, what)
+    dns = dns_settings(file) if merged["enable_dns"] else {}
+    if dns and check_ports:
+        ensure_dns_port_free(dns["dns_port"])
     level = "error" if args.silent else "debug" if args.debug else "info"
     run_dir = os.path.abspath(args.run_dir or default_run_dir(tcp_port))
     return NodeConfig(
@@ -235,12 +309,16 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         api_addr=_show_addr(api_host, api_port),
         jsonrpc_addr=_show_addr(rpc_host, rpc_port),
         metrics_api_address=None if metrics is None else _show_addr(*metrics),
-        disable_quic=True,  # no QUIC transport in this build yet
+        disable_quic="quic" not in families,
+        vsock_listen_port=vsock_port,
+        peerd_families=families,
         disable_peer_discovery=merged["disable_peer_discovery"],
         peer_discovery_port=_check_port("peer discovery port", merged["peer_discovery_port"]),
         log_level=level,
         topic_config=merged["topic_config"],
         message_timeout=_check_timeout(args.message_timeout),
         dashboard=not merged["no_dashboard"],
+        enable_dns=merged["enable_dns"],
+        **dns,
         **security_settings(args),
     )

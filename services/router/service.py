@@ -28,7 +28,6 @@ from common.wire.packet import ControlPacket, decode_packet
 from .engine import FibDel, FibSet, PeerInfo, RouterEngine, RouteView
 
 log = logging.getLogger("router")
-FAMILIES = ("tcp",)
 MAX_WAIT = 1.0  # seconds between loop turns at most (stats, rpc responsiveness)
 
 
@@ -58,7 +57,7 @@ class RouterService:
         self.fib_pub = bus.bind(self.ctx, zmq.PUB, run, "router.fib")
         self.peerd = {
             fam: bus.Sender(bus.connect(self.ctx, zmq.PUSH, run, f"{bus.peerd_name(fam)}.in"), self.counters, fam)
-            for fam in FAMILIES
+            for fam in cfg.peerd_families
         }
         self.stats = bus.StatsPublisher(self.ctx, run, "router")
         self.engine = RouterEngine(self.identity.public_key, self.router_id, time.monotonic())

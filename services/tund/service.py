@@ -114,17 +114,24 @@ class TundWorker:
         run = cfg.run_dir
         self.inbox = bus.bind(self.ctx, zmq.PULL, run, inbox_name(index), hwm=bus.DATA_HWM)
         self.rpc = bus.bind(self.ctx, zmq.ROUTER, run, "tund.rpc") if index == 0 else None
-        peerd = bus.peerd_name("tcp")
-        self.peerd = bus.connect(self.ctx, zmq.PUSH, run, f"{peerd}.in", hwm=bus.DATA_HWM)
+        # one peerd per transport family; a next hop's link id starts with its family
+        self.peerds: dict[str, tuple[zmq.Socket, DataOut | None]] = {}
         # batches both ways go through shared memory (common/datapath.py);
         # without it (no /dev/shm, run directory path too long) as ZeroMQ frames
         self.poller = zmq.Poller()
         self.data_fds: set[int] = set()
-        self.data_out: DataOut | None = None
         self.data_in: DataIn | None = None
         me = worker_name(index)
+        for family in cfg.peerd_families:
+            peerd = bus.peerd_name(family)
+            sock = bus.connect(self.ctx, zmq.PUSH, run, f"{peerd}.in", hwm=bus.DATA_HWM)
+            try:
+                data_out: DataOut | None = DataOut(run, f"{me}-to-{peerd}", peerd)
+            except OSError as exc:
+                log.warning("no shared-memory data path to %s (%s); batches go as ZeroMQ frames", peerd, exc)
+                data_out = None
+            self.peerds[family] = (sock, data_out)
         try:
-            self.data_out = DataOut(run, f"{me}-to-{peerd}", peerd)
             self.data_in = DataIn(run, me, f"-to-{me}", self._watch, self.counters)
         except OSError as exc:
             log.warning("no shared-memory data path (%s); batches go as ZeroMQ frames", exc)
@@ -248,8 +255,13 @@ class TundWorker:
     def flush(self) -> None:
         dp = self.dp
         if dp.out or (dp.sessions is not None and dp.sessions.outbox):
-            data_out = self.data_out
+            peerds = self.peerds
             for next_hop, blob in dp.take_out().items():
+                peerd = peerds.get(next_hop.split("-", 1)[0])
+                if peerd is None:
+                    self.counters["to_peerd_unknown_family"] += 1
+                    continue
+                peerd_sock, data_out = peerd
                 if data_out is not None:
                     why = data_out.send(blob, next_hop.encode())
                     if why is None:
@@ -259,7 +271,7 @@ class TundWorker:
                         continue
                     self.counters["to_peerd_via_bus"] += 1
                 try:
-                    self.peerd.send_multipart(bus.pack("data_out", {"peer": next_hop}, [blob]), flags=zmq.NOBLOCK)
+                    peerd_sock.send_multipart(bus.pack("data_out", {"peer": next_hop}, [blob]), flags=zmq.NOBLOCK)
                 except zmq.Again:
                     self.counters["bus_full_peerd"] += 1
         writes = dp.gro.flush()
@@ -371,8 +383,9 @@ class TundWorker:
         for pid in self.children:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
-        if self.data_out is not None:
-            self.data_out.close()
+        for _sock, data_out in self.peerds.values():
+            if data_out is not None:
+                data_out.close()
         if self.data_in is not None:
             self.data_in.close()
         self.ctx.destroy(linger=0)
