@@ -12,10 +12,13 @@ PYTHON ?= $(shell for p in $(PY_CANDIDATES); do \
 VENV := .venv
 STAMP := $(VENV)/.installed-$(notdir $(PYTHON))
 # command:debian-package pairs the project needs on the machine
-SYSTEM_TOOLS := ip:iproute2 ping:iputils-ping iperf3:iperf3 curl:curl chromium:chromium chromedriver:chromium-driver dig:dnsutils
+SYSTEM_TOOLS := cc:gcc ip:iproute2 ping:iputils-ping iperf3:iperf3 curl:curl chromium:chromium chromedriver:chromium-driver dig:dnsutils
 ARGS ?= --no-tun
 
-.PHONY: run test install system-deps lint bench clean
+.PHONY: run test install system-deps lint bench clean native asan
+# the C data-plane kernel (common/_kernel.c; optional: without it the Python reference runs)
+KERNEL_STAMP := $(VENV)/.kernel-built
+ASAN_SO := build/asan/_kernel.so
 
 run: install
 	$(VENV)/bin/mycelium $(ARGS)
@@ -24,9 +27,28 @@ test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-install: system-deps $(STAMP)
+install: system-deps $(STAMP) $(KERNEL_STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+native: $(KERNEL_STAMP)
+
+$(KERNEL_STAMP): $(STAMP) common/_kernel.c setup.py
+	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
+	@$(VENV)/bin/python -c 'from common import native; print(native.describe())'
+	@touch $@
+
+# the kernel's property and bad-input tests with an AddressSanitizer build of it
+asan: install
+	@mkdir -p $(dir $(ASAN_SO))
+	cc -O1 -g -fsanitize=address -fno-omit-frame-pointer -fPIC -shared \
+		-I$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])') \
+		common/_kernel.c -lcrypto -o $(ASAN_SO)
+	# PYTHONMALLOC=malloc: every Python buffer gets ASan's red zones (pymalloc arenas have none)
+	export LD_PRELOAD=$$(cc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+		PYTHONMALLOC=malloc MYCELIUM_KERNEL_SO=$(ASAN_SO); \
+	$(VENV)/bin/python -c 'from common import native; print(native.describe())' && \
+	$(VENV)/bin/python -m pytest -q -s -p no:cacheprovider tests/unit/test_native_kernel.py tests/unit/test_tund_dataplane.py  # -s: an ASan report kills the process, so it must not be captured
+
+$(STAMP): setup.cfg pyproject.toml setup.py
 	@test -n "$(PYTHON)" || { echo "error: Python 3.11 or newer is required (install python3 >= 3.11)"; exit 1; }
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || $(MAKE) --no-print-directory APT_PACKAGES=python3-venv apt-install
 	$(PYTHON) -m venv --clear $(VENV)
@@ -37,6 +59,7 @@ $(STAMP): setup.cfg pyproject.toml
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	test -f /usr/include/openssl/evp.h || missing="$$missing libssl-dev"; \
 	if [ -n "$$missing" ]; then $(MAKE) --no-print-directory APT_PACKAGES="$$missing" apt-install; fi
 
 apt-install:

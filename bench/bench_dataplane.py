@@ -50,6 +50,7 @@ from tests.integration.netns import (  # noqa: E402
 )
 
 YGG_PORT = 12345
+SEGMENT_PAYLOAD = 1328  # TCP payload of a segment at TUN MTU 1400 (40 IPv6, 32 TCP with timestamps)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -63,6 +64,7 @@ class Result:
     proc_cpu: float = 0.0  # seconds
     sys_cpu: float = 0.0  # seconds
     notes: list[str] = field(default_factory=list)
+    per_packet: dict[str, float] = field(default_factory=dict)  # process role -> CPU µs per TCP segment
 
     def per_gb(self, cpu: float) -> float:
         return cpu / self.gbytes if self.gbytes else float("nan")
@@ -93,6 +95,19 @@ def ns_pids(topo: Topology, names: list[str]) -> list[int]:
     return pids
 
 
+def roles(topo: Topology, src: str, dst: str) -> dict[str, int]:
+    """'sender tund' etc. -> pid, for the overlay's own processes."""
+    found: dict[str, int] = {}
+    for side, name in (("sender", src), ("receiver", dst)):
+        for pid in ns_pids(topo, [name]):
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                for service in ("tund", "peerd"):
+                    if f"services.{service}" in cmd:
+                        found[f"{side} {service}"] = pid
+    return found
+
+
 def measure(topo: Topology, src: str, dst: str, dst_addr: str, seconds: int, result: Result) -> Result:
     """iperf3 single stream src -> dst and idle ping; fills ``result``."""
     server = topo.popen(
@@ -101,9 +116,12 @@ def measure(topo: Topology, src: str, dst: str, dst_addr: str, seconds: int, res
     try:
         time.sleep(0.5)
         daemons = [p for p in ns_pids(topo, [src, dst]) if p != server.pid]
+        own = roles(topo, src, dst)
+        each0 = {role: proc_cpu([pid]) for role, pid in own.items()}
         cpu0, sys0 = proc_cpu(daemons), sys_busy()
         out = topo.exec(src, ["iperf3", "-c", dst_addr, "-t", str(seconds), "-J"], timeout=seconds + 30)
         cpu1, sys1 = proc_cpu(daemons), sys_busy()
+        each1 = {role: proc_cpu([pid]) for role, pid in own.items()}
         data = json.loads(out.stdout)
         if "error" in data:
             raise RuntimeError(f"iperf3 {result.name}: {data['error']}")
@@ -116,6 +134,8 @@ def measure(topo: Topology, src: str, dst: str, dst_addr: str, seconds: int, res
         iperf_cpu = (util.get("host_total", 0.0) + util.get("remote_total", 0.0)) / 100 * duration
         result.proc_cpu = (cpu1 - cpu0) + iperf_cpu
         result.sys_cpu = sys1 - sys0
+        segments = result.gbytes * 1e9 / SEGMENT_PAYLOAD
+        result.per_packet = {role: (each1[role] - each0[role]) / segments * 1e6 for role in own if segments}
     finally:
         with contextlib.suppress(ProcessLookupError):
             server.kill()
@@ -136,8 +156,30 @@ def start_overlay(topo: Topology, links: dict[str, list[str]], extra: list[str])
     topo.start_all()
 
 
+def restart_overlay(topo: Topology, kernel: str) -> None:
+    """Stop the nodes and start them again with the given data-plane kernel
+    ("native" or "python": MYCELIUM_NATIVE=0); the nodes inherit the variable."""
+    for node in topo.nodes.values():
+        node.stop(timeout=10)
+    saved = os.environ.get("MYCELIUM_NATIVE")
+    os.environ["MYCELIUM_NATIVE"] = "0" if kernel == "python" else "1"
+    try:
+        for node in topo.nodes.values():
+            node.start()
+        for node in topo.nodes.values():
+            node.wait_ready(120)  # a loaded machine starts Python slowly
+    finally:
+        if saved is None:
+            os.environ.pop("MYCELIUM_NATIVE", None)
+        else:
+            os.environ["MYCELIUM_NATIVE"] = saved
+    ran = topo.nodes["y"].rpc("tund", "info").get("kernel", "?")
+    if ran != kernel:
+        raise RuntimeError(f"asked for the {kernel} kernel, tund runs {ran}")
+
+
 def warm(topo: Topology, src: str, dst_addr: str) -> None:
-    wait_for(f"{src} -> {dst_addr}", lambda: ping(topo, src, dst_addr, count=1, deadline=2), 30)
+    wait_for(f"{src} -> {dst_addr}", lambda: ping(topo, src, dst_addr, count=1, deadline=2), 60)
 
 
 # --- Yggdrasil -----------------------------------------------------------------------------
@@ -304,6 +346,9 @@ def main() -> int:
     parser.add_argument("--no-yggdrasil", action="store_true", help="skip Yggdrasil")
     parser.add_argument("--no-failover", action="store_true", help="skip the failover measurements")
     parser.add_argument("--crypto-workers", type=int, default=1)
+    parser.add_argument(
+        "--kernels", default="native,python", help="data-plane kernels to measure side by side (default native,python)"
+    )
     args = parser.parse_args()
     problem = have_privileges()
     if problem:
@@ -335,20 +380,28 @@ def main() -> int:
         start_overlay(topo, {"x": [], "y": [x_addr]}, ["--crypto-workers", str(args.crypto_workers)])
         y = topo.nodes["y"]
         warm(topo, "x", y.address)
+        kernels = [k for k in args.kernels.split(",") if k]
         for rnd in range(1, args.rounds + 1):
             print(f"round {rnd}: (a) plain veth ...", flush=True)
             keep(measure(topo, "x", "y", y_addr, args.seconds, Result("(a) plain veth")))
-            print(f"round {rnd}: (b) this overlay ...", flush=True)
-            res = measure(topo, "x", "y", y.address, args.seconds, Result("(b) this overlay"))
-            res.notes.append("TUN MTU 1400, 1472-byte packets on the wire")
-            if args.crypto_workers > 1:
-                res.notes.append(f"{args.crypto_workers} crypto workers")
-            keep(res)
+            for kernel in kernels:
+                name = "(b) this overlay" if kernel == kernels[0] else f"(b) this overlay, {kernel} kernel"
+                if len(kernels) > 1 or rnd == 1:
+                    restart_overlay(topo, kernel)
+                    warm(topo, "x", y.address)
+                print(f"round {rnd}: {name} ({kernel} kernel) ...", flush=True)
+                res = measure(topo, "x", "y", y.address, args.seconds, Result(name))
+                res.notes.append(f"{kernel} kernel, TUN MTU 1400, 1472-byte packets on the wire")
+                if args.crypto_workers > 1:
+                    res.notes.append(f"{args.crypto_workers} crypto workers")
+                keep(res)
             if ygg:
-                print(f"round {rnd}: (c) Yggdrasil, default config ...", flush=True)
-                keep(run_ygg_pair(topo, x_addr, args.seconds, None, "(c) Yggdrasil default"))
-                print(f"round {rnd}: (d) Yggdrasil, IfMTU 1500 ...", flush=True)
-                keep(run_ygg_pair(topo, x_addr, args.seconds, 1500, "(d) Yggdrasil IfMTU 1500"))
+                for mtu, name in ((None, "(c) Yggdrasil default"), (1500, "(d) Yggdrasil IfMTU 1500")):
+                    print(f"round {rnd}: {name} ...", flush=True)
+                    try:
+                        keep(run_ygg_pair(topo, x_addr, args.seconds, mtu, name))
+                    except (AssertionError, RuntimeError, subprocess.SubprocessError) as exc:
+                        print(f"    failed, not counted: {exc}", flush=True)  # a loaded machine: skip this round
     finally:
         topo.close()
     fail: list[str] = []
@@ -368,6 +421,14 @@ def main() -> int:
     print(f"single-stream iperf3 TCP, {args.seconds} s, namespace x -> y over one veth pair{rounds}")
     print()
     print(table(results, best["(b) this overlay"]))
+    print()
+    print("CPU µs per TCP segment of each process (best round of each path)")
+    print()
+    ours = [r for r in results if r.name.startswith("(b)")]
+    print("| process | " + " | ".join(r.name for r in ours) + " |")
+    print("|---|" + "---:|" * len(ours))
+    for role in ("sender tund", "sender peerd", "receiver peerd", "receiver tund"):
+        print(f"| {role} | " + " | ".join(f"{r.per_packet.get(role, float('nan')):.2f}" for r in ours) + " |")
     if args.rounds > 1:
         print()
         for name, values in every.items():

@@ -12,6 +12,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .native import kernel
 from .wire.errors import CodecError
 
 KEY_SIZE = 32
@@ -33,14 +34,17 @@ def shared_secret(secret: X25519PrivateKey, peer_public: bytes) -> bytes:
 
 
 class SessionKey:
-    """The AES-GCM state for one peer key; build once, reuse per packet."""
+    """The AES-GCM state for one peer key; build once, reuse per packet.
+    With the native kernel (common/native.py) it is the kernel's ``Aead``:
+    the same ``encrypt``/``decrypt`` calls, with its OpenSSL contexts keyed
+    once instead of set up on every call."""
 
     __slots__ = ("_aead",)
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, native: bool = True) -> None:
         if len(key) != KEY_SIZE:  # AESGCM would quietly run AES-128/192 on a short key
             raise ValueError(f"AES-256-GCM key must be {KEY_SIZE} bytes, got {len(key)}")
-        self._aead = AESGCM(key)
+        self._aead = kernel.Aead(key) if native and kernel is not None else AESGCM(key)
 
     @property
     def aead(self) -> AESGCM:

@@ -15,7 +15,7 @@ the value of a checksum field (0 is sent as 0xFFFF only by UDP, not here).
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
 NEXT_TCP = 6
 NEXT_ICMPV6 = 58
@@ -39,10 +39,19 @@ def finish(total: int) -> int:
     return -total % 0xFFFF
 
 
+def _numpy() -> Any:
+    """numpy on first use: a process that never sums super packets here
+    (tund with the native kernel, common/_kernel.c) saves the ~10 MiB it costs."""
+    import numpy
+
+    return numpy
+
+
 def ones_sums(data: bytes | bytearray | memoryview, start: int, step: int, count: int) -> list[int]:
     """One's complement sums (not folded, big-endian 16-bit words) of
     ``count`` consecutive pieces of ``step`` bytes from ``start`` to the
     end of ``data`` (the last piece may be shorter, even odd)."""
+    np = _numpy()
     length = len(data) - start
     if step & 1:  # pieces not word-aligned: the slow way (the kernel's MSS is even in practice)
         return [ones_sum(data[start + i * step : min(start + (i + 1) * step, len(data))]) for i in range(count)]

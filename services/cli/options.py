@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "vsock_listen_port": None,
 }
 BOOLEANS = ("no_tun", "disable_quic", "disable_peer_discovery", "enable_dns", "no_dashboard")
-SUPPORTED_PEER_PROTOCOLS = ("tcp", "vsock")
+SUPPORTED_PEER_PROTOCOLS = ("tcp", "vsock", "quic")
 # tests only: quic:// peers over a TCP stream in a peerd-quic (services/peerd/links/tcp.py)
 DEBUG_STREAM_QUIC_ENV = "MYCELIUM_DEBUG_STREAM_QUIC"
 
@@ -256,7 +256,7 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
     file = read_config_file(args.config_file)
     merged = merge(args, file)
     tcp_port = _check_port("tcp listen port", merged["tcp_listen_port"])
-    _check_port("quic listen port", merged["quic_listen_port"])
+    quic_port = _check_port("quic listen port", merged["quic_listen_port"])
     vsock_port = merged["vsock_listen_port"]
     if vsock_port is not None and (
         isinstance(vsock_port, bool) or not isinstance(vsock_port, int) or not 0 <= vsock_port < 1 << 32
@@ -272,6 +272,9 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
             ep = Endpoint.parse(text)
         except EndpointError as exc:
             raise OptionError(str(exc)) from exc
+        if ep.proto == "quic" and merged["disable_quic"]:
+            warn(f"skipping peer {ep}: QUIC is disabled")
+            continue
         if ep.proto not in served:
             warn(f"skipping peer {ep}: the {ep.proto} transport is not available in this build")
             continue
@@ -291,6 +294,8 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
                 raise OptionError(f"{what} and {other} are both {_show_addr(*addr)}; they need different ports")
     if check_ports:
         ensure_free(socket.SOCK_STREAM, "::", tcp_port, "TCP listen port")
+        if "quic" in families:
+            ensure_free(socket.SOCK_DGRAM, "::", quic_port, "QUIC listen port")
         for what, (host, port) in listeners:
             ensure_free(socket.SOCK_STREAM, host, port, what)
     dns = dns_settings(file) if merged["enable_dns"] else {}
@@ -302,7 +307,7 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         run_dir=run_dir,
         key_file=os.path.abspath(args.key_file),
         tcp_listen_port=tcp_port,
-        quic_listen_port=merged["quic_listen_port"],
+        quic_listen_port=quic_port,
         peers=peers,
         no_tun=merged["no_tun"],
         tun_name=str(merged["tun_name"]),

@@ -11,8 +11,9 @@ limit, small reads) takes the per-packet path in service.py.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
+from common.native import kernel
 from common.wire.rules import (
     DATA_PREFIX_SIZE,
     DST_OFFSET,
@@ -24,24 +25,28 @@ from common.wire.rules import (
 
 MIN_PACKETS = 16  # below this the per-packet loop is cheaper
 _HOP = HOP_OFFSET
-_ADDRS = np.arange(SRC_OFFSET, DATA_PREFIX_SIZE)  # source and destination
-_DST_PREFIX = np.arange(DST_OFFSET, DST_PREFIX_END)
 
 
-def all_local(
+def _all_local_numpy(
     buf: bytearray, offsets: list[int], own_prefix: bytes
 ) -> tuple[list[tuple[int, int]], list[tuple[bytes, int, int]]] | None:
     """If every data packet at ``offsets`` in ``buf`` is for ``own_prefix``
     (/64) and has a hop limit of at least 2: decrement the hop limits in
     place and return the contiguous byte ranges the packets fill and the
     runs of packets with the same addresses ((source + destination,
-    packets, body bytes)). Otherwise None, and ``buf`` is untouched."""
+    packets, body bytes)). Otherwise None, and ``buf`` is untouched.
+    The native kernel's ``all_local`` does the same in C (and spares
+    peerd the numpy import)."""
+    import numpy as np  # first use only; not imported at all with the native kernel
+
+    addrs = np.arange(SRC_OFFSET, DATA_PREFIX_SIZE)  # source and destination
+    dst_prefix = np.arange(DST_OFFSET, DST_PREFIX_END)
     arr = np.frombuffer(buf, dtype=np.uint8)
     offs = np.array(offsets, dtype=np.int64)
     hops = arr[offs + _HOP]
     if hops.min() < MIN_FORWARD_HOP_LIMIT:
         return None
-    if not (arr[offs[:, None] + _DST_PREFIX] == np.frombuffer(own_prefix, dtype=np.uint8)).all():
+    if not (arr[offs[:, None] + dst_prefix] == np.frombuffer(own_prefix, dtype=np.uint8)).all():
         return None
     arr[offs + _HOP] = hops - 1
     bodies = (arr[offs + 5].astype(np.int64) << 8) | arr[offs + 6]
@@ -50,9 +55,12 @@ def all_local(
     starts = [0, *cuts]
     stops = [*cuts, len(offsets)]
     ranges = [(offsets[a], int(ends[b - 1])) for a, b in zip(starts, stops, strict=True)]
-    keys = arr[offs[:, None] + _ADDRS]
+    keys = arr[offs[:, None] + addrs]
     changes = (np.flatnonzero((keys[1:] != keys[:-1]).any(axis=1)) + 1).tolist()
     run_starts = [0, *changes]
     run_stops = [*changes, len(offsets)]
     runs = [(keys[a].tobytes(), b - a, int(bodies[a:b].sum())) for a, b in zip(run_starts, run_stops, strict=True)]
     return ranges, runs
+
+
+all_local: Any = _all_local_numpy if kernel is None else kernel.all_local

@@ -31,6 +31,7 @@ from common.crypto import MIN_SEALED_SIZE, DecryptError, SessionKey, shared_secr
 from common.fib import FibReplica, Route
 from common.firewall import Firewall
 from common.identity import Identity
+from common.native import kernel as NATIVE
 from common.pending import PendingQueue
 from common.replay import NonceFilter
 from common.wire.checksum import finish, ones_sum
@@ -85,8 +86,9 @@ class KeyCache:
     """Bounded LRU of AES-GCM states by peer public key (X25519 is the
     expensive part; one exchange per peer, not per packet)."""
 
-    def __init__(self, secret: X25519PrivateKey, size: int = KEY_CACHE_SIZE) -> None:
+    def __init__(self, secret: X25519PrivateKey, size: int = KEY_CACHE_SIZE, native: bool = True) -> None:
         self.secret = secret
+        self.native = native  # False: the reference's AESGCM even where the kernel is built
         self.size = size
         self._keys: OrderedDict[bytes, SessionKey] = OrderedDict()
 
@@ -96,7 +98,7 @@ class KeyCache:
     def get(self, public_key: bytes) -> SessionKey:
         key = self._keys.get(public_key)
         if key is None:
-            key = SessionKey(shared_secret(self.secret, public_key))
+            key = SessionKey(shared_secret(self.secret, public_key), self.native)
             self._keys[public_key] = key
             if len(self._keys) > self.size:
                 self._keys.popitem(last=False)
@@ -150,6 +152,7 @@ class DataPlane:
         keys: KeyCache,
         tun: bool,
         vnet: bool,
+        kernel: Any = NATIVE,
         sessions: SessionEngine | None = None,
         firewall: Firewall | None = None,
     ) -> None:
@@ -162,7 +165,14 @@ class DataPlane:
         self.vnet = vnet and tun
         self.off = VNET_HDR_SIZE if self.vnet else 0  # where the IPv6 packet starts in a TUN read
         self.counters: Counter[str] = Counter()
-        self.gro = Gro(self.vnet)
+        # native kernel (common/_kernel.c): the same steps as from_tun/from_peer/Gro below, in C;
+        # None (MYCELIUM_NATIVE=0, not built, or a test's choice) runs the reference here
+        if sessions is not None or firewall is not None:
+            kernel = None  # the C kernel knows neither session nonces nor the firewall (docs/EXTENSIONS.md 9)
+        self.kernel = kernel
+        self.gro: Any = Gro(self.vnet) if kernel is None else kernel.Gro(self.vnet)
+        self.nonce_bytes: Callable[[int], bytes] = os.urandom  # the nonce scheme: n bytes per call, 12 per packet
+        self.mtu = MTU
         self.out: dict[str, list[bytes]] = {}  # next hop -> pieces of encoded packets (see take_out)
         self.messages: list[tuple[bytes, bytes, bytes]] = []
         self.need: set[bytes] = set()
@@ -193,9 +203,12 @@ class DataPlane:
         """Packets read from the TUN (each with its virtio-net header when
         ``vnet``; ``off`` bytes before the IPv6 header): checks of 4.7, FIB
         lookup, encryption, grouping by next hop."""
-        self.now = now
         if off is None:
             off = self.off
+        if self.kernel is not None:
+            self.kernel.from_tun(self, pkts, now, off)
+            return
+        self.now = now
         vnet = self.vnet and off == self.off
         if self.sessions is not None and self.sessions.changed:
             self.sync_sessions()
@@ -203,7 +216,7 @@ class DataPlane:
         out = self.out
         pack = DATA8.pack
         l3 = L3_HEADER
-        nonces = os.urandom(12 * len(pkts))
+        nonces = self.nonce_bytes(12 * len(pkts))
         ni = 0
         last_hop: str | None = None
         parts: list[bytes] = []
@@ -274,7 +287,7 @@ class DataPlane:
             parts = self.out[next_hop] = []
         pack = DATA8.pack
         addrs = p[off + 8 : off + 40]
-        nonces = os.urandom(12 * n) if sess is None else b""
+        nonces = self.nonce_bytes(12 * n) if sess is None else b""
         ni = 0
         for pt in pts:
             if sess is None:
@@ -370,7 +383,7 @@ class DataPlane:
                 self.counters["tx_no_route_dropped"] += 1
             return False
         next_hop, encrypt, sess = r
-        nonce = os.urandom(12) if sess is None else sess.nonce()
+        nonce = self.nonce_bytes(12) if sess is None else sess.nonce()
         ct = encrypt(nonce, plaintext, None)
         parts = self.out.get(next_hop)
         if parts is None:
@@ -470,9 +483,14 @@ class DataPlane:
 
     # --- inbound: peers -> TUN -------------------------------------------------
 
-    def from_peer(self, blob: bytes, now: float) -> None:
+    def from_peer(self, blob: bytes | memoryview, now: float) -> None:
         """Encoded data packets for this node, back to back, hop limit
         already decremented by peerd (4.5)."""
+        if self.kernel is not None:
+            self.kernel.from_peer(self, blob, now)
+            return
+        if not isinstance(blob, bytes):  # the reference keys dicts by slices of it
+            blob = bytes(blob)
         self.now = now
         view = memoryview(blob)
         end = len(blob)

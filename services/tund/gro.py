@@ -34,6 +34,7 @@ _U16 = struct.Struct("!H")
 _SEQ = struct.Struct("!I")
 IP = 4  # where the IPv6 header starts in a decrypted plaintext (after the inner header)
 HOP_BYTES = [bytes((i,)) for i in range(256)]
+MAX_OPEN = 256  # flows with an open group; one more closes the oldest (bounded per turn)
 
 
 class _Group:
@@ -153,6 +154,8 @@ class Gro:
                 return
             self._close(g)
         if size > 0 and flags == TCP_ACK and thl >= 20 and (pt[8] << 8 | pt[9]) == thl + size:
+            if len(self.open) >= MAX_OPEN:
+                self._close(next(iter(self.open.values())))
             seq = _SEQ.unpack_from(pt, 48)[0]
             self.open[key] = self.last = _Group(pt, key, hop, thl, size, seq, pt[44 + thl :])
         else:

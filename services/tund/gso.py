@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 
+from common.native import SegmentError
 from common.wire.checksum import NEXT_TCP, ones_sum, ones_sums, pseudo_header_sum
 
 from .tun import VNET_GSO_ECN, VNET_GSO_TCPV6, VNET_HDR
@@ -30,11 +31,8 @@ TCP_PSH = 0x08
 TCP_CWR = 0x80
 IPV6_HEADER = 40
 _SEQ = struct.Struct("!I")
+__all__ = ["SegmentError", "ones_sums", "split_tcp"]
 _HEADS: dict[tuple[int, int], struct.Struct] = {}
-
-
-class SegmentError(ValueError):
-    """A super packet we cannot cut (not TCP over plain IPv6, inconsistent sizes)."""
 
 
 def _head(prefix_len: int, options_len: int) -> struct.Struct:

@@ -47,6 +47,11 @@ class SecurityShell:
                 raise SystemExit(f"tund: firewall rules {cfg.firewall_file}: {error}")
         signal.signal(signal.SIGHUP, self._on_hup)  # reload (without a file: nothing to do, never exit)
 
+    @property
+    def needs_python_path(self) -> bool:
+        """Session keys or a firewall file: tund's Python loops, not the C kernel (not taught these yet)."""
+        return self.sessions is not None or self.firewall.source is not None
+
     def _on_hup(self, signum: int, frame: Any) -> None:
         self.reload_requested = True  # the loop wakes at least once a second
 

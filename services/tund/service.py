@@ -34,7 +34,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from common import bus
+from common import bus, native
 from common.datapath import DataIn, DataOut
 from common.fib import FibReplica
 from common.identity import Identity, load_key_file
@@ -106,6 +106,8 @@ class TundWorker:
             self.keys,
             tun=device is not None,
             vnet=vnet,
+            # the C kernel has no session nonces, replay windows or firewall yet (docs/EXTENSIONS.md 9)
+            **({"kernel": None} if self.security.needs_python_path else {}),
             sessions=self.security.sessions,
             firewall=self.security.active_firewall(),
         )
@@ -227,7 +229,7 @@ class TundWorker:
         assert self.data_in is not None
         from_peer = self.dp.from_peer
         for _tag, view in self.data_in.receive(fd):
-            from_peer(bytes(view), now)
+            from_peer(view if self.dp.kernel is not None else bytes(view), now)  # the kernel copies what it keeps
 
     def read_tun(self, now: float) -> None:
         assert self.device is not None
@@ -321,6 +323,7 @@ class TundWorker:
             if msg.kind == "info":
                 result["tun"] = self.device.name if self.device else None
                 result["workers"] = self.workers
+                result["kernel"] = native.NAME if self.dp.kernel is not None else "python (security extensions)"
             bus.rpc_reply(self.rpc, envelope, result)
 
     def gauges(self) -> dict[str, Any]:
@@ -420,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--user", default="", help="when started as root: become this user after creating the TUN")
 
     cfg, args = start_service("tund", argv, add_args)
+    log.info("%s", native.describe())
     tune_malloc()
     workers = max(1, min(64, args.workers))
     identity = Identity.from_secret(load_key_file(cfg.key_file))

@@ -352,6 +352,13 @@ class NetNode:
             return ""
 
 
+def dump_logs_on_failure(topo: Topology, session_items: list[Any]) -> None:
+    """Print every node's log tail when a test of the session failed."""
+    if any(getattr(getattr(item, "rep_call", None), "failed", False) for item in session_items):
+        for node in topo.nodes.values():
+            print(f"\n===== log of {node.name} ({node.ns}) =====\n{node.log_tail()}")
+
+
 def ping(topo: Topology, src: str, dst_addr: str, count: int = 3, interval: float = 0.2, deadline: float = 10) -> bool:
     out = topo.exec(
         src,

@@ -42,6 +42,14 @@ def free_port() -> int:
     raise RuntimeError("no free port found")
 
 
+def free_udp_port() -> int:
+    """A UDP port free on the dual-stack wildcard right now (QUIC listeners)."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", 0))
+        return int(s.getsockname()[1])
+
+
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float, interval: float = 0.1) -> T:
     """Poll ``fn`` until it returns something truthy; fail with ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -66,6 +74,7 @@ class Node:
         self.key_file = self.dir / "priv_key.bin"
         self.log_path = self.dir / "node.log"
         self.tcp_port = free_port()
+        self.quic_port = free_udp_port()
         self.api_port = free_port()
         self.rpc_port = free_port()
         self.peers: list[str] = []
@@ -77,12 +86,17 @@ class Node:
     def endpoint(self) -> str:
         return f"tcp://127.0.0.1:{self.tcp_port}"
 
+    @property
+    def quic_endpoint(self) -> str:
+        return f"quic://127.0.0.1:{self.quic_port}"
+
     def args(self) -> list[str]:
         args = [
             *MYCELIUM,
             "--no-tun",
             "-k", str(self.key_file),
             "-t", str(self.tcp_port),
+            "-q", str(self.quic_port),
             "--api-addr", f"127.0.0.1:{self.api_port}",
             "--jsonrpc-addr", f"127.0.0.1:{self.rpc_port}",
             "--run-dir", str(self.run_dir),

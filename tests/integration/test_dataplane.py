@@ -29,13 +29,25 @@ from pathlib import Path
 
 import pytest
 
+from common import native
 from common.crypto import SessionKey, shared_secret
 from common.identity import Identity
 from common.wire.icmp import build_icmpv6
 from common.wire.inner import L3_HEADER
 from common.wire.packet import DataPacket
 
-from .netns import NODE_PORT, REPO, BackgroundPing, NetNode, Topology, cleanup_stale, have_privileges, in_netns, ping
+from .netns import (
+    NODE_PORT,
+    REPO,
+    BackgroundPing,
+    NetNode,
+    Topology,
+    cleanup_stale,
+    dump_logs_on_failure,
+    have_privileges,
+    in_netns,
+    ping,
+)
 from .netns import wait_for as wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.privileged]
@@ -46,9 +58,7 @@ if _missing:
 
 
 def _dump_logs(topo: Topology, request: pytest.FixtureRequest) -> None:
-    if any(getattr(item, "rep_call", None) is not None and item.rep_call.failed for item in request.session.items):
-        for node in topo.nodes.values():
-            print(f"\n===== log of {node.name} ({node.ns}) =====\n{node.log_tail()}")
+    dump_logs_on_failure(topo, request.session.items)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +112,17 @@ def test_tun_device_is_configured_and_privileges_dropped(mesh: Topology) -> None
             if uid == 0 or program == "tund":  # root without capabilities cannot get them back either
                 assert int(fields["CapBnd"].strip(), 16) & ~(1 << 12) == 0, program
     assert mesh.nodes["c"].tun_name == "ovl0"
+
+
+def test_tund_runs_the_kernel_this_checkout_built(mesh: Topology) -> None:
+    """The nodes inherit MYCELIUM_NATIVE from the test run: with a built
+    kernel and without MYCELIUM_NATIVE=0 tund must run it, not fall back."""
+    want = native.NAME
+    if native.built() and os.environ.get(native.ENV) != "0":
+        assert want == "native", native.REASON
+    ran = {node.name: node.rpc("tund", "info")["kernel"] for node in mesh.nodes.values()}
+    print(f"\nFIGURE data-plane kernel in tund: {ran}")
+    assert set(ran.values()) == {want}
 
 
 def test_ping6_between_all_overlay_addresses(mesh: Topology) -> None:
@@ -296,7 +317,7 @@ def test_missing_capability_is_one_line_naming_no_tun(tmp_path: Path) -> None:
     cmd = [
         "setpriv", "--inh-caps=-all", "--bounding-set=-net_admin", "--",
         sys.executable, "-m", "services.cli", "-k", str(tmp_path / "key"), "--run-dir", str(tmp_path / "run"),
-        "-t", "1", "--peers", "tcp://192.0.2.1:9651",
+        "-t", "1", "--disable-quic", "--peers", "tcp://192.0.2.1:9651",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO)
     assert out.returncode == 1

@@ -86,10 +86,14 @@ def test_config_file_values_are_used(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="port number"):
         resolve(args, warnings.append, check_ports=False)  # the file's port 0 is used, and refused
     args = build_parser().parse_args(["-c", str(conf), "--run-dir", str(tmp_path / "r"), "-t", "1"])
-    conf.write_text('peers = ["tcp://192.0.2.9:9651", "quic://[::1]:9651"]\nno_tun = true\n')
+    conf.write_text('peers = ["tcp://192.0.2.9:9651", "quic://[::1]:9651"]\nno_tun = true\nquic_listen_port = 9700\n')
     cfg = resolve(args, warnings.append, check_ports=False)
-    assert cfg.no_tun and cfg.peers == ["tcp://192.0.2.9:9651"] and cfg.tcp_listen_port == 1
-    assert warnings and "quic" in warnings[0]
+    assert cfg.no_tun and cfg.peers == ["tcp://192.0.2.9:9651", "quic://[::1]:9651"] and cfg.tcp_listen_port == 1
+    assert cfg.quic_listen_port == 9700 and not cfg.disable_quic and not warnings
+    args = build_parser().parse_args(["-c", str(conf), "--run-dir", str(tmp_path / "r"), "--disable-quic"])
+    cfg = resolve(args, warnings.append, check_ports=False)
+    assert cfg.disable_quic and cfg.peers == ["tcp://192.0.2.9:9651"]
+    assert warnings and "quic" in warnings[0] and "disabled" in warnings[0]
 
 
 def test_generated_supervisord_config_matches_deploy_template(tmp_path: Path) -> None:

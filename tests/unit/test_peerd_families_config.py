@@ -21,12 +21,18 @@ def resolve(tmp_path: Path, *extra: str) -> NodeConfig:
     return options.resolve(args, lambda _w: None, check_ports=False)
 
 
-def test_default_node_runs_peerd_tcp_for_stream_links_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_node_runs_peerd_tcp_and_peerd_quic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(options.DEBUG_STREAM_QUIC_ENV, raising=False)
-    cfg = resolve(tmp_path, "--peers", "tcp://192.0.2.1:9651", "vsock://3:9651", "quic://192.0.2.1:9651")
-    assert list(cfg.peerd_families) == ["tcp"] and "vsock" in cfg.peerd_families["tcp"]
-    assert cfg.peers == ["tcp://192.0.2.1:9651", "vsock://3:9651"]  # no QUIC family: quic:// skipped
-    assert [name for name, _m, _p in launcher.programs(cfg)].count("peerd-tcp") == 1
+    peers = ("tcp://192.0.2.1:9651", "vsock://3:9651", "quic://192.0.2.1:9651")
+    cfg = resolve(tmp_path, "--peers", *peers)
+    assert cfg.peerd_families == {"tcp": ["tcp", "vsock"], "quic": ["quic"]} and not cfg.disable_quic
+    assert cfg.peers == list(peers)
+    names = [name for name, _m, _p in launcher.programs(cfg)]
+    assert names.count("peerd-tcp") == 1 and names.count("peerd-quic") == 1
+    # --disable-quic: stream links only, quic:// peers skipped
+    cfg = resolve(tmp_path, "--disable-quic", "--peers", *peers)
+    assert list(cfg.peerd_families) == ["tcp"] and "vsock" in cfg.peerd_families["tcp"] and cfg.disable_quic
+    assert cfg.peers == ["tcp://192.0.2.1:9651", "vsock://3:9651"]
     assert "peerd-quic" not in [name for name, _m, _p in launcher.programs(cfg)]
 
 

@@ -1,0 +1,149 @@
+"""Per-packet cost of tund's data plane: the native kernel (common/_kernel.c)
+against the pure-Python reference, in the same run, interleaved.
+
+Run: ``.venv/bin/python bench/bench_kernel.py [--seconds S] [--cpu C]``
+
+Workloads (what tund does per wake-up under a bulk TCP transfer):
+  seal TSO      from_tun of 8 TSO super packets of 64 KiB (MSS 1328, as the
+                kernel hands them with TUN MTU 1400): cut, checksums, AES-GCM,
+                framing, grouped by next hop; take_out joins the batch
+  seal plain    from_tun of 64 single 1400-byte packets (TSO off, or small flows)
+  open + GRO    from_peer of 48 framed full-size segments of one flow, then
+                the GRO flush (one 64 KiB super packet for the TUN)
+  AES-GCM       seal of one 1404-byte plaintext through SessionKey (cryptography's
+                AESGCM vs the kernel's Aead with its EVP context kept)
+Figures are µs per packet, best of 5 slices per row; the CPU time of a slice
+is the process's own (load elsewhere on the machine moves it less than
+wall time). This is less load-sensitive than bench_dataplane.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import struct
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import native
+from common.crypto import SessionKey, shared_secret
+from common.fib import FibReplica
+from common.identity import Identity
+from common.wire.inner import L3_HEADER
+from services.tund.dataplane import DataPlane, KeyCache
+from services.tund.service import tune_malloc
+from services.tund.tun import VNET_HDR_SIZE
+
+MSS = 1328
+ME, PEER = Identity.from_secret(bytes([1]) * 32), Identity.from_secret(bytes([2]) * 32)
+
+
+def plane(use_native: bool) -> DataPlane:
+    fib = FibReplica()
+    entry = [PEER.address.packed[:8] + bytes(8), 64, "p", PEER.public_key]
+    fib.load_snapshot({"epoch": 1, "seq": 0, "entries": [entry]})
+    keys = KeyCache(ME.private_key, native=use_native)
+    return DataPlane(ME, fib, keys, tun=True, vnet=True, kernel=native.kernel if use_native else None)
+
+
+def tcp(src: bytes, dst: bytes, seq: int, payload: bytes, flags: int = 0x10) -> bytes:
+    th = struct.pack("!HHIIBBHHH", 5000, 443, seq, 77, 8 << 4, flags, 512, 0, 0) + b"\x01\x01\x08\x0a" + bytes(8)
+    return struct.pack("!IHBB", 0x60000000, len(th) + len(payload), 6, 64) + src + dst + th + payload
+
+
+def super_packet(seq: int) -> bytes:
+    payload = bytes(i & 0xFF for i in range(MSS * 49))
+    pkt = tcp(ME.address.packed, PEER.address.packed, seq, payload)
+    return struct.pack("=BBHHHH", 1, 4, 72, MSS, 40, 16) + pkt
+
+
+def peer_frames() -> bytes:
+    key = SessionKey(shared_secret(PEER.private_key, ME.public_key), native=False)
+    out = []
+    for i in range(48):
+        pt = L3_HEADER + tcp(PEER.address.packed, ME.address.packed, 1000 + i * MSS, bytes(MSS))
+        body = key.seal(pt)
+        out.append(struct.pack("!BBxxxHB", 1, 0, len(body), 63) + PEER.address.packed + ME.address.packed + body)
+    return b"".join(out)
+
+
+def workloads(use_native: bool) -> dict[str, tuple[Callable[[], None], int]]:
+    dp = plane(use_native)
+    sps = [super_packet(i * MSS * 49) for i in range(8)]
+    plain = [bytes(VNET_HDR_SIZE) + tcp(ME.address.packed, PEER.address.packed, i, bytes(1400 - 72)) for i in range(64)]
+    frames = peer_frames()
+    key = SessionKey(bytes(32), native=use_native)
+    pt = bytes(1404)
+
+    def seal_tso() -> None:
+        dp.from_tun(sps, 0.0)
+        dp.take_out()
+
+    def seal_plain() -> None:
+        dp.from_tun(plain, 0.0)
+        dp.take_out()
+
+    def open_gro() -> None:
+        dp.from_peer(frames, 0.0)
+        dp.gro.flush()
+
+    def aead() -> None:
+        for _ in range(64):
+            key.seal(pt)
+
+    return {
+        "seal TSO (from_tun, 64 KiB super packets)": (seal_tso, 8 * 49),
+        "seal plain (from_tun, 1400-byte packets)": (seal_plain, 64),
+        "open + GRO (from_peer, 48 segments)": (open_gro, 48),
+        "AES-GCM seal (SessionKey.seal, 1404 B)": (aead, 64),
+    }
+
+
+def per_packet(fn: Callable[[], None], packets: int, seconds: float) -> float:
+    """Best µs per packet (process CPU time) over 5 slices."""
+    best = float("inf")
+    for _ in range(5):
+        done = 0
+        t0 = time.process_time()
+        end = time.perf_counter() + seconds / 5
+        while time.perf_counter() < end:
+            fn()
+            done += packets
+        best = min(best, (time.process_time() - t0) / done * 1e6)
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="per row and kernel (default 2)")
+    parser.add_argument("--cpu", type=int, default=None, help="pin to this CPU")
+    args = parser.parse_args()
+    tune_malloc()  # as tund does: batch buffers stay on the heap
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    if native.kernel is None:
+        print(f"bench_kernel: {native.describe()}; only the reference can run", file=sys.stderr)
+        return 1
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "?"
+    load = os.getloadavg()[0]
+    print(f"CPU: {model}, {os.cpu_count()} CPUs, load {load:.1f}; {native.describe()}")
+    py, nat = workloads(False), workloads(True)
+    print("| workload | python µs/pkt | native µs/pkt | speed-up |")
+    print("|---|---:|---:|---:|")
+    for name in py:
+        a = per_packet(*py[name], args.seconds)  # type: ignore[misc]
+        b = per_packet(*nat[name], args.seconds)  # type: ignore[misc]
+        print(f"| {name} | {a:.2f} | {b:.2f} | {a / b:.1f}x |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1465 @@
+/* The data plane's per-packet kernel: tund's batch loops in C against
+ * OpenSSL libcrypto (common/native.py loads it; MYCELIUM_NATIVE=0 runs the
+ * Python reference instead).
+ *
+ * Each function here mirrors one Python reference step by step, so that
+ * the same batch gives the same bytes out and the same counted drops:
+ *
+ *   Aead            common/crypto.py SessionKey's AESGCM (one EVP context
+ *                   per direction, keyed once; per packet only the IV is set)
+ *   Gro             services/tund/gro.py Gro
+ *   split_tcp       services/tund/gso.py split_tcp
+ *   from_tun        services/tund/dataplane.py DataPlane.from_tun / _from_tun_gso
+ *   from_peer       services/tund/dataplane.py DataPlane.from_peer
+ *
+ * The fast path of every packet runs here; anything the reference handles
+ * on a slow path (route-cache miss, ICMP, queueing, unknown key, messages,
+ * the FIB source check) calls the DataPlane's own Python method for it.
+ * Nothing read from the TUN or the wire is trusted: every offset is checked
+ * against the buffer before it is read.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+#include <stdint.h>
+#include <string.h>
+
+#define NONCE 12
+#define TAG 16
+#define DATA_HDR 40      /* outer header 8 + source 16 + destination 16 */
+#define MIN_SEALED (NONCE + TAG + 4)
+#define VNET_HDR 10
+#define MAX_PAYLOAD 65535
+#define GRO_MAX_OPEN 256 /* as gro.py MAX_OPEN */
+#define TCP_FIN 0x01
+#define TCP_PSH 0x08
+#define TCP_ACK 0x10
+#define TCP_CWR 0x80
+
+static PyObject *InvalidTag; /* cryptography.exceptions.InvalidTag, from configure() */
+static PyObject *Four;       /* the offset of an IPv6 packet in a plaintext */
+static PyObject *Urandom;    /* os.urandom: nonces then come from RAND_bytes */
+static PyObject *S_route_for_tun, *S_tun_exception, *S_from_tun, *S_key_for_src, *S_queue_in, *S_same_owner,
+    *S_oob_in, *S_add;
+
+/* --- one's complement sums ------------------------------------------------ */
+
+/* A value congruent mod 0xFFFF to the sum of the big-endian 16-bit words of
+ * p[0:n] (an odd last byte padded with zero). 2^16 = 1 mod 0xFFFF, so wide
+ * native-order loads can be summed and the byte order fixed at the end
+ * (a byte swap of a 16-bit value is a multiplication by 256 mod 0xFFFF). */
+static uint64_t sum_be(const uint8_t *p, size_t n) {
+    uint64_t acc = 0;
+    size_t i = 0;
+    if (n >= 8) {
+        uint64_t a0 = 0, a1 = 0;
+        for (; i + 16 <= n; i += 16) {
+            uint64_t w0, w1;
+            memcpy(&w0, p + i, 8);
+            memcpy(&w1, p + i + 8, 8);
+            a0 += (w0 & 0xFFFFFFFFu) + (w0 >> 32);
+            a1 += (w1 & 0xFFFFFFFFu) + (w1 >> 32);
+        }
+        for (; i + 8 <= n; i += 8) {
+            uint64_t w;
+            memcpy(&w, p + i, 8);
+            a0 += (w & 0xFFFFFFFFu) + (w >> 32);
+        }
+        acc = (a0 % 0xFFFF + a1 % 0xFFFF) % 0xFFFF;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        acc = (acc * 256) % 0xFFFF;
+#endif
+    }
+    for (; i + 2 <= n; i += 2)
+        acc += (uint64_t)p[i] << 8 | p[i + 1];
+    if (i < n)
+        acc += (uint64_t)p[i] << 8;
+    return acc;
+}
+
+static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static inline uint32_t rd32(const uint8_t *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static inline void wr16(uint8_t *p, unsigned v) {
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+static inline void wr32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+/* -x % 0xFFFF as Python computes it (0..0xFFFE) */
+static inline unsigned neg_mod(uint64_t x) { return (unsigned)((0xFFFF - x % 0xFFFF) % 0xFFFF); }
+
+/* --- Aead ------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD EVP_CIPHER_CTX *enc;
+    EVP_CIPHER_CTX *dec;
+} Aead;
+
+static PyTypeObject AeadType;
+
+static int aead_init(Aead *self, PyObject *args, PyObject *kw) {
+    Py_buffer key;
+    if (!PyArg_ParseTuple(args, "y*:Aead", &key))
+        return -1;
+    if (key.len != 32) {
+        PyErr_Format(PyExc_ValueError, "AES-256-GCM key must be 32 bytes, got %zd", key.len);
+        PyBuffer_Release(&key);
+        return -1;
+    }
+    EVP_CIPHER_CTX_free(self->enc);
+    EVP_CIPHER_CTX_free(self->dec);
+    self->enc = EVP_CIPHER_CTX_new();
+    self->dec = EVP_CIPHER_CTX_new();
+    int ok = self->enc && self->dec && EVP_EncryptInit_ex(self->enc, EVP_aes_256_gcm(), NULL, key.buf, NULL) == 1 &&
+             EVP_DecryptInit_ex(self->dec, EVP_aes_256_gcm(), NULL, key.buf, NULL) == 1;
+    PyBuffer_Release(&key);
+    if (!ok) {
+        PyErr_SetString(PyExc_RuntimeError, "EVP AES-256-GCM set-up failed");
+        return -1;
+    }
+    return 0;
+}
+
+static void aead_dealloc(Aead *self) {
+    EVP_CIPHER_CTX_free(self->enc);
+    EVP_CIPHER_CTX_free(self->dec);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* ciphertext || tag of the concatenation a[0:an] || b[0:bn] into out */
+static int seal_raw(Aead *k, const uint8_t *iv, const uint8_t *a, int an, const uint8_t *b, int bn, uint8_t *out) {
+    int len;
+    EVP_CIPHER_CTX *c = k->enc;
+    if (EVP_EncryptInit_ex(c, NULL, NULL, NULL, iv) != 1)
+        return -1;
+    if (an > 0 && EVP_EncryptUpdate(c, out, &len, a, an) != 1)
+        return -1;
+    if (bn > 0 && EVP_EncryptUpdate(c, out + an, &len, b, bn) != 1)
+        return -1;
+    if (EVP_EncryptFinal_ex(c, out + an + bn, &len) != 1)
+        return -1;
+    if (EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, TAG, out + an + bn) != 1)
+        return -1;
+    return 0;
+}
+
+/* 0: authentic, plaintext in out; 1: authentication failed */
+static int open_raw(Aead *k, const uint8_t *iv, const uint8_t *ct, int n, const uint8_t *tag, uint8_t *out) {
+    int len;
+    EVP_CIPHER_CTX *c = k->dec;
+    if (EVP_DecryptInit_ex(c, NULL, NULL, NULL, iv) != 1)
+        return 1;
+    if (n > 0 && EVP_DecryptUpdate(c, out, &len, ct, n) != 1)
+        return 1;
+    if (EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, TAG, (void *)tag) != 1)
+        return 1;
+    return EVP_DecryptFinal_ex(c, out + n, &len) > 0 ? 0 : 1;
+}
+
+static int aead_args(PyObject *const *args, Py_ssize_t nargs, Py_buffer *nonce, Py_buffer *data, Py_buffer *aad) {
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "expected (nonce, data, associated_data=None)");
+        return -1;
+    }
+    aad->obj = NULL;
+    aad->buf = NULL;
+    aad->len = 0;
+    if (PyObject_GetBuffer(args[0], nonce, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (nonce->len != NONCE) {
+        PyBuffer_Release(nonce);
+        PyErr_SetString(PyExc_ValueError, "nonce must be 12 bytes");
+        return -1;
+    }
+    if (PyObject_GetBuffer(args[1], data, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(nonce);
+        return -1;
+    }
+    if (nargs == 3 && args[2] != Py_None && PyObject_GetBuffer(args[2], aad, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(nonce);
+        PyBuffer_Release(data);
+        return -1;
+    }
+    if (data->len > INT_MAX - 64 || aad->len > INT_MAX) {
+        PyBuffer_Release(nonce);
+        PyBuffer_Release(data);
+        if (aad->obj)
+            PyBuffer_Release(aad);
+        PyErr_SetString(PyExc_OverflowError, "data too long");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *aead_encrypt(Aead *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer nonce, data, aad;
+    if (aead_args(args, nargs, &nonce, &data, &aad) < 0)
+        return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, data.len + TAG);
+    int len, bad = 0;
+    if (out) {
+        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+        EVP_CIPHER_CTX *c = self->enc;
+        bad = EVP_EncryptInit_ex(c, NULL, NULL, NULL, nonce.buf) != 1 ||
+              (aad.len && EVP_EncryptUpdate(c, NULL, &len, aad.buf, (int)aad.len) != 1) ||
+              (data.len && EVP_EncryptUpdate(c, o, &len, data.buf, (int)data.len) != 1) ||
+              EVP_EncryptFinal_ex(c, o + data.len, &len) != 1 ||
+              EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, TAG, o + data.len) != 1;
+    }
+    PyBuffer_Release(&nonce);
+    PyBuffer_Release(&data);
+    if (aad.obj)
+        PyBuffer_Release(&aad);
+    if (out && bad) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_RuntimeError, "EVP encryption failed");
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *aead_decrypt(Aead *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer nonce, data, aad;
+    if (aead_args(args, nargs, &nonce, &data, &aad) < 0)
+        return NULL;
+    PyObject *out = NULL;
+    int ok = 0;
+    if (data.len >= TAG) {
+        Py_ssize_t n = data.len - TAG;
+        out = PyBytes_FromStringAndSize(NULL, n);
+        if (out) {
+            uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+            const uint8_t *d = data.buf;
+            EVP_CIPHER_CTX *c = self->dec;
+            int len;
+            ok = EVP_DecryptInit_ex(c, NULL, NULL, NULL, nonce.buf) == 1 &&
+                 (!aad.len || EVP_DecryptUpdate(c, NULL, &len, aad.buf, (int)aad.len) == 1) &&
+                 (!n || EVP_DecryptUpdate(c, o, &len, d, (int)n) == 1) &&
+                 EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, TAG, (void *)(d + n)) == 1 &&
+                 EVP_DecryptFinal_ex(c, o + n, &len) > 0;
+        }
+    }
+    PyBuffer_Release(&nonce);
+    PyBuffer_Release(&data);
+    if (aad.obj)
+        PyBuffer_Release(&aad);
+    if (!ok) {
+        if (out || data.len < TAG) {
+            Py_XDECREF(out);
+            PyErr_SetNone(InvalidTag ? InvalidTag : PyExc_ValueError);
+        }
+        return NULL;
+    }
+    return out;
+}
+
+static PyMethodDef aead_methods[] = {
+    {"encrypt", (PyCFunction)(void (*)(void))aead_encrypt, METH_FASTCALL,
+     "encrypt(nonce, data, associated_data) -> ciphertext || tag (as AESGCM.encrypt)"},
+    {"decrypt", (PyCFunction)(void (*)(void))aead_decrypt, METH_FASTCALL,
+     "decrypt(nonce, data, associated_data) -> plaintext; InvalidTag (as AESGCM.decrypt)"},
+    {NULL}};
+
+static PyTypeObject AeadType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "common._kernel.Aead",
+    .tp_basicsize = sizeof(Aead),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "AES-256-GCM with its EVP contexts kept: Aead(key32)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)aead_init,
+    .tp_dealloc = (destructor)aead_dealloc,
+    .tp_methods = aead_methods,
+};
+
+/* The Aead behind a bound ``encrypt``/``decrypt`` method (what the
+ * DataPlane's caches hold), or NULL for any other callable. */
+static Aead *aead_of(PyObject *callable, void *which) {
+    if (!PyCFunction_Check(callable))
+        return NULL;
+    PyObject *self = PyCFunction_GET_SELF(callable);
+    if (!self || Py_TYPE(self) != &AeadType || (void *)PyCFunction_GET_FUNCTION(callable) != which)
+        return NULL;
+    return (Aead *)self;
+}
+
+/* --- Gro ---------------------------------------------------------------------- */
+
+typedef struct {
+    uint8_t key[36]; /* pt[12:48]: addresses and ports */
+    uint8_t word0[4], ack[4], opts[40];
+    int thl, gso, total, hop, psh, npay;
+    uint32_t next_seq;
+    PyObject *bytes; /* virtio-net header, IPv6 and TCP header of the first segment, payloads */
+    Py_ssize_t len;
+} Group;
+
+typedef struct {
+    PyObject_HEAD int vnet;
+    PyObject *writes;
+    long long merged;
+    Group *open[GRO_MAX_OPEN]; /* in opening order (gro.py's dict order) */
+    int nopen;
+    Group *last;
+} Gro;
+
+static PyTypeObject GroType;
+#define GROUP_CAP (VNET_HDR + 40 + MAX_PAYLOAD)
+
+static int gro_init(Gro *self, PyObject *args, PyObject *kw) {
+    int vnet;
+    if (!PyArg_ParseTuple(args, "p:Gro", &vnet))
+        return -1;
+    self->vnet = vnet;
+    Py_XSETREF(self->writes, PyList_New(0));
+    return self->writes ? 0 : -1;
+}
+
+static void group_free(Group *g) {
+    Py_XDECREF(g->bytes);
+    PyMem_Free(g);
+}
+
+static void gro_dealloc(Gro *self) {
+    for (int i = 0; i < self->nopen; i++)
+        group_free(self->open[i]);
+    Py_XDECREF(self->writes);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int append_write(Gro *self, PyObject *bytes) { /* steals bytes */
+    if (!bytes)
+        return -1;
+    PyObject *lst = PyList_New(1);
+    if (!lst) {
+        Py_DECREF(bytes);
+        return -1;
+    }
+    PyList_SET_ITEM(lst, 0, bytes);
+    int r = PyList_Append(self->writes, lst);
+    Py_DECREF(lst);
+    return r;
+}
+
+/* gro.py single(): the packet as it goes to the TUN, hop limit replaced */
+static int write_single(Gro *self, const uint8_t *pt, Py_ssize_t n, int hop, int vnet) {
+    Py_ssize_t pre = vnet ? VNET_HDR : 0;
+    PyObject *b = PyBytes_FromStringAndSize(NULL, pre + n - 4);
+    if (!b)
+        return -1;
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(b);
+    memset(o, 0, pre);
+    memcpy(o + pre, pt + 4, n - 4);
+    o[pre + 7] = (uint8_t)hop;
+    return append_write(self, b);
+}
+
+static int group_close(Gro *self, int idx) {
+    Group *g = self->open[idx];
+    memmove(&self->open[idx], &self->open[idx + 1], (size_t)(self->nopen - idx - 1) * sizeof(Group *));
+    self->nopen--;
+    if (self->last == g)
+        self->last = NULL;
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(g->bytes);
+    if (g->npay == 1) {
+        memset(o, 0, VNET_HDR);
+        o[VNET_HDR + 7] = (uint8_t)g->hop;
+    } else {
+        int thl = g->thl;
+        unsigned length = (unsigned)(thl + g->total);
+        uint16_t v[5] = {(uint16_t)(40 + thl), (uint16_t)g->gso, 40, 16};
+        o[0] = 1; /* VIRTIO_NET_HDR_F_NEEDS_CSUM */
+        o[1] = 4; /* VIRTIO_NET_HDR_GSO_TCPV6 */
+        memcpy(o + 2, v, 8); /* native byte order, as struct "=" */
+        uint8_t *ip = o + VNET_HDR, *tcp = ip + 40;
+        wr16(ip + 4, length);
+        ip[7] = (uint8_t)g->hop;
+        tcp[13] |= (uint8_t)g->psh;
+        unsigned s = (unsigned)((sum_be(ip + 8, 32) + length + 6) % 0xFFFF);
+        wr16(tcp + 16, s ? s : 0xFFFF);
+        self->merged += g->npay;
+    }
+    PyObject *b = g->bytes;
+    g->bytes = NULL;
+    int r = _PyBytes_Resize(&b, g->len);
+    PyMem_Free(g);
+    if (r < 0)
+        return -1;
+    return append_write(self, b);
+}
+
+static int find_group(Gro *self, const uint8_t *key) {
+    if (self->last && memcmp(self->last->key, key, 36) == 0) {
+        for (int i = self->nopen - 1; i >= 0; i--)
+            if (self->open[i] == self->last)
+                return i;
+    }
+    for (int i = 0; i < self->nopen; i++)
+        if (memcmp(self->open[i]->key, key, 36) == 0)
+            return i;
+    return -1;
+}
+
+/* gro.py Gro.add for a plaintext (inner header included) of n >= 44 bytes */
+static int gro_add_raw(Gro *self, const uint8_t *pt, Py_ssize_t n, int hop) {
+    if (!self->vnet || pt[10] != 6 || n < 64)
+        return write_single(self, pt, n, hop, self->vnet);
+    int thl = (pt[56] >> 4) << 2;
+    Py_ssize_t size = n - 44 - thl;
+    int flags = pt[57];
+    const uint8_t *key = pt + 12;
+    unsigned iplen = rd16(pt + 8);
+    int idx = find_group(self, key);
+    if (idx >= 0) {
+        Group *g = self->open[idx];
+        if (size > 0 && (flags | TCP_PSH) == (TCP_ACK | TCP_PSH) && size <= g->gso && thl == g->thl &&
+            hop == g->hop && rd32(pt + 48) == g->next_seq && g->total + size + thl <= MAX_PAYLOAD &&
+            memcmp(pt + 52, g->ack, 4) == 0 && memcmp(pt + 4, g->word0, 4) == 0 &&
+            memcmp(pt + 64, g->opts, (size_t)(thl - 20)) == 0 && iplen == (unsigned)(thl + size)) {
+            memcpy(PyBytes_AS_STRING(g->bytes) + g->len, pt + 44 + thl, (size_t)size);
+            g->len += size;
+            g->total += (int)size;
+            g->next_seq += (uint32_t)size;
+            g->npay++;
+            if (size < g->gso || flags & TCP_PSH) {
+                g->psh = flags & TCP_PSH;
+                return group_close(self, idx);
+            }
+            self->last = g;
+            return 0;
+        }
+        if (group_close(self, idx) < 0)
+            return -1;
+    }
+    if (size > 0 && flags == TCP_ACK && thl >= 20 && iplen == (unsigned)(thl + size)) {
+        if (self->nopen >= GRO_MAX_OPEN && group_close(self, 0) < 0)
+            return -1;
+        Group *g = PyMem_Malloc(sizeof(Group));
+        if (!g) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        g->bytes = PyBytes_FromStringAndSize(NULL, GROUP_CAP);
+        if (!g->bytes) {
+            PyMem_Free(g);
+            return -1;
+        }
+        memcpy(g->key, key, 36);
+        memcpy(g->word0, pt + 4, 4);
+        memcpy(g->ack, pt + 52, 4);
+        memcpy(g->opts, pt + 64, (size_t)(thl - 20));
+        g->thl = thl;
+        g->gso = g->total = (int)size;
+        g->hop = hop;
+        g->psh = 0;
+        g->npay = 1;
+        g->next_seq = rd32(pt + 48) + (uint32_t)size;
+        memcpy(PyBytes_AS_STRING(g->bytes) + VNET_HDR, pt + 4, (size_t)(n - 4));
+        g->len = VNET_HDR + n - 4;
+        self->open[self->nopen++] = g;
+        self->last = g;
+        return 0;
+    }
+    return write_single(self, pt, n, hop, 1);
+}
+
+static PyObject *gro_add(Gro *self, PyObject *args) {
+    Py_buffer pt;
+    int hop;
+    if (!PyArg_ParseTuple(args, "y*i:add", &pt, &hop))
+        return NULL;
+    int r = -1;
+    if (pt.len < 44)
+        PyErr_SetString(PyExc_ValueError, "a plaintext holding an IPv6 packet is at least 44 bytes");
+    else if (hop < 0 || hop > 255)
+        PyErr_SetString(PyExc_ValueError, "hop limit out of range");
+    else
+        r = gro_add_raw(self, pt.buf, pt.len, hop);
+    PyBuffer_Release(&pt);
+    if (r < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *gro_flush(Gro *self, PyObject *unused) {
+    while (self->nopen)
+        if (group_close(self, 0) < 0)
+            return NULL;
+    PyObject *fresh = PyList_New(0);
+    if (!fresh)
+        return NULL;
+    PyObject *out = self->writes;
+    self->writes = fresh;
+    return out;
+}
+
+static PyObject *gro_get_open(Gro *self, void *closure) { return PyLong_FromLong(self->nopen); }
+
+static PyMethodDef gro_methods[] = {
+    {"add", (PyCFunction)gro_add, METH_VARARGS, "add(plaintext, hop): as gro.Gro.add"},
+    {"flush", (PyCFunction)gro_flush, METH_NOARGS, "close every open group; the writes in order"},
+    {NULL}};
+
+static PyMemberDef gro_members[] = {
+    {"writes", T_OBJECT_EX, offsetof(Gro, writes), 0, "buffers lists for os.writev, in order"},
+    {"merged", T_LONGLONG, offsetof(Gro, merged), 0, "segments that went out inside a super packet"},
+    {"vnet", T_INT, offsetof(Gro, vnet), READONLY, NULL},
+    {NULL}};
+
+static PyGetSetDef gro_getset[] = {{"open_groups", (getter)gro_get_open, NULL, "groups still open", NULL}, {NULL}};
+
+static PyTypeObject GroType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "common._kernel.Gro",
+    .tp_basicsize = sizeof(Gro),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "GRO in user space for TUN writes (gro.py Gro): Gro(vnet)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)gro_init,
+    .tp_dealloc = (destructor)gro_dealloc,
+    .tp_methods = gro_methods,
+    .tp_members = gro_members,
+    .tp_getset = gro_getset,
+};
+
+/* --- helpers for the batch loops ---------------------------------------------- */
+
+typedef struct { /* counters bumped at the end of a call */
+    const char *name;
+    long long n;
+} Count;
+
+static int bump(PyObject *counters, Count *c, int n) {
+    for (int i = 0; i < n; i++) {
+        if (!c[i].n && c[i].name[0] != '+') /* '+': always present, as the reference adds 0 too */
+            continue;
+        const char *name = c[i].name[0] == '+' ? c[i].name + 1 : c[i].name;
+        PyObject *key = PyUnicode_InternFromString(name);
+        if (!key)
+            return -1;
+        PyObject *old = PyDict_GetItemWithError(counters, key);
+        long long v = c[i].n;
+        if (old) {
+            long long o = PyLong_AsLongLong(old);
+            if (o == -1 && PyErr_Occurred()) {
+                Py_DECREF(key);
+                return -1;
+            }
+            v += o;
+        } else if (PyErr_Occurred()) {
+            Py_DECREF(key);
+            return -1;
+        }
+        PyObject *nv = PyLong_FromLongLong(v);
+        int r = nv ? PyDict_SetItem(counters, key, nv) : -1;
+        Py_XDECREF(nv);
+        Py_DECREF(key);
+        if (r < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* 12 * n nonce bytes: RAND_bytes when the DataPlane's nonce_bytes is
+ * os.urandom (the default: random per packet), else its own callable
+ * (e.g. per-session counters), called once per batch as the reference does. */
+static PyObject *get_nonces(PyObject *source, Py_ssize_t n) {
+    Py_ssize_t want = NONCE * n;
+    if (source == Urandom || source == Py_None) {
+        PyObject *b = PyBytes_FromStringAndSize(NULL, want);
+        if (b && want && RAND_bytes((unsigned char *)PyBytes_AS_STRING(b), (int)want) != 1) {
+            Py_DECREF(b);
+            PyErr_SetString(PyExc_RuntimeError, "RAND_bytes failed");
+            return NULL;
+        }
+        return b;
+    }
+    PyObject *b = PyObject_CallFunction(source, "n", want);
+    if (b && (!PyBytes_Check(b) || PyBytes_GET_SIZE(b) != want)) {
+        Py_DECREF(b);
+        PyErr_Format(PyExc_ValueError, "nonce_bytes(%zd) must return that many bytes", want);
+        return NULL;
+    }
+    return b;
+}
+
+/* an output run: packets for one next hop appended to one bytearray that
+ * already sits at the end of that hop's parts list */
+typedef struct {
+    PyObject *out;     /* dp.out */
+    PyObject *hop;     /* next hop of the current run (borrowed identity) */
+    PyObject *buf;     /* bytearray of the run, NULL when none */
+    PyObject *hop_ref; /* strong ref to hop */
+    Py_ssize_t used;   /* bytes of buf in use; the rest is room to grow (cut off by run_end) */
+} Run;
+
+static void run_end(Run *r) {
+    if (r->buf && PyByteArray_GET_SIZE(r->buf) != r->used) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb); /* may run on an error path */
+        if (PyByteArray_Resize(r->buf, r->used) < 0)
+            PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
+    }
+    r->used = 0;
+    Py_CLEAR(r->buf);
+    Py_CLEAR(r->hop_ref);
+    r->hop = NULL;
+}
+
+/* room for ``need`` more bytes at the end of the run for ``hop``; NULL on error */
+static uint8_t *run_reserve(Run *r, PyObject *hop, Py_ssize_t need) {
+    if (r->buf == NULL || hop != r->hop) {
+        run_end(r);
+        PyObject *parts = PyDict_GetItemWithError(r->out, hop);
+        if (!parts) {
+            if (PyErr_Occurred())
+                return NULL;
+            parts = PyList_New(0);
+            if (!parts || PyDict_SetItem(r->out, hop, parts) < 0) {
+                Py_XDECREF(parts);
+                return NULL;
+            }
+            Py_DECREF(parts);
+        }
+        if (!PyList_Check(parts)) {
+            PyErr_SetString(PyExc_TypeError, "DataPlane.out values must be lists");
+            return NULL;
+        }
+        r->buf = PyByteArray_FromStringAndSize(NULL, 0);
+        r->used = 0;
+        if (!r->buf || PyList_Append(parts, r->buf) < 0)
+            return NULL;
+        Py_INCREF(hop);
+        r->hop_ref = hop;
+        r->hop = hop;
+    }
+    Py_ssize_t size = PyByteArray_GET_SIZE(r->buf);
+    if (r->used + need > size) { /* grow geometrically: one copy per doubling, not per packet */
+        Py_ssize_t want = size * 2 > r->used + need ? size * 2 : r->used + need;
+        if (want < 16384)
+            want = 16384;
+        if (PyByteArray_Resize(r->buf, want) < 0)
+            return NULL;
+    }
+    uint8_t *o = (uint8_t *)PyByteArray_AS_STRING(r->buf) + r->used;
+    r->used += need;
+    return o;
+}
+
+/* one framed data packet: header, addresses, AES-GCM of hdr||body, nonce */
+static int seal_frame(Run *r, PyObject *hop_obj, PyObject *encrypt, int hop, const uint8_t *addrs, const uint8_t *nonce,
+                      const uint8_t *a, Py_ssize_t an, const uint8_t *b, Py_ssize_t bn) {
+    Py_ssize_t body = an + bn + TAG + NONCE;
+    Aead *k = aead_of(encrypt, (void *)aead_encrypt);
+    PyObject *ct = NULL;
+    if (!k) { /* a callable we do not know: as the reference calls it */
+        PyObject *pt = PyBytes_FromStringAndSize(NULL, an + bn);
+        if (!pt)
+            return -1;
+        memcpy(PyBytes_AS_STRING(pt), a, (size_t)an);
+        memcpy(PyBytes_AS_STRING(pt) + an, b, (size_t)bn);
+        PyObject *nb = PyBytes_FromStringAndSize((const char *)nonce, NONCE);
+        ct = nb ? PyObject_CallFunctionObjArgs(encrypt, nb, pt, Py_None, NULL) : NULL;
+        Py_XDECREF(nb);
+        Py_DECREF(pt);
+        if (!ct)
+            return -1;
+        if (!PyBytes_Check(ct)) {
+            Py_DECREF(ct);
+            PyErr_SetString(PyExc_TypeError, "encrypt must return bytes");
+            return -1;
+        }
+        body = PyBytes_GET_SIZE(ct) + NONCE;
+    }
+    if (body > 0xFFFF) {
+        Py_XDECREF(ct);
+        PyErr_SetString(PyExc_OverflowError, "data packet body longer than 65535 bytes");
+        return -1;
+    }
+    uint8_t *o = run_reserve(r, hop_obj, DATA_HDR + body);
+    if (!o) {
+        Py_XDECREF(ct);
+        return -1;
+    }
+    o[0] = 1;
+    o[1] = 0;
+    o[2] = o[3] = o[4] = 0;
+    wr16(o + 5, (unsigned)body);
+    o[7] = (uint8_t)(hop - 1);
+    memcpy(o + 8, addrs, 32);
+    if (k) {
+        if (seal_raw(k, nonce, a, (int)an, b, (int)bn, o + DATA_HDR) < 0) {
+            PyErr_SetString(PyExc_RuntimeError, "EVP encryption failed");
+            return -1;
+        }
+    } else {
+        memcpy(o + DATA_HDR, PyBytes_AS_STRING(ct), (size_t)(body - NONCE));
+        Py_DECREF(ct);
+    }
+    memcpy(o + DATA_HDR + body - NONCE, nonce, NONCE);
+    return 0;
+}
+
+/* --- TSO: cutting a super packet (gso.py split_tcp) ------------------------------- */
+
+typedef struct {
+    const uint8_t *p;
+    Py_ssize_t len;
+    Py_ssize_t off, tcp, data, total;
+    int thl, mss, count, flags, middle, first_extra, last_extra;
+    uint32_t seq0;
+    uint64_t fixed;
+} Tso;
+
+/* 0 when the super packet can be cut, -1 for gso.py's SegmentError */
+static int tso_parse(Tso *t, const uint8_t *p, Py_ssize_t len, Py_ssize_t off) {
+    if (len < VNET_HDR || off < VNET_HDR)
+        return -1;
+    uint16_t hv[4];
+    memcpy(hv, p + 2, 8); /* hdr_len, gso_size, csum_start, csum_offset: native order */
+    int gso_type = p[1];
+    if ((gso_type & ~0x80) != 4)
+        return -1;
+    if (len < off + 40 + 20 || p[off + 6] != 6 || hv[2] != 40)
+        return -1;
+    t->p = p;
+    t->len = len;
+    t->off = off;
+    t->tcp = off + 40;
+    t->thl = (p[t->tcp + 12] >> 4) * 4;
+    t->data = t->tcp + t->thl;
+    t->total = len - t->data;
+    t->mss = hv[1];
+    if (t->thl < 20 || t->total <= 0 || t->mss <= 0)
+        return -1;
+    t->count = (int)((t->total + t->mss - 1) / t->mss);
+    const uint8_t *th = p + t->tcp;
+    t->flags = th[13];
+    t->middle = t->flags & ~(TCP_FIN | TCP_PSH | TCP_CWR);
+    t->last_extra = t->flags & (TCP_FIN | TCP_PSH);
+    t->first_extra = t->flags & TCP_CWR;
+    t->seq0 = rd32(th + 4);
+    uint64_t f = sum_be(p + off + 8, 32) + 6;
+    f += rd16(th) + rd16(th + 2) + rd16(th + 8) + rd16(th + 10) + ((unsigned)th[12] << 8 | (unsigned)t->middle) +
+         rd16(th + 14) + sum_be(th + 18, (size_t)(t->thl - 18));
+    t->fixed = f % 0xFFFF;
+    return 0;
+}
+
+/* segment i: its 4-byte inner header + IPv6 + TCP header into hdr (returns
+ * its length), its payload at *pay / *size */
+static Py_ssize_t tso_segment(const Tso *t, int i, uint8_t *hdr, const uint8_t *prefix, const uint8_t **pay,
+                              Py_ssize_t *size) {
+    const uint8_t *p = t->p;
+    Py_ssize_t start = t->data + (Py_ssize_t)i * t->mss;
+    Py_ssize_t sz = t->len - start < t->mss ? t->len - start : t->mss;
+    int fl = t->middle | (i == 0 ? t->first_extra : 0) | (i == t->count - 1 ? t->last_extra : 0);
+    uint32_t q = t->seq0 + (uint32_t)((uint64_t)i * (uint64_t)t->mss);
+    uint64_t x = t->fixed + (q >> 16) + (q & 0xFFFF) + (uint64_t)(t->thl + sz) + sum_be(p + start, (size_t)sz) +
+                 (uint64_t)(fl - t->middle);
+    memcpy(hdr, prefix, 4);
+    uint8_t *ip = hdr + 4, *th = ip + 40;
+    memcpy(ip, p + t->off, 40);
+    wr16(ip + 4, (unsigned)(t->thl + sz));
+    memcpy(th, p + t->tcp, (size_t)t->thl);
+    wr32(th + 4, q);
+    th[13] = (uint8_t)fl;
+    wr16(th + 16, neg_mod(x));
+    *pay = p + start;
+    *size = sz;
+    return 4 + 40 + t->thl;
+}
+
+static const uint8_t L3_HEADER[4] = {1, 0, 0, 0};
+
+static PyObject *segment_bytes(const Tso *t, int i) {
+    uint8_t hdr[4 + 40 + 60];
+    const uint8_t *pay;
+    Py_ssize_t sz;
+    Py_ssize_t h = tso_segment(t, i, hdr, L3_HEADER, &pay, &sz);
+    PyObject *b = PyBytes_FromStringAndSize(NULL, h + sz);
+    if (b) {
+        memcpy(PyBytes_AS_STRING(b), hdr, (size_t)h);
+        memcpy(PyBytes_AS_STRING(b) + h, pay, (size_t)sz);
+    }
+    return b;
+}
+
+static PyObject *SegmentError;
+
+static PyObject *k_split_tcp(PyObject *mod, PyObject *args) {
+    Py_buffer p;
+    Py_ssize_t off;
+    if (!PyArg_ParseTuple(args, "y*n:split_tcp", &p, &off))
+        return NULL;
+    Tso t;
+    PyObject *out = NULL;
+    if (off < 0 || tso_parse(&t, p.buf, p.len, off) < 0) {
+        PyErr_SetString(SegmentError ? SegmentError : PyExc_ValueError, "super packet cannot be cut");
+    } else if ((out = PyList_New(t.count))) {
+        for (int i = 0; i < t.count; i++) {
+            PyObject *b = segment_bytes(&t, i);
+            if (!b) {
+                Py_CLEAR(out);
+                break;
+            }
+            PyList_SET_ITEM(out, i, b);
+        }
+    }
+    PyBuffer_Release(&p);
+    return out;
+}
+
+/* --- from_tun (dataplane.py DataPlane.from_tun) --------------------------------- */
+
+typedef struct {
+    PyObject *dp, *now, *routes, *counters, *nonce_src;
+    Run run;
+    Py_ssize_t off; /* the DataPlane's own offset (virtio-net header) */
+    long mtu;
+    /* route cache of the last destination /64 (dropped after any call out) */
+    uint8_t last_dst[8];
+    PyObject *last_route;
+    Count c[6];
+} Tun;
+
+enum { C_TUN_RX, C_SEALED, C_NOT_IPV6, C_BAD_OFFLOAD, C_GSO_SEGMENTS, C_NCOUNT };
+
+static void tun_forget(Tun *s) {
+    Py_CLEAR(s->last_route);
+    run_end(&s->run);
+}
+
+/* routes.get(dst /64), with the one-entry cache in front */
+static PyObject *tun_route(Tun *s, const uint8_t *dst8) {
+    if (s->last_route && memcmp(s->last_dst, dst8, 8) == 0)
+        return s->last_route;
+    PyObject *k = PyBytes_FromStringAndSize((const char *)dst8, 8);
+    if (!k)
+        return NULL;
+    PyObject *r = PyDict_GetItemWithError(s->routes, k);
+    Py_DECREF(k);
+    if (!r)
+        return PyErr_Occurred() ? NULL : Py_None;
+    Py_INCREF(r);
+    Py_XSETREF(s->last_route, r);
+    memcpy(s->last_dst, dst8, 8);
+    return r;
+}
+
+static int route_parts(PyObject *r, PyObject **hop, PyObject **encrypt) {
+    if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 2) {
+        PyErr_SetString(PyExc_TypeError, "a route is (next hop, encrypt)");
+        return -1;
+    }
+    *hop = PyTuple_GET_ITEM(r, 0);
+    *encrypt = PyTuple_GET_ITEM(r, 1);
+    return 0;
+}
+
+static PyObject *bytes_of(PyObject *given, const uint8_t *p, Py_ssize_t n) {
+    if (given) {
+        Py_INCREF(given);
+        return given;
+    }
+    return PyBytes_FromStringAndSize((const char *)p, n);
+}
+
+/* a super packet (dataplane.py _from_tun_gso); 0 or -1 on error */
+static int tun_gso(Tun *s, const uint8_t *p, Py_ssize_t len) {
+    Py_ssize_t off = s->off;
+    Tso t;
+    if (tso_parse(&t, p, len, off) < 0) {
+        s->c[C_BAD_OFFLOAD].n++;
+        return 0;
+    }
+    int n = t.count;
+    s->c[C_GSO_SEGMENTS].n += n;
+    s->c[C_TUN_RX].n -= 1;
+    PyObject *r = tun_route(s, p + off + 24);
+    if (!r)
+        return -1;
+    int hop = p[off + 7];
+    Py_ssize_t first = 40 + t.thl + (t.total < t.mss ? t.total : t.mss);
+    if (r == Py_None || hop < 2 || (p[off + 8] & 0xFE) != 4 || first > s->mtu) {
+        tun_forget(s);
+        for (int i = 0; i < n; i++) {
+            PyObject *pt = segment_bytes(&t, i);
+            PyObject *lst = pt ? PyList_New(1) : NULL;
+            if (!lst) {
+                Py_XDECREF(pt);
+                return -1;
+            }
+            PyList_SET_ITEM(lst, 0, pt);
+            PyObject *res = PyObject_CallMethodObjArgs(s->dp, S_from_tun, lst, s->now, Four, NULL);
+            Py_DECREF(lst);
+            if (!res)
+                return -1;
+            Py_DECREF(res);
+        }
+        return 0;
+    }
+    PyObject *hop_obj, *encrypt;
+    Py_INCREF(r);
+    if (route_parts(r, &hop_obj, &encrypt) < 0) {
+        Py_DECREF(r);
+        return -1;
+    }
+    PyObject *nonces = get_nonces(s->nonce_src, n);
+    if (!nonces) {
+        Py_DECREF(r);
+        return -1;
+    }
+    /* the reference appends to out[next_hop] directly, not to the caller's run */
+    run_end(&s->run);
+    const uint8_t *nb = (const uint8_t *)PyBytes_AS_STRING(nonces);
+    int rc = 0;
+    /* room for all n frames at once: header, inner header, IPv6, TCP, tag, nonce each, and the payload */
+    if (aead_of(encrypt, (void *)aead_encrypt) && run_reserve(&s->run, hop_obj, (Py_ssize_t)n * (DATA_HDR + 4 + 40 + t.thl + TAG + NONCE) + t.total))
+        s->run.used = 0;
+    else if (PyErr_Occurred())
+        rc = -1;
+    for (int i = 0; i < n && rc == 0; i++) {
+        uint8_t hdr[4 + 40 + 60];
+        const uint8_t *pay;
+        Py_ssize_t sz;
+        Py_ssize_t h = tso_segment(&t, i, hdr, L3_HEADER, &pay, &sz);
+        rc = seal_frame(&s->run, hop_obj, encrypt, hop, p + off + 8, nb + NONCE * i, hdr, h, pay, sz);
+    }
+    run_end(&s->run);
+    Py_DECREF(nonces);
+    Py_DECREF(r);
+    s->c[C_TUN_RX].n += n;
+    s->c[C_SEALED].n += n;
+    return rc;
+}
+
+/* gso.py/dataplane.py finish_checksum into out (len bytes); -1 when the offsets are outside */
+static int finish_checksum(const uint8_t *p, Py_ssize_t len, Py_ssize_t off, uint8_t *out) {
+    uint16_t hv[2];
+    memcpy(hv, p + 6, 4);
+    Py_ssize_t start = off + hv[0], field = start + hv[1];
+    if (start >= len || field + 2 > len)
+        return -1;
+    unsigned total = (unsigned)(sum_be(p + start, (size_t)(len - start)) % 0xFFFF);
+    memcpy(out, p, (size_t)len);
+    out[0] = 0;
+    wr16(out + field, 0xFFFF - (total ? total : 0xFFFF));
+    return 0;
+}
+
+static PyObject *k_from_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "from_tun(dp, pkts, now, off)");
+        return NULL;
+    }
+    PyObject *dp = args[0], *pkts = args[1];
+    Py_ssize_t off = PyLong_AsSsize_t(args[3]);
+    if (off == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyList_Check(pkts)) {
+        PyErr_SetString(PyExc_TypeError, "pkts must be a list");
+        return NULL;
+    }
+    if (off < 0 || off > 64) {
+        PyErr_SetString(PyExc_ValueError, "offset out of range");
+        return NULL;
+    }
+    Tun s;
+    memset(&s, 0, sizeof s);
+    s.dp = dp;
+    s.now = args[2];
+    const char *names[C_NCOUNT] = {"+tun_rx", "+tx_sealed", "tun_rx_not_ipv6", "tun_rx_bad_offload",
+                                   "tun_rx_gso_segments"};
+    for (int i = 0; i < C_NCOUNT; i++)
+        s.c[i].name = names[i];
+    PyObject *ret = NULL, *nonces = NULL, *dpoff = NULL, *dpvnet = NULL, *mtu = NULL;
+    uint8_t *scratch = NULL;
+    if (PyObject_SetAttrString(dp, "now", s.now) < 0)
+        return NULL;
+    if (!(s.routes = PyObject_GetAttrString(dp, "routes")) || !(s.run.out = PyObject_GetAttrString(dp, "out")) ||
+        !(s.counters = PyObject_GetAttrString(dp, "counters")) ||
+        !(s.nonce_src = PyObject_GetAttrString(dp, "nonce_bytes")) || !(dpoff = PyObject_GetAttrString(dp, "off")) ||
+        !(dpvnet = PyObject_GetAttrString(dp, "vnet")) || !(mtu = PyObject_GetAttrString(dp, "mtu")))
+        goto done;
+    if (!PyDict_Check(s.routes) || !PyDict_Check(s.run.out) || !PyDict_Check(s.counters)) {
+        PyErr_SetString(PyExc_TypeError, "DataPlane routes, out and counters must be dicts");
+        goto done;
+    }
+    s.off = PyLong_AsSsize_t(dpoff);
+    s.mtu = PyLong_AsLong(mtu);
+    int vnet_attr = PyObject_IsTrue(dpvnet);
+    if (PyErr_Occurred() || vnet_attr < 0)
+        goto done;
+    int vnet = vnet_attr && off == s.off;
+    Py_ssize_t n = PyList_GET_SIZE(pkts);
+    if (!(nonces = get_nonces(s.nonce_src, n)))
+        goto done;
+    Py_ssize_t ni = 0, sent = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pobj = PyList_GET_ITEM(pkts, i);
+        Py_INCREF(pobj);
+        Py_buffer view;
+        if (PyObject_GetBuffer(pobj, &view, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(pobj);
+            goto done;
+        }
+        const uint8_t *p = view.buf;
+        Py_ssize_t len = view.len;
+        PyObject *given = PyBytes_CheckExact(pobj) ? pobj : NULL; /* the packet as an object, for call-outs */
+        int rc = 0;
+        if (len < off + 40 || p[off] >> 4 != 6) {
+            s.c[C_NOT_IPV6].n++;
+            goto next;
+        }
+        if (vnet && (p[0] || p[1])) {
+            if (p[1]) {
+                rc = tun_gso(&s, p, len);
+                goto next;
+            }
+            if (p[0] & 1) {
+                uint8_t *sc = PyMem_Realloc(scratch, (size_t)len);
+                if (!sc) {
+                    PyErr_NoMemory();
+                    rc = -1;
+                    goto next;
+                }
+                scratch = sc;
+                if (finish_checksum(p, len, off, scratch) < 0) {
+                    s.c[C_BAD_OFFLOAD].n++;
+                    goto next;
+                }
+                p = scratch;
+                given = NULL;
+            }
+        }
+        PyObject *r = tun_route(&s, p + off + 24);
+        if (!r) {
+            rc = -1;
+            goto next;
+        }
+        if (r == Py_None) {
+            tun_forget(&s);
+            PyObject *pb = bytes_of(given, p, len);
+            r = pb ? PyObject_CallMethodObjArgs(dp, S_route_for_tun, pb, args[3], s.now, NULL) : NULL;
+            Py_XDECREF(pb);
+            if (!r) {
+                rc = -1;
+                goto next;
+            }
+            Py_XSETREF(s.last_route, r); /* keeps it alive; not a cache entry */
+            memset(s.last_dst, 0, 8);
+            s.last_dst[0] = 0xFF; /* no overlay /64 starts with ff */
+            if (r == Py_None) {
+                Py_CLEAR(s.last_route);
+                goto next;
+            }
+        }
+        int hop = p[off + 7];
+        if (hop < 2 || (p[off + 8] & 0xFE) != 4 || len - off > s.mtu) {
+            tun_forget(&s);
+            PyObject *pb = bytes_of(given, p, len);
+            PyObject *h = pb ? PyLong_FromLong(hop) : NULL;
+            PyObject *res = h ? PyObject_CallMethodObjArgs(dp, S_tun_exception, pb, args[3], h, s.now, NULL) : NULL;
+            Py_XDECREF(h);
+            Py_XDECREF(pb);
+            if (!res)
+                rc = -1;
+            Py_XDECREF(res);
+            goto next;
+        }
+        {
+            PyObject *hop_obj, *encrypt;
+            Py_INCREF(r);
+            if (route_parts(r, &hop_obj, &encrypt) < 0) {
+                Py_DECREF(r);
+                rc = -1;
+                goto next;
+            }
+            const uint8_t *nonce = (const uint8_t *)PyBytes_AS_STRING(nonces) + NONCE * ni;
+            ni++;
+            rc = seal_frame(&s.run, hop_obj, encrypt, hop, p + off + 8, nonce, L3_HEADER, 4, p + off, len - off);
+            Py_DECREF(r);
+            sent++;
+        }
+    next:
+        PyBuffer_Release(&view);
+        Py_DECREF(pobj);
+        if (rc < 0)
+            goto done;
+    }
+    s.c[C_TUN_RX].n += n;
+    s.c[C_SEALED].n += sent;
+    if (bump(s.counters, s.c, C_NCOUNT) < 0)
+        goto done;
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    tun_forget(&s);
+    PyMem_Free(scratch);
+    Py_XDECREF(nonces);
+    Py_XDECREF(s.routes);
+    Py_XDECREF(s.run.out);
+    Py_XDECREF(s.counters);
+    Py_XDECREF(s.nonce_src);
+    Py_XDECREF(dpoff);
+    Py_XDECREF(dpvnet);
+    Py_XDECREF(mtu);
+    return ret;
+}
+
+/* --- from_peer (dataplane.py DataPlane.from_peer) ------------------------------- */
+
+enum { P_OPENED, P_MALFORMED, P_DECRYPT_FAILED, P_INNER_MALFORMED, P_SPOOFED, P_NO_TUN, P_NCOUNT };
+
+static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "from_peer(dp, blob, now)");
+        return NULL;
+    }
+    PyObject *dp = args[0], *now = args[2];
+    Count c[P_NCOUNT] = {{"+rx_opened", 0},        {"rx_malformed", 0},      {"rx_decrypt_failed", 0},
+                         {"rx_inner_malformed", 0}, {"rx_spoofed_source", 0}, {"rx_l3_no_tun", 0}};
+    PyObject *keys_in = NULL, *gro = NULL, *tunobj = NULL, *messages = NULL, *counters = NULL, *ret = NULL;
+    PyObject *last_key = NULL; /* cached keys_in value for last_pre */
+    uint8_t last_pre[8];
+    uint8_t *pt = NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_SetAttrString(dp, "now", now) < 0)
+        goto done;
+    if (!(keys_in = PyObject_GetAttrString(dp, "keys_in")) || !(gro = PyObject_GetAttrString(dp, "gro")) ||
+        !(tunobj = PyObject_GetAttrString(dp, "tun")) || !(messages = PyObject_GetAttrString(dp, "messages")) ||
+        !(counters = PyObject_GetAttrString(dp, "counters")))
+        goto done;
+    if (!PyDict_Check(keys_in) || !PyDict_Check(counters) || !PyList_Check(messages)) {
+        PyErr_SetString(PyExc_TypeError, "DataPlane keys_in, counters must be dicts, messages a list");
+        goto done;
+    }
+    int tun = PyObject_IsTrue(tunobj);
+    if (tun < 0)
+        goto done;
+    Gro *ngro = Py_TYPE(gro) == &GroType ? (Gro *)gro : NULL;
+    if (!(pt = PyMem_Malloc(MAX_PAYLOAD + 64))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const uint8_t *b = view.buf;
+    Py_ssize_t end = view.len, pos = 0;
+    while (pos + DATA_HDR <= end) {
+        if (b[pos] != 1 || b[pos + 1] != 0) {
+            c[P_MALFORMED].n++;
+            break;
+        }
+        Py_ssize_t e = pos + DATA_HDR + rd16(b + pos + 5);
+        if (e > end) {
+            c[P_MALFORMED].n++;
+            break;
+        }
+        const uint8_t *spre = b + pos + 8;
+        PyObject *decrypt;
+        if (last_key && memcmp(last_pre, spre, 8) == 0) {
+            decrypt = last_key;
+        } else {
+            PyObject *k = PyBytes_FromStringAndSize((const char *)spre, 8);
+            if (!k)
+                goto done;
+            decrypt = PyDict_GetItemWithError(keys_in, k);
+            Py_DECREF(k);
+            if (!decrypt && PyErr_Occurred())
+                goto done;
+            Py_XINCREF(decrypt);
+            Py_XSETREF(last_key, decrypt);
+            memcpy(last_pre, spre, 8);
+            if (decrypt == NULL) {
+                PyObject *src = PyBytes_FromStringAndSize((const char *)spre, 16);
+                decrypt = src ? PyObject_CallMethodObjArgs(dp, S_key_for_src, src, NULL) : NULL;
+                Py_XDECREF(src);
+                Py_CLEAR(last_key); /* the call may have changed keys_in */
+                if (!decrypt)
+                    goto done;
+                if (decrypt == Py_None) {
+                    Py_DECREF(decrypt);
+                    PyObject *frame = PyBytes_FromStringAndSize((const char *)b + pos, e - pos);
+                    PyObject *res = frame ? PyObject_CallMethodObjArgs(dp, S_queue_in, frame, now, NULL) : NULL;
+                    Py_XDECREF(frame);
+                    if (!res)
+                        goto done;
+                    Py_DECREF(res);
+                    Py_CLEAR(last_key);
+                    pos = e;
+                    continue;
+                }
+                last_key = decrypt; /* for this packet only: dropped after the next call out */
+                memset(last_pre, 0, 8);
+                last_pre[0] = 0xFF;
+            }
+        }
+        if (e - pos < DATA_HDR + MIN_SEALED) {
+            c[P_DECRYPT_FAILED].n++;
+            pos = e;
+            continue;
+        }
+        const uint8_t *ct = b + pos + DATA_HDR, *nonce = b + e - NONCE;
+        Py_ssize_t n = e - NONCE - TAG - (pos + DATA_HDR);
+        PyObject *ptobj = NULL; /* the plaintext as bytes when a call-out needs it */
+        const uint8_t *p;
+        Aead *k = aead_of(decrypt, (void *)aead_decrypt);
+        if (k) {
+            if (open_raw(k, nonce, ct, (int)n, ct + n, pt) != 0) {
+                c[P_DECRYPT_FAILED].n++;
+                pos = e;
+                continue;
+            }
+            p = pt;
+        } else {
+            Py_INCREF(decrypt);
+            PyObject *nb = PyBytes_FromStringAndSize((const char *)nonce, NONCE);
+            PyObject *cb = nb ? PyBytes_FromStringAndSize((const char *)ct, n + TAG) : NULL;
+            ptobj = cb ? PyObject_CallFunctionObjArgs(decrypt, nb, cb, Py_None, NULL) : NULL;
+            Py_XDECREF(nb);
+            Py_XDECREF(cb);
+            Py_DECREF(decrypt);
+            Py_CLEAR(last_key);
+            if (!ptobj) {
+                if (InvalidTag && PyErr_ExceptionMatches(InvalidTag)) {
+                    PyErr_Clear();
+                    c[P_DECRYPT_FAILED].n++;
+                    pos = e;
+                    continue;
+                }
+                goto done;
+            }
+            if (!PyBytes_Check(ptobj) || PyBytes_GET_SIZE(ptobj) < 4) {
+                Py_DECREF(ptobj);
+                PyErr_SetString(PyExc_TypeError, "decrypt must return bytes of an inner header at least");
+                goto done;
+            }
+            p = (const uint8_t *)PyBytes_AS_STRING(ptobj);
+            n = PyBytes_GET_SIZE(ptobj);
+        }
+        c[P_OPENED].n++;
+        int kind = p[1], hop = b[pos + 7], rc = 0;
+        if (p[0] != 1) {
+            c[P_INNER_MALFORMED].n++;
+        } else if (kind == 0) {
+            if (n < 44 || p[4] >> 4 != 6) {
+                c[P_INNER_MALFORMED].n++;
+            } else {
+                int own = memcmp(p + 12, spre, 8) == 0;
+                if (!own) {
+                    PyObject *isrc = PyBytes_FromStringAndSize((const char *)p + 12, 16);
+                    PyObject *sp = isrc ? PyBytes_FromStringAndSize((const char *)spre, 8) : NULL;
+                    PyObject *res = sp ? PyObject_CallMethodObjArgs(dp, S_same_owner, isrc, sp, NULL) : NULL;
+                    Py_XDECREF(isrc);
+                    Py_XDECREF(sp);
+                    Py_CLEAR(last_key);
+                    own = res ? PyObject_IsTrue(res) : -1;
+                    Py_XDECREF(res);
+                    if (own < 0)
+                        rc = -1;
+                    else if (!own)
+                        c[P_SPOOFED].n++;
+                }
+                if (own > 0) {
+                    if (!tun) {
+                        c[P_NO_TUN].n++;
+                    } else if (ngro) {
+                        rc = gro_add_raw(ngro, p, n, hop);
+                    } else {
+                        PyObject *pb = bytes_of(ptobj, p, n);
+                        PyObject *h = pb ? PyLong_FromLong(hop) : NULL;
+                        PyObject *res = h ? PyObject_CallMethodObjArgs(gro, S_add, pb, h, NULL) : NULL;
+                        Py_XDECREF(pb);
+                        Py_XDECREF(h);
+                        rc = res ? 0 : -1;
+                        Py_XDECREF(res);
+                    }
+                }
+            }
+        } else if (kind == 1) {
+            PyObject *t = Py_BuildValue("(y#y#N)", b + pos + 8, (Py_ssize_t)16, b + pos + 24, (Py_ssize_t)16,
+                                        bytes_of(ptobj, p, n));
+            rc = t ? PyList_Append(messages, t) : -1;
+            Py_XDECREF(t);
+        } else if (kind == 2) {
+            PyObject *pb = bytes_of(ptobj, p, n);
+            PyObject *src = pb ? PyBytes_FromStringAndSize((const char *)b + pos + 8, 16) : NULL;
+            PyObject *dst = src ? PyBytes_FromStringAndSize((const char *)b + pos + 24, 16) : NULL;
+            PyObject *h = dst ? PyLong_FromLong(hop) : NULL;
+            PyObject *res = h ? PyObject_CallMethodObjArgs(dp, S_oob_in, pb, src, dst, h, NULL) : NULL;
+            Py_XDECREF(pb);
+            Py_XDECREF(src);
+            Py_XDECREF(dst);
+            Py_XDECREF(h);
+            Py_CLEAR(last_key);
+            rc = res ? 0 : -1;
+            Py_XDECREF(res);
+        } else {
+            c[P_INNER_MALFORMED].n++;
+        }
+        Py_XDECREF(ptobj);
+        if (rc < 0)
+            goto done;
+        pos = e;
+    }
+    if (bump(counters, c, P_NCOUNT) < 0)
+        goto done;
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&view);
+    PyMem_Free(pt);
+    Py_XDECREF(last_key);
+    Py_XDECREF(keys_in);
+    Py_XDECREF(gro);
+    Py_XDECREF(tunobj);
+    Py_XDECREF(messages);
+    Py_XDECREF(counters);
+    return ret;
+}
+
+/* --- peerd: a read whose packets are all for this node (local_batch.py) ---------- */
+
+static PyObject *k_all_local(PyObject *mod, PyObject *args) {
+    PyObject *bufobj, *offsets;
+    Py_buffer own;
+    if (!PyArg_ParseTuple(args, "OO!y*:all_local", &bufobj, &PyList_Type, &offsets, &own))
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(bufobj, &view, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&own);
+        return NULL;
+    }
+    PyObject *ret = NULL, *ranges = NULL, *runs = NULL;
+    Py_ssize_t n = PyList_GET_SIZE(offsets);
+    Py_ssize_t *offs = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Py_ssize_t));
+    uint8_t *b = view.buf;
+    if (!offs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (own.len != 8 || n == 0) {
+        PyErr_SetString(PyExc_ValueError, "own_prefix is 8 bytes, offsets not empty");
+        goto done;
+    }
+    int local = 1;
+    for (Py_ssize_t i = 0; i < n; i++) { /* everything checked before anything is changed */
+        Py_ssize_t o = PyLong_AsSsize_t(PyList_GET_ITEM(offsets, i));
+        if (o == -1 && PyErr_Occurred())
+            goto done;
+        if (o < 0 || o + DATA_HDR > view.len || o + DATA_HDR + rd16(b + o + 5) > view.len) {
+            PyErr_SetString(PyExc_IndexError, "offset of a data packet outside the buffer");
+            goto done;
+        }
+        offs[i] = o;
+        if (b[o + 7] < 2 || memcmp(b + o + 24, own.buf, 8) != 0)
+            local = 0;
+    }
+    if (!local) {
+        ret = Py_None;
+        Py_INCREF(ret);
+        goto done;
+    }
+    if (!(ranges = PyList_New(0)) || !(runs = PyList_New(0)))
+        goto done;
+    Py_ssize_t rstart = offs[0], run_at = 0;
+    long long run_bytes = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t o = offs[i];
+        b[o + 7]--;
+        Py_ssize_t end = o + DATA_HDR + rd16(b + o + 5);
+        if (i + 1 == n || offs[i + 1] != end) { /* a contiguous range ends here */
+            PyObject *t = Py_BuildValue("(nn)", rstart, end);
+            if (!t || PyList_Append(ranges, t) < 0) {
+                Py_XDECREF(t);
+                goto done;
+            }
+            Py_DECREF(t);
+            if (i + 1 < n)
+                rstart = offs[i + 1];
+        }
+        run_bytes += rd16(b + o + 5);
+        if (i + 1 == n || memcmp(b + offs[i + 1] + 8, b + o + 8, 32) != 0) { /* a run of one flow ends */
+            PyObject *t = Py_BuildValue("(y#nL)", b + offs[run_at] + 8, (Py_ssize_t)32, i + 1 - run_at, run_bytes);
+            if (!t || PyList_Append(runs, t) < 0) {
+                Py_XDECREF(t);
+                goto done;
+            }
+            Py_DECREF(t);
+            run_at = i + 1;
+            run_bytes = 0;
+        }
+    }
+    ret = PyTuple_Pack(2, ranges, runs);
+done:
+    Py_XDECREF(ranges);
+    Py_XDECREF(runs);
+    PyMem_Free(offs);
+    PyBuffer_Release(&view);
+    PyBuffer_Release(&own);
+    return ret;
+}
+
+/* --- module --------------------------------------------------------------------- */
+
+static PyObject *k_configure(PyObject *mod, PyObject *args) {
+    PyObject *invalid, *urandom, *segerr;
+    if (!PyArg_ParseTuple(args, "OOO:configure", &invalid, &urandom, &segerr))
+        return NULL;
+    Py_INCREF(invalid);
+    Py_XSETREF(InvalidTag, invalid);
+    Py_INCREF(urandom);
+    Py_XSETREF(Urandom, urandom);
+    Py_INCREF(segerr);
+    Py_XSETREF(SegmentError, segerr);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef k_methods[] = {
+    {"configure", k_configure, METH_VARARGS, "configure(InvalidTag, os.urandom, SegmentError)"},
+    {"split_tcp", k_split_tcp, METH_VARARGS, "split_tcp(super_packet, off) -> plaintexts (gso.split_tcp, L3 prefix)"},
+    {"from_tun", (PyCFunction)(void (*)(void))k_from_tun, METH_FASTCALL, "from_tun(dp, pkts, now, off)"},
+    {"from_peer", (PyCFunction)(void (*)(void))k_from_peer, METH_FASTCALL, "from_peer(dp, blob, now)"},
+    {"all_local", k_all_local, METH_VARARGS, "all_local(buf, offsets, own_prefix): as local_batch.all_local"},
+    {NULL}};
+
+static struct PyModuleDef k_module = {PyModuleDef_HEAD_INIT, "_kernel", "The data plane's per-packet kernel in C.",
+                                      -1, k_methods};
+
+PyMODINIT_FUNC PyInit__kernel(void) {
+    if (PyType_Ready(&AeadType) < 0 || PyType_Ready(&GroType) < 0)
+        return NULL;
+    struct {
+        PyObject **slot;
+        const char *name;
+    } names[] = {{&S_route_for_tun, "_route_for_tun"}, {&S_tun_exception, "_tun_exception"},
+                 {&S_from_tun, "from_tun"},            {&S_key_for_src, "_key_for_src"},
+                 {&S_queue_in, "_queue_in"},           {&S_same_owner, "_same_owner"},
+                 {&S_oob_in, "_oob_in"},               {&S_add, "add"}};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (!(*names[i].slot = PyUnicode_InternFromString(names[i].name)))
+            return NULL;
+    if (!(Four = PyLong_FromLong(4)))
+        return NULL;
+    PyObject *m = PyModule_Create(&k_module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&AeadType);
+    Py_INCREF(&GroType);
+    if (PyModule_AddObject(m, "Aead", (PyObject *)&AeadType) < 0 ||
+        PyModule_AddObject(m, "Gro", (PyObject *)&GroType) < 0 ||
+        PyModule_AddIntConstant(m, "GRO_MAX_OPEN", GRO_MAX_OPEN) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
