@@ -194,6 +194,8 @@ class DataPlane:
         self.by_index: dict[bytes, RecvState] = sessions.by_index if sessions is not None else {}
         self.capable: set[bytes] = sessions.capable if sessions is not None else set()
         self.nonce_filter = NonceFilter()
+        # with the extensions off (--no-session-keys) the data path is exactly the reference's (and the C kernel's)
+        self.filter_nonces = sessions is not None
         self.firewall = firewall
         self.blocked_hit = False  # _lookup_out found the peer's sessions blocked: drop, do not queue
 
@@ -244,7 +246,7 @@ class DataPlane:
             if hop < 2 or p[off + 8] & 0xFE != 4 or len(p) - off > MTU:
                 self._tun_exception(p, off, hop, now)
                 continue
-            next_hop, encrypt, sess = r
+            next_hop, encrypt, sess = r if len(r) == 3 else (*r, None)
             if sess is None:
                 nonce = nonces[ni : ni + 12]
                 ni += 12
@@ -281,7 +283,7 @@ class DataPlane:
             for pt in pts:
                 self.from_tun([pt], now, off=4)
             return
-        next_hop, encrypt, sess = r
+        next_hop, encrypt, sess = r if len(r) == 3 else (*r, None)
         parts = self.out.get(next_hop)
         if parts is None:
             parts = self.out[next_hop] = []
@@ -346,7 +348,8 @@ class DataPlane:
         except (DecryptError, ValueError):
             self.counters["tx_unusable_key"] += 1
             return None
-        r: Sealer = (route.next_hop, encrypt, sess)  # type: ignore[assignment]
+        # the C kernel's route cache holds (next hop, encrypt); it only runs without sessions
+        r: Sealer = (route.next_hop, encrypt) if self.kernel is not None else (route.next_hop, encrypt, sess)  # type: ignore[assignment]
         if self.cacheable and len(self.routes) < ROUTE_CACHE_MAX:
             self.routes[dst[:8]] = r
         return r
@@ -382,7 +385,7 @@ class DataPlane:
                 self.need.add(dst)
                 self.counters["tx_no_route_dropped"] += 1
             return False
-        next_hop, encrypt, sess = r
+        next_hop, encrypt, sess = r if len(r) == 3 else (*r, None)
         nonce = self.nonce_bytes(12) if sess is None else sess.nonce()
         ct = encrypt(nonce, plaintext, None)
         parts = self.out.get(next_hop)
@@ -503,6 +506,7 @@ class DataPlane:
         by_index = self.by_index
         capable = self.capable
         seen, seen_order, seen_max = self.nonce_filter.seen, self.nonce_filter.order, self.nonce_filter.size
+        filter_nonces = self.filter_nonces
         firewall = self.firewall
         while pos + 40 <= end:
             if blob[pos] != 1 or blob[pos + 1] != 0:
@@ -545,7 +549,7 @@ class DataPlane:
                     pos = e
                     continue
                 nonce = blob[e - 12 : e]  # a bytes nonce is cheaper
-                if nonce in seen:
+                if filter_nonces and nonce in seen:
                     counters["replay"] += 1  # an exact replay of a recent static-key packet
                     pos = e
                     continue
@@ -557,10 +561,11 @@ class DataPlane:
                         self._undecryptable(blob[pos + 8 : pos + 24], now)
                     pos = e
                     continue
-                seen.add(nonce)  # NonceFilter.add, inline (a random nonce is never already there)
-                seen_order.append(nonce)
-                if len(seen_order) > seen_max:
-                    seen.discard(seen_order.popleft())
+                if filter_nonces:
+                    seen.add(nonce)  # NonceFilter.add, inline (a random nonce is never already there)
+                    seen_order.append(nonce)
+                    if len(seen_order) > seen_max:
+                        seen.discard(seen_order.popleft())
                 if spre in capable and pt[1] != INNER_SESSION:
                     counters["rx_downgrade"] += 1  # static key from a peer that negotiated sessions
                     self._static_refused(blob[pos + 8 : pos + 24], now)

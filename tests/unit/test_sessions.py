@@ -140,7 +140,7 @@ def test_replayed_session_and_static_packets_are_dropped_and_counted() -> None:
 
 
 def test_static_nonce_filter_catches_exact_replays_from_a_reference_peer() -> None:
-    p = Pair(b_sessions=False)  # B behaves as the reference: static keys, drops the INIT type
+    p = Pair(b_sessions=False)  # B behaves as the reference: static keys, drops the INIT type; A filters nonces
     p.send("a", 1, T0)
     p.pump(T0)
     assert p.delivered(p.b) == [1]
