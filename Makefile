@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-$(notdir $(PYTHON))
 SYSTEM_TOOLS := cc:gcc ip:iproute2 ping:iputils-ping iperf3:iperf3 curl:curl chromium:chromium chromedriver:chromium-driver dig:dnsutils
 ARGS ?= --no-tun
 
-.PHONY: run test install system-deps lint bench clean native asan
+.PHONY: run test install system-deps lint bench fuzz clean native asan
 # the C data-plane kernel (common/_kernel.c; optional: without it the Python reference runs)
 KERNEL_STAMP := $(VENV)/.kernel-built
 ASAN_SO := build/asan/_kernel.so
@@ -23,8 +23,7 @@ ASAN_SO := build/asan/_kernel.so
 run: install
 	$(VENV)/bin/mycelium $(ARGS)
 
-test: install
-	$(VENV)/bin/ruff check .
+test: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 install: system-deps $(STAMP) $(KERNEL_STAMP)
@@ -70,12 +69,29 @@ apt-install:
 		echo "warning: missing system packages:$(APT_PACKAGES); install them with: sudo apt-get install$(APT_PACKAGES)"; \
 	fi
 
+# ruff, the import contract (imports point down, no cycles) and mypy on common/ and services/
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit/test_import_contract.py
+	$(VENV)/bin/mypy
 
+# coverage-guided fuzzing of every decoder, both engines' input and apid's JSON handlers
+# (fuzz/targets.py): 10^6 inputs, 10 s per input at most, 2 GB at most; findings in fuzz/artifacts/
+FUZZ_RUNS ?= 1000000
+fuzz: install
+	$(VENV)/bin/python fuzz/run.py --seeds fuzz/corpus
+	mkdir -p fuzz/artifacts
+	$(VENV)/bin/python fuzz/run.py -runs=$(FUZZ_RUNS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+		-artifact_prefix=fuzz/artifacts/ fuzz/corpus
+
+# what production runs: the data path between namespaces (short mode; needs root, iperf3,
+# Yggdrasil as the baseline if installed), then the codec functions and the shared wire rules
+BENCH_SECONDS ?= 3
 bench: install
-	$(VENV)/bin/python bench/bench_codec.py
+	$(VENV)/bin/python bench/bench_dataplane.py --seconds $(BENCH_SECONDS) --no-failover
+	$(VENV)/bin/python bench/bench_codec.py --seconds 1
+	$(VENV)/bin/python bench/bench_rules.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -84,11 +84,11 @@ def _split_host_port(text: str, rest: str) -> tuple[str, str]:
     if not sep:
         raise EndpointError(f"invalid endpoint {text!r}: missing port")
     try:
-        addr = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError as exc:
         raise EndpointError(
             f"invalid endpoint {text!r}: {host!r} is not an IP address (host names are not supported)"
         ) from exc
-    if addr.version != 4:
+    if ip.version != 4:
         raise EndpointError(f"invalid endpoint {text!r}: IPv6 addresses must be in brackets")
-    return str(addr), port
+    return str(ip), port

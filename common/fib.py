@@ -80,3 +80,19 @@ class FibReplica:
             self._del(network, plen)
         self.seq = delta["seq"]
         return True
+
+
+def make_delta(epoch: int, seq: int, changes: list[tuple[bytes, int, Route | None]]) -> dict[str, Any]:
+    """The delta the router publishes for ``changes`` in the order they
+    happened ((network, prefix length, route), None for a removal). Only the
+    last change of each prefix is kept: a replica applies the sets before
+    the dels, so a prefix removed and set again in one turn must not be in
+    both lists."""
+    last: dict[tuple[bytes, int], tuple[bytes, Route | None]] = {}
+    for network, plen, route in changes:
+        key = (_mask(network, plen), plen)
+        last.pop(key, None)  # keep the order of the last change
+        last[key] = (network, route)
+    sets = [[net, plen, r.next_hop, r.public_key] for (_, plen), (net, r) in last.items() if r is not None]
+    dels = [[net, plen] for (_, plen), (net, r) in last.items() if r is None]
+    return {"epoch": epoch, "seq": seq, "set": sets, "del": dels}

@@ -42,9 +42,13 @@ def parse_public_key(text: str) -> bytes:
 
 def address_of(public_key: bytes) -> ipaddress.IPv6Address:
     """BLAKE3 rule of v0.5+: first byte becomes 0x04 | popcount parity."""
-    h = bytearray(blake3.blake3(public_key).digest(length=16))
-    h[0] = 0x04 | (bin(h[0]).count("1") & 1)
-    return ipaddress.IPv6Address(bytes(h))
+    return ipaddress.IPv6Address(address_int(public_key))
+
+
+def address_int(public_key: bytes) -> int:
+    """``address_of`` as a 128-bit int (the router's ownership check needs no address object)."""
+    h = blake3.blake3(public_key).digest(length=16)
+    return ((0x04 | (h[0].bit_count() & 1)) << 120) | int.from_bytes(h[1:])
 
 
 def subnet_of(address: ipaddress.IPv6Address) -> Subnet:
@@ -61,19 +65,20 @@ def router_id_text(router_id: bytes) -> str:
     return f"{router_id[:32].hex()}-{router_id[32:34].hex()}-{router_id[34:40].hex()}"
 
 
-def load_key_file(path: str | os.PathLike[str]) -> bytes:
-    """The first 32 bytes of an existing key file; extra bytes are ignored."""
+def load_key_file(path: str | os.PathLike[str], what: str = "key file") -> bytes:
+    """The first 32 bytes of an existing key file (``what`` names it in
+    errors); extra bytes are ignored."""
     try:
         with open(path, "rb") as f:
             data = f.read(KEY_SIZE)
     except FileNotFoundError as exc:
-        raise IdentityError(f"key file {path} does not exist") from exc
+        raise IdentityError(f"{what} {path} does not exist") from exc
     except IsADirectoryError as exc:
-        raise IdentityError(f"key file {path} is a directory") from exc
+        raise IdentityError(f"{what} {path} is a directory") from exc
     except OSError as exc:
-        raise IdentityError(f"cannot read key file {path}: {exc.strerror}") from exc
+        raise IdentityError(f"cannot read {what} {path}: {exc.strerror}") from exc
     if len(data) < KEY_SIZE:
-        raise IdentityError(f"key file {path} holds {len(data)} bytes, expected {KEY_SIZE}")
+        raise IdentityError(f"{what} {path} holds {len(data)} bytes, expected {KEY_SIZE}")
     return data
 
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import logging
+import os
 import signal
+import sys
+import threading
 from collections.abc import Callable
+from types import TracebackType
 
 from .logs import setup as setup_logs
 from .nodeconfig import NodeConfig
@@ -48,6 +53,36 @@ class StopSignal:
         return self._r.fileno()
 
 
+EXIT_BUG = 70  # EX_SOFTWARE: a task, thread or loop of a service died of an exception
+
+
+def exit_on_crash(name: str) -> None:
+    """Make a dying thread or main loop loud: log its traceback and exit
+    non-zero so supervisord restarts the whole service, instead of a
+    process that lives on without the thread that did its work."""
+    log = logging.getLogger(name)
+
+    def main_died(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            sys.__excepthook__(kind, exc, tb)
+            return
+        log.critical("%s died", name, exc_info=(kind, exc, tb))
+        logging.shutdown()
+        os._exit(EXIT_BUG)
+
+    def thread_died(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        thread = args.thread.name if args.thread is not None else "?"
+        exc = args.exc_value if args.exc_value is not None else args.exc_type()
+        log.critical("%s: thread %s died; exiting", name, thread, exc_info=(args.exc_type, exc, args.exc_traceback))
+        logging.shutdown()
+        os._exit(EXIT_BUG)
+
+    sys.excepthook = main_died
+    threading.excepthook = thread_died
+
+
 def start_service(
     name: str, argv: list[str] | None, add_args: Callable[[argparse.ArgumentParser], None] | None = None
 ) -> tuple[NodeConfig, argparse.Namespace]:
@@ -61,4 +96,5 @@ def start_service(
     die_with_parent()
     cfg = NodeConfig.load_or_exit(args.run_dir)
     setup_logs(name, cfg.log_level)
+    exit_on_crash(name)
     return cfg, args

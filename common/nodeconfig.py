@@ -41,6 +41,9 @@ class NodeConfig:
     peerd_families: dict[str, list[str]] = field(default_factory=default_families)
     disable_peer_discovery: bool = False
     peer_discovery_port: int = 9650
+    peer_discovery_interfaces: list[str] = field(default_factory=list)  # empty: every qualifying interface
+    network_name: str | None = None  # private network (TRANSPORTS.md 2): TLS-PSK links with this identity ...
+    network_key_file: str | None = None  # ... and the first 32 bytes of this file (a copy in the run directory)
     log_level: str = "info"
     topic_config: str | None = None
     start_time: int = 0
@@ -85,3 +88,11 @@ class NodeConfig:
         data = json.loads((Path(run_dir) / NODE_FILE).read_text())
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+TUN_NAME_MAX = 15  # IFNAMSIZ - 1
+
+
+def valid_tun_name(name: str) -> bool:
+    """A name Linux accepts for an interface."""
+    return 0 < len(name.encode()) <= TUN_NAME_MAX and not any(c in name for c in "/: \t\n") and name not in (".", "..")

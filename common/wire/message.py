@@ -176,7 +176,8 @@ def decode_message(buf: bytes) -> MessagePacket:
             return InitAck(mid, length, topic_len, reply, reserved)
         if flags & FLAG_CHUNK:
             _need(body, _CHUNK.size, "CHUNK ACK")
-            return ChunkAck(mid, *_CHUNK.unpack_from(body), reserved=reserved)
+            index, offset, size = _CHUNK.unpack_from(body)
+            return ChunkAck(mid, index, offset, size, reserved)
         if flags & FLAG_DONE:
             _need(body, _DONE.size, "DONE ACK")
             count, checksum = _DONE.unpack_from(body)

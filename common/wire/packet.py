@@ -65,10 +65,11 @@ class DataPacket:
             raise CodecError(f"hop limit {self.hop_limit!r} out of range") from exc
 
 
-_set_src = DataPacket.src.__set__  # type: ignore[attr-defined]
-_set_dst = DataPacket.dst.__set__  # type: ignore[attr-defined]
-_set_hop_limit = DataPacket.hop_limit.__set__  # type: ignore[attr-defined]
-_set_body = DataPacket.body.__set__  # type: ignore[attr-defined]
+# the slot descriptors' setters, taken from the class dict (what ``DataPacket.src`` is at runtime)
+_set_src = DataPacket.__dict__["src"].__set__
+_set_dst = DataPacket.__dict__["dst"].__set__
+_set_hop_limit = DataPacket.__dict__["hop_limit"].__set__
+_set_body = DataPacket.__dict__["body"].__set__
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,14 @@ Packet = DataPacket | ControlPacket
 def encode_data_header(src: bytes, dst: bytes, hop_limit: int, body_len: int) -> bytes:
     """The 40 bytes in front of a data body, for callers that already hold the body."""
     return _DATA_PREFIX.pack(VERSION, TYPE_DATA, body_len, hop_limit, src, dst)
+
+
+def control_tlv_type(frame: bytes) -> int | None:
+    """The TLV type of an encoded control packet without decoding it (None if
+    it is not one), so a receiver can treat liveness TLVs before a backlog."""
+    if len(frame) < _CONTROL_PREFIX.size or frame[0] != VERSION or frame[1] != TYPE_CONTROL:
+        return None
+    return frame[_CONTROL_PREFIX.size - 2]
 
 
 def decode_babel_body(body: bytes) -> Tlv:

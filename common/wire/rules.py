@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 # --- the data packet (outer header + data header), offsets from its start ---
 DATA_PREFIX_SIZE = 40
@@ -63,7 +67,7 @@ def is_overlay_packed(addr: bytes | bytearray | memoryview, off: int = 0) -> boo
     return addr[off] & _OVERLAY_MASK == _OVERLAY_BYTE
 
 
-def is_overlay_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def is_overlay_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> TypeIs[ipaddress.IPv6Address]:
     """Whether an address object lies in 400::/7 (IPv4 never does)."""
     return address.version == 6 and address in OVERLAY_PREFIX
 

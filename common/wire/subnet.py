@@ -16,14 +16,31 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Subnet:
-    __slots__ = ("_network", "address", "prefix_len")
+    """Compact: one int key (masked network, prefix length, family) that
+    hashing and comparison use, plus the address as given only when it has
+    host bits set. No ``ipaddress`` network object is kept: the router holds
+    a Subnet per route, and a network object costs several hundred bytes
+    and a slow hash."""
+
+    __slots__ = ("_key", "_raw", "prefix_len")
 
     def __init__(self, address: IPAddress, prefix_len: int) -> None:
-        if not 0 <= prefix_len <= address.max_prefixlen:
+        bits = address.max_prefixlen
+        if not 0 <= prefix_len <= bits:
             raise CodecError(f"prefix length {prefix_len} out of range for {address}")
-        self.address = address
         self.prefix_len = prefix_len
-        self._network = ipaddress.ip_network((address, prefix_len), strict=False)
+        shift = bits - prefix_len
+        value = int(address)
+        masked = (value >> shift) << shift
+        self._key = ((masked << 8) | prefix_len) << 1 | (address.version == 6)
+        self._raw: IPAddress | None = address if masked != value else None
+
+    @property
+    def address(self) -> IPAddress:
+        """As given (host bits kept, for byte-exact encoding)."""
+        if self._raw is not None:
+            return self._raw
+        return ipaddress.IPv6Address(self._key >> 9) if self._key & 1 else ipaddress.IPv4Address(self._key >> 9)
 
     @classmethod
     def parse(cls, text: str) -> Subnet:
@@ -42,32 +59,70 @@ class Subnet:
         return cls(addr, addr.max_prefixlen)
 
     @property
+    def _masked(self) -> int:
+        return self._key >> 9
+
+    @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-        return self._network
+        """Built on demand (not kept, see the class docstring)."""
+        cls = ipaddress.IPv6Network if self.is_ipv6 else ipaddress.IPv4Network
+        return cls((self._masked, self.prefix_len))
 
     @property
     def is_ipv6(self) -> bool:
-        return self.address.version == 6
+        return bool(self._key & 1)
+
+    @property
+    def same_address(self) -> object:
+        """Identity of the address as given: equal for Subnets that encode alike."""
+        return self._key if self._raw is None else (self._key, self._raw)
 
     def contains_address(self, addr: IPAddress) -> bool:
-        return addr in self._network
+        if (addr.version == 6) != (self._key & 1):
+            return False
+        shift = addr.max_prefixlen - self.prefix_len
+        return int(addr) >> shift == self._key >> (9 + shift)
+
+    def contains_int6(self, value: int) -> bool:
+        """``contains_address`` for an IPv6 address given as an int."""
+        if not self._key & 1:
+            return False
+        shift = 128 - self.prefix_len
+        return value >> shift == self._key >> (9 + shift)
 
     def contains(self, other: Subnet) -> bool:
         """True when ``other`` lies entirely inside this subnet."""
-        if other._network.version != self._network.version:
+        if (other._key ^ self._key) & 1 or other.prefix_len < self.prefix_len:
             return False
-        return other.prefix_len >= self.prefix_len and other._network.subnet_of(self._network)  # type: ignore[arg-type]
+        shift = (128 if self._key & 1 else 32) - self.prefix_len
+        return other._key >> (9 + shift) == self._key >> (9 + shift)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Subnet):
             return NotImplemented
-        return self._network == other._network
+        return self._key == other._key
 
     def __hash__(self) -> int:
-        return hash(self._network)
+        return hash(self._key)
+
+    @property
+    def network_packed(self) -> bytes:
+        """The masked network address in network byte order (16 or 4 bytes)."""
+        return (self._key >> 9).to_bytes(16 if self._key & 1 else 4)
 
     def __str__(self) -> str:
-        return str(self._network)
+        masked = self._key >> 9
+        if self.prefix_len == 64 and self._key & 1 and masked >> 112:
+            # Fast path for the overlay's /64s (the API lists every route):
+            # the last four hextets are zero and form the longest zero run,
+            # together with any zero hextets just before them.
+            head = masked >> 64
+            groups = [(head >> 48) & 0xFFFF, (head >> 32) & 0xFFFF, (head >> 16) & 0xFFFF, head & 0xFFFF]
+            while groups[-1] == 0:
+                groups.pop()
+            return ":".join([f"{g:x}" for g in groups]) + "::/64"
+        cls = ipaddress.IPv6Address if self._key & 1 else ipaddress.IPv4Address
+        return f"{cls(masked)}/{self.prefix_len}"
 
     def __repr__(self) -> str:
         return f"Subnet({self.address}/{self.prefix_len})"

@@ -248,7 +248,7 @@ class SeqNoRequest:
 
 Tlv = Hello | Ihu | Update | RouteRequest | SeqNoRequest
 
-TLV_TYPES: dict[int, type] = {
+TLV_TYPES: dict[int, type[Tlv]] = {
     TYPE_HELLO: Hello,
     TYPE_IHU: Ihu,
     TYPE_UPDATE: Update,
@@ -262,6 +262,6 @@ def decode_tlv(tlv_type: int, body: bytes) -> Tlv:
     if cls is None:
         raise CodecError(f"unknown TLV type {tlv_type}")
     try:
-        return cls.decode_body(body)  # type: ignore[no-any-return]
+        return cls.decode_body(body)
     except (ValueError, struct.error, IndexError) as exc:  # defensive: library errors never escape
         raise CodecError(f"malformed TLV type {tlv_type}: {exc}") from exc

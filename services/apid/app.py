@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
@@ -98,8 +99,9 @@ def create_app(
     dashboard: bool = True,
 ) -> Flask:
     app = Flask("mycelium-api")
-    app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.json.compact = True  # type: ignore[attr-defined]
+    app.json = DefaultJSONProvider(app)  # what Flask uses by default, typed so its options are visible
+    app.json.sort_keys = False
+    app.json.compact = True
     # a peer endpoint in the path (tcp://...) has a double slash of its own
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False

@@ -40,6 +40,9 @@ RPC_DELETE_PEER_PARSE = -32012
 Call = Callable[[str, str, "dict[str, Any] | None"], Any]
 
 
+LIST_TIMEOUT_MS = 15_000  # route listings (see NodeApi._list)
+
+
 class ApiError(Exception):
     """A failed operation. ``body`` is how HTTP renders it: "text" (the
     reference's short text body), "json" ({"error": message}) or "empty"."""
@@ -74,9 +77,13 @@ class NodeApi:
     identity: Identity
     call: Call
 
-    def _call(self, service: str, method: str, params: dict[str, Any] | None = None) -> Any:
+    def _call(
+        self, service: str, method: str, params: dict[str, Any] | None = None, timeout_ms: int | None = None
+    ) -> Any:
         try:
-            return self.call(service, method, params)
+            if timeout_ms is None:
+                return self.call(service, method, params)
+            return self.call(service, method, params, timeout_ms=timeout_ms)  # type: ignore[call-arg]
         except bus.BusError as exc:
             raise Unavailable(str(exc)) from exc
 
@@ -137,7 +144,9 @@ class NodeApi:
     # --- routes --------------------------------------------------------------
 
     def _list(self, method: str) -> list[Any]:
-        result = self._call("router", method)
+        # A public node lists ~100k routes: building that takes the router
+        # longer than a plain call may wait, and a busy node is not a dead one.
+        result = self._call("router", method, timeout_ms=LIST_TIMEOUT_MS)
         return result if isinstance(result, list) else []
 
     def selected_routes(self) -> list[dict[str, Any]]:

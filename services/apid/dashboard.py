@@ -18,7 +18,7 @@ from typing import Any
 from flask import Flask, Response
 
 from common.nodeconfig import NodeConfig
-from services.cli.launcher import programs
+from common.programs import programs
 
 from .core import NodeApi, Unavailable
 from .stats import Sampler, StatsCollector, is_drop_counter, numeric, peer_key

@@ -22,29 +22,13 @@ Example (services/apid/messages.py)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from .context import ApiContext
 
-from flask import Flask
-
-from common.identity import Identity
-from common.nodeconfig import NodeConfig
-
-from .core import Call, NodeApi
-from .rpc import RpcRegistry
-
-
-@dataclass
-class ApiContext:
-    cfg: NodeConfig
-    identity: Identity
-    api: NodeApi  # the admin operations
-    call: Call  # bus.rpc_call bound to this node: call(service, method, params)
-    http: Flask  # the HTTP API app
-    rpc: RpcRegistry  # the JSON-RPC methods
+__all__ = ["ApiContext", "register_all"]  # extensions may import ApiContext from here
 
 
 def register_all(ctx: ApiContext) -> None:
-    from . import messages, proxy, security  # import this module: registered here, not at import time
+    from . import messages, proxy, security  # loaded when apid starts, not when this module is imported
 
     for register in (messages.register, proxy.register, security.register):
         register(ctx)

@@ -23,8 +23,8 @@ from common.wire.rules import is_overlay_address
 
 from . import rpc
 from .app import json_body, json_response
+from .context import ApiContext
 from .core import ApiError, Unavailable, parse_ip
-from .extensions import ApiContext
 
 SLICE = 50.0  # seconds per bus call while waiting (msgbus answers parked calls at least this often)
 MAX_TOPIC_LEN = 255
@@ -90,7 +90,8 @@ class Messages:
         except bus.BusError as exc:
             raise Unavailable(str(exc)) from exc
         if isinstance(result, dict) and "error" in result:
-            status = 503 if result["error"] in ("full", "busy") else 400
+            # a store failure is the reference's 500 (internal); a full outbox or too many waits 503
+            status = {"full": 503, "busy": 503, "storage": 500}.get(result["error"], 400)
             raise ApiError(status, RPC_PUSH_INTERNAL, str(result.get("message", result["error"])))
         return result
 
@@ -149,7 +150,7 @@ class Messages:
             wait = min(left, SLICE)
             result = self._call("pop", {"peek": peek, "timeout": wait, "topic": topic}, timeout=wait + 10)
             if result["message"] is not None or left <= SLICE:
-                return result["message"]  # type: ignore[no-any-return]
+                return result["message"]
 
     def lease(self, topic: bytes | None, wait: float, hold: float) -> tuple[dict[str, Any], int, int] | None:
         """The next message for a push subscriber, held (not removed) for ``hold`` seconds:
@@ -174,7 +175,7 @@ class Messages:
         info = self._call("status", {"id": msg_id})["status"]
         if info is None:
             raise ApiError(404, RPC_MESSAGE_NOT_FOUND, "no message with that id (unknown or forgotten)", "empty")
-        return info  # type: ignore[no-any-return]
+        return info
 
     # --- topics ------------------------------------------------------------
 
@@ -206,7 +207,7 @@ class Messages:
         self._subnet_call("source_remove", topic, subnet)
 
     def forward_socket(self, topic: bytes) -> str | None:
-        return self._call("forward_get", {"topic": topic})["path"]  # type: ignore[no-any-return]
+        return self._call("forward_get", {"topic": topic})["path"]
 
     def set_forward_socket(self, topic: bytes, path: str) -> None:
         self._call("forward_set", {"topic": topic, "path": path})
@@ -369,15 +370,14 @@ def register(ctx: ApiContext) -> None:
         return True
 
     reg = ctx.rpc
-    opt = {"required": False}
     reg.add(
         "popMessage",
         rpc_pop,
-        rpc.Param("peek", rpc.boolean, **opt),
-        rpc.Param("timeout", rpc.u64, **opt),
-        rpc.Param("topic", rpc.string, **opt),
+        rpc.Param("peek", rpc.boolean, required=False),
+        rpc.Param("timeout", rpc.u64, required=False),
+        rpc.Param("topic", rpc.string, required=False),
     )
-    reg.add("pushMessage", rpc_push, rpc.Param("message", rpc.obj), rpc.Param("reply_timeout", rpc.u64, **opt))
+    reg.add("pushMessage", rpc_push, rpc.Param("message", rpc.obj), rpc.Param("reply_timeout", rpc.u64, required=False))
     reg.add("pushMessageReply", rpc_reply, rpc.Param("id", rpc.string), rpc.Param("message", rpc.obj))
     reg.add("getMessageInfo", impl.status, rpc.Param("id", rpc.string))
     reg.add("getDefaultTopicAction", impl.default_action)

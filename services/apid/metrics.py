@@ -14,6 +14,10 @@ Families (all prefixed ``mycelium_``):
 - ``routes`` {kind}: selected routes (router), FIB entries per data-path service.
 - ``crypto_operations_total`` {service, operation, result}.
 - ``service_restarts_total``, ``service_up``, ``service_start_time_seconds`` {service}.
+- ``router_neighbour_entries`` {peer, table}: routes, forwarded queries and
+  seqno requests the router holds for each neighbour;
+  ``router_neighbour_events_total`` {peer, event}: its fairness counters
+  (routes evicted / refused, requests refused).
 - ``service_counter_total`` {service, counter} and ``service_gauge``
   {service, gauge}: everything the services publish, unfiltered.
 - ``info`` {node_ip, node_subnet, public_key} and ``node_start_time_seconds``.
@@ -75,6 +79,26 @@ class NodeCollector(Collector):
             states.add_metric([state], n)
         yield from (rx, tx, rxp, txp, up, states)
 
+    def _neighbours(self, gauges: dict[str, Any]) -> Iterator[Metric]:
+        held = GaugeMetricFamily(
+            "mycelium_router_neighbour_entries", "Router state held per neighbour", labels=["peer", "table"]
+        )
+        events = CounterMetricFamily(
+            "mycelium_router_neighbour_events", "Router fairness events per neighbour", labels=["peer", "event"]
+        )
+        rows = gauges.get("neighbours")
+        for peer, row in sorted(rows.items()) if isinstance(rows, dict) else ():
+            if not isinstance(row, dict):
+                continue
+            for name, value in sorted(row.items()):
+                if not numeric(value):
+                    continue
+                if name in ("routes", "queries", "seqno_requests", "ctl_backlog"):
+                    held.add_metric([str(peer), name], value)
+                else:
+                    events.add_metric([str(peer), name], value)
+        yield from (held, events)
+
     def _services(self) -> Iterator[Metric]:
         snapshot = self.stats.snapshot()
         drops = CounterMetricFamily(
@@ -112,6 +136,7 @@ class NodeCollector(Collector):
                 elif name == "fib_entries":
                     routes.add_metric(["fib", service], value)
         yield from (drops, queues, routes, crypto, counters, gauges)
+        yield from self._neighbours((snapshot.get("router") or {}).get("gauges") or {})
 
         restarts = CounterMetricFamily("mycelium_service_restarts", "Process restarts seen", labels=["service"])
         up = GaugeMetricFamily("mycelium_service_up", "1 if the service reports in", labels=["service"])

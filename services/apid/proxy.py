@@ -13,8 +13,8 @@ from common.endpoint import EndpointError, parse_socket_address
 
 from . import rpc
 from .app import empty, json_body, json_response
+from .context import ApiContext
 from .core import RPC_INTERNAL_ERROR, ApiError, Unavailable
-from .extensions import ApiContext
 
 RPC_PROXY_CONNECT = -32032  # the reference's code for any failed connectProxy
 CONNECT_TIMEOUT_MS = 15_000  # proxyd may race greetings for up to 5 s, then bind

@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Any
 
 from flask import Flask, Response, request
+from flask.json.provider import DefaultJSONProvider
 
 from .core import (
     RPC_INTERNAL_ERROR,
@@ -196,7 +197,7 @@ def bind(method: Method, params: list[Any] | dict[str, Any] | None) -> list[Any]
                 if value is _MISSING:
                     value = params.get(alias, _MISSING)
             values.append(value)
-    args = []
+    args: list[Any] = []
     for p, value in zip(spec, values, strict=True):
         if value is _MISSING or value is None:
             if p.required:
@@ -250,7 +251,8 @@ def register_node_methods(registry: RpcRegistry, api: NodeApi) -> None:
 def create_rpc_app(registry: RpcRegistry, max_body: int) -> Flask:
     """POST on ``/`` and ``/rpc`` (the reference does not look at the path)."""
     app = Flask("mycelium-jsonrpc")
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json = DefaultJSONProvider(app)
+    app.json.sort_keys = False
     app.url_map.merge_slashes = False
 
     def answer() -> Response:
@@ -278,8 +280,9 @@ def create_rpc_app(registry: RpcRegistry, max_body: int) -> Flask:
 
     @app.errorhandler(Exception)
     def crashed(exc: Exception) -> Response:
-        if getattr(exc, "code", None):  # an HTTPException from werkzeug (e.g. 400 on a broken request)
-            return Response(json.dumps({"error": str(exc)}), exc.code, mimetype="application/json")  # type: ignore[attr-defined]
+        code = getattr(exc, "code", None)
+        if isinstance(code, int):  # an HTTPException from werkzeug (e.g. 400 on a broken request)
+            return Response(json.dumps({"error": str(exc)}), code, mimetype="application/json")
         log.exception("JSON-RPC server error")
         return Response(json.dumps(error_response(None, RPC_INTERNAL_ERROR)), 500, mimetype="application/json")
 

@@ -27,7 +27,7 @@ from common import bus
 from common.identity import Identity, load_key_file
 from common.lifecycle import start_service
 from common.nodeconfig import NodeConfig
-from services.cli.options import OptionError, parse_socket_addr
+from common.options import OptionError, parse_socket_addr
 
 from .app import create_app
 from .core import NodeApi

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter, deque
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgpack
 import zmq
@@ -68,7 +68,7 @@ def crypto_operation(name: str) -> tuple[str, str] | None:
     return operation, ("failed" if "fail" in name or "undecryptable" in name else "ok")
 
 
-def numeric(value: Any) -> bool:
+def numeric(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -276,7 +276,9 @@ class Sampler:
             t0 = time.monotonic()
             try:
                 self.sample(time.time())
-            except Exception:  # the sampler must outlive any bad input
+            except (KeyError, TypeError, ValueError, ArithmeticError):
+                # malformed statistics from a service; anything else is a bug and
+                # ends the process (common/lifecycle.exit_on_crash)
                 log.exception("sampling failed")
             self._stop.wait(max(0.05, self.interval - (time.monotonic() - t0)))
 

@@ -103,7 +103,7 @@ class RpcServer:
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            await self.http(scope, receive, send)
+            await self.http(scope, receive, send)  # type: ignore[arg-type]  # plain-dict ASGI types; a2wsgi declares TypedDicts
         elif scope["type"] == "websocket":
             await WsSession(self, receive, send).run()
 
@@ -133,8 +133,7 @@ class WsSession:
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = False
         self.local = rpc.RpcRegistry()
-        opt = {"required": False}
-        self.local.add("subscribeMessages", self.subscribe_messages, rpc.Param("topic", rpc.string, **opt))
+        self.local.add("subscribeMessages", self.subscribe_messages, rpc.Param("topic", rpc.string, required=False))
         self.local.add("unsubscribeMessages", self.unsubscribe("messages"), rpc.Param("subscription", rpc.u64))
         self.local.add("subscribeMessageStatus", self.subscribe_status, rpc.Param("id", rpc.string))
         self.local.add("unsubscribeMessageStatus", self.unsubscribe("status"), rpc.Param("subscription", rpc.u64))

@@ -329,14 +329,6 @@ def add_commands(sub: Any, parser_class: type[argparse.ArgumentParser] | None = 
     _json_flag(p_stats)
     p_stats.set_defaults(client_handler=stats)
 
-    from .message_client import add_message_commands  # imports this module
-
-    add_message_commands(sub, parent, kw)
-
-    from .proxy_client import add_proxy_commands  # imports this module
-
-    add_proxy_commands(sub, parent, kw)
-
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed client command; ClientError propagates to the caller."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from common.identity import DEFAULT_KEY_FILE, IdentityError
+from common.nodeconfig import valid_tun_name
 
-from . import client, launcher
+from . import client, launcher, message_client, proxy_client
 from .inspect_key import inspect
 from .options import OptionError, add_node_options, resolve
 
@@ -18,7 +20,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
 
@@ -26,8 +28,8 @@ def _add_key_option(p: argparse.ArgumentParser, default: object) -> None:
     p.add_argument("-k", "--key-file", default=default, help=f"node secret key file (default: {DEFAULT_KEY_FILE})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mycelium", description="End-to-end encrypted IPv6 overlay network node.")
+def build_parser(prog: str = "mycelium") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="End-to-end encrypted IPv6 overlay network node.")
     _add_key_option(parser, DEFAULT_KEY_FILE)
     add_node_options(parser)
     parser.add_argument(
@@ -49,11 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     p_inspect.add_argument("--json", action="store_true", help="print JSON")
     _add_key_option(p_inspect, argparse.SUPPRESS)
     client.add_commands(sub)  # peers, routes, stats: clients of a running node's HTTP API
+    message_client.add_message_commands(sub, client.client_parent(), {})
+    proxy_client.add_proxy_commands(sub, client.client_parent(), {})
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main_private(argv: Sequence[str] | None = None) -> int:
+    """`mycelium-private`: the reference's private-network binary (the same
+    node; --network-name / --network-key-file are what it is for)."""
+    return main(argv, prog="mycelium-private")
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "mycelium") -> int:
+    parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
         if args.command == "inspect":
@@ -67,9 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_ports=not args.prepare_only,
         )
         if not cfg.no_tun:
-            from services.tund.tun import valid_name  # pytun only when a TUN is wanted
-
-            if not valid_name(cfg.tun_name):
+            if not valid_tun_name(cfg.tun_name):
                 raise OptionError(f"invalid --tun-name {cfg.tun_name!r} (1-15 characters, no '/', ':' or spaces)")
             problem = None if args.prepare_only else launcher.tun_problem()
             if problem:
@@ -81,10 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return launcher.run(cfg, crypto_workers=args.crypto_workers)
     except UsageError as exc:
-        print(f"mycelium: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except (IdentityError, OptionError, launcher.LaunchError, client.ClientError) as exc:
-        print(f"mycelium: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

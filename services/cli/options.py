@@ -13,9 +13,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from common import privnet
 from common.dnsnames import DnsNameError, parse_names, parse_overlay_address
 from common.endpoint import Endpoint, EndpointError
 from common.nodeconfig import STREAM_PROTOCOLS, NodeConfig
+from common.options import OptionError, parse_socket_addr
 
 DEFAULTS: dict[str, Any] = {
     "tcp_listen_port": 9651,
@@ -31,23 +33,21 @@ DEFAULTS: dict[str, Any] = {
     "vsock_listen_port": None,
 }
 BOOLEANS = ("no_tun", "disable_quic", "disable_peer_discovery", "enable_dns", "no_dashboard")
-SUPPORTED_PEER_PROTOCOLS = ("tcp", "vsock", "quic")
+SUPPORTED_PEER_PROTOCOLS = ("tcp", "tls", "vsock", "quic")
 # tests only: quic:// peers over a TCP stream in a peerd-quic (services/peerd/links/tcp.py)
 DEBUG_STREAM_QUIC_ENV = "MYCELIUM_DEBUG_STREAM_QUIC"
 
 
-def peerd_families(disable_quic: bool) -> dict[str, list[str]]:
+def peerd_families(disable_quic: bool, private: bool = False) -> dict[str, list[str]]:
     """node.json's peerd processes and the protocols each serves: stream
-    links in peerd-tcp; peerd-quic only when QUIC is available and on."""
-    families = {"tcp": [p for p in STREAM_PROTOCOLS if p in SUPPORTED_PEER_PROTOCOLS]}
+    links in peerd-tcp (tls:// only in a private network); peerd-quic only
+    when QUIC is available and on (never in a private network)."""
+    stream = [p for p in STREAM_PROTOCOLS if p in SUPPORTED_PEER_PROTOCOLS and (p != "tls" or private)]
+    families = {"tcp": stream}
     debug_quic = os.environ.get(DEBUG_STREAM_QUIC_ENV) == "1"
-    if ("quic" in SUPPORTED_PEER_PROTOCOLS or debug_quic) and not disable_quic:
+    if ("quic" in SUPPORTED_PEER_PROTOCOLS or debug_quic) and not disable_quic and not private:
         families["quic"] = ["quic"]
     return families
-
-
-class OptionError(Exception):
-    """An invalid option or config file; the message is user-facing."""
 
 
 def add_node_options(p: argparse.ArgumentParser) -> None:
@@ -63,7 +63,24 @@ def add_node_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vsock-listen-port", type=int, metavar="PORT", help="vsock listen port (Linux; default none)")
     p.add_argument("--peer-discovery-port", type=int, metavar="PORT", help="link-local discovery port (default 9650)")
     p.add_argument("--disable-peer-discovery", action="store_true", help="no link-local multicast discovery")
-    p.add_argument("--peer-discovery-interface", action="append", default=[], metavar="NAME")
+    p.add_argument(
+        "--peer-discovery-interface",
+        action="append",
+        default=[],
+        dest="peer_discovery_interfaces",
+        metavar="NAME",
+        help="discover peers only on this interface (repeatable; default: every qualifying interface)",
+    )
+    p.add_argument(
+        "--network-name",
+        metavar="NAME",
+        help="run a private network with this name (2-64 bytes, sent in clear); needs --network-key-file",
+    )
+    p.add_argument(
+        "--network-key-file",
+        metavar="PATH",
+        help="the private network's secret key: the file's first 32 raw bytes; needs --network-name",
+    )
     p.add_argument("--api-addr", metavar="ADDR:PORT", help="HTTP API address (default 127.0.0.1:8989)")
     p.add_argument("--jsonrpc-addr", metavar="ADDR:PORT", help="JSON-RPC address (default 127.0.0.1:8990)")
     p.add_argument("--no-tun", action="store_true", help="run without a TUN device (unprivileged; messages only)")
@@ -162,7 +179,36 @@ def merge(args: argparse.Namespace, file: dict[str, Any]) -> dict[str, Any]:
     for key in BOOLEANS:
         out[key] = bool(getattr(args, key, False)) or bool(file.get(key, False))
     out["peers"] = list(args.peers) or list(file.get("peers", []))
+    out["peer_discovery_interfaces"] = list(getattr(args, "peer_discovery_interfaces", None) or []) or list(
+        file.get("peer_discovery_interfaces", [])
+    )
+    for key in ("network_name", "network_key_file"):  # the private binary's rule: the CLI, else the file
+        cli = getattr(args, key, None)
+        out[key] = cli if cli is not None else file.get(key)
     return out
+
+
+def resolve_private_network(merged: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The network name and the key file's absolute path, both or neither;
+    the key file is read now so a bad one is an error before anything starts."""
+    name, key_file = merged["network_name"], merged["network_key_file"]
+    if name is None and key_file is None:
+        return None, None
+    if name is None:
+        raise OptionError("--network-key-file requires --network-name (network_name in the config file)")
+    if key_file is None:
+        raise OptionError("--network-name requires --network-key-file (network_key_file in the config file)")
+    if not isinstance(name, str) or not isinstance(key_file, str):
+        raise OptionError("network_name and network_key_file must be strings")
+    problem = privnet.psk_support_problem()
+    if problem is not None:
+        raise OptionError(problem)
+    try:
+        privnet.check_name(name)
+        privnet.load_network_key(key_file)
+    except privnet.PrivnetError as exc:
+        raise OptionError(str(exc)) from exc
+    return name, os.path.abspath(key_file)
 
 
 def _check_timeout(value: float) -> float:
@@ -175,16 +221,6 @@ def _check_port(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 0xFFFF:
         raise OptionError(f"{name} must be a port number 1-65535, got {value!r}")
     return value
-
-
-def parse_socket_addr(name: str, text: Any) -> tuple[str, int]:
-    if not isinstance(text, str):
-        raise OptionError(f"{name} must be ADDR:PORT, got {text!r}")
-    try:
-        ep = Endpoint.parse(f"tcp://{text}")
-    except EndpointError as exc:
-        raise OptionError(f"{name} {text!r} is not a valid ADDR:PORT") from exc
-    return str(ep.ip), ep.port
 
 
 def _show_addr(host: str, port: int) -> str:
@@ -257,12 +293,19 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
     merged = merge(args, file)
     tcp_port = _check_port("tcp listen port", merged["tcp_listen_port"])
     quic_port = _check_port("quic listen port", merged["quic_listen_port"])
+    network_name, network_key_file = resolve_private_network(merged)
+    interfaces = merged["peer_discovery_interfaces"]
+    if not isinstance(interfaces, list) or not all(isinstance(i, str) and i for i in interfaces):
+        raise OptionError(f"peer discovery interfaces must be interface names, got {interfaces!r}")
+    if merged["disable_peer_discovery"] and interfaces:
+        warn("--disable-peer-discovery is set, ignoring --peer-discovery-interface values")
     vsock_port = merged["vsock_listen_port"]
     if vsock_port is not None and (
         isinstance(vsock_port, bool) or not isinstance(vsock_port, int) or not 0 <= vsock_port < 1 << 32
     ):
         raise OptionError(f"vsock listen port must be a number 0-4294967295, got {vsock_port!r}")
-    families = peerd_families(bool(merged["disable_quic"]))
+    # QUIC is off in private mode, as in the reference (TRANSPORTS.md 2.3)
+    families = peerd_families(bool(merged["disable_quic"]), private=network_name is not None)
     served = {p for protos in families.values() for p in protos}
     peers: list[str] = []
     for text in merged["peers"]:
@@ -275,9 +318,17 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         if ep.proto == "quic" and merged["disable_quic"]:
             warn(f"skipping peer {ep}: QUIC is disabled")
             continue
+        if ep.proto == "quic" and network_name is not None:
+            warn(f"skipping peer {ep}: QUIC is off in a private network (as in the reference)")
+            continue
+        if ep.proto == "tls" and network_name is None:
+            warn(f"skipping peer {ep}: tls:// needs a private network (--network-name); use tcp:// instead")
+            continue
         if ep.proto not in served:
             warn(f"skipping peer {ep}: the {ep.proto} transport is not available in this build")
             continue
+        if ep.proto == "tcp" and network_name is not None:
+            warn(f"peer {ep}: a private network is configured, the connection is upgraded to TLS")
         if str(ep) not in peers:
             peers.append(str(ep))
     api_host, api_port = parse_socket_addr("api address", merged["api_addr"])
@@ -319,6 +370,9 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         peerd_families=families,
         disable_peer_discovery=merged["disable_peer_discovery"],
         peer_discovery_port=_check_port("peer discovery port", merged["peer_discovery_port"]),
+        peer_discovery_interfaces=[str(i) for i in interfaces],
+        network_name=network_name,
+        network_key_file=network_key_file,
         log_level=level,
         topic_config=merged["topic_config"],
         message_timeout=_check_timeout(args.message_timeout),

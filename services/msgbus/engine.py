@@ -525,9 +525,10 @@ class MessageEngine:
         return len(held)
 
     def _remove_inbox(self, seq: int) -> None:
-        entry = self._inbox.pop(seq)
+        """Durably first: a store failure raises with the message still in the inbox."""
         if self._store is not None:
             self._store.delete_inbound(seq)
+        entry = self._inbox.pop(seq)
         self._inbox_bytes -= len(entry.message.data)
 
     def inbox_size(self) -> int:
@@ -549,17 +550,24 @@ class MessageEngine:
             except OutboxFull:
                 self.counters["forward_reply_dropped"] += 1
             else:
-                if self._store is not None:
-                    with self._store.transaction():
-                        self._store.add_outbound(self._record(msg))
-                        self._store.delete_inbound(message.seq)
-                del self._inbox[message.seq]
-                self._inbox_bytes -= len(message.data)
-                self._commit_push(msg, old, now)
-                self.counters["forward_replied"] += 1
-                return
+                try:
+                    if self._store is not None:
+                        with self._store.transaction():
+                            self._store.add_outbound(self._record(msg))
+                            self._store.delete_inbound(message.seq)
+                except sqlite3.Error:  # nothing changed: the message goes to the inbox instead
+                    self.counters["store_error"] += 1
+                else:
+                    del self._inbox[message.seq]
+                    self._inbox_bytes -= len(message.data)
+                    self._commit_push(msg, old, now)
+                    self.counters["forward_replied"] += 1
+                    return
         if self._store is not None:
-            self._store.set_inbound_forward(message.seq, None)
+            try:
+                self._store.set_inbound_forward(message.seq, None)
+            except sqlite3.Error:  # harmless: after a restart it is forwarded again
+                self.counters["store_error"] += 1
         entry.forward_socket = None
         self.counters["forward_to_inbox"] += 1
         self._events.append(MessageReceived(entry.message))

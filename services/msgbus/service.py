@@ -18,8 +18,10 @@ import base64
 import hashlib
 import ipaddress
 import logging
+import math
 import queue
 import socket
+import sqlite3
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -137,7 +139,7 @@ class MsgbusService:
         file_hash = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).exists() else None
         if saved is not None and saved.get("file_hash") == file_hash:
             try:
-                return TopicConfig.from_dict(saved["config"])  # type: ignore[arg-type]
+                return TopicConfig.from_dict(saved["config"])  # type: ignore[arg-type]  # JSON; from_dict validates
             except (TopicConfigError, KeyError, TypeError, ValueError):
                 log.warning("saved topic configuration is unreadable; using defaults")
         if path:
@@ -191,6 +193,15 @@ class MsgbusService:
         except MessageError as exc:
             code = "full" if isinstance(exc, OutboxFull) else "invalid"
             self.reply(envelope, {"error": code, "message": str(exc)})
+        except sqlite3.Error as exc:
+            # disk full, locked, corrupt: the engine writes the store before its
+            # memory, so the failed call changed nothing; answer and keep serving
+            self.store_failed(envelope, msg.kind, exc)
+
+    def store_failed(self, envelope: list[bytes], method: str, exc: sqlite3.Error) -> None:
+        self.counters["store_error"] += 1
+        log.error("message store failed during %s: %s", method, exc)
+        self.reply(envelope, {"error": "storage", "message": f"message store failed: {exc}"})
 
     def dispatch(self, envelope: list[bytes], method: str, p: dict[str, Any], now: float) -> None:
         topics = self.engine.topics
@@ -245,8 +256,8 @@ class MsgbusService:
             sources = topics.sources(bytes(p["topic"]))
             self.reply(envelope, {"sources": None if sources is None else [str(s) for s in sources]})
         elif method in ("source_add", "source_remove"):
-            fn = topics.add_source if method == "source_add" else topics.remove_source
-            fn(bytes(p["topic"]), str(p["subnet"]))
+            edit_source = topics.add_source if method == "source_add" else topics.remove_source
+            edit_source(bytes(p["topic"]), str(p["subnet"]))
             self.save_topics()
             self.reply(envelope, {"ok": True})
         elif method == "forward_get":
@@ -271,9 +282,9 @@ class MsgbusService:
                 self.reply(w.envelope, {"message": self.receive_info(m), "seq": m.seq, "lease": lease})
                 return True
         else:
-            m = self.engine.pop(w.topic, w.peek, now)
-            if m is not None:
-                self.reply(w.envelope, {"message": self.receive_info(m)})
+            popped = self.engine.pop(w.topic, w.peek, now)
+            if popped is not None:
+                self.reply(w.envelope, {"message": self.receive_info(popped)})
                 return True
         if now >= w.deadline:
             self.reply(w.envelope, {"message": None})
@@ -300,7 +311,12 @@ class MsgbusService:
         keep: list[Parked] = []
         for w in self.parked:
             if w.kind == "pop":
-                if self.answer_pop(w, now):
+                try:
+                    answered = self.answer_pop(w, now)
+                except sqlite3.Error as exc:  # the message stays in the inbox
+                    self.store_failed(w.envelope, "pop", exc)
+                    continue
+                if answered:
                     continue
             elif now >= w.deadline:  # push waiting for a reply: its slice or its whole wait is over
                 if now >= self.reply_deadlines.get(w.msg_id, 0.0):
@@ -319,7 +335,11 @@ class MsgbusService:
         if msg.kind != "message":
             self.counters["bus_unknown_kind"] += 1
             return
-        src, dst = bytes(msg.fields["src"]), bytes(msg.fields["dst"])
+        try:
+            src, dst = bytes(msg.fields["src"]), bytes(msg.fields["dst"])
+        except (KeyError, TypeError, ValueError):
+            self.counters["bus_malformed"] += 1
+            return
         for plaintext in msg.payloads:
             try:
                 kind, payload = split_inner(plaintext)
@@ -397,7 +417,7 @@ class MsgbusService:
             now = time.monotonic()
             timers = [t for t in (self.engine.get_timer(), *(w.deadline for w in self.parked)) if t is not None]
             wait = min([MAX_WAIT, *(max(0.0, t - now) for t in timers)])
-            events = dict(poller.poll(wait * 1000))
+            events = dict(poller.poll(math.ceil(wait * 1000)))
             now = time.monotonic()
             if not self.fib_synced:
                 self.fib_resync()
@@ -418,9 +438,11 @@ class MsgbusService:
                     except zmq.Again:
                         break
                     try:
-                        self.handle_inbox(bus.unpack(frames), now)
-                    except (bus.BusError, KeyError, TypeError, ValueError):
+                        msg = bus.unpack(frames)
+                    except bus.BusError:
                         self.counters["bus_malformed"] += 1
+                        continue
+                    self.handle_inbox(msg, now)
             if self.rpc in events:
                 for _ in range(100):
                     try:

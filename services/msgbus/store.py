@@ -46,6 +46,7 @@ be serialised, which the single-owner engine does anyway.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -54,6 +55,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMA_VERSION = 2  # 2: inbox.assembled, inbox.slots
+# how long a write waits for a lock another process holds on the file (only msgbus
+# writes it); then the call fails and the API answers 500, msgbus keeps serving
+BUSY_TIMEOUT = 1.0
 
 OUT_ACTIVE = "active"
 OUT_RECEIVED = "received"
@@ -159,7 +163,7 @@ class MessageStore:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"unsupported synchronous level {synchronous!r}")
         self.path = Path(path)
-        self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
         self._depth = 0
         self._level = synchronous.upper()
         try:
@@ -203,12 +207,19 @@ class MessageStore:
                 yield
             except BaseException:
                 self._depth -= 1
-                if self._depth == 0:
-                    self._db.execute("ROLLBACK")
+                if self._depth == 0 and self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):  # keep the original error
+                        self._db.execute("ROLLBACK")
                 raise
             self._depth -= 1
             if self._depth == 0:
-                self._db.execute("COMMIT")
+                try:
+                    self._db.execute("COMMIT")
+                except sqlite3.Error:  # e.g. disk full at commit: leave no transaction open
+                    if self._db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    raise
         finally:
             if relax:
                 self._db.execute(f"PRAGMA synchronous={self._level}")

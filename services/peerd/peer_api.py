@@ -97,7 +97,8 @@ class PeerApi:
         except EndpointError as exc:
             return {"error": "parse", "message": str(exc)}, None
         if ep.proto not in self.protocols:
-            return {"error": "parse", "message": f"this node has no {ep.proto} transport"}, None
+            hint = " (tls:// needs a private network: --network-name)" if ep.proto == "tls" else ""
+            return {"error": "parse", "message": f"this node has no {ep.proto} transport{hint}"}, None
         close = None
         if method == "add_peer":
             try:

@@ -36,11 +36,14 @@ import zmq.asyncio
 
 from common import bus
 from common.datapath import DataIn, DataOut
+from common.endpoint import Endpoint
 from common.fib import FibReplica
-from common.identity import Identity, load_key_file
+from common.identity import Identity, load_key_file, make_router_id
 from common.lifecycle import start_service
 from common.nodeconfig import NodeConfig
 
+from .discovery import Discovery
+from .discovery_socket import DiscoveryService
 from .forwarder import Buffer, Forwarder, Routed
 from .links import load_link_module
 from .links.base import Link, LinkError, LinkFactory, LinkStats
@@ -91,7 +94,14 @@ def make_factories(cfg: NodeConfig, family: str, host: PeerdService) -> dict[str
         factory = module.make_factory(cfg, host)
         if factory is not None:
             factories[proto] = factory
+    if cfg.network_name is not None and "tls" in factories and "tcp" in cfg.peerd_families.get(family, []):
+        factories["tcp"] = factories["tls"]  # private network: tcp:// peers are dialled as TLS (TRANSPORTS.md 2.3)
     return factories
+
+
+def unique(factories: dict[str, LinkFactory]) -> list[LinkFactory]:
+    """Each factory once (one may serve two protocols)."""
+    return list({id(f): f for f in factories.values()}.values())
 
 
 class PeerdService:
@@ -113,7 +123,8 @@ class PeerdService:
         self.tund_workers = max(1, tund_workers)
         own = self.identity.subnet.network.network_address.packed[:8]
         self.forwarder = Forwarder(own, self.fib, self.tund_workers, self.counters)
-        self.protocols = list(cfg.peerd_families.get(family, []))
+        # tls:// only in a private network (the reference refuses it otherwise)
+        self.protocols = [p for p in cfg.peerd_families.get(family, []) if p != "tls" or cfg.network_name]
         self.peer_api = PeerApi(self.table, peers_file(cfg.run_dir, family), self.protocols)
         self.factories: dict[str, LinkFactory] = {}
         self.unserved: set[str] = set()  # protocols of ours without a link module (warned once)
@@ -237,8 +248,13 @@ class PeerdService:
         try:
             link = await factory.dial(ep)
         except (OSError, TimeoutError, LinkError) as exc:
-            log.debug("dial %s failed: %s", ep, exc)
-            self.table.dial_failed(entry, time.monotonic())
+            # a failure is logged once, the retries failing the same way only at debug level (as the
+            # reference); a new reason (say, the peer is up now but refuses our TLS) is logged again
+            why = str(exc)
+            log.log(logging.DEBUG if why == entry.last_error else logging.WARNING, "dial %s failed: %s", ep, why)
+            entry.last_error = why
+            if self.table.dial_failed(entry, time.monotonic()):
+                log.info("forgetting the locally discovered peer %s after %d failed dials", ep, entry.failures)
             return
         if self.table.entries.get(str(ep)) is not entry:  # removed while dialling
             link.close("peer removed")
@@ -372,7 +388,7 @@ class PeerdService:
         copied out of ZeroMQ: the link writes their buffers directly."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        fd = int(self.inbox.getsockopt(zmq.FD))  # type: ignore[arg-type]
+        fd = int(self.inbox.getsockopt(zmq.FD))
         loop.add_reader(fd, wake.set)
         recv = self.inbox.recv_multipart
         try:
@@ -397,7 +413,7 @@ class PeerdService:
                 else:
                     await asyncio.sleep(0)  # more may be waiting: let the writers run first
                     continue
-                if not int(self.inbox.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # type: ignore[arg-type]
+                if not int(self.inbox.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     await wake.wait()
         finally:
             loop.remove_reader(fd)
@@ -538,6 +554,29 @@ class PeerdService:
                     self.send_router("need_route", {"addr": prefix + bytes(8)})
             await asyncio.sleep(1.0)
 
+    async def discovery_loop(self) -> None:
+        """Link-local discovery (discovery.py); beacons name our TCP port."""
+        engine = Discovery(
+            make_router_id(self.identity.public_key),
+            self.cfg.tcp_listen_port,
+            self.cfg.network_name is not None,
+            time.monotonic(),
+            self.counters,
+        )
+        service = DiscoveryService(
+            engine, self.cfg.peer_discovery_port, self.cfg.peer_discovery_interfaces, self.discovered
+        )
+        await service.run(self.stop_event)
+
+    def discovered(self, ep: Endpoint) -> None:
+        """A beacon named ``ep``: a new peer of type linkLocalDiscovery, dialled by the dial loop."""
+        outcome = self.table.add_discovered(ep, time.monotonic())
+        self.counters[f"discovery_peer_{outcome}"] += 1
+        if outcome == "added":
+            log.info("discovered peer %s", ep)
+            for entry in self.table.due_dials(time.monotonic()):  # now, not at the dial loop's next turn
+                self.spawn(self.dial(entry), f"dial {entry.endpoint}")
+
     async def watch_stop(self) -> None:
         """Ends the task group: on a signal (_Stop) or a failed callback."""
         stop = asyncio.ensure_future(self.stop_event.wait())
@@ -577,9 +616,9 @@ class PeerdService:
             async with asyncio.TaskGroup() as tg:
                 self.tg = tg
                 self.factories = make_factories(self.cfg, self.family, self)
-                for factory in self.factories.values():
+                for factory in unique(self.factories):
                     await factory.listen()
-                shown = ", ".join(f.describe() for f in self.factories.values()) or "no link types"
+                shown = ", ".join(f.describe() for f in unique(self.factories)) or "no link types"
                 log.info("%s: %s; %d static peers", self.name, shown, len(self.table.entries))
                 self.send_router("peerd_hello", {"family": self.family, "epoch": self.epoch})
                 try:
@@ -594,6 +633,8 @@ class PeerdService:
                     "rpc": self.rpc_loop,
                     "stats": self.stats_loop,
                 }
+                if "tcp" in self.protocols and not self.cfg.disable_peer_discovery:
+                    loops["discovery"] = self.discovery_loop
                 for name, loop_fn in loops.items():
                     tg.create_task(loop_fn(), name=name)
                 tg.create_task(self.watch_stop(), name="watch_stop")
@@ -605,7 +646,7 @@ class PeerdService:
     async def shutdown(self) -> None:
         for link in list(self.links.values()):
             link.close("peerd stopping")
-        for factory in self.factories.values():
+        for factory in unique(self.factories):
             with contextlib.suppress(OSError):
                 await factory.close()
         if self.linkwatch is not None:

@@ -20,6 +20,7 @@ class SeqnoRequestInfo:
     last_sent: float
     targets: list[str] = field(default_factory=list)  # peers we sent the request to
     sources: list[str] = field(default_factory=list)  # peers that asked us (interested in the answer)
+    owner: str | None = None  # the peer whose request created the entry (its share of the cache)
 
 
 class SeqnoCache:
@@ -27,6 +28,7 @@ class SeqnoCache:
         self.capacity = capacity
         self.entries: dict[SeqnoKey, SeqnoRequestInfo] = {}
         self._by_subnet: dict[Subnet, set[SeqnoKey]] = {}
+        self._by_owner: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -35,7 +37,12 @@ class SeqnoCache:
         return self.entries.get(key)
 
     def keys_for(self, subnet: Subnet) -> list[SeqnoKey]:
-        return list(self._by_subnet.get(subnet, ()))
+        keys = self._by_subnet.get(subnet)
+        return list(keys) if keys else []
+
+    def owned_by(self, peer_id: str) -> int:
+        """Entries created on behalf of ``peer_id``'s requests."""
+        return self._by_owner.get(peer_id, 0)
 
     def forward(self, key: SeqnoKey, target: str | None, origin: str | None, now: float) -> SeqnoKey | None:
         """Record that the request went to ``target`` (on behalf of ``origin``);
@@ -47,8 +54,10 @@ class SeqnoCache:
             if len(self.entries) >= self.capacity:
                 evicted = next(iter(self.entries))
                 self.remove(evicted)
-            info = self.entries[key] = SeqnoRequestInfo(now, now)
+            info = self.entries[key] = SeqnoRequestInfo(now, now, owner=origin)
             self._by_subnet.setdefault(key[1], set()).add(key)
+            if origin is not None:
+                self._by_owner[origin] = self._by_owner.get(origin, 0) + 1
         if target is not None:
             info.last_sent = now
             if target not in info.targets:
@@ -58,8 +67,15 @@ class SeqnoCache:
         return evicted
 
     def remove(self, key: SeqnoKey) -> None:
-        if self.entries.pop(key, None) is None:
+        info = self.entries.pop(key, None)
+        if info is None:
             return
+        if info.owner is not None:
+            left = self._by_owner[info.owner] - 1
+            if left > 0:
+                self._by_owner[info.owner] = left
+            else:
+                del self._by_owner[info.owner]
         keys = self._by_subnet[key[1]]
         keys.discard(key)
         if not keys:

@@ -32,19 +32,38 @@ as ordinary, well-formed TLVs (each is marked "unlike the reference" below):
 - route requests for prefixes no update could ever satisfy (IPv4, outside
   400::/7, shorter than /64) are dropped instead of flooded;
 - every table fed by remote input has a size cap; input past the cap is
-  dropped or the oldest cache entry evicted, and counted in ``counters``.
+  dropped or the oldest cache entry evicted, and counted in ``counters``;
+- fairness (none of it on the wire): no neighbour may hold more than half
+  the routing table while another neighbour is up, and when the table is
+  full a neighbour below its fair share (cap / live neighbours) takes room
+  from the neighbour holding the most entries. The entries that go are the
+  *newest* of the offending neighbour: a flood consists of new entries,
+  while the old ones are what traffic and downstream nodes already use, so
+  evicting the oldest would let a flood rotate every honest route out of the
+  table (and each eviction of a selected route sends a retraction, so
+  rotating would also amplify the flood). An incoming route past its
+  neighbour's limit is the newest of all and is refused, unless we asked for
+  that subnet (a route request of ours is outstanding): then the neighbour's
+  newest entry makes room, so a node that joins after a flood is still
+  reachable. Route requests forwarded and seqno requests held on a
+  neighbour's behalf are limited to a fair share of their tables the same
+  way (new ones refused). Everything is counted per neighbour
+  (``neighbour_stats``) and in ``counters``.
 """
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import itertools
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from common.identity import address_of, subnet_of
-from common.wire.rules import is_overlay_address, is_overlay_network
+from common.identity import address_int, address_of, subnet_of
+from common.wire.rules import OVERLAY_PREFIX, is_overlay_address
 from common.wire.subnet import Subnet
 from common.wire.tlv import (
     HELLO_UNICAST,
@@ -79,6 +98,7 @@ SEQNO_DUPLICATE_WINDOW = 4.0  # incoming duplicates ignored this long (reference
 SEQNO_CACHE_TTL = 60.0
 SEQNO_REQUEST_HOP_COUNT = 64
 SOURCE_ENTRY_LIFETIME = 1800.0
+SOURCE_SWEEP_INTERVAL = 60.0  # expired source entries are purged by a sweep (no timer per entry)
 ROUTE_QUERY_TIMEOUT = 15.0
 RR_CACHE_TTL = 15.0
 ROUTE_REFRESH_THRESHOLD = 15.0
@@ -89,7 +109,10 @@ BIG_METRIC_CHANGE = 10
 PREFIX_LEN_MIN = 64
 
 # --- local bounds on state fed by remote input ------------------------------
-MAX_SUBNETS = 65_536
+MAX_SUBNETS = 131_072  # subnets in the routing table (a public node carries ~100k)
+MIN_FAIR_SHARE = 1_024  # a neighbour's share of a table never drops below this
+MAX_EVICTION_TRIES = 8  # entries evicted at most to free one subnet slot
+DEAD_PEER_SLICE = 4_096  # a dead peer's routes retracted at once; more go in handle_timer slices
 MAX_QUERIED = 16_384
 MAX_SOURCES = 2 * MAX_SUBNETS
 MAX_SEQNO_CACHE = 16_384
@@ -104,6 +127,19 @@ _TLV_NAMES = {
     RouteRequest: "route_request",
     SeqNoRequest: "seqno_request",
 }
+_RX_NAMES = {cls: f"rx_{name}" for cls, name in _TLV_NAMES.items()}
+_TX_NAMES = {cls: f"tx_{name}" for cls, name in _TLV_NAMES.items()}
+# common/wire/rules' overlay prefix as a Subnet: the 6.3 filter then needs no
+# network object per Update (is_overlay_network would build one).
+_OVERLAY_SUBNET = Subnet(OVERLAY_PREFIX.network_address, OVERLAY_PREFIX.prefixlen)
+
+# Per-neighbour counters (``neighbour_stats``).
+NEIGHBOUR_COUNTERS = (
+    "routes_evicted",  # entries of this neighbour evicted to make room (fairness)
+    "routes_refused",  # new entries refused: the neighbour was at its limit
+    "route_requests_refused",  # forwarded route requests refused: its share of the query table is used
+    "seqno_requests_refused",  # seqno requests refused: its share of the seqno cache is used
+)
 
 
 def hold_time_ms(interval_cs: int, metric: int) -> int:
@@ -123,7 +159,7 @@ class PeerInfo:
     link_name: str = ""  # shown as Route.nextHop in the API
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FibEntry:
     """What the data plane needs for one destination subnet."""
 
@@ -149,9 +185,9 @@ class FibDel:
 FibChange = FibSet | FibDel
 
 
-@dataclass(frozen=True)
-class RouteView:
-    """One row of the API's routes/selected and routes/fallback."""
+class RouteView(NamedTuple):
+    """One row of the API's routes/selected and routes/fallback (a tuple:
+    the API lists every route, so building rows must be cheap)."""
 
     subnet: Subnet
     next_hop: str  # peer id
@@ -163,7 +199,7 @@ class RouteView:
 class _Peer:
     """Per-link liveness and link-cost state (PROTOCOL.md 2.9)."""
 
-    __slots__ = ("hello_seqno", "info", "next_hello", "smoothed", "t_hello", "t_last_ihu")
+    __slots__ = ("hello_seqno", "info", "next_hello", "smoothed", "t_hello", "t_last_heard", "t_last_ihu")
 
     def __init__(self, info: PeerInfo, now: float) -> None:
         self.info = info
@@ -171,6 +207,7 @@ class _Peer:
         self.smoothed = INITIAL_SMOOTHED_COST
         self.t_hello = now
         self.t_last_ihu = now
+        self.t_last_heard = now  # any TLV at all (liveness under load, see _on_dead_timer)
         self.next_hello = now
 
     @property
@@ -199,15 +236,28 @@ class RouterEngine:
         self._timers = TimerQueue()
         self._fib: dict[Subnet, FibEntry] = {}
         self._recoveries: dict[Subnet, list] = {}  # subnet -> [router id to ask about, retries done]
-        self._address_cache: dict[bytes, ipaddress.IPv6Address] = {}
+        self._address_cache: dict[bytes, int] = {}  # public key -> its overlay address as an int
+        # Fairness bookkeeping (see the module docstring).
+        self._learned: dict[str, dict[Subnet, None]] = {}  # neighbour -> its entries' subnets, oldest first
+        self._query_origin: dict[Subnet, str] = {}  # queried subnet -> neighbour whose request we forwarded
+        self._queries_by: Counter[str] = Counter()
+        self._nstats: dict[str, Counter[str]] = {}
 
         self._tlvs_out: list[tuple[str, Tlv]] = []
         self._fib_out: list[FibChange] = []
         self._close_out: list[str] = []
         self.counters: Counter[str] = Counter()
 
+        # Route expiry has its own heap of (deadline, seq, entry): no per-entry
+        # key tuples or dict slots (memory per route); stale items are skipped.
+        self._route_heap: list[tuple[float, int, RouteEntry]] = []
+        self._route_seq = itertools.count()
+        self._route_timers = 0  # entries with an armed expiry
+        self._dead_work: deque[tuple[str, list[Subnet], float]] = deque()  # dead peers' routes still to retract
+
         self._next_announce = now + OWN_ROUTE_INTERVAL
         self._timers.schedule(("announce",), self._next_announce)
+        self._timers.schedule(("source_sweep",), now + SOURCE_SWEEP_INTERVAL)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -237,6 +287,13 @@ class RouterEngine:
     def fib_snapshot(self) -> dict[Subnet, FibEntry]:
         return dict(self._fib)
 
+    def lookup_public_key(self, address: ipaddress.IPv6Address) -> bytes | None:
+        """Key of the longest subnet with routes covering ``address`` (None if none)."""
+        found = self._table.lookup(address)
+        if found is None or found[1] is None:
+            return None
+        return found[1].public_key
+
     def selected_routes(self) -> list[RouteView]:
         return [_view(s, e) for s, r in self._table.routes.items() for e in r.entries if e.selected]
 
@@ -248,6 +305,34 @@ class RouterEngine:
 
     def source_table_size(self) -> int:
         return len(self._sources)
+
+    def subnet_count(self) -> int:
+        return len(self._table.routes)
+
+    def selected_count(self) -> int:
+        """Subnets with a selected route (cheap enough for periodic stats: no views built)."""
+        return sum(1 for r in self._table.routes.values() if r.entries and r.entries[0].selected)
+
+    def neighbour_stats(self) -> dict[str, dict[str, int]]:
+        """Per live neighbour: entries held, queries and seqno requests held on
+        its behalf, and the fairness counters (``NEIGHBOUR_COUNTERS``)."""
+        out: dict[str, dict[str, int]] = {}
+        for peer_id in self._peers:
+            row = {name: 0 for name in NEIGHBOUR_COUNTERS}
+            row.update(self._nstats.get(peer_id, ()))
+            row["routes"] = len(self._learned.get(peer_id, ()))
+            row["queries"] = self._queries_by.get(peer_id, 0)
+            row["seqno_requests"] = self._seqno_cache.owned_by(peer_id)
+            out[peer_id] = row
+        return out
+
+    def neighbour_route_limit(self) -> int:
+        """Entries one neighbour may hold: all of the table when it is our
+        only neighbour, half of it otherwise."""
+        return MAX_SUBNETS if len(self._peers) <= 1 else MAX_SUBNETS // 2
+
+    def fair_share(self, capacity: int) -> int:
+        return max(MIN_FAIR_SHARE, capacity // max(1, len(self._peers)))
 
     def feasibility_distance(self, subnet: Subnet, router_id: bytes) -> tuple[int, int] | None:
         """(metric, seqno) we last advertised for this source, for tests and diagnostics."""
@@ -268,7 +353,17 @@ class RouterEngine:
         return out
 
     def get_timer(self) -> float | None:
-        return self._timers.next_time()
+        when = self._timers.next_time()
+        if self._dead_work:
+            since = self._dead_work[0][2]
+            when = since if when is None or since < when else when
+        heap = self._route_heap
+        while heap:
+            at, _, entry = heap[0]
+            if entry.timer_at == at:
+                return at if when is None or at < when else when
+            heapq.heappop(heap)
+        return when
 
     # ------------------------------------------------------------------ links
     def peer_up(self, peer: PeerInfo, now: float) -> None:
@@ -277,6 +372,7 @@ class RouterEngine:
             return
         p = _Peer(peer, now)
         self._peers[peer.peer_id] = p
+        self._nstats[peer.peer_id] = Counter()
         self.counters["peers_up"] += 1
         self._send_hello(p, now)
         self._timers.schedule(("dead", peer.peer_id), now + DEAD_PEER_THRESHOLD)
@@ -302,20 +398,22 @@ class RouterEngine:
         if peer is None:
             self.counters["rx_from_unknown_peer"] += 1  # TLVs from dead peers are discarded (5.5)
             return
-        name = _TLV_NAMES.get(type(tlv))
+        peer.t_last_heard = now
+        kind = type(tlv)
+        name = _RX_NAMES.get(kind)
         if name is None:
             self.counters["rx_unknown_tlv"] += 1
             return
-        self.counters[f"rx_{name}"] += 1
-        if isinstance(tlv, Hello):
+        self.counters[name] += 1
+        if isinstance(tlv, Update):  # the common case first
+            self._handle_update(peer_id, tlv, now)
+        elif isinstance(tlv, Hello):
             self._send(peer_id, Ihu(peer.link_cost, IHU_INTERVAL_CS, None))
         elif isinstance(tlv, Ihu):
             self._handle_ihu(peer, now)
-        elif isinstance(tlv, Update):
-            self._handle_update(peer_id, tlv, now)
         elif isinstance(tlv, RouteRequest):
             self._handle_route_request(peer_id, tlv, now)
-        else:
+        elif isinstance(tlv, SeqNoRequest):
             self._handle_seqno_request(peer_id, tlv, now)
 
     def request_route(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, now: float) -> None:
@@ -352,22 +450,43 @@ class RouterEngine:
             else:  # only retractions left: look for any path again
                 self._originate_route_request(subnet, now)
 
-    def handle_timer(self, now: float) -> None:
-        while True:
+    def handle_timer(self, now: float, limit: int | None = None) -> None:
+        """Run due timers; at most ``limit`` events (the rest stay due, so
+        ``get_timer`` says to call again at once)."""
+        budget = -1 if limit is None else limit
+        while self._dead_work and budget != 0:
+            peer_id, subnets, _ = self._dead_work[0]
+            take = len(subnets) if budget < 0 else min(budget, len(subnets))
+            chunk = subnets[len(subnets) - take :]
+            del subnets[len(subnets) - take :]
+            self._retract_peer_routes(peer_id, chunk, now)
+            if budget > 0:
+                budget -= take
+            if not subnets:
+                self._dead_work.popleft()
+        heap = self._route_heap
+        while heap and heap[0][0] <= now and budget != 0:
+            at, _, entry = heapq.heappop(heap)
+            if entry.timer_at == at:
+                entry.timer_at = None
+                self._route_timers -= 1
+                self._on_route_timer(entry.subnet, entry.neighbour, now)
+                budget -= 1
+        while budget != 0:
+            budget -= 1
             key = self._timers.pop_due(now)
             if key is None:
                 return
             kind = key[0]
-            if kind == "route":
-                self._on_route_timer(key[1], key[2], now)
-            elif kind == "hello":
+            if kind == "hello":
                 self._on_hello_timer(key[1], now)
             elif kind == "dead":
                 self._on_dead_timer(key[1], now)
             elif kind == "queried":
                 self._on_query_timer(key[1], now)
-            elif kind == "source":
-                self._on_source_timer((key[1], key[2]), now)
+            elif kind == "source_sweep":
+                self._sources.sweep(now)
+                self._timers.schedule(("source_sweep",), now + SOURCE_SWEEP_INTERVAL)
             elif kind == "seqno":
                 self._on_seqno_cache_timer((key[1], key[2], key[3]), now)
             elif kind == "rr":
@@ -406,7 +525,10 @@ class RouterEngine:
         peer = self._peers.get(peer_id)
         if peer is None:
             return
-        deadline = peer.t_last_ihu + DEAD_PEER_THRESHOLD
+        # Unlike the reference, any TLV from the peer keeps it alive, not only
+        # an IHU: a neighbour busy forwarding a flood to us may get its IHUs
+        # to us late (they queue behind its Updates), yet the link plainly works.
+        deadline = max(peer.t_last_ihu, peer.t_last_heard) + DEAD_PEER_THRESHOLD
         if now < deadline:
             self._timers.schedule(("dead", peer_id), deadline)
             return
@@ -421,10 +543,24 @@ class RouterEngine:
             self._tlvs_out = [(p, t) for p, t in self._tlvs_out if p != peer_id]
         self._timers.cancel(("hello", peer_id))
         self._timers.cancel(("dead", peer_id))
+        self._nstats.pop(peer_id, None)
+        self._seqno_cache.forget_peer(peer_id)
+        self._rr_cache.forget_peer(peer_id)
+        subnets = list(self._learned.get(peer_id, ()))
+        if len(subnets) <= DEAD_PEER_SLICE:
+            self._retract_peer_routes(peer_id, subnets, now)
+        else:
+            # A neighbour that held tens of thousands of routes: retract them in
+            # slices from handle_timer, so the caller can answer in between.
+            self.counters["dead_peer_cleanup_deferred"] += 1
+            self._dead_work.append((peer_id, subnets, now))
+
+    def _retract_peer_routes(self, peer_id: str, subnets: list[Subnet], now: float) -> None:
         reselect: list[Subnet] = []
-        for subnet, routes in list(self._table.routes.items()):
-            entry = routes.find(peer_id)
-            if entry is None:
+        for subnet in subnets:
+            routes = self._table.routes.get(subnet)
+            entry = routes.find(peer_id) if routes is not None else None
+            if routes is None or entry is None:
                 continue
             if entry.selected:
                 entry.metric = INFINITE
@@ -432,8 +568,6 @@ class RouterEngine:
                 reselect.append(subnet)
             else:
                 self._remove_entry(subnet, routes, entry)
-        self._seqno_cache.forget_peer(peer_id)
-        self._rr_cache.forget_peer(peer_id)
         for subnet in reselect:
             self._route_selection(subnet, now)
 
@@ -444,13 +578,13 @@ class RouterEngine:
         if address is None:
             if len(self._address_cache) >= _ADDRESS_CACHE_SIZE:
                 self._address_cache.clear()
-            address = self._address_cache[pk] = address_of(pk)
-        return subnet.contains_address(address)
+            address = self._address_cache[pk] = address_int(pk)
+        return subnet.contains_int6(address)
 
     def _update_filter(self, update: Update) -> str | None:
         """Why an Update is dropped before processing, or None to accept it."""
         subnet = update.subnet
-        if not is_overlay_network(subnet.network):
+        if not _OVERLAY_SUBNET.contains(subnet):  # rules.is_overlay_network, on the int key
             return "outside_overlay"
         if subnet.prefix_len < PREFIX_LEN_MIN:
             return "prefix_too_short"
@@ -480,10 +614,13 @@ class RouterEngine:
             if metric == INFINITE:
                 self.counters["update_retraction_unknown_subnet"] += 1
                 return
-            if len(self._table.routes) >= MAX_SUBNETS:
-                self.counters["drop_routing_table_full"] += 1
+            if not self._admit(peer_id, subnet, True, now):
                 return
             routes = self._add_routes(subnet, router_id[:32])
+        elif routes.find(peer_id) is None and metric != INFINITE and feasible:
+            admitted = self._admit(peer_id, subnet, False, now)
+            if not admitted:
+                return
 
         old = routes.selected()
         old_router_id = old.router_id if old is not None else None
@@ -516,8 +653,18 @@ class RouterEngine:
                     self._send_seqno_request(subnet, router_id, peer_id, None, now)
                     self._start_recovery(subnet, router_id, now)
                 return
+            first = routes.entries[0] if routes.entries else None
+            if first is not None:  # share objects between a subnet's entries (memory per route)
+                if first.subnet.same_address == subnet.same_address:
+                    subnet = first.subnet
+                if first.router_id == router_id:
+                    router_id = first.router_id
             entry = RouteEntry(subnet, router_id, peer_id, metric, seqno, now)
             routes.add(entry)
+            learned = self._learned.get(peer_id)
+            if learned is None:
+                learned = self._learned[peer_id] = {}
+            learned[subnet] = None
             self._set_expiry(subnet, entry, now + hold_time_ms(update.interval, metric) / 1000)
 
         new = self._find_best(subnet, routes)
@@ -528,7 +675,7 @@ class RouterEngine:
             self._send_seqno_request(subnet, old_router_id, None, None, now)  # type: ignore[arg-type]
             routes.unselect()
             lost = True
-        self._sync_fib(subnet)
+        self._sync_fib(subnet, routes)
 
         if old is not None and new is not None:
             trigger = new.router_id != old_router_id or metric_delta(new.metric, old_metric) > BIG_METRIC_CHANGE
@@ -543,6 +690,74 @@ class RouterEngine:
             self._propagate(subnet, interested, now)
         if new is not None and new is not old:
             self._forward_pending_seqno_requests(subnet, now)
+
+    # ------------------------------------------------------------------ fairness
+    def _admit(self, peer_id: str, subnet: Subnet, new_subnet: bool, now: float) -> bool:
+        """Room for a new entry from ``peer_id`` (see the module docstring)."""
+        learned = self._learned.get(peer_id)
+        limit = self.neighbour_route_limit()
+        at_limit = learned is not None and limit < MAX_SUBNETS and len(learned) >= limit
+        # Past the limit the incoming route is the newest of all and is refused,
+        # unless one of our queries asked for it: then the neighbour's newest entry goes.
+        if at_limit and (subnet not in self._table.queried or not self._evict_newest(peer_id, now)):
+            self._nstats[peer_id]["routes_refused"] += 1
+            self.counters["drop_neighbour_route_limit"] += 1
+            return False
+        if new_subnet and len(self._table.routes) >= MAX_SUBNETS and not self._make_room(peer_id, now):
+            self._nstats[peer_id]["routes_refused"] += 1
+            self.counters["drop_routing_table_full"] += 1
+            return False
+        return True
+
+    def _make_room(self, peer_id: str, now: float) -> bool:
+        """The table is full: a neighbour below its fair share takes a subnet
+        slot from the neighbour holding the most entries, if that one is
+        above its share."""
+        share = self.fair_share(MAX_SUBNETS)
+        mine = len(self._learned.get(peer_id, ()))
+        if mine >= share:
+            return False
+        victim = max((q for q in self._learned if q != peer_id), key=lambda q: len(self._learned[q]), default=None)
+        if victim is None or len(self._learned[victim]) <= max(share, mine + 1):
+            return False
+        for _ in range(MAX_EVICTION_TRIES):
+            if len(self._table.routes) < MAX_SUBNETS or not self._evict_newest(victim, now):
+                break
+        return len(self._table.routes) < MAX_SUBNETS
+
+    def _evict_newest(self, peer_id: str, now: float) -> bool:
+        """Drop ``peer_id``'s newest entry; a selected one is replaced by a
+        fallback or retracted, as if it had expired."""
+        learned = self._learned.get(peer_id)
+        if not learned:
+            return False
+        subnet = next(reversed(learned))
+        routes = self._table.routes.get(subnet)
+        entry = routes.find(peer_id) if routes is not None else None
+        if routes is None or entry is None:  # cannot happen; keep the index honest anyway
+            del learned[subnet]
+            return True
+        stats = self._nstats.get(peer_id)
+        if stats is not None:
+            stats["routes_evicted"] += 1
+        self.counters["routes_evicted"] += 1
+        was_selected = entry.selected
+        self._remove_entry(subnet, routes, entry)
+        if was_selected:
+            if subnet in self._table.routes:
+                self._route_selection(subnet, now)
+            else:
+                self._propagate(subnet, None, now)  # our retraction: downstream must not keep using us
+        return True
+
+    def _release_query(self, subnet: Subnet) -> None:
+        origin = self._query_origin.pop(subnet, None)
+        if origin is not None:
+            left = self._queries_by[origin] - 1
+            if left > 0:
+                self._queries_by[origin] = left
+            else:
+                del self._queries_by[origin]
 
     # ------------------------------------------------------------------ selection (6.5)
     def _find_best(self, subnet: Subnet, routes: SubnetRoutes) -> RouteEntry | None:
@@ -610,9 +825,12 @@ class RouterEngine:
             skip = None
         if not self._record_advertised(update, now):
             return
-        for peer_id in list(self._peers) if targets is None else targets:
-            if peer_id != skip:
-                self._send(peer_id, update)
+        if targets is None:
+            self._send_all(update, skip)
+        else:
+            for peer_id in targets:
+                if peer_id != skip:
+                    self._send(peer_id, update)
 
     def _own_update(self) -> Update:
         return Update(0, UPDATE_INTERVAL_CS, self._seqno, 0, self._own_subnet, self._router_id)
@@ -639,9 +857,7 @@ class RouterEngine:
         if not self._sources.can_record(key):
             self.counters["drop_source_table_full"] += 1
             return update.metric == INFINITE
-        expires = now + SOURCE_ENTRY_LIFETIME
-        if self._sources.record(key, update.metric, update.seqno, expires):
-            self._timers.schedule(("source", key[0], key[1]), expires)
+        self._sources.record(key, update.metric, update.seqno, now + SOURCE_ENTRY_LIFETIME)
         return True
 
     def _route_lost(self, subnet: Subnet, router_id: bytes, now: float) -> None:
@@ -705,7 +921,7 @@ class RouterEngine:
         if routes is None or entry is None:
             return
         if now < entry.expires:
-            self._timers.schedule(("route", subnet, peer_id), entry.expires)
+            self._set_expiry(subnet, entry, entry.expires)
             return
         if not entry.selected:
             self.counters["route_expired_fallback"] += 1
@@ -778,8 +994,14 @@ class RouterEngine:
         if len(self._table.queried) >= MAX_QUERIED:
             self.counters["drop_query_table_full"] += 1
             return
+        if self._queries_by.get(peer_id, 0) >= self.fair_share(MAX_QUERIED):
+            self._nstats[peer_id]["route_requests_refused"] += 1
+            self.counters["drop_neighbour_query_limit"] += 1
+            return
         generation = request.generation + 1
         self._mark_queried(subnet, now)
+        self._query_origin[subnet] = peer_id
+        self._queries_by[peer_id] += 1
         info = self._rr_cache.info(subnet, now, RR_CACHE_TTL)
         skip = info.receivers if info is not None and generation >= info.generation else ()
         forwarded = RouteRequest(generation, subnet)
@@ -814,6 +1036,7 @@ class RouterEngine:
             return
         self.counters["route_queries_timed_out"] += 1
         self._table.drop_query(subnet)
+        self._release_query(subnet)
 
     def _record_rr(self, subnet: Subnet, generation: int, receivers: list[str], now: float) -> None:
         evicted = self._rr_cache.record(subnet, generation, receivers, now)
@@ -935,12 +1158,15 @@ class RouterEngine:
         """A route for ``subnet`` was just selected: send requests that peers
         are still waiting on along it. Without this a request that reached us
         while we had no route (and was parked as a duplicate) would die here."""
+        keys = self._seqno_cache.keys_for(subnet)
+        if not keys:
+            return
         routes = self._table.routes.get(subnet)
         selected = routes.selected() if routes is not None else None
         if selected is None or selected.metric == INFINITE:
             return
         hop = selected.neighbour
-        for key in self._seqno_cache.keys_for(subnet):
+        for key in keys:
             info = self._seqno_cache.get(key)
             router_id, _, seqno = key
             if info is None or not info.sources or hop in info.targets or hop in info.sources:
@@ -999,6 +1225,10 @@ class RouterEngine:
         if router_id == self._router_id:
             self.counters["seqno_request_unhandled"] += 1
             return
+        if info is None and self._seqno_cache.owned_by(peer_id) >= self.fair_share(MAX_SEQNO_CACHE):
+            self._nstats[peer_id]["seqno_requests_refused"] += 1
+            self.counters["drop_neighbour_seqno_limit"] += 1
+            return
         if routes is None:
             self._park_seqno_request(key, peer_id, now)
             return
@@ -1028,6 +1258,16 @@ class RouterEngine:
         peer = self._peers.get(peer_id)
         return INFINITE if peer is None else peer.link_cost
 
+    def _send_all(self, update: Update, skip: str | None) -> None:
+        """``_send`` of one Update to every live peer but ``skip`` (the hot path of triggered updates)."""
+        if not update.subnet.is_ipv6:
+            self.counters["tx_ipv4_suppressed"] += 1
+            return
+        out = [(p, update) for p in self._peers if p != skip]
+        if out:
+            self.counters["tx_update"] += len(out)
+            self._tlvs_out += out
+
     def _send(self, peer_id: str, tlv: Tlv) -> None:
         if peer_id not in self._peers:
             self.counters["tx_to_dead_peer_suppressed"] += 1
@@ -1036,12 +1276,13 @@ class RouterEngine:
         if subnet is not None and not subnet.is_ipv6:
             self.counters["tx_ipv4_suppressed"] += 1  # never send IPv4 prefixes (5.6)
             return
-        self.counters[f"tx_{_TLV_NAMES[type(tlv)]}"] += 1
+        self.counters[_TX_NAMES[type(tlv)]] += 1
         self._tlvs_out.append((peer_id, tlv))
 
     def _add_routes(self, subnet: Subnet, public_key: bytes) -> SubnetRoutes:
         if subnet in self._table.queried:
             self._timers.cancel(("queried", subnet))
+            self._release_query(subnet)
         return self._table.add_routes(subnet, public_key)
 
     def _remove_routes(self, subnet: Subnet) -> None:
@@ -1050,28 +1291,38 @@ class RouterEngine:
 
     def _remove_entry(self, subnet: Subnet, routes: SubnetRoutes, entry: RouteEntry) -> None:
         routes.remove(entry)
-        self._timers.cancel(("route", subnet, entry.neighbour))
+        if entry.timer_at is not None:
+            entry.timer_at = None
+            self._route_timers -= 1
+        learned = self._learned.get(entry.neighbour)
+        if learned is not None:
+            learned.pop(subnet, None)
+            if not learned:
+                del self._learned[entry.neighbour]
         if not routes.entries:
             self._remove_routes(subnet)
         else:
             self._sync_fib(subnet)
 
     def _set_expiry(self, subnet: Subnet, entry: RouteEntry, expires: float) -> None:
+        """Deadlines usually move later: the armed one then fires early and re-arms."""
         entry.expires = expires
-        self._timers.schedule(("route", subnet, entry.neighbour), expires)
-
-    def _on_source_timer(self, key: SourceKey, now: float) -> None:
-        fd = self._sources.get(key)
-        if fd is None:
+        at = entry.timer_at
+        if at is not None and at <= expires:
             return
-        if now < fd.expires:
-            self._timers.schedule(("source", key[0], key[1]), fd.expires)
-            return
-        self._sources.remove(key)
+        if at is None:
+            self._route_timers += 1
+        entry.timer_at = expires
+        heap = self._route_heap
+        heapq.heappush(heap, (expires, next(self._route_seq), entry))
+        if len(heap) > 2 * self._route_timers + 1024:  # stale items of removed entries
+            self._route_heap = [item for item in heap if item[2].timer_at == item[0]]
+            heapq.heapify(self._route_heap)
 
-    def _sync_fib(self, subnet: Subnet) -> None:
+    def _sync_fib(self, subnet: Subnet, routes: SubnetRoutes | None = None) -> None:
         """Emit a FIB change if ``subnet``'s forwarding state differs from what we last published."""
-        routes = self._table.routes.get(subnet)
+        if routes is None:
+            routes = self._table.routes.get(subnet)
         if routes is None:
             if self._fib.pop(subnet, None) is not None:
                 self._fib_out.append(FibDel(subnet))

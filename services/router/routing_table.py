@@ -25,6 +25,7 @@ class RouteEntry:
     seqno: int
     expires: float
     selected: bool = False
+    timer_at: float | None = None  # deadline armed on the engine's route heap
 
 
 class SubnetRoutes:

@@ -25,8 +25,9 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.identity import address_of
 from common.wire.subnet import Subnet
@@ -36,6 +37,7 @@ from .engine import FibDel, FibSet, PeerInfo, RouterEngine
 
 _DELIVER = 0
 _TIMER = 1
+_TRAFFIC = 2
 
 _TLV_NAMES = {4: "hello", 5: "ihu", 8: "update", 9: "route_request", 10: "seqno_request"}
 
@@ -85,6 +87,8 @@ class Simulation:
         check_wire: bool = False,
         check_loops: bool = False,
         start: float = 0.0,
+        all_pairs: bool = True,
+        loop_sample: set[Subnet] | None = None,
     ) -> None:
         self.rng = random.Random(seed)
         self.seed = seed
@@ -103,6 +107,13 @@ class Simulation:
         self._owner: dict[Subnet, int] = {}
         self._link_ids = itertools.count()
         self._missing = 0
+        # Convergence target: every pair (all_pairs) or only the pairs some
+        # node asked for (``request_routes``; the large runs, where all
+        # pairs would cost O(n^2) just to count).
+        self._demand: dict[int, set[int]] | None = None if all_pairs else {}
+        self.loop_sample = loop_sample  # loop checks only toward these subnets (None: all)
+        self._neighbours_at_leave: dict[int, list[int]] = {}
+        self._traffic_interval: float | None = None
         for _ in range(n_nodes):
             self.add_node()
 
@@ -118,7 +129,8 @@ class Simulation:
         node = SimNode(index, engine, address_of(public_key))
         self.nodes.append(node)
         self._owner[engine.own_subnet] = index
-        self._recount_missing()
+        if self._demand is None:
+            self._recount_missing()
         self._drain(node)
         return index
 
@@ -158,11 +170,34 @@ class Simulation:
     def remove_node(self, n: int) -> None:
         """The node vanishes; its neighbours see their links close."""
         node = self.nodes[n]
+        self._neighbours_at_leave[n] = self.neighbours(n)
         node.alive = False
         for link in list(node.links.values()):
             if link.up:
                 self._close(link, notify_a=link.a != n, notify_b=link.b != n)
         self._recount_missing()
+
+    def rejoin_node(self, n: int) -> None:
+        """A node that left comes back as a restarted process: same key, a
+        fresh router id and seqno, empty tables, its old links up again (to
+        the neighbours still alive), and its traffic asking again."""
+        node = self.nodes[n]
+        if node.alive:
+            raise ValueError(f"node {n} is alive")
+        pk = node.engine.public_key
+        router_id = pk + b"\0\0" + self.rng.randbytes(6)
+        node.engine = RouterEngine(pk, router_id, self.now, rng=random.Random(self.rng.random()))
+        node.alive = True
+        node.links = {}
+        node.fib = {}
+        node.timer_at = None
+        self._recount_missing()
+        for other in self._neighbours_at_leave.pop(n, []):
+            if self.nodes[other].alive:
+                self.add_link(n, other)
+        for dst in sorted(self._demand.get(n, ())) if self._demand is not None else ():
+            node.engine.request_route(self.nodes[dst].address, self.now)
+        self._drain(node)
 
     def _close(self, link: SimLink, *, notify_a: bool, notify_b: bool) -> None:
         link.up = False
@@ -185,6 +220,42 @@ class Simulation:
     def request_route(self, n: int, address: ipaddress.IPv6Address) -> None:
         self.nodes[n].engine.request_route(address, self.now)
         self._drain(self.nodes[n])
+
+    def request_routes(self, pairs: dict[int, list[int]]) -> None:
+        """Each source asks for its destinations (as first traffic would), and
+        those pairs become what convergence means (needs ``all_pairs=False``)."""
+        if self._demand is None:
+            raise ValueError("request_routes needs a Simulation(all_pairs=False)")
+        for src, dsts in pairs.items():
+            self._demand.setdefault(src, set()).update(dsts)
+        self._recount_missing()
+        for src, dsts in pairs.items():
+            node = self.nodes[src]
+            for dst in dsts:
+                node.engine.request_route(self.nodes[dst].address, self.now)
+            self._drain(node)
+
+    def start_traffic(self, interval: float = 1.0) -> None:
+        """From now on, every ``interval`` each wanted pair without a route asks
+        again, as a data plane does on every FIB miss of ongoing traffic."""
+        self._traffic_interval = interval
+        heapq.heappush(self._queue, (self.now + interval, next(self._seq), _TRAFFIC, None))
+
+    def _traffic_tick(self) -> None:
+        for src, dsts in (self._demand or {}).items():
+            node = self.nodes[src]
+            if not node.alive:
+                continue
+            asked = False
+            for dst in dsts:
+                other = self.nodes[dst]
+                if other.alive and node.fib.get(other.subnet) is None:
+                    node.engine.request_route(other.address, self.now)
+                    asked = True
+            if asked:
+                self._drain(node)
+        if self._traffic_interval is not None:
+            heapq.heappush(self._queue, (self.now + self._traffic_interval, next(self._seq), _TRAFFIC, None))
 
     # ------------------------------------------------------------------ running
     def run_until(self, t: float, stop: Callable[[], bool] | None = None) -> bool:
@@ -211,17 +282,19 @@ class Simulation:
             return self.now - start
         return None
 
-    def _process(self, kind: int, data: object) -> None:
+    def _process(self, kind: int, data: Any) -> None:
         self.events_processed += 1
         if kind == _DELIVER:
-            link, dst, peer_id, tlv = data  # type: ignore[misc]
+            link, dst, peer_id, tlv = data
             if not link.up or link.blackhole:
                 return
             node = self.nodes[dst]
             node.engine.receive_tlv(peer_id, tlv, self.now)
             self._drain(node)
+        elif kind == _TRAFFIC:
+            self._traffic_tick()
         else:
-            node = self.nodes[data]  # type: ignore[index]
+            node = self.nodes[data]
             if not node.alive:
                 return
             if node.timer_at is not None and node.timer_at <= self.now:
@@ -250,9 +323,11 @@ class Simulation:
         changed = engine.fib_changes()
         for change in changed:
             self._apply_fib(node, change)
-        if self.check_loops:
+        if self.check_loops and changed:
+            sample = self.loop_sample
             for subnet in {c.subnet for c in changed}:
-                self._check_path(node.index, subnet)
+                if sample is None or subnet in sample:
+                    self._check_path(node.index, subnet)
         for peer_id in engine.peers_to_close():
             link = node.links[peer_id]
             if link.up:
@@ -270,22 +345,41 @@ class Simulation:
         else:
             node.fib.pop(change.subnet, None)
         after = node.fib.get(change.subnet) is not None
+        if before == after:
+            return
         owner = self._owner.get(change.subnet)
-        if before != after and owner is not None and owner != node.index and node.alive and self.nodes[owner].alive:
+        if owner is None or owner == node.index or not node.alive or not self.nodes[owner].alive:
+            return
+        if self._demand is None or owner in self._demand.get(node.index, ()):
             self._missing += -1 if after else 1
 
     # ------------------------------------------------------------------ checks
+    def _wanted_pairs(self) -> Iterator[tuple[SimNode, SimNode]]:
+        nodes = self.nodes
+        if self._demand is None:
+            live = [n for n in nodes if n.alive]
+            return ((x, y) for x in live for y in live if x is not y)
+        return (
+            (nodes[src], nodes[dst])
+            for src, dsts in self._demand.items()
+            if nodes[src].alive
+            for dst in dsts
+            if dst != src and nodes[dst].alive
+        )
+
     def _recount_missing(self) -> None:
-        live = [n for n in self.nodes if n.alive]
-        self._missing = sum(1 for x in live for y in live if x is not y and x.fib.get(y.subnet) is None)
+        self._missing = sum(1 for x, y in self._wanted_pairs() if x.fib.get(y.subnet) is None)
 
     def all_converged(self) -> bool:
-        """Every live node has a selected route to every other live node's subnet."""
+        """Every live node has a selected route to every other live node's
+        subnet (or, with a demand, to every destination it asked for)."""
         return self._missing == 0
 
     def missing_routes(self) -> list[tuple[int, int]]:
-        live = [n for n in self.nodes if n.alive]
-        return [(x.index, y.index) for x in live for y in live if x is not y and x.fib.get(y.subnet) is None]
+        return [(x.index, y.index) for x, y in self._wanted_pairs() if x.fib.get(y.subnet) is None]
+
+    def wanted_pair_count(self) -> int:
+        return sum(1 for _ in self._wanted_pairs())
 
     def path(self, src: int, dst: int) -> list[int] | None:
         """Nodes visited following FIB next hops from src toward dst's subnet; None on a black hole."""
@@ -371,7 +465,127 @@ def random_mesh(sim: Simulation, n: int, degree: float = 4.0) -> list[int]:
     return nodes
 
 
+def hub_mesh(
+    sim: Simulation,
+    n: int,
+    *,
+    hubs: int = 10,
+    hub_links: int | None = None,
+    delays: tuple[float, float] = (0.002, 0.03),
+) -> list[int]:
+    """A public-network shape: ``n - hubs`` ordinary nodes in a connected
+    random mesh of degree 3-4 (a random spanning tree, then random edges
+    between nodes still below their drawn degree), plus ``hubs`` public
+    nodes linked to each other and each to ``hub_links`` random ordinary
+    nodes (default n // 50, at least 3). One-way link delays are drawn
+    uniformly from ``delays``. Returns node indices; the hubs come first."""
+    rng = sim.rng
+    nodes = [sim.add_node() for _ in range(n)]
+    hub_nodes, plain = nodes[:hubs], nodes[hubs:]
+    edges: set[tuple[int, int]] = set()
+
+    def edge(a: int, b: int) -> None:
+        edges.add((min(a, b), max(a, b)))
+
+    degree = dict.fromkeys(plain, 0)
+    for i in range(1, len(plain)):
+        a, b = plain[i], plain[rng.randrange(i)]
+        edge(a, b)
+        degree[a] += 1
+        degree[b] += 1
+    target = {x: rng.choice((3, 4)) for x in plain}
+    open_nodes = [x for x in plain if degree[x] < target[x]]
+    for _ in range(4 * len(plain)):  # bounded: pairing stubs at random
+        if len(open_nodes) < 2:
+            break
+        a, b = rng.sample(open_nodes, 2)
+        if (min(a, b), max(a, b)) in edges:
+            continue
+        edge(a, b)
+        for x in (a, b):
+            degree[x] += 1
+        open_nodes = [x for x in open_nodes if degree[x] < target[x]]
+    per_hub = max(3, n // 50) if hub_links is None else hub_links
+    for i, h in enumerate(hub_nodes):
+        for other in hub_nodes[i + 1 :]:
+            edge(h, other)
+        for x in rng.sample(plain, min(per_hub, len(plain))):
+            edge(h, x)
+    for a, b in sorted(edges):
+        sim.add_link(a, b, delay=rng.uniform(*delays))
+    return nodes
+
+
 # ---------------------------------------------------------------------- figures
+@dataclass
+class ScaleFigures:
+    nodes: int
+    links: int
+    wanted_pairs: int
+    convergence_s: float | None  # virtual seconds from t=0 until every wanted pair has a route
+    packets: int  # control packets until converged
+    quiet_packets: int  # ... until routing went quiet (before the first Hello round)
+    loop_checks: int
+    events: int
+    wall_s: float
+    churned: int = 0
+    churn_recovery_s: float | None = None  # virtual seconds from rejoin until every wanted pair is routed again
+    churn_packets: int = 0
+
+
+def scale_run(
+    n: int,
+    *,
+    hubs: int = 10,
+    destinations: int = 20,
+    seed: int = 1,
+    loop_sample: int | None = 200,
+    churn: float = 0.0,
+    timeout: float = 60.0,
+    progress: Callable[[str], None] | None = None,
+) -> ScaleFigures:
+    """The public-network scenario of the scale bench (bench/bench_sim.py):
+    a ``hub_mesh`` comes up at t=0 and every node asks for ``destinations``
+    random others. Loop freedom is checked after every FIB change toward
+    ``loop_sample`` random subnets (None: all). With ``churn`` > 0 that
+    fraction of the ordinary nodes then leaves at once, stays away 10 s,
+    and rejoins; traffic keeps asking for missing routes every second."""
+    started = time.perf_counter()
+    say = progress or (lambda _text: None)
+    sim = Simulation(seed=seed, check_loops=True, all_pairs=False)
+    nodes = hub_mesh(sim, n, hubs=hubs)
+    rng = sim.rng
+    if loop_sample is not None:
+        sim.loop_sample = {sim.nodes[i].subnet for i in rng.sample(nodes, min(loop_sample, n))}
+    say(f"topology: {n} nodes, {len(sim.links)} links ({time.perf_counter() - started:.1f} s)")
+    demand = {src: [d for d in rng.sample(nodes, min(destinations + 1, n)) if d != src][:destinations] for src in nodes}
+    sim.request_routes(demand)
+    sim.start_traffic(1.0)
+    converged = sim.run_until_converged(timeout)
+    packets = sim.sent["total"]
+    say(f"converged in {converged} virtual s, {packets} packets ({time.perf_counter() - started:.1f} s)")
+    sim.run_until(HELLO_QUIET_BEFORE)
+    figures = ScaleFigures(n, len(sim.links), sim.wanted_pair_count(), converged, packets, sim.sent["total"], 0, 0, 0.0)
+    if churn > 0:
+        leaving = rng.sample(nodes[hubs:], max(1, int((n - hubs) * churn)))
+        for x in leaving:
+            sim.remove_node(x)
+        sim.run_for(10.0)
+        before = sim.sent["total"]
+        for x in leaving:
+            sim.rejoin_node(x)
+        figures.churned = len(leaving)
+        figures.churn_recovery_s = sim.run_until_converged(timeout)
+        figures.churn_packets = sim.sent["total"] - before
+        say(f"churn: {len(leaving)} left and rejoined, routed again after {figures.churn_recovery_s} virtual s")
+    if n <= 300:  # the full check walks every pair: affordable for small runs only
+        sim.assert_loop_free()
+    figures.loop_checks = sim.loop_checks
+    figures.events = sim.events_processed
+    figures.wall_s = time.perf_counter() - started
+    return figures
+
+
 @dataclass
 class MeshFigures:
     nodes: int

@@ -64,3 +64,10 @@ class SourceTable:
 
     def remove(self, key: SourceKey) -> None:
         self.entries.pop(key, None)
+
+    def sweep(self, now: float) -> int:
+        """Purge expired entries; returns how many went."""
+        expired = [key for key, fd in self.entries.items() if fd.expires <= now]
+        for key in expired:
+            del self.entries[key]
+        return len(expired)

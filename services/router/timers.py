@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Hashable
+from typing import Any
+
+TimerKey = tuple[Any, ...]  # (kind, ...): what the engine schedules
 
 
 class TimerQueue:
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Hashable]] = []
-        self._pending: dict[Hashable, float] = {}
+        self._heap: list[tuple[float, int, TimerKey]] = []
+        self._pending: dict[TimerKey, float] = {}
         self._seq = itertools.count()
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def schedule(self, key: Hashable, when: float) -> None:
+    def schedule(self, key: TimerKey, when: float) -> None:
         """Arm ``key`` for ``when`` unless it is already armed no later."""
         current = self._pending.get(key)
         if current is not None and current <= when:
@@ -35,7 +37,7 @@ class TimerQueue:
         if len(self._heap) > 4 * len(self._pending) + 256:
             self._compact()
 
-    def cancel(self, key: Hashable) -> None:
+    def cancel(self, key: TimerKey) -> None:
         """Forget ``key``; its heap item goes stale and is skipped later."""
         self._pending.pop(key, None)
 
@@ -48,7 +50,7 @@ class TimerQueue:
             heapq.heappop(heap)  # stale: cancelled or superseded by an earlier push
         return None
 
-    def pop_due(self, now: float) -> Hashable | None:
+    def pop_due(self, now: float) -> TimerKey | None:
         """The next key whose deadline is <= now, disarmed; None when nothing is due."""
         heap = self._heap
         while heap and heap[0][0] <= now:

@@ -649,6 +649,7 @@ class DataPlane:
         route = self.fib.lookup(src)  # any entry, selected or not, carries the key (4.5)
         if route is None:
             return None
+        decrypt: Callable[..., bytes]
         try:
             decrypt = self.keys.get(route.public_key).aead.decrypt
         except (DecryptError, ValueError):

@@ -177,7 +177,7 @@ class Gro:
         tcp[16:18] = _U16.pack(_pseudo_sum(pt[12:44], length))
         vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV6, 40 + thl, g.gso, 40, 16)
         self.merged += len(g.payloads)
-        self.writes.append([vnet, ip, tcp, *g.payloads])
+        self.writes.append([vnet, ip, bytes(tcp), *g.payloads])
 
     def flush(self) -> list[list[bytes | memoryview]]:
         """Close every open group; the writes in arrival order per flow."""

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import signal
 import sys
@@ -155,13 +156,14 @@ class TundWorker:
     # --- bus --------------------------------------------------------------------
 
     def fib_resync(self) -> None:
-        try:
+        try:  # only the router's answer is outside input; the data plane's reaction is not
             snap = bus.rpc_call(self.ctx, self.cfg.run_dir, "router", "fib_snapshot", timeout_ms=500)
             self.fib.load_snapshot(snap)
-            self.fib_synced = True
-            self.dp.fib_changed(time.monotonic())
         except (bus.BusError, KeyError, TypeError, ValueError):
             self.fib_synced = False
+            return
+        self.fib_synced = True
+        self.dp.fib_changed(time.monotonic())
 
     def read_fib(self, now: float) -> None:
         changed = False
@@ -173,11 +175,13 @@ class TundWorker:
             except bus.BusError:
                 continue
             try:
-                if not self.fib.apply_delta(msg.fields):
-                    self.fib_resync()
-                changed = True
+                applied = self.fib.apply_delta(msg.fields)
             except (KeyError, TypeError, ValueError):
                 self.counters["fib_delta_malformed"] += 1
+                continue
+            if not applied:
+                self.fib_resync()
+            changed = True
         if changed:
             self.dp.fib_changed(now)
 
@@ -358,7 +362,7 @@ class TundWorker:
         tun_fd = self.device.fd if self.device is not None else None
         dp = self.dp
         while not self.stop.stopped:
-            events = dict(poller.poll(MAX_WAIT * 1000))
+            events = dict(poller.poll(math.ceil(MAX_WAIT * 1000)))
             now = time.monotonic()
             if self.fib_sub in events:
                 self.read_fib(now)
@@ -440,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         log.info(
             "TUN %s up: %s/%d, MTU %d, %d queue(s)%s",
-            devices[0].name,  # type: ignore[union-attr]
+            devices[0].name if devices[0] is not None else "?",
             identity.address,
             tunmod.OVERLAY_PREFIX_LEN,
             tunmod.MTU,

@@ -25,11 +25,12 @@ import time
 
 import pytun
 
+from common.nodeconfig import valid_tun_name
+
 MTU = 1400
 TX_QUEUE_LEN = 1000  # packets the kernel queues for us to read (default 500: drops under a TCP burst)
 SIOCSIFTXQLEN = 0x8943
 OVERLAY_PREFIX_LEN = 7  # the node address on /7 routes 400::/7 into the TUN (PROTOCOL.md 1.4)
-MAX_NAME = 15  # IFNAMSIZ - 1
 
 TUNSETOFFLOAD = 0x400454D0
 TUN_F_CSUM = 0x01  # we take packets whose checksum is left to us
@@ -61,8 +62,7 @@ class TunError(Exception):
     """The TUN device cannot be created or configured; the message is user-facing."""
 
 
-def valid_name(name: str) -> bool:
-    return 0 < len(name.encode()) <= MAX_NAME and not any(c in name for c in "/: \t\n") and name not in (".", "..")
+valid_name = valid_tun_name  # the rule lives in common/nodeconfig.py (the CLI checks it too)
 
 
 def _rtattr(kind: int, data: bytes) -> bytes:

@@ -178,8 +178,10 @@ class Topology:
     def popen(self, name: str, cmd: list[str], **kwargs: Any) -> subprocess.Popen[str]:
         return subprocess.Popen(["ip", "netns", "exec", self.ns(name), *cmd], text=True, **kwargs)
 
-    def add_node(self, name: str, tun: bool = True, peers: list[str] = (), extra: list[str] = ()) -> NetNode:
-        node = NetNode(self, name, tun, list(peers), list(extra))
+    def add_node(
+        self, name: str, tun: bool = True, peers: list[str] = (), extra: list[str] = (), discovery: bool = False
+    ) -> NetNode:
+        node = NetNode(self, name, tun, list(peers), list(extra), discovery)
         self.nodes[name] = node
         return node
 
@@ -204,8 +206,11 @@ class Topology:
 class NetNode:
     """A `mycelium` launcher (supervisord and services) inside a namespace."""
 
-    def __init__(self, topo: Topology, name: str, tun: bool, peers: list[str], extra: list[str]) -> None:
+    def __init__(
+        self, topo: Topology, name: str, tun: bool, peers: list[str], extra: list[str], discovery: bool = False
+    ) -> None:
         self.topo = topo
+        self.discovery = discovery  # link-local discovery on (off by default: tests name their peers)
         self.name = name
         self.ns = topo.ns(name)
         self.tun = tun
@@ -242,7 +247,7 @@ class NetNode:
             "--api-addr", f"127.0.0.1:{API_PORT}",
             "--jsonrpc-addr", f"127.0.0.1:{API_PORT + 1}",
             "--run-dir", str(self.run_dir),
-            "--disable-peer-discovery",
+            *([] if self.discovery else ["--disable-peer-discovery"]),
             *self.extra,
         ]  # fmt: skip
         if not self.tun:

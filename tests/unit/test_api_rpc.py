@@ -39,7 +39,9 @@ class StubBus:
         self.peers: set[str] = {"tcp://192.0.2.6:9651"}
         self.down = False
 
-    def __call__(self, service: str, method: str, params: dict[str, Any] | None = None) -> Any:
+    def __call__(
+        self, service: str, method: str, params: dict[str, Any] | None = None, timeout_ms: int | None = None
+    ) -> Any:
         self.calls.append((service, method, params))
         if self.down:
             raise bus.BusError(f"{service} did not answer {method} within 2000 ms")

@@ -158,6 +158,22 @@ def test_metrics_families(tmp_path: Path) -> None:
     assert "note" not in text  # non-numeric gauges are not exported
 
 
+def test_router_neighbour_families(tmp_path: Path) -> None:
+    api = make_api(tmp_path, StubBus())
+    stats = StatsCollector(None, str(tmp_path))
+    row = {"routes": 5, "queries": 1, "seqno_requests": 0, "routes_evicted": 3, "routes_refused": 9}
+    stats.record(stats_msg("router", 7, 10.0, {}, routes=5, neighbours={"tcp-1-2": row, "bad": "x"}), 11.0)
+    text = generate_latest(_registry(NodeCollector(api, stats, None, SERVICES))).decode()
+    lines = set(text.splitlines())
+    assert {
+        'mycelium_router_neighbour_entries{peer="tcp-1-2",table="routes"} 5.0',
+        'mycelium_router_neighbour_entries{peer="tcp-1-2",table="queries"} 1.0',
+        'mycelium_router_neighbour_events_total{event="routes_evicted",peer="tcp-1-2"} 3.0',
+        'mycelium_router_neighbour_events_total{event="routes_refused",peer="tcp-1-2"} 9.0',
+    } <= lines
+    assert 'peer="bad"' not in text
+
+
 def _registry(collector: NodeCollector) -> Any:
     from prometheus_client import CollectorRegistry
 

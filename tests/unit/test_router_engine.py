@@ -149,7 +149,7 @@ def test_two_engines_measure_each_other() -> None:
 
 def test_dead_peer_after_43_seconds_without_ihu() -> None:
     e = new_engine("p1", "p2")
-    learn(e, "p1", A)
+    learn(e, "p1", A, now=0.0)
     for t in (20.0, 40.0):
         e.handle_timer(t)
     e.receive_tlv("p2", Ihu(0, 6000), 40.01)

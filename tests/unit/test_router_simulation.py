@@ -11,11 +11,13 @@ from services.router.engine import RETRACTED_ROUTE_HOLD
 from services.router.simulation import (
     RoutingLoop,
     Simulation,
+    hub_mesh,
     line,
     mesh_convergence,
     random_mesh,
     ring,
     ring_failover,
+    scale_run,
 )
 
 
@@ -302,3 +304,52 @@ def test_churn_is_loop_free_after_every_event(seed: int) -> None:
     assert sim.loop_checks > 1000
     assert sim.all_converged(), sim.missing_routes()[:10]
     sim.assert_loop_free()
+
+
+# ---------------------------------------------------------------------- public-network shape (scale)
+def test_hub_mesh_is_connected_with_the_drawn_degrees() -> None:
+    sim = Simulation(seed=3, all_pairs=False)
+    nodes = hub_mesh(sim, 60, hubs=4)
+    plain_degrees = [len(sim.neighbours(x)) for x in nodes[4:]]
+    assert min(plain_degrees) >= 1 and sum(plain_degrees) / len(plain_degrees) >= 2.5
+    assert all(len(sim.neighbours(h)) >= 3 + 3 for h in nodes[:4])  # other hubs plus >= 3 ordinary nodes
+    seen, stack = {nodes[0]}, [nodes[0]]
+    while stack:
+        for y in sim.neighbours(stack.pop()):
+            if y not in seen:
+                seen.add(y)
+                stack.append(y)
+    assert len(seen) == 60
+
+
+def test_hub_mesh_with_demand_converges_loop_free_and_recovers_from_churn() -> None:
+    """The scale bench's scenario, small: a degree 3-4 mesh with hubs, each
+    node asking for 20 destinations, loop checks after every FIB change
+    toward every subnet, then 5 % of the ordinary nodes leave and rejoin."""
+    f = scale_run(80, hubs=4, destinations=20, seed=5, loop_sample=None, churn=0.05, timeout=30.0)
+    assert f.convergence_s is not None
+    assert f.wanted_pairs == 80 * 20
+    assert f.loop_checks > 0
+    assert f.churned == 3
+    assert f.churn_recovery_s is not None  # every wanted pair routed again
+    print(
+        f"\n[router figures] 80-node hub mesh, 20 destinations each: converged in {f.convergence_s:.3f} virtual s, "
+        f"{f.quiet_packets / f.nodes:.0f} control packets per node; churn of {f.churned}: "
+        f"routed again {f.churn_recovery_s:.3f} virtual s after rejoin, {f.churn_packets} packets; "
+        f"wall {f.wall_s:.1f} s"
+    )
+
+
+def test_rejoined_node_is_a_fresh_process_with_the_same_key() -> None:
+    sim = Simulation(seed=9, check_loops=True, all_pairs=False)
+    nodes = line(sim, 4)
+    sim.request_routes({nodes[0]: [nodes[3]], nodes[3]: [nodes[0]]})
+    assert sim.run_until_converged(5.0) is not None
+    old_rid = sim.nodes[nodes[3]].engine.router_id
+    sim.remove_node(nodes[3])
+    sim.run_for(10.0)
+    assert sim.nodes[nodes[0]].fib.get(sim.nodes[nodes[3]].subnet) is None  # the route went with the node
+    sim.rejoin_node(nodes[3])
+    engine = sim.nodes[nodes[3]].engine
+    assert engine.router_id != old_rid and engine.router_id[:32] == old_rid[:32]
+    assert sim.run_until_converged(10.0) is not None, sim.missing_routes()

@@ -237,11 +237,16 @@ class StreamFactory(LinkFactory):
                 self.host.counters["accept_error"] += 1
                 log.debug("accept failed: %s", exc)
                 return
-            link = self.inbound(conn, addr)
-            if link is None:
-                conn.close()
-                continue
-            self.host.accepted(link)
+            self.on_accepted(conn, addr)
+
+    def on_accepted(self, conn: socket.socket, addr: Any) -> None:
+        """An accepted connection becomes an inbound link at once (the TLS
+        factories override this: a handshake first)."""
+        link = self.inbound(conn, addr)
+        if link is None:
+            conn.close()
+            return
+        self.host.accepted(link)
 
     async def connect(self, sock: socket.socket, addr: Any, timeout: float) -> None:
         """Connect a non-blocking socket (closed on failure)."""

@@ -109,6 +109,7 @@ class StreamAsQuicFactory(TcpFactory):
         super().__init__(cfg, host, cfg.quic_listen_port)
 
 
-def make_factory(cfg: NodeConfig, host: LinkHost) -> TcpFactory:
-    """peerd's entry point for this link type."""
-    return TcpFactory(cfg, host)
+def make_factory(cfg: NodeConfig, host: LinkHost) -> TcpFactory | None:
+    """peerd's entry point for this link type (none in a private network:
+    links/tls.py owns the TCP port then and dials tcp:// peers as TLS)."""
+    return None if cfg.network_name is not None else TcpFactory(cfg, host)

@@ -10,7 +10,7 @@ import socket
 from common.endpoint import Endpoint
 from common.nodeconfig import NodeConfig
 
-from .base import COST_VSOCK, LinkError, LinkHost
+from .base import COST_VSOCK, LinkError, LinkFactory, LinkHost
 from .stream import StreamFactory, StreamLink, bound_listener
 
 DIAL_TIMEOUT = 5.0
@@ -35,12 +35,12 @@ class VsockLink(StreamLink):
     link_type = "vsock"
 
 
-def make_link(host: LinkHost, sock: socket.socket, inbound: bool) -> VsockLink:
+def make_link(host: LinkHost, sock: socket.socket, inbound: bool, cls: type[VsockLink] = VsockLink) -> VsockLink:
     """Wrap a connected vsock socket, named as the reference names it."""
     lcid, lport = sock.getsockname()[:2]
     rcid, rport = sock.getpeername()[:2]
     ep = Endpoint("vsock", str(rcid), int(rport))
-    return VsockLink(host, sock, ep, f"VSOCK {lcid}:{lport} <-> {rcid}:{rport}", COST_VSOCK, inbound)
+    return cls(host, sock, ep, f"VSOCK {lcid}:{lport} <-> {rcid}:{rport}", COST_VSOCK, inbound)
 
 
 class VsockFactory(StreamFactory):
@@ -79,6 +79,11 @@ class VsockFactory(StreamFactory):
         return "vsock (dial only)" if self.port is None else f"vsock port {self.port}"
 
 
-def make_factory(cfg: NodeConfig, host: LinkHost) -> VsockFactory:
-    """peerd's entry point: vsock can always be dialled where the kernel has it."""
+def make_factory(cfg: NodeConfig, host: LinkHost) -> LinkFactory | None:
+    """peerd's entry point: vsock can always be dialled where the kernel has
+    it; in a private network inside TLS-PSK (links/tls.py, unlike the reference)."""
+    if cfg.network_name is not None:
+        from .tls import make_vsock_factory
+
+        return make_vsock_factory(cfg, host)
     return VsockFactory(cfg, host)
