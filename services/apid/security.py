@@ -11,8 +11,8 @@ from flask import Response
 
 from common import bus
 
+from .context import ApiContext
 from .core import RPC_INTERNAL_ERROR, ApiError, Call, Unavailable
-from .extensions import ApiContext
 
 RPC_FIREWALL_REJECTED = -32010  # a rule file that cannot be used (old rules kept)
 
