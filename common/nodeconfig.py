@@ -49,6 +49,11 @@ class NodeConfig:
     start_time: int = 0
     message_timeout: float = 300.0  # abort unacknowledged messages after this long (the reference's 300 s)
     dashboard: bool = True  # the ops dashboard at /dashboard on the API address
+    # security extensions (docs/EXTENSIONS.md)
+    session_keys: bool = True  # negotiate forward-secret session keys with our own kind of node
+    session_rekey_seconds: float = 120.0
+    session_rekey_packets: int = 1 << 30
+    firewall_file: str | None = None  # inbound TUN firewall rules (TOML); reloaded on SIGHUP / API
     enable_dns: bool = False  # dnsd: the resolver on port 53 (TRANSPORTS.md 3.4)
     dns_resolvers: list[str] | None = None  # overlay resolver nodes; None = the reference's ten public nodes
     dns_fallback: str = "1.1.1.1"  # resolver used while none of dns_resolvers has a selected route

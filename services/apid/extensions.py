@@ -28,7 +28,7 @@ __all__ = ["ApiContext", "register_all"]  # extensions may import ApiContext fro
 
 
 def register_all(ctx: ApiContext) -> None:
-    from . import messages, proxy  # loaded when apid starts, not when this module is imported
+    from . import messages, proxy, security  # loaded when apid starts, not when this module is imported
 
-    for register in (messages.register, proxy.register):
+    for register in (messages.register, proxy.register, security.register):
         register(ctx)

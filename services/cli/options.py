@@ -103,6 +103,40 @@ def add_node_options(p: argparse.ArgumentParser) -> None:
         help="DNS resolver on port 53 (UDP and TCP): <key>.mycelium, [names], the rest forwarded over the overlay",
     )
     p.add_argument("--run-dir", metavar="DIR", help="directory for this node's sockets, supervisord config and logs")
+    add_security_options(p)
+
+
+def add_security_options(p: argparse.ArgumentParser) -> None:
+    """Our extensions (docs/EXTENSIONS.md); none changes what a reference node sees."""
+    p.add_argument("--no-session-keys", action="store_true", help="static keys only, as the reference")
+    p.add_argument("--session-rekey-seconds", type=float, default=120.0, metavar="S", help="session key lifetime")
+    p.add_argument("--session-rekey-packets", type=int, default=1 << 30, metavar="N", help="packets per session key")
+    p.add_argument("--firewall", metavar="PATH", help="inbound TUN firewall rules (TOML; reload: SIGHUP or the API)")
+
+
+def security_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The NodeConfig fields of add_security_options, checked."""
+    if not 1.0 <= args.session_rekey_seconds <= 86400.0:
+        raise OptionError(f"--session-rekey-seconds must be 1-86400, got {args.session_rekey_seconds}")
+    if not 1000 <= args.session_rekey_packets <= 1 << 48:
+        raise OptionError(f"--session-rekey-packets must be 1000-2^48, got {args.session_rekey_packets}")
+    path = None
+    if args.firewall is not None:
+        from common.firewall import FirewallError, load_rules  # validated before anything starts
+
+        path = os.path.abspath(args.firewall)
+        try:
+            load_rules(Path(path).read_text())
+        except OSError as exc:
+            raise OptionError(f"cannot read firewall rules {path}: {exc.strerror}") from exc
+        except FirewallError as exc:
+            raise OptionError(f"firewall rules {path}: {exc}") from exc
+    return {
+        "session_keys": not args.no_session_keys,
+        "session_rekey_seconds": args.session_rekey_seconds,
+        "session_rekey_packets": args.session_rekey_packets,
+        "firewall_file": path,
+    }
 
 
 def default_config_path() -> Path:
@@ -345,4 +379,5 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
         dashboard=not merged["no_dashboard"],
         enable_dns=merged["enable_dns"],
         **dns,
+        **security_settings(args),
     )

@@ -29,9 +29,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from common.crypto import MIN_SEALED_SIZE, DecryptError, SessionKey, shared_secret
 from common.fib import FibReplica, Route
+from common.firewall import Firewall
 from common.identity import Identity
 from common.native import kernel as NATIVE
 from common.pending import PendingQueue
+from common.replay import NonceFilter
 from common.wire.checksum import finish, ones_sum
 from common.wire.errors import CodecError
 from common.wire.icmp import (
@@ -59,9 +61,11 @@ from common.wire.rules import (
     outbound_check,
     outbound_ok,
 )
+from common.wire.session import INNER_SESSION
 
 from .gro import Gro
 from .gso import SegmentError, split_tcp
+from .sessions import BLOCKED, RecvState, SendState, SessionEngine
 from .tun import MTU, VNET_HDR_SIZE, VNET_PLAIN
 
 KEY_CACHE_SIZE = 4096
@@ -137,9 +141,20 @@ def finish_checksum(pkt: bytes, off: int) -> bytes | None:
     return bytes(out)
 
 
+Sealer = tuple[str, Callable[..., bytes], SendState | None]  # next hop, bound encrypt, session (None: random nonces)
+
+
 class DataPlane:
     def __init__(
-        self, identity: Identity, fib: FibReplica, keys: KeyCache, tun: bool, vnet: bool, kernel: Any = NATIVE
+        self,
+        identity: Identity,
+        fib: FibReplica,
+        keys: KeyCache,
+        tun: bool,
+        vnet: bool,
+        kernel: Any = NATIVE,
+        sessions: SessionEngine | None = None,
+        firewall: Firewall | None = None,
     ) -> None:
         self.own_addr = identity.address.packed
         self.own_prefix = self.own_addr[:8]
@@ -152,6 +167,8 @@ class DataPlane:
         self.counters: Counter[str] = Counter()
         # native kernel (common/_kernel.c): the same steps as from_tun/from_peer/Gro below, in C;
         # None (MYCELIUM_NATIVE=0, not built, or a test's choice) runs the reference here
+        if sessions is not None or firewall is not None:
+            kernel = None  # the C kernel knows neither session nonces nor the firewall (docs/EXTENSIONS.md 9)
         self.kernel = kernel
         self.gro: Any = Gro(self.vnet) if kernel is None else kernel.Gro(self.vnet)
         self.nonce_bytes: Callable[[int], bytes] = os.urandom  # the nonce scheme: n bytes per call, 12 per packet
@@ -161,7 +178,7 @@ class DataPlane:
         self.need: set[bytes] = set()
         # dst /64 -> (next hop, bound encrypt); src /64 -> bound decrypt. Valid
         # while the FIB holds no prefix longer than /64; cleared on every change.
-        self.routes: dict[bytes, tuple[str, Callable[..., bytes]]] = {}
+        self.routes: dict[bytes, Sealer] = {}
         self.keys_in: dict[bytes, Callable[..., bytes]] = {}
         self.cacheable = True
         self.pending_out: PendingQueue[tuple[bytes, bytes, int, bytes]] = PendingQueue(
@@ -172,6 +189,15 @@ class DataPlane:
         self.oob_icmp_rate = RateLimit(OOB_ICMP_RATE)
         self.next_refresh = 0.0
         self.now = 0.0
+        # --- security extensions (docs/EXTENSIONS.md): session keys, replay filter, firewall
+        self.sessions = sessions
+        self.by_index: dict[bytes, RecvState] = sessions.by_index if sessions is not None else {}
+        self.capable: set[bytes] = sessions.capable if sessions is not None else set()
+        self.nonce_filter = NonceFilter()
+        # with the extensions off (--no-session-keys) the data path is exactly the reference's (and the C kernel's)
+        self.filter_nonces = sessions is not None
+        self.firewall = firewall
+        self.blocked_hit = False  # _lookup_out found the peer's sessions blocked: drop, do not queue
 
     # --- outbound: TUN -> peers ------------------------------------------------
 
@@ -186,6 +212,8 @@ class DataPlane:
             return
         self.now = now
         vnet = self.vnet and off == self.off
+        if self.sessions is not None and self.sessions.changed:
+            self.sync_sessions()
         routes = self.routes
         out = self.out
         pack = DATA8.pack
@@ -218,9 +246,12 @@ class DataPlane:
             if hop < 2 or p[off + 8] & 0xFE != 4 or len(p) - off > MTU:
                 self._tun_exception(p, off, hop, now)
                 continue
-            next_hop, encrypt = r
-            nonce = nonces[ni : ni + 12]
-            ni += 12
+            next_hop, encrypt, sess = r if len(r) == 3 else (*r, None)
+            if sess is None:
+                nonce = nonces[ni : ni + 12]
+                ni += 12
+            else:
+                nonce = sess.nonce()
             ct = encrypt(nonce, l3 + p[off:], None)
             if next_hop is not last_hop:
                 parts = out.get(next_hop)  # type: ignore[assignment]
@@ -252,17 +283,20 @@ class DataPlane:
             for pt in pts:
                 self.from_tun([pt], now, off=4)
             return
-        next_hop, encrypt = r
+        next_hop, encrypt, sess = r if len(r) == 3 else (*r, None)
         parts = self.out.get(next_hop)
         if parts is None:
             parts = self.out[next_hop] = []
         pack = DATA8.pack
         addrs = p[off + 8 : off + 40]
-        nonces = self.nonce_bytes(12 * n)
+        nonces = self.nonce_bytes(12 * n) if sess is None else b""
         ni = 0
         for pt in pts:
-            nonce = nonces[ni : ni + 12]
-            ni += 12
+            if sess is None:
+                nonce = nonces[ni : ni + 12]
+                ni += 12
+            else:
+                nonce = sess.nonce()
             ct = encrypt(nonce, pt, None)
             parts += (pack(1, 0, len(ct) + 12, hop - 1), addrs, ct, nonce)
         self.counters["tun_rx"] += n
@@ -277,7 +311,7 @@ class DataPlane:
         else:
             self._host_icmp(p, off, PACKET_TOO_BIG, 0, now, from_node=True, rest=MTU.to_bytes(4, "big"))
 
-    def _route_for_tun(self, p: bytes, off: int, now: float) -> tuple[str, Callable[..., bytes]] | None:
+    def _route_for_tun(self, p: bytes, off: int, now: float) -> Sealer | None:
         """Slow path of ``from_tun`` on a route-cache miss; None when the
         packet was consumed (dropped, answered with ICMP or queued)."""
         dst = p[off + 24 : off + 40]
@@ -290,6 +324,9 @@ class DataPlane:
         r = self._lookup_out(dst)
         if r is not None:
             return r
+        if self.blocked_hit:
+            self.counters["tx_session_blocked"] += 1
+            return None
         hop = p[off + 7]
         if not outbound_ok(p, off, MTU):
             self._tun_exception(p, off, hop, now)
@@ -297,16 +334,22 @@ class DataPlane:
         self._queue_out(p[off + 8 : off + 24], dst, hop, l3_plaintext(p, off), now)
         return None
 
-    def _lookup_out(self, dst: bytes) -> tuple[str, Callable[..., bytes]] | None:
+    def _lookup_out(self, dst: bytes) -> Sealer | None:
+        self.blocked_hit = False
         route = self.fib.lookup(dst)
         if route is None or route.next_hop is None:
             return None
+        sess = None if self.sessions is None else self.sessions.send_state(route.public_key, self.now)
+        if sess is BLOCKED:
+            self.blocked_hit = True
+            return None
         try:
-            encrypt = self.keys.get(route.public_key).aead.encrypt
+            encrypt = self.keys.get(route.public_key).aead.encrypt if sess is None else sess.aead.encrypt  # type: ignore[union-attr]
         except (DecryptError, ValueError):
             self.counters["tx_unusable_key"] += 1
             return None
-        r = (route.next_hop, encrypt)
+        # the C kernel's route cache holds (next hop, encrypt); it only runs without sessions
+        r: Sealer = (route.next_hop, encrypt) if self.kernel is not None else (route.next_hop, encrypt, sess)  # type: ignore[assignment]
         if self.cacheable and len(self.routes) < ROUTE_CACHE_MAX:
             self.routes[dst[:8]] = r
         return r
@@ -332,6 +375,9 @@ class DataPlane:
             self.counters["tx_hop_limit"] += 1
             return False
         r = self._lookup_out(dst)
+        if r is None and self.blocked_hit:
+            self.counters["tx_session_blocked"] += 1
+            return False
         if r is None:
             if queue:
                 self._queue_out(src, dst, hop, plaintext, now)
@@ -339,8 +385,8 @@ class DataPlane:
                 self.need.add(dst)
                 self.counters["tx_no_route_dropped"] += 1
             return False
-        next_hop, encrypt = r
-        nonce = self.nonce_bytes(12)
+        next_hop, encrypt, sess = r if len(r) == 3 else (*r, None)
+        nonce = self.nonce_bytes(12) if sess is None else sess.nonce()
         ct = encrypt(nonce, plaintext, None)
         parts = self.out.get(next_hop)
         if parts is None:
@@ -363,6 +409,8 @@ class DataPlane:
     def take_out(self) -> dict[str, bytes]:
         """Next hop -> its encoded packets back to back (joined once per batch:
         growing one buffer would copy each packet several times)."""
+        if self.sessions is not None:
+            self.sync_sessions()
         out, self.out = self.out, {}
         return {hop: b"".join(parts) for hop, parts in out.items()}
 
@@ -422,8 +470,11 @@ class DataPlane:
         try:
             original = self.keys.get(route.public_key).open(oob.payload)
         except (DecryptError, ValueError):
-            self.counters["rx_oob_undecryptable"] += 1
-            return
+            sent = None if self.sessions is None else self.sessions.open_sent(route.public_key, oob.payload)
+            if sent is None:
+                self.counters["rx_oob_undecryptable"] += 1
+                return
+            original = sent  # our packet went out under a session key
         if len(original) < 44 or original[0] != INNER_VERSION or original[1] != INNER_L3:
             self.counters["rx_oob_not_l3"] += 1
             return
@@ -452,6 +503,11 @@ class DataPlane:
         tun = self.tun
         counters = self.counters
         opened = 0
+        by_index = self.by_index
+        capable = self.capable
+        seen, seen_order, seen_max = self.nonce_filter.seen, self.nonce_filter.order, self.nonce_filter.size
+        filter_nonces = self.filter_nonces
+        firewall = self.firewall
         while pos + 40 <= end:
             if blob[pos] != 1 or blob[pos + 1] != 0:
                 counters["rx_malformed"] += 1
@@ -461,23 +517,60 @@ class DataPlane:
                 counters["rx_malformed"] += 1
                 break
             spre = blob[pos + 8 : pos + 16]
-            decrypt = keys_in.get(spre)
-            if decrypt is None:
-                decrypt = self._key_for_src(blob[pos + 8 : pos + 24])
-                if decrypt is None:
-                    self._queue_in(blob[pos:e], now)
+            # -- sessions (docs/EXTENSIONS.md): a known index in the nonce -> its key and replay window
+            rs = by_index.get(blob[e - 12 : e - 8]) if by_index and e - pos >= 40 + MIN_SEALED_SIZE else None
+            if rs is not None and rs.prefix == spre:
+                ctr = int.from_bytes(blob[e - 8 : e], "big")
+                window = rs.window
+                if ctr <= window.top and not window.fresh(ctr):
+                    counters["replay"] += 1
                     pos = e
                     continue
-            if e - pos < 40 + MIN_SEALED_SIZE:
-                counters["rx_decrypt_failed"] += 1
-                pos = e
-                continue
-            try:
-                pt = decrypt(blob[e - 12 : e], view[pos + 40 : e - 12], None)  # a bytes nonce is cheaper
-            except InvalidTag:
-                counters["rx_decrypt_failed"] += 1
-                pos = e
-                continue
+                try:
+                    pt = rs.aead.decrypt(blob[e - 12 : e], view[pos + 40 : e - 12], None)
+                    window.mark(ctr)
+                    rs.used = now
+                    if not rs.confirmed:
+                        self.sessions.confirm(rs, now)  # type: ignore[union-attr]
+                except InvalidTag:
+                    rs = None  # a random nonce that happens to start with an index: try the static key
+            else:
+                rs = None
+            if rs is None:
+                decrypt = keys_in.get(spre)
+                if decrypt is None:
+                    decrypt = self._key_for_src(blob[pos + 8 : pos + 24])
+                    if decrypt is None:
+                        self._queue_in(blob[pos:e], now)
+                        pos = e
+                        continue
+                if e - pos < 40 + MIN_SEALED_SIZE:
+                    counters["rx_decrypt_failed"] += 1
+                    pos = e
+                    continue
+                nonce = blob[e - 12 : e]  # a bytes nonce is cheaper
+                if filter_nonces and nonce in seen:
+                    counters["replay"] += 1  # an exact replay of a recent static-key packet
+                    pos = e
+                    continue
+                try:
+                    pt = decrypt(nonce, view[pos + 40 : e - 12], None)
+                except InvalidTag:
+                    counters["rx_decrypt_failed"] += 1
+                    if self.sessions is not None:
+                        self._undecryptable(blob[pos + 8 : pos + 24], now)
+                    pos = e
+                    continue
+                if filter_nonces:
+                    seen.add(nonce)  # NonceFilter.add, inline (a random nonce is never already there)
+                    seen_order.append(nonce)
+                    if len(seen_order) > seen_max:
+                        seen.discard(seen_order.popleft())
+                if spre in capable and pt[1] != INNER_SESSION:
+                    counters["rx_downgrade"] += 1  # static key from a peer that negotiated sessions
+                    self._static_refused(blob[pos + 8 : pos + 24], now)
+                    pos = e
+                    continue
             opened += 1
             kind = pt[1]
             if pt[0] != INNER_VERSION:
@@ -487,6 +580,8 @@ class DataPlane:
                     counters["rx_inner_malformed"] += 1
                 elif not pt.startswith(spre, 12) and not self._same_owner(pt[12:28], spre):
                     counters["rx_spoofed_source"] += 1
+                elif firewall is not None and not firewall.allow(pt):
+                    counters["rx_firewall_dropped"] += 1
                 elif tun:
                     gro_add(pt, blob[pos + 7])
                 else:
@@ -495,10 +590,60 @@ class DataPlane:
                 self.messages.append((blob[pos + 8 : pos + 24], blob[pos + 24 : pos + 40], pt))
             elif kind == INNER_OOB_ICMP:
                 self._oob_in(pt, blob[pos + 8 : pos + 24], blob[pos + 24 : pos + 40], blob[pos + 7])
+            elif kind == INNER_SESSION and self.sessions is not None:
+                self._session_in(pt, blob[pos + 8 : pos + 24], rs, now)
             else:
-                counters["rx_inner_malformed"] += 1
+                counters["rx_inner_malformed"] += 1  # what the reference does with an unknown type
             pos = e
         counters["rx_opened"] += opened
+        if self.sessions is not None and self.sessions.changed:
+            self.sync_sessions()
+
+    # --- security extensions (docs/EXTENSIONS.md) -------------------------------------
+
+    def _public_key_of(self, src_prefix: bytes) -> bytes | None:
+        route = self.fib.lookup(src_prefix + bytes(8))
+        return None if route is None else route.public_key
+
+    def _session_in(self, pt: bytes, src: bytes, rs: RecvState | None, now: float) -> None:
+        assert self.sessions is not None
+        pk = rs.public_key if rs is not None else self._public_key_of(src[:8])
+        if pk is None:
+            return
+        self.sessions.on_packet(bytes(src), pk, bytes(pt[4:]), rs, now)
+
+    def _static_refused(self, src: bytes, now: float) -> None:
+        pk = self._public_key_of(src[:8])
+        if pk is not None and self.sessions is not None:
+            self.sessions.static_refused(pk, now)
+
+    def _undecryptable(self, src: bytes, now: float) -> None:
+        pk = self._public_key_of(src[:8])
+        if pk is not None and self.sessions is not None:
+            self.sessions.undecryptable(pk, now)
+
+    def sync_sessions(self) -> None:
+        """Session changes: cached sealers go (a rotated key is used from the
+        next packet on); negotiation packets are framed and routed."""
+        engine = self.sessions
+        if engine is None:
+            return
+        if engine.changed:
+            engine.changed = False
+            self.routes.clear()
+            self.keys_in.clear()
+        outbox, engine.outbox = engine.outbox, []
+        for dst, body in outbox:
+            route = self.fib.lookup(dst)
+            if route is None or route.next_hop is None:
+                self.counters["session_tx_no_route"] += 1
+                self.need.add(dst)
+                continue
+            parts = self.out.get(route.next_hop)
+            if parts is None:
+                parts = self.out[route.next_hop] = []
+            parts += (DATA8.pack(1, 0, len(body), MESSAGE_HOP_LIMIT - 1), self.own_addr, dst, body)
+            self.counters["session_tx"] += 1
 
     def _key_for_src(self, src: bytes) -> Callable[..., bytes] | None:
         route = self.fib.lookup(src)  # any entry, selected or not, carries the key (4.5)
@@ -549,6 +694,9 @@ class DataPlane:
 
     def tick(self, now: float) -> None:
         self.now = now
+        if self.sessions is not None:
+            self.sessions.tick(now)
+            self.sync_sessions()
         for _src, _dst, _hop, plaintext in self.pending_out.expire(now):
             if plaintext[1] == INNER_L3:
                 self._host_icmp(plaintext, 4, DEST_UNREACHABLE, CODE_NO_ROUTE, now)
@@ -566,10 +714,20 @@ class DataPlane:
             "pending_in": len(self.pending_in),
             "route_cache": len(self.routes),
             "keys": len(self.keys),
+            "sessions": len(self.by_index),
+            "session_peers_capable": len(self.capable),
+            "nonce_filter": len(self.nonce_filter),
+            "session_handshake_ms": (
+                round(self.sessions.handshake_times[-1] * 1000, 2)
+                if self.sessions is not None and self.sessions.handshake_times
+                else None
+            ),
         }
 
     def all_counters(self) -> Counter[str]:
         c = Counter(self.counters)
+        if self.sessions is not None:
+            c.update(self.sessions.counters)
         c["tun_tx_merged_segments"] = self.gro.merged
         for k, v in self.pending_out.drops.items():
             c[f"tx_{k}"] += v

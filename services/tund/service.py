@@ -46,6 +46,7 @@ from common.nodeconfig import NodeConfig
 from . import privs
 from . import tun as tunmod
 from .dataplane import DataPlane, KeyCache
+from .security import SecurityShell
 
 log = logging.getLogger("tund")
 MAX_WAIT = 1.0
@@ -99,7 +100,18 @@ class TundWorker:
         self.fib = FibReplica()
         self.keys = KeyCache(self.identity.private_key)
         vnet = device is not None and device.vnet
-        self.dp = DataPlane(self.identity, self.fib, self.keys, tun=device is not None, vnet=vnet)
+        self.security = SecurityShell(cfg, self.identity, self.keys, workers)
+        self.dp = DataPlane(
+            self.identity,
+            self.fib,
+            self.keys,
+            tun=device is not None,
+            vnet=vnet,
+            # the C kernel has no session nonces, replay windows or firewall yet (docs/EXTENSIONS.md 9)
+            **({"kernel": None} if self.security.needs_python_path else {}),
+            sessions=self.security.sessions,
+            firewall=self.security.active_firewall(),
+        )
         self.counters = self.dp.counters
         self.ctx = zmq.Context()
         run = cfg.run_dir
@@ -221,7 +233,7 @@ class TundWorker:
         assert self.data_in is not None
         from_peer = self.dp.from_peer
         for _tag, view in self.data_in.receive(fd):
-            from_peer(view if native.kernel is not None else bytes(view), now)  # the kernel copies what it keeps
+            from_peer(view if self.dp.kernel is not None else bytes(view), now)  # the kernel copies what it keeps
 
     def read_tun(self, now: float) -> None:
         assert self.device is not None
@@ -248,7 +260,7 @@ class TundWorker:
 
     def flush(self) -> None:
         dp = self.dp
-        if dp.out:
+        if dp.out or (dp.sessions is not None and dp.sessions.outbox):
             peerds = self.peerds
             for next_hop, blob in dp.take_out().items():
                 peerd = peerds.get(next_hop.split("-", 1)[0])
@@ -308,11 +320,14 @@ class TundWorker:
             if request is None:
                 continue
             envelope, msg = request
+            if msg.kind in self.security.RPC_METHODS:
+                bus.rpc_reply(self.rpc, envelope, self.security.rpc(msg.kind, self.dp, time.monotonic()))
+                continue
             result: dict[str, Any] = {"counters": dict(self.dp.all_counters()), "gauges": self.gauges()}
             if msg.kind == "info":
                 result["tun"] = self.device.name if self.device else None
                 result["workers"] = self.workers
-                result["kernel"] = native.NAME
+                result["kernel"] = native.NAME if self.dp.kernel is not None else "python (security extensions)"
             bus.rpc_reply(self.rpc, envelope, result)
 
     def gauges(self) -> dict[str, Any]:
@@ -362,8 +377,11 @@ class TundWorker:
                 self.answer_rpc()
             if self.stats.due(now):
                 self.stats.maybe_publish(now, dp.all_counters(), self.gauges())
+            if self.security.reload_requested:
+                self.security.reload(self.dp, now)
             if now >= self.next_tick:
                 self.next_tick = now + 1.0
+                self.security.tick(self.dp)
                 if not self.fib_synced:
                     self.fib_resync()
                 dp.tick(now)
@@ -443,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     children = _start_children(cfg, devices)
     worker = TundWorker(cfg, 0, devices[0], workers)
     worker.children = children
+    worker.security.children = children
     worker.run()
     for dev in devices:
         if dev is not None:
