@@ -303,7 +303,7 @@ def test_dns_port_taken_is_one_line(mesh: Mesh, tmp_path: Path) -> None:
     """a's dnsd holds port 53 in namespace a: a second node there cannot start."""
     key = tmp_path / "key"
     cmd = [
-        sys.executable, "-m", "services.cli", "--enable-dns", "--no-tun", "-k", str(key), "-t", "9700",
+        sys.executable, "-m", "services.cli", "--enable-dns", "--no-tun", "-k", str(key), "-t", "9700", "-q", "9700",
         "--api-addr", "127.0.0.1:9701", "--jsonrpc-addr", "127.0.0.1:9702", "--run-dir", str(tmp_path / "run"),
         "--disable-peer-discovery",
     ]  # fmt: skip
