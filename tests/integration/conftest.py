@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .nodes import Node
+from .nodes import Node, stop_all
 
 
 @pytest.fixture
@@ -26,10 +26,10 @@ def make_nodes(
 
     yield make
     failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-    for node in created:
-        if failed:
+    if failed:
+        for node in created:
             print(f"\n===== log of {node.name} =====\n{node.log_tail()}")
-        node.stop()
+    stop_all([node.stop for node in created])
 
 
 @pytest.hookimpl(hookwrapper=True)

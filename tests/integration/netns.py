@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import itertools
 import json
 import os
@@ -32,7 +33,7 @@ from common import bus
 from common.identity import Identity
 from common.shmring import remove_rings
 
-from .nodes import REPO, wait_for
+from .nodes import REPO, stop_all, wait_for
 
 T = TypeVar("T")
 PREFIX = "mdp"
@@ -193,9 +194,11 @@ class Topology:
             node.wait_ready()
 
     def close(self) -> None:
-        for node in self.nodes.values():
+        def stop(node: NetNode) -> None:
             with contextlib.suppress(Exception):
                 node.stop(timeout=10)
+
+        stop_all([functools.partial(stop, node) for node in self.nodes.values()])
         for ns in self.created:
             _kill_ns_processes(ns)
             run(["ip", "netns", "del", ns], check=False)

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,6 +64,16 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float, interval: fl
             last_exc = exc
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_exc})")
+
+
+def stop_all(stops: list[Callable[[], None]]) -> None:
+    """Run every node's stop at once: a graceful node stop is seconds of
+    supervisord ticks, and teardowns stopped nodes one after another."""
+    if not stops:
+        return
+    with ThreadPoolExecutor(len(stops)) as pool:
+        for future in [pool.submit(stop) for stop in stops]:
+            future.result()
 
 
 class Node:
