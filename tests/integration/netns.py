@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+
 from common import bus
 from common.identity import Identity
 from common.shmring import remove_rings
@@ -63,6 +65,15 @@ def have_privileges() -> str | None:
         return f"cannot create a network namespace: {out.stderr.strip()}"
     run(["ip", "netns", "del", probe], check=False)
     return None
+
+
+def privileged_marks(what: str) -> list[pytest.MarkDecorator]:
+    """``pytestmark`` of a module of namespace/TUN tests: skipped, saying why, where they cannot run."""
+    marks = [pytest.mark.integration, pytest.mark.privileged]
+    missing = have_privileges()
+    if missing:
+        marks.append(pytest.mark.skip(reason=f"{what} {missing}"))
+    return marks
 
 
 def _pid_alive(pid: int) -> bool:

@@ -44,17 +44,13 @@ from .netns import (
     Topology,
     cleanup_stale,
     dump_logs_on_failure,
-    have_privileges,
     in_netns,
     ping,
+    privileged_marks,
 )
 from .netns import wait_for as wait
 
-pytestmark = [pytest.mark.integration, pytest.mark.privileged]
-
-_missing = have_privileges()
-if _missing:
-    pytestmark.append(pytest.mark.skip(reason=f"data-plane tests {_missing}"))
+pytestmark = privileged_marks("data-plane tests")
 
 
 def _dump_logs(topo: Topology, request: pytest.FixtureRequest) -> None:

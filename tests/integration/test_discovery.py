@@ -13,14 +13,10 @@ import pytest
 
 from common.wire.beacon import Beacon
 
-from .netns import NODE_PORT, NetNode, Topology, cleanup_stale, have_privileges, in_netns, ping
+from .netns import NODE_PORT, NetNode, Topology, cleanup_stale, in_netns, ping, privileged_marks
 from .netns import wait_for as wait
 
-pytestmark = [pytest.mark.integration, pytest.mark.privileged]
-
-_missing = have_privileges()
-if _missing:
-    pytestmark.append(pytest.mark.skip(reason=f"discovery tests {_missing}"))
+pytestmark = privileged_marks("discovery tests")
 
 
 @pytest.fixture(scope="module")

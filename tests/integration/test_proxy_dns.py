@@ -26,14 +26,11 @@ import pytest
 
 from common.dnsnames import key_name
 
-from .netns import NODE_PORT, NetNode, Topology, cleanup_stale, have_privileges, in_netns
+from .netns import NODE_PORT, NetNode, Topology, cleanup_stale, in_netns, privileged_marks
 from .netns import wait_for as wait
 
-pytestmark = [pytest.mark.integration, pytest.mark.privileged]
+pytestmark = privileged_marks("proxy/DNS tests")
 
-_missing = have_privileges()
-if _missing:
-    pytestmark.append(pytest.mark.skip(reason=f"proxy/DNS tests {_missing}"))
 HERE = Path(__file__).resolve().parent
 PAGE = b"served inside namespace b only\n"
 HTTP_PORT = 8080  # inside b's fresh namespace: nothing else is there

@@ -29,16 +29,12 @@ from .netns import (
     Topology,
     cleanup_stale,
     dump_logs_on_failure,
-    have_privileges,
     ping,
+    privileged_marks,
 )
 from .netns import wait_for as wait
 
-pytestmark = [pytest.mark.integration, pytest.mark.privileged]
-
-_missing = have_privileges()
-if _missing:
-    pytestmark.append(pytest.mark.skip(reason=f"QUIC data-plane tests {_missing}"))
+pytestmark = privileged_marks("QUIC data-plane tests")
 
 
 @pytest.fixture(scope="module")

@@ -41,17 +41,14 @@ from .netns import (
     NetNode,
     Topology,
     cleanup_stale,
-    have_privileges,
     in_netns,
     ping,
+    privileged_marks,
 )
 from .netns import wait_for as wait
 
-pytestmark = [pytest.mark.integration, pytest.mark.privileged]
+pytestmark = privileged_marks("security tests")
 
-_missing = have_privileges()
-if _missing:
-    pytestmark.append(pytest.mark.skip(reason=f"security tests {_missing}"))
 
 ETH_P_ALL = 0x0003
 CAPTURE_MAX = 8 * 1024 * 1024
