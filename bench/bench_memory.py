@@ -48,6 +48,8 @@ def rollup(pid: int) -> dict[str, int]:
 def name_of(pid: int) -> str:
     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     words = [w.decode() for w in cmd if w]
+    if "mycelium-launcher" in words:  # the launcher after it exec'ed its shell waiter (services/cli/launcher.py)
+        return "launcher (sh)"
     for w in words:
         if w.startswith("services."):
             return w.removeprefix("services.")

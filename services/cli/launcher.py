@@ -25,7 +25,7 @@ from common.privnet import PrivnetError, load_network_key
 from common.programs import DNS_PROGRAM as DNS_PROGRAM  # re-exported: the launcher is where readers look
 from common.programs import PRIVILEGED, programs
 from common.programs import PROGRAMS as PROGRAMS
-from common.shmring import remove_rings
+from common.shmring import remove_rings, ring_path
 
 log = logging.getLogger("mycelium")
 
@@ -345,6 +345,43 @@ def cleanup(run_dir: str) -> None:
     remove_rings(run_dir)
 
 
+# The launcher's last act: wait for supervisord, then clean up. A Python
+# interpreter doing only that costs the node ~18 MiB (docs/PERFORMANCE.md,
+# "Memory"), a POSIX shell well under 1 MiB, so where the tools exist the
+# launcher execs this script instead. $1: run directory, $2: the rings'
+# path prefix, the rest: supervisord's command line. Signals are forwarded
+# as SIGTERM (as run() does); a wait cut short by a trapped signal is
+# repeated while supervisord lives (a zombie still answers kill -0).
+WAITER_SCRIPT = f"""\
+run=$1; rings=$2; shift 2
+trap 'kill -TERM "$pid" 2>/dev/null' INT TERM HUP
+setsid -w setpriv --pdeathsig TERM -- "$@" &
+pid=$!
+while :; do
+    wait "$pid"; rc=$?
+    if [ "$rc" -gt 128 ] && kill -0 "$pid" 2>/dev/null; then continue; fi
+    break
+done
+rm -f -- "$run"/*.ipc "$run"/*.data "$run"/*.state.json "$run"/{SOCK_FILE} \
+    "$run"/{SERVICE_KEY_FILE} "$run"/{NETWORK_KEY_FILE} "$rings"*.ring "$rings"*.ring.*.tmp
+echo "mycelium: node stopped" >&2
+if [ "$rc" -eq 143 ]; then rc=0; fi
+exit "$rc"
+"""
+WAITER_ENV = "MYCELIUM_LAUNCHER_WAIT"  # "python": keep the Python launcher waiting (no exec)
+
+
+def waiter_argv(run_dir: str, command: list[str]) -> list[str] | None:
+    """The shell command line that replaces the launcher, or None where
+    /bin/sh, setsid or setpriv (util-linux) is missing."""
+    if os.environ.get(WAITER_ENV) == "python" or not os.access("/bin/sh", os.X_OK):
+        return None
+    if shutil.which("setsid") is None or shutil.which("setpriv") is None:
+        return None
+    rings = ring_path(run_dir, "\0").split("\0", 1)[0]  # what remove_rings() globs, up to the name
+    return ["/bin/sh", "-c", WAITER_SCRIPT, "mycelium-launcher", run_dir, rings, *command]
+
+
 def run(cfg: NodeConfig, crypto_workers: int = 1) -> int:
     identity = prepare(cfg, crypto_workers=crypto_workers)
     print(
@@ -353,11 +390,12 @@ def run(cfg: NodeConfig, crypto_workers: int = 1) -> int:
         file=sys.stderr,
         flush=True,
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", os.path.join(cfg.run_dir, CONF_FILE)],
-        start_new_session=True,
-        preexec_fn=die_with_parent,
-    )
+    command = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", os.path.join(cfg.run_dir, CONF_FILE)]
+    argv = waiter_argv(cfg.run_dir, command)
+    if argv is not None:
+        sys.stdout.flush()
+        os.execv(argv[0], argv)  # no return
+    proc = subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent)
 
     def forward(signum: int, _frame: object) -> None:
         if proc.poll() is None:

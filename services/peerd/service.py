@@ -41,6 +41,7 @@ from common.fib import FibReplica
 from common.identity import Identity, load_key_file, make_router_id
 from common.lifecycle import start_service
 from common.nodeconfig import NodeConfig
+from common.spinpoll import SpinPolicy, window_from_env
 
 from .discovery import Discovery
 from .discovery_socket import DiscoveryService
@@ -50,6 +51,7 @@ from .links.base import Link, LinkError, LinkFactory, LinkStats
 from .linkwatch import LinkWatch, route_ifindex
 from .peer_api import PeerApi, peers_file
 from .peer_table import PeerEntry, PeerTable
+from .spinloop import loop_factory
 
 log = logging.getLogger("peerd")
 
@@ -171,6 +173,7 @@ class PeerdService:
         self.tg: asyncio.TaskGroup | None = None
         self.failure: BaseException | None = None  # raised in a loop callback: fatal
         self.failed = asyncio.Event()
+        self.spin = SpinPolicy(window_from_env())  # the loop's short poll after traffic (spinloop.py)
 
     def _data_out(self, name: str, consumer: str) -> DataOut | None:
         try:
@@ -692,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         await service.run()
 
     try:
-        asyncio.run(runner())
+        asyncio.run(runner(), loop_factory=loop_factory(service.spin))
     except Exception:  # every failure ends here: logged whole, exit 1 for supervisord
         log.exception("%s failed; exiting so that supervisord restarts it", service.name)
         return 1

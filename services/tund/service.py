@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import ctypes
 import logging
-import math
 import os
 import signal
 import sys
@@ -37,11 +36,13 @@ import zmq
 
 from common import bus, native
 from common.datapath import DataIn, DataOut
+from common.epoller import Epoller
 from common.fib import FibReplica
 from common.identity import Identity, load_key_file
 from common.lifecycle import StopSignal, die_with_parent, start_service
 from common.logs import setup as setup_logs
 from common.nodeconfig import NodeConfig
+from common.spinpoll import SpinPolicy, window_from_env
 
 from . import privs
 from . import tun as tunmod
@@ -121,7 +122,7 @@ class TundWorker:
         self.peerds: dict[str, tuple[zmq.Socket, DataOut | None]] = {}
         # batches both ways go through shared memory (common/datapath.py);
         # without it (no /dev/shm, run directory path too long) as ZeroMQ frames
-        self.poller = zmq.Poller()
+        self.poller = Epoller()  # one epoll_wait per wake-up (common/epoller.py)
         self.data_fds: set[int] = set()
         self.data_in: DataIn | None = None
         me = worker_name(index)
@@ -152,6 +153,7 @@ class TundWorker:
         self.children: list[int] = []
         self.failed = False  # a crypto worker died: exit non-zero so supervisord restarts the group
         self.next_tick = 0.0
+        self.spin = SpinPolicy(window_from_env())  # short polling after traffic (common/spinpoll.py)
 
     # --- bus --------------------------------------------------------------------
 
@@ -221,7 +223,7 @@ class TundWorker:
 
     def _watch(self, fd: int, add: bool) -> None:
         if add:
-            self.poller.register(fd, zmq.POLLIN)
+            self.poller.register(fd)
             self.data_fds.add(fd)
         else:
             self.poller.unregister(fd)
@@ -353,17 +355,29 @@ class TundWorker:
     def run(self) -> None:
         poller = self.poller
         if self.device is not None:
-            poller.register(self.device.fd, zmq.POLLIN)
-        for sock in (self.inbox, self.fib_sub, self.stop):
-            poller.register(sock, zmq.POLLIN)
+            poller.register(self.device.fd)
+        for sock in (self.inbox, self.fib_sub):
+            poller.register(sock)
+        poller.register(self.stop.fileno())
         if self.rpc is not None:
-            poller.register(self.rpc, zmq.POLLIN)
+            poller.register(self.rpc)
         self.fib_resync()
         tun_fd = self.device.fd if self.device is not None else None
         dp = self.dp
+        spin = self.spin
         while not self.stop.stopped:
-            events = dict(poller.poll(math.ceil(MAX_WAIT * 1000)))
             now = time.monotonic()
+            if spin.timeout(now, MAX_WAIT) == 0:
+                events = poller.poll(0)
+                if not events:  # nothing yet: give the CPU to whoever answers us, then look again
+                    os.sched_yield()
+                    spin.spun(now, time.monotonic())
+                    continue
+            else:
+                events = poller.poll(MAX_WAIT)
+            now = time.monotonic()
+            if events:
+                spin.traffic(now)
             if self.fib_sub in events:
                 self.read_fib(now)
             if tun_fd is not None and tun_fd in events:
@@ -395,6 +409,7 @@ class TundWorker:
                 data_out.close()
         if self.data_in is not None:
             self.data_in.close()
+        self.poller.close()
         self.ctx.destroy(linger=0)
 
 
