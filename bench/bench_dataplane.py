@@ -147,6 +147,85 @@ def measure(topo: Topology, src: str, dst: str, dst_addr: str, seconds: int, res
     return result
 
 
+def idle_ping(topo: Topology, src: str, dst_addr: str, count: int = 30, interval: float = 0.2) -> tuple[float, float]:
+    """(mean, median) RTT in ms of ``count`` lone pings ``interval`` apart:
+    between two pings every process on the way goes back to sleep."""
+    out = topo.exec(
+        src,
+        ["ping", "-6" if ":" in dst_addr else "-4", "-n", "-c", str(count), "-i", str(interval), dst_addr],
+        timeout=count * interval + 30,
+    )
+    times = sorted(float(t) for t in re.findall(r"time=([\d.]+)", out.stdout))
+    if not times:
+        return float("nan"), float("nan")
+    return sum(times) / len(times), times[len(times) // 2]
+
+
+def idle_cpu(topo: Topology, names: list[str], seconds: float) -> dict[str, float]:
+    """Percent of one core each namespace's processes used over ``seconds``
+    with no traffic (user+system from /proc/<pid>/stat, 1/CLK_TCK
+    resolution: over 30 s that resolves 0.03 %)."""
+    pids = {name: ns_pids(topo, [name]) for name in names}
+    before = {name: proc_cpu(p) for name, p in pids.items()}
+    time.sleep(seconds)
+    return {name: (proc_cpu(p) - before[name]) / seconds * 100 for name, p in pids.items()}
+
+
+def rtt_only(topo: Topology, args: argparse.Namespace, ygg: bool) -> list[str]:
+    """Idle RTT of plain veth, our overlay (each short-poll window asked
+    for) and Yggdrasil, in rotation; idle CPU per node of each (round 1)."""
+    _, y_addr = topo.links[("x", "y")]
+    rows: dict[str, list[tuple[float, float]]] = {}
+    cpu: dict[str, dict[str, float]] = {}
+    windows = [w for w in args.spin_us.split(",") if w]
+    for rnd in range(1, args.rounds + 1):
+        print(f"round {rnd}: plain veth ...", flush=True)
+        rows.setdefault("(a) plain veth", []).append(idle_ping(topo, "x", y_addr, args.pings))
+        for w in windows:
+            name = "(b) this overlay" + (f", short poll {w} µs" if w != "0" else "")
+            os.environ["MYCELIUM_SPIN_US"] = w
+            try:
+                restart_overlay(topo, args.kernels.split(",")[0])
+            finally:
+                os.environ.pop("MYCELIUM_SPIN_US", None)
+            warm(topo, "x", topo.nodes["y"].address)
+            time.sleep(1)
+            print(f"round {rnd}: {name} ...", flush=True)
+            rows.setdefault(name, []).append(idle_ping(topo, "x", topo.nodes["y"].address, args.pings))
+            if rnd == 1:
+                cpu[name] = idle_cpu(topo, ["x", "y"], args.idle_seconds)
+        if ygg:
+            for node in topo.nodes.values():
+                node.stop(timeout=10)
+            yn = Ygg(topo, "y", listen=y_addr, peers=[], mtu=None)
+            xn = Ygg(topo, "x", listen=None, peers=[y_addr], mtu=None)
+            try:
+                warm(topo, "x", yn.address)
+                time.sleep(1)
+                print(f"round {rnd}: (c) Yggdrasil default ...", flush=True)
+                rows.setdefault("(c) Yggdrasil default", []).append(idle_ping(topo, "x", yn.address, args.pings))
+                if rnd == 1:
+                    cpu["(c) Yggdrasil default"] = idle_cpu(topo, ["x", "y"], args.idle_seconds)
+            finally:
+                xn.stop()
+                yn.stop()
+    ygg_rtt = min((m for m, _ in rows.get("(c) Yggdrasil default", [])), default=float("nan"))
+    lines = [
+        f"idle ping: {args.pings} lone pings 0.2 s apart per path and round, {args.rounds} rounds in rotation",
+        "",
+        "| path | idle RTT ms, mean (best round) | median | x Yggdrasil | every round (mean ms) "
+        f"| idle CPU % of a core, node x / node y ({args.idle_seconds:.0f} s) |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for name, values in rows.items():
+        best = min(values)
+        c = cpu.get(name)
+        every = ", ".join(f"{m:.3f}" for m, _ in values)
+        idle = f"{c['x']:.2f} / {c['y']:.2f}" if c else ""
+        lines.append(f"| {name} | {best[0]:.3f} | {best[1]:.3f} | {best[0] / ygg_rtt:.2f} | {every} | {idle} |")
+    return lines
+
+
 # --- our overlay ---------------------------------------------------------------------
 
 
@@ -349,6 +428,14 @@ def main() -> int:
     parser.add_argument(
         "--kernels", default="native,python", help="data-plane kernels to measure side by side (default native,python)"
     )
+    parser.add_argument(
+        "--rtt-only", action="store_true", help="only idle RTT and idle CPU per node: no iperf3, no failover"
+    )
+    parser.add_argument(
+        "--spin-us", default="0", help="with --rtt-only: short-poll windows to measure (MYCELIUM_SPIN_US), e.g. 0,1200"
+    )
+    parser.add_argument("--pings", type=int, default=30, help="with --rtt-only: pings per path and round")
+    parser.add_argument("--idle-seconds", type=float, default=30.0, help="with --rtt-only: idle CPU window")
     args = parser.parse_args()
     problem = have_privileges()
     if problem:
@@ -374,6 +461,19 @@ def main() -> int:
         if res.name not in best or res.gbit > best[res.name].gbit:
             best[res.name] = res
 
+    if args.rtt_only:
+        topo = Topology(["x", "y"])
+        try:
+            x_addr, _ = topo.connect("x", "y", 1)
+            start_overlay(topo, {"x": [], "y": [x_addr]}, [])
+            lines = rtt_only(topo, args, ygg)
+        finally:
+            topo.close()
+        print()
+        print(f"machine: {before}")
+        print(f"load average after the run: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        print("\n".join(lines))
+        return 0
     topo = Topology(["x", "y"])
     try:
         x_addr, y_addr = topo.connect("x", "y", 1)

@@ -34,7 +34,6 @@ from .core import NodeApi
 from .dashboard import expected_services
 from .extensions import ApiContext, register_all
 from .messages import Messages
-from .metrics import NodeCollector, create_metrics_app
 from .rpc import RpcRegistry, create_rpc_app, register_node_methods
 from .stats import Sampler, StatsCollector
 from .websocket import serve_rpc
@@ -69,13 +68,17 @@ def build(
     register_node_methods(registry, api)
     register_all(ApiContext(cfg, identity, api, call, http_app, registry))
     rpc_app = create_rpc_app(registry, MAX_BODY)
-    metrics_app = create_metrics_app(NodeCollector(api, stats, sampler, expected_services(cfg)))
+    metrics_app = None
+    if cfg.metrics_api_address is not None:  # prometheus_client (~1 MiB) only where it is served
+        from .metrics import NodeCollector, create_metrics_app
+
+        metrics_app = create_metrics_app(NodeCollector(api, stats, sampler, expected_services(cfg)))
     return http_app, rpc_app, metrics_app, stats, sampler, registry, Messages(call)
 
 
-def serve(name: str, addr: str | None, app: Callable[..., Any], threads: int) -> Any | None:
+def serve(name: str, addr: str | None, app: Callable[..., Any] | None, threads: int) -> Any | None:
     """A started waitress server on ``addr`` in a thread, or None (logged)."""
-    if addr is None:
+    if addr is None or app is None:
         return None
     try:
         host, port = parse_socket_addr(f"{name} address", addr)

@@ -136,6 +136,27 @@ def test_ping6_between_all_overlay_addresses(mesh: Topology) -> None:
     assert "ttl=62" in out, out
 
 
+IDLE_GAP = 1.3  # longer than tund's MAX_WAIT (1 s) and any short-poll window: every loop blocks again
+
+
+def test_single_pings_after_idle_periods_all_arrive(mesh: Topology) -> None:
+    """The wake-up path (common/epoller.py, the data-path records, any
+    short poll after traffic): a lone packet after the whole chain has gone
+    back to sleep must wake every process on its way, each time; a lost
+    wake-up loses the ping. A -> B direct, A -> C and back both ways."""
+    _, b, c = _nodes(mesh)
+    for dst in (b, c):
+        _warm(mesh, "a", dst)
+    lost = []
+    for i in range(4):
+        for dst in (b, c):
+            time.sleep(IDLE_GAP)
+            out = mesh.exec("a", ["ping", "-6", "-n", "-c", "1", "-W", "3", dst.address])
+            if out.returncode != 0:
+                lost.append((i, dst.name))
+    assert not lost, f"single pings after {IDLE_GAP} s idle went unanswered: {lost}"
+
+
 def test_iperf3_tcp_stream_through_the_overlay(mesh: Topology) -> None:
     c = mesh.nodes["c"]
     _warm(mesh, "a", c)
