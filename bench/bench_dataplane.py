@@ -183,11 +183,18 @@ def rtt_only(topo: Topology, args: argparse.Namespace, ygg: bool) -> list[str]:
         rows.setdefault("(a) plain veth", []).append(idle_ping(topo, "x", y_addr, args.pings))
         for w in windows:
             name = "(b) this overlay" + (f", short poll {w} µs" if w != "0" else "")
-            os.environ["MYCELIUM_SPIN_US"] = w
+            os.environ["MYCELIUM_SPIN_US"] = w  # the nodes inherit it
             try:
-                restart_overlay(topo, args.kernels.split(",")[0])
+                for node in topo.nodes.values():
+                    node.stop(timeout=10)
+                for node in topo.nodes.values():
+                    node.start()
+                for node in topo.nodes.values():
+                    node.wait_ready(120)
             finally:
                 os.environ.pop("MYCELIUM_SPIN_US", None)
+            kernel = topo.nodes["y"].rpc("tund", "info").get("kernel", "?")
+            name += f" (tund kernel: {kernel})"
             warm(topo, "x", topo.nodes["y"].address)
             time.sleep(1)
             print(f"round {rnd}: {name} ...", flush=True)
