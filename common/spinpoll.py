@@ -17,6 +17,12 @@ spins: idle CPU stays at the blocking loop's), and the time spent polling
 in vain is paid from a token bucket (``budget`` seconds per second,
 at most ``burst`` saved up), so no pattern of traffic makes a loop spin
 more than ``budget`` of a core.
+
+Off by default (``MYCELIUM_SPIN_US`` unset or 0): on the 2-vCPU VM the
+whole chain ran on one vCPU, where a polling process holds the CPU the
+next one needs, and the idle RTT got worse (docs/PERFORMANCE.md, "Idle
+RTT and idle CPU"). Where the processes sit on separate idle cores it may
+pay; measure with ``bench/bench_dataplane.py --rtt-only --spin-us 0,1200``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from __future__ import annotations
 import os
 
 WINDOW_ENV = "MYCELIUM_SPIN_US"  # microseconds of polling after traffic; "0" turns it off
-DEFAULT_WINDOW = 0.0  # seconds; off by default: on a 2-vCPU machine the chain shares one CPU (docs/PERFORMANCE.md)
+DEFAULT_WINDOW = 0.0  # seconds: off (see above)
 DEFAULT_BUDGET = 0.05  # seconds of fruitless polling per second, at most (5 % of a core)
 DEFAULT_BURST = 0.02  # seconds of polling that can be saved up
 
