@@ -34,7 +34,7 @@ class SecurityShell:
                 rekey_packets=cfg.session_rekey_packets,
                 keep_old=min(10.0, cfg.session_rekey_seconds),
             )
-            self.sessions = SessionEngine(identity, keys.get, conf)
+            self.sessions = SessionEngine(identity, keys.get, conf, native=keys.native)
         elif cfg.session_keys:
             # one peer's packets may reach any worker's TUN queue, but its answers only one worker
             log.warning("session keys need a single crypto worker; %d workers use static keys only", workers)
@@ -49,8 +49,9 @@ class SecurityShell:
 
     @property
     def needs_python_path(self) -> bool:
-        """Session keys or a firewall file: tund's Python loops, not the C kernel (not taught these yet)."""
-        return self.sessions is not None or self.firewall.source is not None
+        """A firewall file: tund's Python loops, not the C kernel (which runs session keys, the
+        replay defences and the downgrade check, but not the firewall's rules; docs/EXTENSIONS.md 9)."""
+        return self.firewall.source is not None
 
     def _on_hup(self, signum: int, frame: Any) -> None:
         self.reload_requested = True  # the loop wakes at least once a second
