@@ -369,7 +369,11 @@ static void window_mark_raw(Window *w, uint64_t ctr) {
     }
 }
 
-static int ctr_arg(PyObject *arg, uint64_t *ctr) {
+static int ctr_arg(Window *w, PyObject *arg, uint64_t *ctr) {
+    if (!w->bits) {
+        PyErr_SetString(PyExc_RuntimeError, "ReplayWindow.__init__ was not called");
+        return -1;
+    }
     unsigned long long c = PyLong_AsUnsignedLongLong(arg);
     if (c == (unsigned long long)-1 && PyErr_Occurred())
         return -1;
@@ -379,14 +383,14 @@ static int ctr_arg(PyObject *arg, uint64_t *ctr) {
 
 static PyObject *window_fresh(Window *self, PyObject *arg) {
     uint64_t c;
-    if (ctr_arg(arg, &c) < 0)
+    if (ctr_arg(self, arg, &c) < 0)
         return NULL;
     return PyBool_FromLong(window_fresh_raw(self, c));
 }
 
 static PyObject *window_mark(Window *self, PyObject *arg) {
     uint64_t c;
-    if (ctr_arg(arg, &c) < 0)
+    if (ctr_arg(self, arg, &c) < 0)
         return NULL;
     window_mark_raw(self, c);
     Py_RETURN_NONE;
@@ -394,7 +398,7 @@ static PyObject *window_mark(Window *self, PyObject *arg) {
 
 static PyObject *window_check_and_mark(Window *self, PyObject *arg) {
     uint64_t c;
-    if (ctr_arg(arg, &c) < 0)
+    if (ctr_arg(self, arg, &c) < 0)
         return NULL;
     if (!window_fresh_raw(self, c))
         Py_RETURN_FALSE;
