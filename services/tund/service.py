@@ -327,7 +327,7 @@ class TundWorker:
             if msg.kind == "info":
                 result["tun"] = self.device.name if self.device else None
                 result["workers"] = self.workers
-                result["kernel"] = native.NAME if self.dp.kernel is not None else "python (firewall)"
+                result["kernel"] = "python (firewall)" if self.dp.kernel is None and native.kernel else native.NAME
             bus.rpc_reply(self.rpc, envelope, result)
 
     def gauges(self) -> dict[str, Any]:
