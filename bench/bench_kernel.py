@@ -38,11 +38,11 @@ from common import native
 from common.crypto import SessionKey, shared_secret
 from common.fib import FibReplica
 from common.identity import Identity
-from common.wire.inner import L3_HEADER
 from common.replay import new_window
+from common.wire.inner import L3_HEADER
 from services.tund.dataplane import DataPlane, KeyCache
-from services.tund.sessions import RecvState, SendState, Session, SessionEngine
 from services.tund.service import tune_malloc
+from services.tund.sessions import RecvState, SendState, Session, SessionEngine
 from services.tund.tun import VNET_HDR_SIZE
 
 MSS = 1328
