@@ -1394,16 +1394,18 @@ static int rs_forget(RsCache *c, PyObject *now) {
 static int rs_lookup(RsCache *c, PyObject *by_index, const uint8_t *index, PyObject *now) {
     if (c->rs && memcmp(c->index, index, 4) == 0)
         return 1;
-    if (rs_forget(c, now) < 0)
-        return -1;
     PyObject *k = PyBytes_FromStringAndSize((const char *)index, 4);
     if (!k)
         return -1;
     PyObject *rs = PyDict_GetItemWithError(by_index, k);
     Py_DECREF(k);
-    if (!rs)
+    if (!rs) /* a random nonce (static key): the cached session stays for the next packet */
         return PyErr_Occurred() ? -1 : 0;
     Py_INCREF(rs);
+    if (rs_forget(c, now) < 0) {
+        Py_DECREF(rs);
+        return -1;
+    }
     c->rs = rs;
     memcpy(c->index, index, 4);
     PyObject *prefix = PyObject_GetAttr(rs, S_prefix), *conf = NULL;
