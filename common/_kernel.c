@@ -1355,10 +1355,155 @@ done:
     return ret;
 }
 
+/* --- FirewallRules (common/firewall.py Firewall.allow) ------------------------- */
+
+/* A rule set as Firewall.replace compiles it: the same first-match walk as
+ * Firewall._decide (Python keeps a decision cache; the walk here is what it
+ * caches), and _l4's look through extension headers. */
+typedef struct {
+    uint8_t net[16], mask[16];
+    int allow, proto, lo, hi; /* proto -1: any; lo -1: any port */
+} FwRule;
+
+typedef struct {
+    PyObject_HEAD int default_allow, tcp_established;
+    Py_ssize_t n;
+    FwRule *rules;
+} FwRules;
+
+static PyTypeObject FwRulesType;
+
+static int fw_init(FwRules *self, PyObject *args, PyObject *kw) {
+    int dflt, est;
+    PyObject *list;
+    if (!PyArg_ParseTuple(args, "ppO!:FirewallRules", &dflt, &est, &PyList_Type, &list))
+        return -1;
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    FwRule *rules = PyMem_Calloc((size_t)(n ? n : 1), sizeof(FwRule));
+    if (!rules) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_buffer net, mask;
+        FwRule *r = &rules[i];
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(list, i), "py*y*iii:rule", &r->allow, &net, &mask, &r->proto, &r->lo,
+                              &r->hi)) {
+            PyMem_Free(rules);
+            return -1;
+        }
+        int ok = net.len == 16 && mask.len == 16;
+        if (ok) {
+            memcpy(r->net, net.buf, 16);
+            memcpy(r->mask, mask.buf, 16);
+        }
+        PyBuffer_Release(&net);
+        PyBuffer_Release(&mask);
+        if (!ok) {
+            PyMem_Free(rules);
+            PyErr_SetString(PyExc_ValueError, "a rule's network and mask are 16 bytes");
+            return -1;
+        }
+    }
+    PyMem_Free(self->rules);
+    self->rules = rules;
+    self->n = n;
+    self->default_allow = dflt;
+    self->tcp_established = est;
+    return 0;
+}
+
+static void fw_dealloc(FwRules *self) {
+    PyMem_Free(self->rules);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+enum { FW_ESTABLISHED, FW_ALLOWED, FW_DENIED };
+
+/* firewall.py _l4 and Firewall.allow for a plaintext of n >= 44 bytes: 1
+ * allow, 0 deny; *why: which of its counters */
+static int fw_allow_raw(const FwRules *fw, const uint8_t *pt, Py_ssize_t n, int *why) {
+    int nh = pt[10], proto, port = -1, flags = -1;
+    Py_ssize_t off = 44;
+    int done = 0;
+    for (int i = 0; i < 4 && !done; i++) {
+        if ((nh == 0 || nh == 43 || nh == 60) && off + 8 <= n) {
+            int next = pt[off];
+            off += ((Py_ssize_t)pt[off + 1] + 1) * 8;
+            nh = next;
+        } else if (nh == 44 && off + 8 <= n) { /* fragment: ports only in the first one */
+            if (rd16(pt + off + 2) & 0xFFF8) {
+                nh = pt[off];
+                done = 2;
+                break;
+            }
+            nh = pt[off];
+            off += 8;
+        } else {
+            done = 1;
+        }
+    }
+    proto = nh;
+    if (done != 2 && (nh == 6 || nh == 17) && off + 4 <= n) {
+        port = rd16(pt + off + 2);
+        flags = nh == 6 && off + 14 <= n ? pt[off + 13] : -1;
+    }
+    if (proto == 6 && fw->tcp_established && flags >= 0 && (flags & 0x12) != 0x02) {
+        *why = FW_ESTABLISHED;
+        return 1;
+    }
+    int ok = fw->default_allow;
+    const uint8_t *src = pt + 12;
+    for (Py_ssize_t i = 0; i < fw->n; i++) {
+        const FwRule *r = &fw->rules[i];
+        int match = 1;
+        for (int j = 0; j < 16 && match; j++)
+            match = (src[j] & r->mask[j]) == r->net[j];
+        if (!match || (r->proto >= 0 && r->proto != proto) || (r->lo >= 0 && !(r->lo <= port && port <= r->hi)))
+            continue;
+        ok = r->allow;
+        break;
+    }
+    *why = ok ? FW_ALLOWED : FW_DENIED;
+    return ok;
+}
+
+static PyObject *fw_allow(FwRules *self, PyObject *arg) {
+    Py_buffer pt;
+    if (PyObject_GetBuffer(arg, &pt, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int why = 0, ok = -1;
+    if (pt.len < 44)
+        PyErr_SetString(PyExc_ValueError, "a plaintext holding an IPv6 packet is at least 44 bytes");
+    else
+        ok = fw_allow_raw(self, pt.buf, pt.len, &why);
+    PyBuffer_Release(&pt);
+    if (ok < 0)
+        return NULL;
+    return Py_BuildValue("(Ni)", PyBool_FromLong(ok), why);
+}
+
+static PyMethodDef fw_methods[] = {
+    {"allow", (PyCFunction)fw_allow, METH_O,
+     "allow(plaintext) -> (allowed, counter: 0 established, 1 allowed, 2 denied), as Firewall.allow"},
+    {NULL}};
+
+static PyTypeObject FwRulesType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "common._kernel.FirewallRules",
+    .tp_basicsize = sizeof(FwRules),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "FirewallRules(default_allow, tcp_established, [(allow, net16, mask16, proto|-1, lo|-1, hi)])",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)fw_init,
+    .tp_dealloc = (destructor)fw_dealloc,
+    .tp_methods = fw_methods,
+};
+
 /* --- from_peer (dataplane.py DataPlane.from_peer) ------------------------------- */
 
 enum {
-    P_OPENED, P_MALFORMED, P_DECRYPT_FAILED, P_INNER_MALFORMED, P_SPOOFED, P_NO_TUN, P_REPLAY, P_DOWNGRADE, P_NCOUNT
+    P_OPENED, P_MALFORMED, P_DECRYPT_FAILED, P_INNER_MALFORMED, P_SPOOFED, P_NO_TUN, P_REPLAY, P_DOWNGRADE, P_FIREWALL,
+    P_NCOUNT
 };
 
 /* the receive session (RecvState) of the last session index seen, with what
@@ -1501,10 +1646,11 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
     PyObject *dp = args[0], *now = args[2];
     Count c[P_NCOUNT] = {{"+rx_opened", 0},         {"rx_malformed", 0},      {"rx_decrypt_failed", 0},
                          {"rx_inner_malformed", 0}, {"rx_spoofed_source", 0}, {"rx_l3_no_tun", 0},
-                         {"replay", 0},             {"rx_downgrade", 0}};
+                         {"replay", 0},             {"rx_downgrade", 0},      {"rx_firewall_dropped", 0}};
     PyObject *keys_in = NULL, *gro = NULL, *tunobj = NULL, *messages = NULL, *counters = NULL, *ret = NULL;
     PyObject *sessions = NULL, *by_index = NULL, *capable = NULL, *filt = NULL, *seen = NULL, *order = NULL;
-    PyObject *fsize = NULL, *ffilter = NULL;
+    PyObject *fsize = NULL, *ffilter = NULL, *fwobj = NULL, *fwrules = NULL, *fwcounters = NULL;
+    Count fwc[3] = {{"fw_allowed_established", 0}, {"fw_allowed", 0}, {"fw_denied", 0}};
     PyObject *last_key = NULL; /* cached keys_in value for last_pre */
     RsCache rc_ = {0}, *rsc = &rc_;
     PyObject *via_rs = NULL;
@@ -1535,6 +1681,18 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
     if (tun < 0 || filter_nonces < 0 || (seen_max == -1 && PyErr_Occurred()))
         goto done;
     int have_sessions = sessions != Py_None;
+    if (!(fwobj = PyObject_GetAttrString(dp, "firewall")))
+        goto done;
+    if (fwobj != Py_None) { /* its rules compiled for the kernel (Firewall.native) and its counters */
+        if (!(fwrules = PyObject_GetAttrString(fwobj, "native")) ||
+            !(fwcounters = PyObject_GetAttrString(fwobj, "counters")))
+            goto done;
+        if (Py_TYPE(fwrules) != &FwRulesType || !PyDict_Check(fwcounters)) {
+            PyErr_SetString(PyExc_TypeError, "DataPlane.firewall.native must be the kernel's FirewallRules");
+            goto done;
+        }
+    }
+    const FwRules *fw = (const FwRules *)fwrules;
     Gro *ngro = Py_TYPE(gro) == &GroType ? (Gro *)gro : NULL;
     if (!(pt = PyMem_Malloc(MAX_PAYLOAD + 64))) {
         PyErr_NoMemory();
@@ -1756,7 +1914,13 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
                     else if (!own)
                         c[P_SPOOFED].n++;
                 }
-                if (own > 0) {
+                int why = 0;
+                if (own > 0 && fw && !fw_allow_raw(fw, p, n, &why)) {
+                    fwc[why].n++;
+                    c[P_FIREWALL].n++;
+                } else if (own > 0) {
+                    if (fw)
+                        fwc[why].n++;
                     if (!tun) {
                         c[P_NO_TUN].n++;
                     } else if (ngro) {
@@ -1814,7 +1978,7 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
         pos = e;
     }
 #undef FORGET
-    if (bump(counters, c, P_NCOUNT) < 0)
+    if (bump(counters, c, P_NCOUNT) < 0 || (fwcounters && bump(fwcounters, fwc, 3) < 0))
         goto done;
     ret = Py_None;
     Py_INCREF(ret);
@@ -1838,6 +2002,9 @@ done:
     Py_XDECREF(order);
     Py_XDECREF(fsize);
     Py_XDECREF(ffilter);
+    Py_XDECREF(fwobj);
+    Py_XDECREF(fwrules);
+    Py_XDECREF(fwcounters);
     return ret;
 }
 
@@ -1950,7 +2117,8 @@ static struct PyModuleDef k_module = {PyModuleDef_HEAD_INIT, "_kernel", "The dat
                                       -1, k_methods};
 
 PyMODINIT_FUNC PyInit__kernel(void) {
-    if (PyType_Ready(&AeadType) < 0 || PyType_Ready(&GroType) < 0 || PyType_Ready(&WindowType) < 0)
+    if (PyType_Ready(&AeadType) < 0 || PyType_Ready(&GroType) < 0 || PyType_Ready(&WindowType) < 0 ||
+        PyType_Ready(&FwRulesType) < 0)
         return NULL;
     struct {
         PyObject **slot;
@@ -1974,8 +2142,10 @@ PyMODINIT_FUNC PyInit__kernel(void) {
     Py_INCREF(&AeadType);
     Py_INCREF(&GroType);
     Py_INCREF(&WindowType);
+    Py_INCREF(&FwRulesType);
     if (PyModule_AddObject(m, "Aead", (PyObject *)&AeadType) < 0 ||
         PyModule_AddObject(m, "ReplayWindow", (PyObject *)&WindowType) < 0 ||
+        PyModule_AddObject(m, "FirewallRules", (PyObject *)&FwRulesType) < 0 ||
         PyModule_AddObject(m, "Gro", (PyObject *)&GroType) < 0 ||
         PyModule_AddIntConstant(m, "GRO_MAX_OPEN", GRO_MAX_OPEN) < 0) {
         Py_DECREF(m);

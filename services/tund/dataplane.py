@@ -166,8 +166,8 @@ class DataPlane:
         self.off = VNET_HDR_SIZE if self.vnet else 0  # where the IPv6 packet starts in a TUN read
         self.counters: Counter[str] = Counter()
         # native kernel (common/_kernel.c): the same steps as from_tun/from_peer/Gro below, in C,
-        # session keys included; None (MYCELIUM_NATIVE=0, not built, or a test's choice) runs the
-        # reference here. from_peer runs the reference while a firewall is set (not in C).
+        # session keys and the firewall included; None (MYCELIUM_NATIVE=0, not built, or a test's
+        # choice) runs the reference here
         self.kernel = kernel
         self.gro: Any = Gro(self.vnet) if kernel is None else kernel.Gro(self.vnet)
         self.nonce_bytes: Callable[[int], bytes] = os.urandom  # the nonce scheme: n bytes per call, 12 per packet
@@ -487,7 +487,7 @@ class DataPlane:
     def from_peer(self, blob: bytes | memoryview, now: float) -> None:
         """Encoded data packets for this node, back to back, hop limit
         already decremented by peerd (4.5)."""
-        if self.kernel is not None and self.firewall is None:
+        if self.kernel is not None and (self.firewall is None or self.firewall.native is not None):
             self.kernel.from_peer(self, blob, now)
             if self.sessions is not None and self.sessions.changed:
                 self.sync_sessions()

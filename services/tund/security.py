@@ -47,12 +47,6 @@ class SecurityShell:
                 raise SystemExit(f"tund: firewall rules {cfg.firewall_file}: {error}")
         signal.signal(signal.SIGHUP, self._on_hup)  # reload (without a file: nothing to do, never exit)
 
-    @property
-    def needs_python_path(self) -> bool:
-        """A firewall file: tund's Python loops, not the C kernel (which runs session keys, the
-        replay defences and the downgrade check, but not the firewall's rules; docs/EXTENSIONS.md 9)."""
-        return self.firewall.source is not None
-
     def _on_hup(self, signum: int, frame: Any) -> None:
         self.reload_requested = True  # the loop wakes at least once a second
 

@@ -119,7 +119,7 @@ def test_tund_runs_the_kernel_this_checkout_built(mesh: Topology) -> None:
     ran = {node.name: node.rpc("tund", "info")["kernel"] for node in mesh.nodes.values()}
     print(f"\nFIGURE data-plane kernel in tund: {ran}")
     # B runs --no-session-keys, A and C session keys (the default): the kernel runs both
-    # (docs/EXTENSIONS.md 9); only a firewall file keeps tund on its Python loops
+    # (docs/EXTENSIONS.md 9), as it runs a firewall file's rules
     assert ran == {"a": want, "b": want, "c": want}
 
 

@@ -5,7 +5,8 @@ cryptography's AESGCM and common/replay.py's window) get the same batches
 and must give the same bytes out, the same counted drops and the same
 session state. Covers counter nonces, replayed and too old packets, a
 wrong index, a wrong key, a source outside the session's /64, truncated
-frames, downgrades to the static key and negotiation packets (0x10).
+frames, downgrades to the static key, negotiation packets (0x10) and the
+firewall's rules (common/firewall.py against the kernel's FirewallRules).
 
 Also run under AddressSanitizer by ``make asan``."""
 
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from common import native
 from common.crypto import SessionKey, shared_secret
 from common.fib import FibReplica
+from common.firewall import Firewall, load_rules
 from common.identity import Identity
 from common.replay import ReplayWindow, new_window
 from common.wire.inner import INNER_MESSAGE, L3_HEADER
@@ -75,7 +77,7 @@ def session(
     return s
 
 
-def plane(use_native: bool, vnet: bool = True) -> DataPlane:
+def plane(use_native: bool, vnet: bool = True, rules: str | None = None) -> DataPlane:
     f = FibReplica()
     peers = ((PEER, "p"), (OTHER, "o"), (GONE, "g"))
     entries = [[i.address.packed[:8] + bytes(8), 64, hop, i.public_key] for i, hop in peers]
@@ -91,7 +93,9 @@ def plane(use_native: bool, vnet: bool = True) -> DataPlane:
     gone.capable = True
     engine.capable.add(GONE.address.packed[:8])
     engine.changed = False
-    dp = DataPlane(ME, f, keys, tun=True, vnet=vnet, kernel=K if use_native else None, sessions=engine)
+    fw = None if rules is None else Firewall(load_rules(rules))
+    kernel = K if use_native else None
+    dp = DataPlane(ME, f, keys, tun=True, vnet=vnet, kernel=kernel, sessions=engine, firewall=fw)
     dp.nonce_bytes = Counting()
     return dp
 
@@ -137,6 +141,7 @@ def outcome(dp: DataPlane) -> dict[str, Any]:
         "sends": sends,
         "capable": set(dp.capable),
         "nonce_filter": list(dp.nonce_filter.order),
+        "firewall": None if dp.firewall is None else +dp.firewall.counters,
     }
 
 
@@ -278,12 +283,88 @@ step = st.one_of(
 )
 
 
+@st.composite
+def rule_files(draw: st.DrawFn) -> str:
+    """A firewall file (common/firewall.py) over the test's nodes and protocols."""
+    lines = [f'default = "{draw(st.sampled_from(["allow", "deny"]))}"']
+    lines.append(f"tcp_established = {draw(st.sampled_from(['true', 'false']))}")
+    for _ in range(draw(st.integers(0, 5))):
+        lines.append("[[rule]]")
+        lines.append(f'action = "{draw(st.sampled_from(["allow", "deny"]))}"')
+        src = draw(st.sampled_from([None, "peer", "other", "peer48", "key", "any"]))
+        if src == "peer":
+            lines.append(f'source = "{PEER.subnet}"')
+        elif src == "other":
+            lines.append(f'source = "{OTHER.subnet}"')
+        elif src == "peer48":
+            lines.append(f'source = "{PEER.address}/48"')
+        elif src == "key":
+            lines.append(f'public_key = "{draw(st.sampled_from([PEER, OTHER])).public_key.hex()}"')
+        elif src == "any":
+            lines.append('source = "::/0"')
+        proto = draw(st.sampled_from([None, "tcp", "udp", "icmpv6", 0, 44, 60]))
+        if proto is not None:
+            lines.append(f"protocol = {proto!r}".replace("'", '"'))
+            if proto in ("tcp", "udp") and draw(st.booleans()):
+                lo = draw(st.sampled_from([0, 7, 9, 80, 443]))
+                hi = lo + draw(st.sampled_from([0, 0, 1, 100]))
+                lines.append(f"port = {lo}" if lo == hi else f'port = "{lo}-{hi}"')
+    return "\n".join(lines) + "\n"
+
+
+@st.composite
+def l4_packets(draw: st.DrawFn) -> tuple[int, bytes]:
+    """(next header, what follows the IPv6 header): arbitrary bytes, or
+    extension headers (fragments with and without an offset) then TCP, UDP
+    or ICMPv6 with ports the rules name and SYN / SYN-ACK / ACK flags."""
+    if draw(st.booleans()):
+        return draw(st.sampled_from([0, 6, 17, 43, 44, 58, 60])), draw(st.binary(max_size=80))
+    proto = draw(st.sampled_from([6, 17, 58]))
+    chain = draw(st.lists(st.sampled_from([0, 43, 60, 44]), max_size=3))
+    body = b""
+    for i, ext in enumerate(chain):
+        nxt = chain[i + 1] if i + 1 < len(chain) else proto
+        frag = draw(st.sampled_from([0, 0, 8, 1])) if ext == 44 else 0
+        hlen = 0 if ext == 44 else draw(st.sampled_from([0, 0, 1]))  # in 8 bytes past the first 8
+        body += struct.pack("!BBH", nxt, hlen, frag) + bytes(4 + 8 * hlen)
+    port = draw(st.sampled_from([7, 9, 80, 81, 443, 444, 500]))
+    flags = draw(st.sampled_from([0x02, 0x12, 0x10, 0x18]))
+    body += struct.pack("!HHIIBB", 1234, port, 1, 2, 0x50, flags) + bytes(6)
+    return (chain[0] if chain else proto), body[: draw(st.sampled_from([None, None, len(body) - 7, 3]))]
+
+
+FIXED_RULES = (  # every packet against a deny default, with and without the established shortcut, and ports
+    'default = "deny"\n',
+    'default = "deny"\ntcp_established = false\n',
+    'default = "deny"\ntcp_established = false\n[[rule]]\nprotocol = "tcp"\nport = "80-443"\n'
+    '[[rule]]\nprotocol = "udp"\nport = 9\n[[rule]]\naction = "deny"\nprotocol = 44\n[[rule]]\nprotocol = "icmpv6"\n',
+)
+
+
 @SETTINGS
-@given(st.lists(step, min_size=1, max_size=8), st.booleans())
-def test_sessions_native_equals_reference(steps: list[tuple[str, Any]], vnet: bool) -> None:
+@given(rule_files(), l4_packets(), st.sampled_from([PEER, OTHER, STRANGER]))
+def test_firewall_rules_native_equal_reference(rules: str, l4: tuple[int, bytes], src: Identity) -> None:
+    """Firewall.allow against the kernel's FirewallRules on IPv6 packets with
+    any next header and arbitrary bytes after it (extension headers, fragments, ports, flags)."""
+    nh, rest = l4
+    ip = struct.pack("!IHBB", 0x60000000, len(rest), nh, 64) + src.address.packed + ME.address.packed
+    pt = L3_HEADER + ip + rest
+    names = ("fw_allowed_established", "fw_allowed", "fw_denied")
+    for text in (rules, *FIXED_RULES):
+        fw = Firewall(load_rules(text))
+        for _ in range(2):  # the second time from the reference's decision cache
+            before = Counter(fw.counters)
+            ok, why = fw.native.allow(pt)
+            assert fw.allow(pt) == ok
+            assert fw.counters - before == Counter({names[why]: 1})
+
+
+@SETTINGS
+@given(st.lists(step, min_size=1, max_size=8), st.booleans(), st.none() | rule_files())
+def test_sessions_native_equals_reference(steps: list[tuple[str, Any]], vnet: bool, rules: str | None) -> None:
     """Batches both ways, replays of whole earlier batches among them: same
-    bytes, counted drops, windows, counters and peers' states."""
-    py, c = plane(False, vnet), plane(True, vnet)
+    bytes, counted drops, windows, counters and peers' states (with a firewall too)."""
+    py, c = plane(False, vnet, rules), plane(True, vnet, rules)
     seen: list[bytes] = []
     now = NOW
     for kind, arg in steps:
