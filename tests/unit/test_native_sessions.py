@@ -31,6 +31,7 @@ from common.wire.session import SESSION_HEADER, Confirm
 from services.tund.dataplane import DataPlane, KeyCache
 from services.tund.sessions import RecvState, SendState, Session, SessionEngine
 from services.tund.tun import VNET_HDR_SIZE
+from tests.unit.test_native_kernel import Counting  # the deterministic nonce scheme for the static key
 
 K: Any = native.kernel
 pytestmark = pytest.mark.skipif(K is None, reason=f"native kernel not in use: {native.REASON}")
@@ -48,18 +49,6 @@ KEY_IN, KEY_OUT, KEY_NEW, KEY_NEW_OUT, KEY_WRONG = (bytes([i]) * 32 for i in (10
 STATIC_PEER = SessionKey(shared_secret(PEER.private_key, ME.public_key), native=False)
 STATIC_OTHER = SessionKey(shared_secret(OTHER.private_key, ME.public_key), native=False)
 INIT_BODY, RESP_BODY = 4 + 88 + 28, 4 + 92 + 28  # negotiation packets sealed with a random nonce
-
-
-class Counting:
-    """A deterministic nonce scheme for the static key (the session ones count anyway)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def __call__(self, nbytes: int) -> bytes:
-        out = b"".join(b"\x00\x00\x00\x07" + (self.n + i).to_bytes(8, "big") for i in range(nbytes // 12))
-        self.n += nbytes // 12
-        return out
 
 
 def aead(key: bytes, use_native: bool) -> Any:
