@@ -302,7 +302,8 @@ def test_churn_is_loop_free_after_every_event(seed: int) -> None:
             sim.remove_node(rng.choice(candidates))
         sim.run_for(3.0)
     assert sim.loop_checks > 1000
-    assert sim.all_converged(), sim.missing_routes()[:10]
+    # The last cut may need a seqno bump that the originator's 4 s rate limit defers.
+    assert sim.run_until_converged(5.0) is not None, sim.missing_routes()[:10]
     sim.assert_loop_free()
 
 
