@@ -25,6 +25,7 @@ is tracked incrementally, so ``run_until_converged`` is exact to the event.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import ipaddress
 import itertools
@@ -585,9 +586,13 @@ class ScaleFigures:
     loop_checks: int
     events: int
     wall_s: float
+    cpu_s: float = 0.0  # process CPU time of the run (the machine is shared: wall is an upper bound)
+    routes_total: int = 0  # subnets with routes, summed over all nodes' tables (at the end of convergence)
+    packets_by_type: dict[str, int] = field(default_factory=dict)  # until converged
     churned: int = 0
+    churn_away_s: float | None = None  # virtual seconds from the leave until every remaining wanted pair is routed
     churn_recovery_s: float | None = None  # virtual seconds from rejoin until every wanted pair is routed again
-    churn_packets: int = 0
+    churn_packets: int = 0  # control packets from the leave until routed again after the rejoin
 
 
 def scale_run(
@@ -599,6 +604,7 @@ def scale_run(
     loop_sample: int | None = 200,
     churn: float = 0.0,
     timeout: float = 60.0,
+    full_check: bool | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ScaleFigures:
     """The public-network scenario of the scale bench (bench/bench_sim.py):
@@ -606,8 +612,34 @@ def scale_run(
     random others. Loop freedom is checked after every FIB change toward
     ``loop_sample`` random subnets (None: all). With ``churn`` > 0 that
     fraction of the ordinary nodes then leaves at once, stays away 10 s,
-    and rejoins; traffic keeps asking for missing routes every second."""
+    and rejoins; traffic keeps asking for missing routes every second.
+    ``full_check`` (default: n <= 300) ends with a loop walk from every node
+    toward every subnet in any FIB."""
+    # The cyclic GC's full collections walk every object, and a large run
+    # holds tens of millions that form no cycles (n^2 routes): off for the
+    # run, as the router service freezes its long-lived objects.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _scale_run(n, hubs, destinations, seed, loop_sample, churn, timeout, full_check, progress)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _scale_run(
+    n: int,
+    hubs: int,
+    destinations: int,
+    seed: int,
+    loop_sample: int | None,
+    churn: float,
+    timeout: float,
+    full_check: bool | None,
+    progress: Callable[[str], None] | None,
+) -> ScaleFigures:
     started = time.perf_counter()
+    cpu_started = time.process_time()
     say = progress or (lambda _text: None)
     sim = Simulation(seed=seed, check_loops=True, all_pairs=False)
     nodes = hub_mesh(sim, n, hubs=hubs)
@@ -619,27 +651,37 @@ def scale_run(
     sim.request_routes(demand)
     sim.start_traffic(1.0)
     converged = sim.run_until_converged(timeout)
-    packets = sim.sent["total"]
+    sent = sim.sent
+    packets = sent["total"]
     say(f"converged in {converged} virtual s, {packets} packets ({time.perf_counter() - started:.1f} s)")
+    routes_total = sum(x.engine.subnet_count() for x in sim.nodes)
     sim.run_until(HELLO_QUIET_BEFORE)
     figures = ScaleFigures(n, len(sim.links), sim.wanted_pair_count(), converged, packets, sim.sent["total"], 0, 0, 0.0)
+    figures.routes_total = routes_total
+    figures.packets_by_type = {k: v for k, v in sent.items() if k != "total"}
     if churn > 0:
         leaving = rng.sample(nodes[hubs:], max(1, int((n - hubs) * churn)))
+        before = sim.sent["total"]
+        left_at = sim.now
         for x in leaving:
             sim.remove_node(x)
-        sim.run_for(10.0)
-        before = sim.sent["total"]
+        figures.churn_away_s = sim.run_until_converged(timeout)
+        sim.run_until(left_at + 10.0)
         for x in leaving:
             sim.rejoin_node(x)
         figures.churned = len(leaving)
         figures.churn_recovery_s = sim.run_until_converged(timeout)
         figures.churn_packets = sim.sent["total"] - before
-        say(f"churn: {len(leaving)} left and rejoined, routed again after {figures.churn_recovery_s} virtual s")
-    if n <= 300:  # the full check walks every pair: affordable for small runs only
+        say(
+            f"churn: {len(leaving)} left (the rest routed again after {figures.churn_away_s} virtual s) "
+            f"and rejoined, routed again after {figures.churn_recovery_s} virtual s"
+        )
+    if n <= 300 if full_check is None else full_check:  # walks every pair
         sim.assert_loop_free()
     figures.loop_checks = sim.loop_checks
     figures.events = sim.events_processed
     figures.wall_s = time.perf_counter() - started
+    figures.cpu_s = time.process_time() - cpu_started
     return figures
 
 
