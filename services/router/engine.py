@@ -622,7 +622,7 @@ class RouterEngine:
                 return
         interested = (
             self._interested_peers(subnet, router_id, seqno, metric)
-            if metric != INFINITE and self._seqno_cache.has_subnet(subnet)
+            if metric != INFINITE and self._seqno_cache.entries and self._seqno_cache.has_subnet(subnet)
             else ()
         )
         if metric == INFINITE:
@@ -895,10 +895,9 @@ class RouterEngine:
         that cannot be recorded (table full) must not be sent: it would
         escape the feasibility bookkeeping that keeps routes loop-free."""
         key: SourceKey = (update.subnet, update.router_id)
-        if not self._sources.can_record(key):
+        if not self._sources.try_record(key, update.metric, update.seqno, now + SOURCE_ENTRY_LIFETIME):
             self._counters["drop_source_table_full"] += 1
             return update.metric == INFINITE
-        self._sources.record(key, update.metric, update.seqno, now + SOURCE_ENTRY_LIFETIME)
         return True
 
     def _route_lost(self, subnet: Subnet, router_id: bytes, now: float) -> None:
@@ -1321,7 +1320,8 @@ class RouterEngine:
         self._tlvs_out.append((peer_id, tlv))
 
     def _add_routes(self, subnet: Subnet, public_key: bytes) -> SubnetRoutes:
-        if subnet in self._table.queried:
+        queried = self._table.queried
+        if queried and subnet in queried:
             self._timers.cancel(("queried", subnet))
             self._release_query(subnet)
         return self._table.add_routes(subnet, public_key)

@@ -113,6 +113,7 @@ class Simulation:
         self._counts = [0] * 16  # control packets sent, by TLV type
         self.events_processed = 0
         self.loop_checks = 0
+        self.retired_counters: Counter[str] = Counter()  # engines replaced by rejoin_node
         # The timing wheel: tick -> {node index (or _TRAFFIC): arrivals
         # [(receiver's peer id, TLV)]}, and a heap of the ticks present.
         self._wheel: dict[int, dict[int, list[tuple[str, Tlv]]]] = {}
@@ -205,6 +206,7 @@ class Simulation:
         if node.alive:
             raise ValueError(f"node {n} is alive")
         pk = node.engine.public_key
+        self.retired_counters.update(node.engine.counters)
         router_id = pk + b"\0\0" + self.rng.randbytes(6)
         node.engine = RouterEngine(pk, router_id, self.now, rng=random.Random(self.rng.random()))
         node.alive = True
@@ -412,6 +414,11 @@ class Simulation:
             self._missing += -1 if after else 1
 
     # ------------------------------------------------------------------ checks
+    @property
+    def demand(self) -> dict[int, set[int]]:
+        """Destinations each node asked for (``request_routes``); empty with all_pairs."""
+        return {src: set(dsts) for src, dsts in (self._demand or {}).items()}
+
     def _wanted_pairs(self) -> Iterator[tuple[SimNode, SimNode]]:
         nodes = self.nodes
         if self._demand is None:
@@ -593,6 +600,7 @@ class ScaleFigures:
     churn_away_s: float | None = None  # virtual seconds from the leave until every remaining wanted pair is routed
     churn_recovery_s: float | None = None  # virtual seconds from rejoin until every wanted pair is routed again
     churn_packets: int = 0  # control packets from the leave until routed again after the rejoin
+    sim: Simulation | None = field(default=None, repr=False, compare=False)  # with keep_sim=True
 
 
 def scale_run(
@@ -605,6 +613,7 @@ def scale_run(
     churn: float = 0.0,
     timeout: float = 60.0,
     full_check: bool | None = None,
+    keep_sim: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ScaleFigures:
     """The public-network scenario of the scale bench (bench/bench_sim.py):
@@ -621,7 +630,10 @@ def scale_run(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _scale_run(n, hubs, destinations, seed, loop_sample, churn, timeout, full_check, progress)
+        figures = _scale_run(n, hubs, destinations, seed, loop_sample, churn, timeout, full_check, progress)
+        if not keep_sim:
+            figures.sim = None
+        return figures
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -682,6 +694,7 @@ def _scale_run(
     figures.events = sim.events_processed
     figures.wall_s = time.perf_counter() - started
     figures.cpu_s = time.process_time() - cpu_started
+    figures.sim = sim
     return figures
 
 
