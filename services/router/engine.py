@@ -236,7 +236,7 @@ class RouterEngine:
         self._timers = TimerQueue()
         self._fib: dict[Subnet, FibEntry] = {}
         self._recoveries: dict[Subnet, list] = {}  # subnet -> [router id to ask about, retries done]
-        self._address_cache: dict[bytes, int] = {}  # public key -> its overlay address as an int
+        self._address_cache: dict[bytes, int] = {}  # router id -> its key's overlay address as an int
         # Fairness bookkeeping (see the module docstring).
         self._learned: dict[str, dict[Subnet, None]] = {}  # neighbour -> its entries' subnets, oldest first
         self._query_origin: dict[Subnet, str] = {}  # queried subnet -> neighbour whose request we forwarded
@@ -586,12 +586,13 @@ class RouterEngine:
 
     # ------------------------------------------------------------------ updates (6.3, 6.4)
     def _owns(self, router_id: bytes, subnet: Subnet) -> bool:
-        pk = router_id[:32]
-        address = self._address_cache.get(pk)
+        # Keyed by the whole router id (no slice, and a bytes object caches
+        # its hash, so an Update fanned out to many engines hashes it once).
+        address = self._address_cache.get(router_id)
         if address is None:
             if len(self._address_cache) >= _ADDRESS_CACHE_SIZE:
                 self._address_cache.clear()
-            address = self._address_cache[pk] = address_int(pk)
+            address = self._address_cache[router_id] = address_int(router_id[:32])
         return subnet.contains_int6(address)
 
     def _update_filter(self, update: Update) -> str | None:
