@@ -29,10 +29,10 @@ import argparse
 import gc
 import json
 import os
-import subprocess
-import tempfile
 import random
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path

@@ -59,7 +59,7 @@ def child(args: argparse.Namespace, n: int) -> None:
         churn=args.churn,
         timeout=args.timeout,
         full_check=False,
-        progress=lambda text: print(f"    [{time.perf_counter() - started:7.1f} s] {text}", file=sys.stderr, flush=True),
+        progress=lambda text: print(f"    [{time.perf_counter() - started:7.1f} s] {text}", file=sys.stderr),
     )
     row = dict(vars(f))
     row["peak_rss_mib"] = peak_rss_mib()
