@@ -10,6 +10,7 @@ in the test suite; seeds come from tests/data/vectors.json (``seeds()``).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -33,7 +34,9 @@ from services.apid.app import create_app
 from services.apid.context import ApiContext
 from services.apid.core import NodeApi
 from services.apid.extensions import register_all
+from services.apid.messages import Messages
 from services.apid.rpc import RpcRegistry, register_node_methods
+from services.apid.websocket import MAX_IN_FLIGHT, RpcServer, WsSession
 from services.msgbus.engine import MessageEngine
 from services.router.engine import PeerInfo, RouterEngine
 
@@ -233,12 +236,15 @@ class Api:
             for r in self.http.url_map.iter_rules()
             if not str(r.rule).startswith(("/static", "/dashboard"))
         )
+        self.ws = RpcServer(self.registry, self.http, Messages(_down), http_threads=1)
         self.bug_handler = _RaiseOnLoggedBug()
         logging.getLogger("apid").addHandler(self.bug_handler)  # apid's loggers are apid.*
 
     def close(self) -> None:
         """Detach the handler (for in-process use, e.g. the test suite)."""
         logging.getLogger("apid").removeHandler(self.bug_handler)
+        self.ws.calls.shutdown(wait=False, cancel_futures=True)
+        self.ws.waits.shutdown(wait=False, cancel_futures=True)
 
 
 _api: Api | None = None
@@ -284,6 +290,74 @@ def t_http(data: bytes) -> None:
         raise Finding(f"{method} {rule} answered {response.status_code}")
 
 
+async def _ws_session(server: RpcServer, frames: list[bytes]) -> list[str]:
+    """One WebSocket connection sending ``frames`` (text or binary by their
+    first byte), waiting for every answer, then leaving; what apid sent."""
+    events: list[dict[str, Any]] = [{"type": "websocket.connect"}]
+    for frame in frames:
+        if frame[:1] == b"\x00":
+            events.append({"type": "websocket.receive", "bytes": frame[1:]})
+        else:
+            events.append({"type": "websocket.receive", "text": frame.decode("utf-8", "replace")})
+    sent: list[str] = []
+    problems: list[str] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: problems.append(str(ctx.get("message"))))
+    session: WsSession
+
+    async def receive() -> dict[str, Any]:
+        if events:
+            return events.pop(0)
+        for _ in range(MAX_IN_FLIGHT):  # every request answered before the client goes
+            await asyncio.wait_for(session.in_flight.acquire(), 10)
+        return {"type": "websocket.disconnect"}
+
+    async def send(event: dict[str, Any]) -> None:
+        if event["type"] == "websocket.send":
+            sent.append(event["text"])
+
+    session = WsSession(server, receive, send)
+    await session.run()
+    await asyncio.sleep(0)  # the cancelled subscription tasks finish
+    if problems or session.subs or server.connections:
+        raise Finding(f"WebSocket session left {problems} {session.subs} {server.connections} connections")
+    return sent
+
+
+def t_ws(data: bytes) -> None:
+    """Frames on apid's WebSocket port, msgbus down: every frame gets a JSON-RPC
+    answer or nothing (a notification), no task fails, nothing is left behind."""
+    a = api()
+    frames = [f for f in data.split(b"\n")[:12] if f]
+    bug = a.bug_handler
+    logging.getLogger("apid").removeHandler(bug)  # a handler raising in a task is swallowed: count instead
+    failed = _CountErrors()
+    logging.getLogger("apid").addHandler(failed)
+    try:
+        for text in asyncio.run(_ws_session(a.ws, frames)):
+            doc = json.loads(text)
+            for item in doc if isinstance(doc, list) else [doc]:
+                if item.get("jsonrpc") != "2.0" or ("error" in item) == ("result" in item):
+                    raise Finding(f"not a JSON-RPC answer: {text[:200]}")
+                error = item.get("error") or {}
+                if error.get("code") == -32603 and "is not running" not in str(error.get("data")):
+                    raise Finding(f"internal error: {text[:200]}")  # only msgbus being down may give one
+    finally:
+        logging.getLogger("apid").removeHandler(failed)
+        logging.getLogger("apid").addHandler(bug)
+    if failed.records:
+        raise Finding(f"apid logged {failed.records[0]}")
+
+
+class _CountErrors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.levelno >= logging.ERROR:
+            self.records.append(f"{record.getMessage()}: {record.exc_info[1]!r}")
+
+
 TARGETS: list[tuple[str, Callable[[bytes], None]]] = [
     ("packet", t_packet),
     ("stream", t_stream),
@@ -295,6 +369,7 @@ TARGETS: list[tuple[str, Callable[[bytes], None]]] = [
     ("router_engine", t_router_engine),
     ("rpc", t_rpc),
     ("http", t_http),
+    ("ws", t_ws),
 ]
 
 
@@ -334,3 +409,7 @@ def seeds() -> Iterator[bytes]:
     yield sel["rpc"] + b'[{"jsonrpc":"2.0","id":2,"method":"pushMessage","params":' + push + b"}]"
     yield sel["http"] + b"\x00\x01\x05" + b'{"dst":{"pk":"' + b"ab" * 32 + b'"},"payload":"aGk="}'
     yield sel["inner"] + struct.pack("!BBxx", 1, 2) + bytes(60)
+    sub = b'{"jsonrpc":"2.0","id":3,"method":"subscribeMessages","params":["dA=="]}'
+    yield sel["ws"] + sub + b'\n{"jsonrpc":"2.0","id":4,"method":"unsubscribeMessages","params":[1]}'
+    yield sel["ws"] + b'[{"jsonrpc":"2.0","id":5,"method":"subscribeMessageStatus","params":["0011223344556677"]}]'
+    yield sel["ws"] + b'\x00{"jsonrpc":"2.0","id":6,"method":"getInfo","params":[]}\n{"jsonrpc":"2.0","method":"x"}'

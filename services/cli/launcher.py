@@ -32,6 +32,7 @@ log = logging.getLogger("mycelium")
 CONF_FILE = "supervisord.conf"
 PID_FILE = "supervisord.pid"
 SOCK_FILE = "supervisor.sock"
+ROOT_FILES = (CONF_FILE, PID_FILE, SOCK_FILE, "logs", "node.json")  # what the service user never owns
 SERVICE_KEY_FILE = "service_key.bin"  # copy of the secret key the unprivileged services can read
 NETWORK_KEY_FILE = "network_key.bin"  # copy of the private network's key, likewise (never the user's file)
 # Privilege separation (started as root): every program but tund runs as this
@@ -263,16 +264,17 @@ def setup_privsep(cfg: NodeConfig, run: Path) -> Privsep:
     if user is not None:
         # root owns the directory and what supervisord reads; the sticky bit keeps
         # the services (group members) from replacing files that are not theirs
+        given = [p for p in run.iterdir() if p.name not in ROOT_FILES and not p.is_symlink()]
+        for path in given:
+            os.chown(path, user.pw_uid, user.pw_gid)
         os.chown(run, 0, user.pw_gid)
         os.chmod(run, 0o1770)
-        for path in run.iterdir():
-            if path.name not in (CONF_FILE, PID_FILE, SOCK_FILE, "logs", "node.json") and not path.is_symlink():
-                os.chown(path, user.pw_uid, user.pw_gid)
         if _probe(run, [], user):
             return Privsep(user=name)
-        for secret_copy in (key_copy, run / NETWORK_KEY_FILE):
-            if secret_copy.exists():
-                os.chown(secret_copy, 0, 0)
+        # the services will run as root without CAP_DAC_OVERRIDE: what a previous
+        # start gave the user (the message store) must be root's again, or it is read-only
+        for path in [run, *given]:
+            os.chown(path, 0, 0)
         os.chmod(run, 0o700)
     if shutil.which("setpriv") and _probe(run, DROP_CAPS, None):
         _warn(

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from common.identity import DEFAULT_KEY_FILE, IdentityError
-from common.nodeconfig import valid_tun_name
 
 from . import client, launcher, message_client, proxy_client
 from .inspect_key import inspect
@@ -77,8 +76,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "mycelium") -> int:
             check_ports=not args.prepare_only,
         )
         if not cfg.no_tun:
-            if not valid_tun_name(cfg.tun_name):
-                raise OptionError(f"invalid --tun-name {cfg.tun_name!r} (1-15 characters, no '/', ':' or spaces)")
             problem = None if args.prepare_only else launcher.tun_problem()
             if problem:
                 raise OptionError(f"{problem}; run as root, or with --no-tun to run unprivileged without a TUN")

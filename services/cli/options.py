@@ -16,7 +16,7 @@ from typing import Any
 from common import privnet
 from common.dnsnames import DnsNameError, parse_names, parse_overlay_address
 from common.endpoint import Endpoint, EndpointError
-from common.nodeconfig import STREAM_PROTOCOLS, NodeConfig
+from common.nodeconfig import STREAM_PROTOCOLS, NodeConfig, valid_tun_name
 from common.options import OptionError, parse_socket_addr
 
 DEFAULTS: dict[str, Any] = {
@@ -291,6 +291,8 @@ def resolve(args: argparse.Namespace, warn: Any, check_ports: bool = True) -> No
     """Everything the node needs, validated; raises OptionError."""
     file = read_config_file(args.config_file)
     merged = merge(args, file)
+    if not merged["no_tun"] and not valid_tun_name(str(merged["tun_name"])):
+        raise OptionError(f"invalid --tun-name {merged['tun_name']!r} (1-15 characters, no '/', ':' or spaces)")
     tcp_port = _check_port("tcp listen port", merged["tcp_listen_port"])
     quic_port = _check_port("quic listen port", merged["quic_listen_port"])
     network_name, network_key_file = resolve_private_network(merged)

@@ -232,6 +232,24 @@ def test_messages_survive_middle_peerd_restart(make_nodes: Callable[..., list[No
     assert sorted(base64.b64decode(m["payload"]) for m in received) == sorted(payloads)
 
 
+def test_a_whole_node_restart_keeps_its_inbox_and_links(make_nodes: Callable[..., list[Node]]) -> None:
+    """Stop and start a node in the same run directory: every service comes back
+    (the message store was read-only on the second start once), the message
+    waiting in its inbox is still there, and the peer links again."""
+    a, b = line(make_nodes, 2)
+    assert push(a, b, b"kept", b"t")[0] == 201
+    wait_for("the message in B's inbox", lambda: pop(b, timeout=1, peek=True) is not None, 30)
+    b.stop()
+    b.start()
+    b.wait_ready()
+    wait_for("A and B linked again", lambda: b.alive_peers() >= 1, 30)
+    got = pop(b, timeout=5)
+    assert got is not None and base64.b64decode(got["payload"]) == b"kept"
+    assert push(b, a, b"after", b"t")[0] == 201
+    back = pop(a, timeout=30)
+    assert back is not None and base64.b64decode(back["payload"]) == b"after"
+
+
 def test_oversized_and_invalid_requests(make_nodes: Callable[..., list[Node]]) -> None:
     a, c = line(make_nodes, 2)
     assert push(a, c, b"x", b"t" * 256)[0] == 400  # topic over 255 bytes

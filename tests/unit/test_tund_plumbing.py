@@ -5,8 +5,11 @@ workers), TUN names."""
 from __future__ import annotations
 
 import os
+import pwd
 import random
 from pathlib import Path
+
+import pytest
 
 from common.nodeconfig import NodeConfig
 from common.wire.packet import ControlPacket, DataPacket, StreamDecoder
@@ -53,8 +56,8 @@ def test_cut_finds_the_same_packets_as_feed_whatever_the_chunking() -> None:
         assert frames == [p.encode() for p in data]
 
 
-def _cfg(tmp_path: Path, no_tun: bool = False) -> NodeConfig:
-    return NodeConfig(run_dir=str(tmp_path), key_file=str(tmp_path / "k"), no_tun=no_tun)
+def _cfg(tmp_path: Path, key: Path | None = None, no_tun: bool = False) -> NodeConfig:
+    return NodeConfig(run_dir=str(tmp_path), key_file=str(key or tmp_path / "k"), no_tun=no_tun)
 
 
 def _programs(conf: str) -> dict[str, list[str]]:
@@ -88,6 +91,24 @@ def test_privilege_separation_by_dropping_capabilities(tmp_path: Path) -> None:
         command = next(line for line in lines if line.startswith("command="))
         assert command.startswith("command=setpriv --bounding-set=-all") == (name != "tund"), command
         assert "--workers" not in command and "--tund-workers" not in command
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege separation is set up only when started as root")
+def test_a_run_dir_the_service_user_cannot_reach_stays_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second start of a node whose user cannot run the installation: the
+    message store an earlier start gave that user must be root's again, else the
+    capability-less root services find it read-only (msgbus died at restart)."""
+    user = pwd.getpwnam("nobody")
+    run = tmp_path / "run"  # pytest's tmp_path is 0700 root: nobody cannot reach it
+    run.mkdir()
+    store = run / "msgbus.sqlite"
+    store.write_bytes(b"")
+    os.chown(store, user.pw_uid, user.pw_gid)
+    (tmp_path / "k").write_bytes(os.urandom(32))
+    monkeypatch.setenv(launcher.SERVICE_USER_ENV, "nobody")
+    privsep = launcher.setup_privsep(_cfg(tmp_path / "run", tmp_path / "k"), run)
+    assert privsep.user is None
+    assert (store.stat().st_uid, run.stat().st_uid, run.stat().st_gid) == (0, 0, 0)
 
 
 def test_no_tun_node_keeps_no_privileged_program(tmp_path: Path) -> None:
