@@ -392,6 +392,13 @@ def main() -> int:
                 print(f"round {rnd}: {name} ({kernel} kernel) ...", flush=True)
                 res = measure(topo, "x", "y", y.address, args.seconds, Result(name))
                 res.notes.append(f"{kernel} kernel, TUN MTU 1400, 1472-byte packets on the wire")
+                sent = topo.nodes["x"].counters()
+                # the default: session keys (counter nonces, replay window), which the kernel runs too
+                res.notes.append(
+                    "session keys"
+                    if sent.get("session_established", 0) + sent.get("session_resp_sent", 0)
+                    else "static keys"
+                )
                 if args.crypto_workers > 1:
                     res.notes.append(f"{args.crypto_workers} crypto workers")
                 keep(res)

@@ -41,7 +41,8 @@
 static PyObject *InvalidTag; /* cryptography.exceptions.InvalidTag, from configure() */
 static PyObject *Four;       /* the offset of an IPv6 packet in a plaintext */
 static PyObject *Urandom;    /* os.urandom: nonces then come from RAND_bytes */
-static PyObject *S_route_for_tun, *S_tun_exception, *S_from_tun, *S_key_for_src, *S_queue_in, *S_same_owner,
+static PyObject *S_ctr, *S_remote_index, *S_used, *S_prefix, *S_window, *S_aead, *S_confirmed, *S_fresh, *S_mark,
+    *S_decrypt, *S_confirm, *S_undecryptable, *S_static_refused, *S_session_in, *S_append, *S_popleft, *S_route_for_tun, *S_tun_exception, *S_from_tun, *S_key_for_src, *S_queue_in, *S_same_owner,
     *S_oob_in, *S_add;
 
 /* --- one's complement sums ------------------------------------------------ */
@@ -289,6 +290,149 @@ static Aead *aead_of(PyObject *callable, void *which) {
         return NULL;
     return (Aead *)self;
 }
+
+/* --- ReplayWindow (common/replay.py ReplayWindow) ----------------------------- */
+
+/* The same rule as the reference: a counter is fresh when above the highest
+ * accepted (top) or less than ``size`` below it and not yet accepted. Bit
+ * ctr % size of a ring holds counter ctr's state; the positions of the
+ * counters top passes over are cleared as it advances, so the ring holds
+ * exactly the counters in (top - size, top]. */
+typedef struct {
+    PyObject_HEAD uint64_t top;
+    int any; /* top is valid (the reference's top == -1: none accepted) */
+    Py_ssize_t size;
+    uint64_t *bits;
+} Window;
+
+static PyTypeObject WindowType;
+#define WINDOW_MAX (1 << 20)
+
+static int window_init(Window *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"size", NULL};
+    Py_ssize_t size = 2048;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|n:ReplayWindow", kwlist, &size))
+        return -1;
+    if (size < 1 || size > WINDOW_MAX) {
+        PyErr_Format(PyExc_ValueError, "window size must be 1..%d", WINDOW_MAX);
+        return -1;
+    }
+    PyMem_Free(self->bits);
+    self->bits = PyMem_Calloc((size_t)(size + 63) / 64, 8);
+    if (!self->bits) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->size = size;
+    self->any = 0;
+    self->top = 0;
+    return 0;
+}
+
+static void window_dealloc(Window *self) {
+    PyMem_Free(self->bits);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static inline int wbit(const Window *w, uint64_t ctr) {
+    uint64_t i = ctr % (uint64_t)w->size;
+    return (int)(w->bits[i >> 6] >> (i & 63) & 1);
+}
+
+static inline void wset(Window *w, uint64_t ctr, int on) {
+    uint64_t i = ctr % (uint64_t)w->size;
+    if (on)
+        w->bits[i >> 6] |= (uint64_t)1 << (i & 63);
+    else
+        w->bits[i >> 6] &= ~((uint64_t)1 << (i & 63));
+}
+
+static int window_fresh_raw(const Window *w, uint64_t ctr) {
+    if (!w->any || ctr > w->top)
+        return 1;
+    return w->top - ctr < (uint64_t)w->size && !wbit(w, ctr);
+}
+
+static void window_mark_raw(Window *w, uint64_t ctr) {
+    if (!w->any || ctr > w->top) {
+        uint64_t shift = w->any ? ctr - w->top : (uint64_t)-1;
+        if (shift >= (uint64_t)w->size)
+            memset(w->bits, 0, (size_t)(w->size + 63) / 64 * 8);
+        else
+            for (uint64_t c = w->top + 1; c != ctr; c++)
+                wset(w, c, 0);
+        wset(w, ctr, 1);
+        w->top = ctr;
+        w->any = 1;
+    } else if (w->top - ctr < (uint64_t)w->size) {
+        wset(w, ctr, 1);
+    }
+}
+
+static int ctr_arg(Window *w, PyObject *arg, uint64_t *ctr) {
+    if (!w->bits) {
+        PyErr_SetString(PyExc_RuntimeError, "ReplayWindow.__init__ was not called");
+        return -1;
+    }
+    unsigned long long c = PyLong_AsUnsignedLongLong(arg);
+    if (c == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *ctr = c;
+    return 0;
+}
+
+static PyObject *window_fresh(Window *self, PyObject *arg) {
+    uint64_t c;
+    if (ctr_arg(self, arg, &c) < 0)
+        return NULL;
+    return PyBool_FromLong(window_fresh_raw(self, c));
+}
+
+static PyObject *window_mark(Window *self, PyObject *arg) {
+    uint64_t c;
+    if (ctr_arg(self, arg, &c) < 0)
+        return NULL;
+    window_mark_raw(self, c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *window_check_and_mark(Window *self, PyObject *arg) {
+    uint64_t c;
+    if (ctr_arg(self, arg, &c) < 0)
+        return NULL;
+    if (!window_fresh_raw(self, c))
+        Py_RETURN_FALSE;
+    window_mark_raw(self, c);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *window_get_top(Window *self, void *closure) {
+    return self->any ? PyLong_FromUnsignedLongLong(self->top) : PyLong_FromLong(-1);
+}
+
+static PyMethodDef window_methods[] = {
+    {"fresh", (PyCFunction)window_fresh, METH_O, "fresh(ctr): could ctr still be accepted?"},
+    {"mark", (PyCFunction)window_mark, METH_O, "mark(ctr): record an authenticated counter"},
+    {"check_and_mark", (PyCFunction)window_check_and_mark, METH_O, "fresh, then mark when it was"},
+    {NULL}};
+
+static PyMemberDef window_members[] = {{"size", T_PYSSIZET, offsetof(Window, size), READONLY, NULL}, {NULL}};
+
+static PyGetSetDef window_getset[] = {{"top", (getter)window_get_top, NULL, "highest counter accepted, -1: none", NULL},
+                                      {NULL}};
+
+static PyTypeObject WindowType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "common._kernel.ReplayWindow",
+    .tp_basicsize = sizeof(Window),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A session's replay window (common/replay.py ReplayWindow): ReplayWindow(size=2048)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)window_init,
+    .tp_dealloc = (destructor)window_dealloc,
+    .tp_methods = window_methods,
+    .tp_members = window_members,
+    .tp_getset = window_getset,
+};
 
 /* --- Gro ---------------------------------------------------------------------- */
 
@@ -827,14 +971,79 @@ typedef struct {
     /* route cache of the last destination /64 (dropped after any call out) */
     uint8_t last_dst[8];
     PyObject *last_route;
+    /* the session (SendState) sealed with last: its counter lives here until
+     * written back (sess_flush) before any call out and at the end */
+    PyObject *sess;
+    uint8_t sess_index[4];
+    uint64_t sess_ctr;
     Count c[6];
 } Tun;
 
 enum { C_TUN_RX, C_SEALED, C_NOT_IPV6, C_BAD_OFFLOAD, C_GSO_SEGMENTS, C_NCOUNT };
 
-static void tun_forget(Tun *s) {
+/* sess.ctr = the next unused counter; keeps an exception already set
+ * (it runs on error paths too: counters handed out must never be reused) */
+static int sess_flush(Tun *s) {
+    if (!s->sess)
+        return 0;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *v = PyLong_FromUnsignedLongLong(s->sess_ctr);
+    int r = v ? PyObject_SetAttr(s->sess, S_ctr, v) : -1;
+    Py_XDECREF(v);
+    Py_CLEAR(s->sess);
+    if (et) {
+        if (r < 0)
+            PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
+        return -1;
+    }
+    return r;
+}
+
+/* the next counter nonce of session ``sess``: its receiver's index (4) and
+ * the counter (8, big-endian), as SendState.nonce() */
+static int sess_nonce(Tun *s, PyObject *sess, uint8_t *nonce) {
+    if (sess != s->sess) {
+        if (sess_flush(s) < 0)
+            return -1;
+        PyObject *idx = PyObject_GetAttr(sess, S_remote_index);
+        if (!idx)
+            return -1;
+        if (!PyBytes_Check(idx) || PyBytes_GET_SIZE(idx) != 4) {
+            Py_DECREF(idx);
+            PyErr_SetString(PyExc_TypeError, "a session's remote_index is 4 bytes");
+            return -1;
+        }
+        memcpy(s->sess_index, PyBytes_AS_STRING(idx), 4);
+        Py_DECREF(idx);
+        PyObject *ctr = PyObject_GetAttr(sess, S_ctr);
+        if (!ctr)
+            return -1;
+        unsigned long long c = PyLong_AsUnsignedLongLong(ctr);
+        Py_DECREF(ctr);
+        if (c == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        Py_INCREF(sess);
+        s->sess = sess;
+        s->sess_ctr = c;
+    }
+    if (s->sess_ctr == UINT64_MAX) { /* as int.to_bytes(8) would: never wrap a nonce */
+        PyErr_SetString(PyExc_OverflowError, "session counter exhausted");
+        return -1;
+    }
+    memcpy(nonce, s->sess_index, 4);
+    uint64_t c = s->sess_ctr++;
+    for (int i = 0; i < 8; i++)
+        nonce[4 + i] = (uint8_t)(c >> (56 - 8 * i));
+    return 0;
+}
+
+/* before a call out: caches go, the session counter is written back */
+static int tun_forget(Tun *s) {
     Py_CLEAR(s->last_route);
     run_end(&s->run);
+    return sess_flush(s);
 }
 
 /* routes.get(dst /64), with the one-entry cache in front */
@@ -854,13 +1063,15 @@ static PyObject *tun_route(Tun *s, const uint8_t *dst8) {
     return r;
 }
 
-static int route_parts(PyObject *r, PyObject **hop, PyObject **encrypt) {
-    if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 2) {
-        PyErr_SetString(PyExc_TypeError, "a route is (next hop, encrypt)");
+/* a route cache entry: (next hop, encrypt, session or None: random nonces) */
+static int route_parts(PyObject *r, PyObject **hop, PyObject **encrypt, PyObject **sess) {
+    if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 3) {
+        PyErr_SetString(PyExc_TypeError, "a route is (next hop, encrypt, session)");
         return -1;
     }
     *hop = PyTuple_GET_ITEM(r, 0);
     *encrypt = PyTuple_GET_ITEM(r, 1);
+    *sess = PyTuple_GET_ITEM(r, 2);
     return 0;
 }
 
@@ -889,7 +1100,8 @@ static int tun_gso(Tun *s, const uint8_t *p, Py_ssize_t len) {
     int hop = p[off + 7];
     Py_ssize_t first = 40 + t.thl + (t.total < t.mss ? t.total : t.mss);
     if (r == Py_None || hop < 2 || (p[off + 8] & 0xFE) != 4 || first > s->mtu) {
-        tun_forget(s);
+        if (tun_forget(s) < 0)
+            return -1;
         for (int i = 0; i < n; i++) {
             PyObject *pt = segment_bytes(&t, i);
             PyObject *lst = pt ? PyList_New(1) : NULL;
@@ -906,13 +1118,24 @@ static int tun_gso(Tun *s, const uint8_t *p, Py_ssize_t len) {
         }
         return 0;
     }
-    PyObject *hop_obj, *encrypt;
+    PyObject *hop_obj, *encrypt, *sess;
     Py_INCREF(r);
-    if (route_parts(r, &hop_obj, &encrypt) < 0) {
+    if (route_parts(r, &hop_obj, &encrypt, &sess) < 0) {
         Py_DECREF(r);
         return -1;
     }
-    PyObject *nonces = get_nonces(s->nonce_src, n);
+    /* random nonces for the batch, or n counters of the session */
+    PyObject *nonces = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)NONCE * n);
+    if (nonces && sess == Py_None) {
+        Py_SETREF(nonces, get_nonces(s->nonce_src, n));
+    } else if (nonces) {
+        uint8_t *nw = (uint8_t *)PyBytes_AS_STRING(nonces);
+        for (int i = 0; i < n; i++)
+            if (sess_nonce(s, sess, nw + NONCE * i) < 0) {
+                Py_CLEAR(nonces);
+                break;
+            }
+    }
     if (!nonces) {
         Py_DECREF(r);
         return -1;
@@ -1046,7 +1269,10 @@ static PyObject *k_from_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nar
             goto next;
         }
         if (r == Py_None) {
-            tun_forget(&s);
+            if (tun_forget(&s) < 0) {
+                rc = -1;
+                goto next;
+            }
             PyObject *pb = bytes_of(given, p, len);
             r = pb ? PyObject_CallMethodObjArgs(dp, S_route_for_tun, pb, args[3], s.now, NULL) : NULL;
             Py_XDECREF(pb);
@@ -1064,7 +1290,10 @@ static PyObject *k_from_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         }
         int hop = p[off + 7];
         if (hop < 2 || (p[off + 8] & 0xFE) != 4 || len - off > s.mtu) {
-            tun_forget(&s);
+            if (tun_forget(&s) < 0) {
+                rc = -1;
+                goto next;
+            }
             PyObject *pb = bytes_of(given, p, len);
             PyObject *h = pb ? PyLong_FromLong(hop) : NULL;
             PyObject *res = h ? PyObject_CallMethodObjArgs(dp, S_tun_exception, pb, args[3], h, s.now, NULL) : NULL;
@@ -1076,15 +1305,25 @@ static PyObject *k_from_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nar
             goto next;
         }
         {
-            PyObject *hop_obj, *encrypt;
+            PyObject *hop_obj, *encrypt, *sess;
             Py_INCREF(r);
-            if (route_parts(r, &hop_obj, &encrypt) < 0) {
+            if (route_parts(r, &hop_obj, &encrypt, &sess) < 0) {
                 Py_DECREF(r);
                 rc = -1;
                 goto next;
             }
-            const uint8_t *nonce = (const uint8_t *)PyBytes_AS_STRING(nonces) + NONCE * ni;
-            ni++;
+            const uint8_t *nonce;
+            uint8_t ctr_nonce[NONCE];
+            if (sess == Py_None) { /* the reference's scheme: random, drawn once per batch */
+                nonce = (const uint8_t *)PyBytes_AS_STRING(nonces) + NONCE * ni;
+                ni++;
+            } else if (sess_nonce(&s, sess, ctr_nonce) < 0) {
+                Py_DECREF(r);
+                rc = -1;
+                goto next;
+            } else {
+                nonce = ctr_nonce;
+            }
             rc = seal_frame(&s.run, hop_obj, encrypt, hop, p + off + 8, nonce, L3_HEADER, 4, p + off, len - off);
             Py_DECREF(r);
             sent++;
@@ -1102,7 +1341,8 @@ static PyObject *k_from_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nar
     ret = Py_None;
     Py_INCREF(ret);
 done:
-    tun_forget(&s);
+    if (tun_forget(&s) < 0)
+        Py_CLEAR(ret);
     PyMem_Free(scratch);
     Py_XDECREF(nonces);
     Py_XDECREF(s.routes);
@@ -1115,9 +1355,288 @@ done:
     return ret;
 }
 
+/* --- FirewallRules (common/firewall.py Firewall.allow) ------------------------- */
+
+/* A rule set as Firewall.replace compiles it: the same first-match walk as
+ * Firewall._decide (Python keeps a decision cache; the walk here is what it
+ * caches), and _l4's look through extension headers. */
+typedef struct {
+    uint8_t net[16], mask[16];
+    int allow, proto, lo, hi; /* proto -1: any; lo -1: any port */
+} FwRule;
+
+typedef struct {
+    PyObject_HEAD int default_allow, tcp_established;
+    Py_ssize_t n;
+    FwRule *rules;
+} FwRules;
+
+static PyTypeObject FwRulesType;
+
+static int fw_init(FwRules *self, PyObject *args, PyObject *kw) {
+    int dflt, est;
+    PyObject *list;
+    if (!PyArg_ParseTuple(args, "ppO!:FirewallRules", &dflt, &est, &PyList_Type, &list))
+        return -1;
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    FwRule *rules = PyMem_Calloc((size_t)(n ? n : 1), sizeof(FwRule));
+    if (!rules) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_buffer net, mask;
+        FwRule *r = &rules[i];
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(list, i), "py*y*iii:rule", &r->allow, &net, &mask, &r->proto, &r->lo,
+                              &r->hi)) {
+            PyMem_Free(rules);
+            return -1;
+        }
+        int ok = net.len == 16 && mask.len == 16;
+        if (ok) {
+            memcpy(r->net, net.buf, 16);
+            memcpy(r->mask, mask.buf, 16);
+        }
+        PyBuffer_Release(&net);
+        PyBuffer_Release(&mask);
+        if (!ok) {
+            PyMem_Free(rules);
+            PyErr_SetString(PyExc_ValueError, "a rule's network and mask are 16 bytes");
+            return -1;
+        }
+    }
+    PyMem_Free(self->rules);
+    self->rules = rules;
+    self->n = n;
+    self->default_allow = dflt;
+    self->tcp_established = est;
+    return 0;
+}
+
+static void fw_dealloc(FwRules *self) {
+    PyMem_Free(self->rules);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+enum { FW_ESTABLISHED, FW_ALLOWED, FW_DENIED };
+
+/* firewall.py _l4 and Firewall.allow for a plaintext of n >= 44 bytes: 1
+ * allow, 0 deny; *why: which of its counters */
+static int fw_allow_raw(const FwRules *fw, const uint8_t *pt, Py_ssize_t n, int *why) {
+    int nh = pt[10], proto, port = -1, flags = -1;
+    Py_ssize_t off = 44;
+    int done = 0;
+    for (int i = 0; i < 4 && !done; i++) {
+        if ((nh == 0 || nh == 43 || nh == 60) && off + 8 <= n) {
+            int next = pt[off];
+            off += ((Py_ssize_t)pt[off + 1] + 1) * 8;
+            nh = next;
+        } else if (nh == 44 && off + 8 <= n) { /* fragment: ports only in the first one */
+            if (rd16(pt + off + 2) & 0xFFF8) {
+                nh = pt[off];
+                done = 2;
+                break;
+            }
+            nh = pt[off];
+            off += 8;
+        } else {
+            done = 1;
+        }
+    }
+    proto = nh;
+    if (done != 2 && (nh == 6 || nh == 17) && off + 4 <= n) {
+        port = rd16(pt + off + 2);
+        flags = nh == 6 && off + 14 <= n ? pt[off + 13] : -1;
+    }
+    if (proto == 6 && fw->tcp_established && flags >= 0 && (flags & 0x12) != 0x02) {
+        *why = FW_ESTABLISHED;
+        return 1;
+    }
+    int ok = fw->default_allow;
+    const uint8_t *src = pt + 12;
+    for (Py_ssize_t i = 0; i < fw->n; i++) {
+        const FwRule *r = &fw->rules[i];
+        int match = 1;
+        for (int j = 0; j < 16 && match; j++)
+            match = (src[j] & r->mask[j]) == r->net[j];
+        if (!match || (r->proto >= 0 && r->proto != proto) || (r->lo >= 0 && !(r->lo <= port && port <= r->hi)))
+            continue;
+        ok = r->allow;
+        break;
+    }
+    *why = ok ? FW_ALLOWED : FW_DENIED;
+    return ok;
+}
+
+static PyObject *fw_allow(FwRules *self, PyObject *arg) {
+    Py_buffer pt;
+    if (PyObject_GetBuffer(arg, &pt, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int why = 0, ok = -1;
+    if (pt.len < 44)
+        PyErr_SetString(PyExc_ValueError, "a plaintext holding an IPv6 packet is at least 44 bytes");
+    else
+        ok = fw_allow_raw(self, pt.buf, pt.len, &why);
+    PyBuffer_Release(&pt);
+    if (ok < 0)
+        return NULL;
+    return Py_BuildValue("(Ni)", PyBool_FromLong(ok), why);
+}
+
+static PyMethodDef fw_methods[] = {
+    {"allow", (PyCFunction)fw_allow, METH_O,
+     "allow(plaintext) -> (allowed, counter: 0 established, 1 allowed, 2 denied), as Firewall.allow"},
+    {NULL}};
+
+static PyTypeObject FwRulesType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "common._kernel.FirewallRules",
+    .tp_basicsize = sizeof(FwRules),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "FirewallRules(default_allow, tcp_established, [(allow, net16, mask16, proto|-1, lo|-1, hi)])",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)fw_init,
+    .tp_dealloc = (destructor)fw_dealloc,
+    .tp_methods = fw_methods,
+};
+
 /* --- from_peer (dataplane.py DataPlane.from_peer) ------------------------------- */
 
-enum { P_OPENED, P_MALFORMED, P_DECRYPT_FAILED, P_INNER_MALFORMED, P_SPOOFED, P_NO_TUN, P_NCOUNT };
+enum {
+    P_OPENED, P_MALFORMED, P_DECRYPT_FAILED, P_INNER_MALFORMED, P_SPOOFED, P_NO_TUN, P_REPLAY, P_DOWNGRADE, P_FIREWALL,
+    P_NCOUNT
+};
+
+/* the receive session (RecvState) of the last session index seen, with what
+ * the loop needs of it; ``used`` is owed to it until rs_forget */
+typedef struct {
+    PyObject *rs, *window, *aead;
+    uint8_t index[4], prefix[8];
+    int confirmed, used;
+} RsCache;
+
+/* rs.used = now if owed; the cache goes. Keeps an exception already set. */
+static int rs_forget(RsCache *c, PyObject *now) {
+    int r = 0;
+    if (c->rs && c->used) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        r = PyObject_SetAttr(c->rs, S_used, now);
+        if (et) {
+            if (r < 0)
+                PyErr_Clear();
+            PyErr_Restore(et, ev, tb);
+            r = -1;
+        }
+    }
+    Py_CLEAR(c->rs);
+    Py_CLEAR(c->window);
+    Py_CLEAR(c->aead);
+    c->used = 0;
+    return r;
+}
+
+/* by_index.get(index) into the cache: 1 found, 0 not, -1 error */
+static int rs_lookup(RsCache *c, PyObject *by_index, const uint8_t *index, PyObject *now) {
+    if (c->rs && memcmp(c->index, index, 4) == 0)
+        return 1;
+    PyObject *k = PyBytes_FromStringAndSize((const char *)index, 4);
+    if (!k)
+        return -1;
+    PyObject *rs = PyDict_GetItemWithError(by_index, k);
+    Py_DECREF(k);
+    if (!rs) /* a random nonce (static key): the cached session stays for the next packet */
+        return PyErr_Occurred() ? -1 : 0;
+    Py_INCREF(rs);
+    if (rs_forget(c, now) < 0) {
+        Py_DECREF(rs);
+        return -1;
+    }
+    c->rs = rs;
+    memcpy(c->index, index, 4);
+    PyObject *prefix = PyObject_GetAttr(rs, S_prefix), *conf = NULL;
+    int ok = prefix && PyBytes_Check(prefix) && PyBytes_GET_SIZE(prefix) == 8;
+    if (ok)
+        memcpy(c->prefix, PyBytes_AS_STRING(prefix), 8);
+    else if (prefix)
+        memset(c->prefix, 0xFF, 8); /* matches no source: a prefix is 8 bytes (rs.prefix == spre fails) */
+    ok = prefix && (c->window = PyObject_GetAttr(rs, S_window)) && (c->aead = PyObject_GetAttr(rs, S_aead)) &&
+         (conf = PyObject_GetAttr(rs, S_confirmed));
+    Py_XDECREF(prefix);
+    c->confirmed = ok ? PyObject_IsTrue(conf) : -1;
+    Py_XDECREF(conf);
+    if (c->confirmed < 0) {
+        rs_forget(c, now);
+        return -1;
+    }
+    return 1;
+}
+
+/* window.fresh(ctr): 1, 0 or -1 on error (the reference's Python window too) */
+static int rs_fresh(RsCache *c, uint64_t ctr) {
+    if (Py_TYPE(c->window) == &WindowType && ((Window *)c->window)->bits)
+        return window_fresh_raw((Window *)c->window, ctr);
+    PyObject *v = PyLong_FromUnsignedLongLong(ctr);
+    PyObject *r = v ? PyObject_CallMethodOneArg(c->window, S_fresh, v) : NULL;
+    Py_XDECREF(v);
+    int f = r ? PyObject_IsTrue(r) : -1;
+    Py_XDECREF(r);
+    return f;
+}
+
+static int rs_mark(RsCache *c, uint64_t ctr) {
+    if (Py_TYPE(c->window) == &WindowType && ((Window *)c->window)->bits) {
+        window_mark_raw((Window *)c->window, ctr);
+        return 0;
+    }
+    PyObject *v = PyLong_FromUnsignedLongLong(ctr);
+    PyObject *r = v ? PyObject_CallMethodOneArg(c->window, S_mark, v) : NULL;
+    Py_XDECREF(v);
+    Py_XDECREF(r);
+    return r ? 0 : -1;
+}
+
+/* decrypt(nonce, ct||tag) with an Aead or any object with the AESGCM
+ * interface: 0 and the plaintext in pt or *ptobj, 1 authentication failed, -1 error */
+static int open_with(PyObject *aead, PyObject *decrypt, const uint8_t *nonce, const uint8_t *ct, Py_ssize_t n,
+                     uint8_t *pt, PyObject **ptobj) {
+    Aead *k = aead && Py_TYPE(aead) == &AeadType ? (Aead *)aead : decrypt ? aead_of(decrypt, (void *)aead_decrypt) : NULL;
+    if (k)
+        return open_raw(k, nonce, ct, (int)n, ct + n, pt) != 0;
+    PyObject *fn = decrypt;
+    if (fn)
+        Py_INCREF(fn);
+    else if (!(fn = PyObject_GetAttr(aead, S_decrypt)))
+        return -1;
+    PyObject *nb = PyBytes_FromStringAndSize((const char *)nonce, NONCE);
+    PyObject *cb = nb ? PyBytes_FromStringAndSize((const char *)ct, n + TAG) : NULL;
+    PyObject *res = cb ? PyObject_CallFunctionObjArgs(fn, nb, cb, Py_None, NULL) : NULL;
+    Py_XDECREF(nb);
+    Py_XDECREF(cb);
+    Py_DECREF(fn);
+    if (!res) {
+        if (InvalidTag && PyErr_ExceptionMatches(InvalidTag)) {
+            PyErr_Clear();
+            return 1;
+        }
+        return -1;
+    }
+    if (!PyBytes_Check(res) || PyBytes_GET_SIZE(res) < 4) {
+        Py_DECREF(res);
+        PyErr_SetString(PyExc_TypeError, "decrypt must return bytes of an inner header at least");
+        return -1;
+    }
+    *ptobj = res;
+    return 0;
+}
+
+/* dp.<method>(source address (16 bytes), now): the security call-outs */
+static int call_src(PyObject *dp, PyObject *method, const uint8_t *src, PyObject *now) {
+    PyObject *s = PyBytes_FromStringAndSize((const char *)src, 16);
+    PyObject *res = s ? PyObject_CallMethodObjArgs(dp, method, s, now, NULL) : NULL;
+    Py_XDECREF(s);
+    Py_XDECREF(res);
+    return res ? 0 : -1;
+}
 
 static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
@@ -1125,12 +1644,19 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
         return NULL;
     }
     PyObject *dp = args[0], *now = args[2];
-    Count c[P_NCOUNT] = {{"+rx_opened", 0},        {"rx_malformed", 0},      {"rx_decrypt_failed", 0},
-                         {"rx_inner_malformed", 0}, {"rx_spoofed_source", 0}, {"rx_l3_no_tun", 0}};
+    Count c[P_NCOUNT] = {{"+rx_opened", 0},         {"rx_malformed", 0},      {"rx_decrypt_failed", 0},
+                         {"rx_inner_malformed", 0}, {"rx_spoofed_source", 0}, {"rx_l3_no_tun", 0},
+                         {"replay", 0},             {"rx_downgrade", 0},      {"rx_firewall_dropped", 0}};
     PyObject *keys_in = NULL, *gro = NULL, *tunobj = NULL, *messages = NULL, *counters = NULL, *ret = NULL;
+    PyObject *sessions = NULL, *by_index = NULL, *capable = NULL, *filt = NULL, *seen = NULL, *order = NULL;
+    PyObject *fsize = NULL, *ffilter = NULL, *fwobj = NULL, *fwrules = NULL, *fwcounters = NULL;
+    Count fwc[3] = {{"fw_allowed_established", 0}, {"fw_allowed", 0}, {"fw_denied", 0}};
     PyObject *last_key = NULL; /* cached keys_in value for last_pre */
+    RsCache rc_ = {0}, *rsc = &rc_;
+    PyObject *via_rs = NULL;
     uint8_t last_pre[8];
     uint8_t *pt = NULL;
+    Py_ssize_t seen_max = 0;
     Py_buffer view;
     if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -1138,15 +1664,35 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
         goto done;
     if (!(keys_in = PyObject_GetAttrString(dp, "keys_in")) || !(gro = PyObject_GetAttrString(dp, "gro")) ||
         !(tunobj = PyObject_GetAttrString(dp, "tun")) || !(messages = PyObject_GetAttrString(dp, "messages")) ||
-        !(counters = PyObject_GetAttrString(dp, "counters")))
+        !(counters = PyObject_GetAttrString(dp, "counters")) || !(sessions = PyObject_GetAttrString(dp, "sessions")) ||
+        !(by_index = PyObject_GetAttrString(dp, "by_index")) || !(capable = PyObject_GetAttrString(dp, "capable")) ||
+        !(ffilter = PyObject_GetAttrString(dp, "filter_nonces")) ||
+        !(filt = PyObject_GetAttrString(dp, "nonce_filter")) || !(seen = PyObject_GetAttrString(filt, "seen")) ||
+        !(order = PyObject_GetAttrString(filt, "order")) || !(fsize = PyObject_GetAttrString(filt, "size")))
         goto done;
-    if (!PyDict_Check(keys_in) || !PyDict_Check(counters) || !PyList_Check(messages)) {
-        PyErr_SetString(PyExc_TypeError, "DataPlane keys_in, counters must be dicts, messages a list");
+    if (!PyDict_Check(keys_in) || !PyDict_Check(counters) || !PyList_Check(messages) || !PyDict_Check(by_index) ||
+        !PyAnySet_Check(capable) || !PyAnySet_Check(seen)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "DataPlane keys_in, counters, by_index must be dicts, messages a list, capable and seen sets");
         goto done;
     }
-    int tun = PyObject_IsTrue(tunobj);
-    if (tun < 0)
+    int tun = PyObject_IsTrue(tunobj), filter_nonces = PyObject_IsTrue(ffilter);
+    seen_max = PyLong_AsSsize_t(fsize);
+    if (tun < 0 || filter_nonces < 0 || (seen_max == -1 && PyErr_Occurred()))
         goto done;
+    int have_sessions = sessions != Py_None;
+    if (!(fwobj = PyObject_GetAttrString(dp, "firewall")))
+        goto done;
+    if (fwobj != Py_None) { /* its rules compiled for the kernel (Firewall.native) and its counters */
+        if (!(fwrules = PyObject_GetAttrString(fwobj, "native")) ||
+            !(fwcounters = PyObject_GetAttrString(fwobj, "counters")))
+            goto done;
+        if (Py_TYPE(fwrules) != &FwRulesType || !PyDict_Check(fwcounters)) {
+            PyErr_SetString(PyExc_TypeError, "DataPlane.firewall.native must be the kernel's FirewallRules");
+            goto done;
+        }
+    }
+    const FwRules *fw = (const FwRules *)fwrules;
     Gro *ngro = Py_TYPE(gro) == &GroType ? (Gro *)gro : NULL;
     if (!(pt = PyMem_Malloc(MAX_PAYLOAD + 64))) {
         PyErr_NoMemory();
@@ -1154,6 +1700,13 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
     }
     const uint8_t *b = view.buf;
     Py_ssize_t end = view.len, pos = 0;
+/* before any call back into the DataPlane: what was cached may change */
+#define FORGET()                                                                                                       \
+    do {                                                                                                               \
+        Py_CLEAR(last_key);                                                                                            \
+        if (rs_forget(rsc, now) < 0)                                                                                   \
+            goto done;                                                                                                 \
+    } while (0)
     while (pos + DATA_HDR <= end) {
         if (b[pos] != 1 || b[pos + 1] != 0) {
             c[P_MALFORMED].n++;
@@ -1165,84 +1718,175 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
             break;
         }
         const uint8_t *spre = b + pos + 8;
-        PyObject *decrypt;
-        if (last_key && memcmp(last_pre, spre, 8) == 0) {
-            decrypt = last_key;
-        } else {
-            PyObject *k = PyBytes_FromStringAndSize((const char *)spre, 8);
-            if (!k)
+        const uint8_t *ct = b + pos + DATA_HDR, *nonce = b + e - NONCE;
+        Py_ssize_t n = e - NONCE - TAG - (pos + DATA_HDR); /* plaintext length (when a tag fits) */
+        PyObject *ptobj = NULL; /* the plaintext as bytes when a call-out needs it */
+        const uint8_t *p = pt;
+        int via_session = 0;
+        Py_CLEAR(via_rs); /* the session a packet opened under, for the engine */
+        /* -- sessions (docs/EXTENSIONS.md 9): a known index in the nonce -> its key and replay window */
+        if (PyDict_GET_SIZE(by_index) && e - pos >= DATA_HDR + MIN_SEALED) {
+            int found = rs_lookup(rsc, by_index, nonce, now);
+            if (found < 0)
                 goto done;
-            decrypt = PyDict_GetItemWithError(keys_in, k);
-            Py_DECREF(k);
-            if (!decrypt && PyErr_Occurred())
-                goto done;
-            Py_XINCREF(decrypt);
-            Py_XSETREF(last_key, decrypt);
-            memcpy(last_pre, spre, 8);
-            if (decrypt == NULL) {
-                PyObject *src = PyBytes_FromStringAndSize((const char *)spre, 16);
-                decrypt = src ? PyObject_CallMethodObjArgs(dp, S_key_for_src, src, NULL) : NULL;
-                Py_XDECREF(src);
-                Py_CLEAR(last_key); /* the call may have changed keys_in */
-                if (!decrypt)
+            if (found && memcmp(rsc->prefix, spre, 8) == 0) {
+                uint64_t ctr = 0;
+                for (int i = 4; i < NONCE; i++)
+                    ctr = ctr << 8 | nonce[i];
+                int fresh = rs_fresh(rsc, ctr);
+                if (fresh < 0)
                     goto done;
-                if (decrypt == Py_None) {
-                    Py_DECREF(decrypt);
-                    PyObject *frame = PyBytes_FromStringAndSize((const char *)b + pos, e - pos);
-                    PyObject *res = frame ? PyObject_CallMethodObjArgs(dp, S_queue_in, frame, now, NULL) : NULL;
-                    Py_XDECREF(frame);
-                    if (!res)
-                        goto done;
-                    Py_DECREF(res);
-                    Py_CLEAR(last_key);
+                if (!fresh) {
+                    c[P_REPLAY].n++;
                     pos = e;
                     continue;
                 }
-                last_key = decrypt; /* for this packet only: dropped after the next call out */
-                memset(last_pre, 0, 8);
-                last_pre[0] = 0xFF;
+                int r = open_with(rsc->aead, NULL, nonce, ct, n, pt, &ptobj);
+                if (r < 0)
+                    goto done;
+                if (r == 0) {
+                    via_session = 1;
+                    via_rs = rsc->rs;
+                    Py_INCREF(via_rs);
+                    if (rs_mark(rsc, ctr) < 0) {
+                        Py_XDECREF(ptobj);
+                        goto done;
+                    }
+                    rsc->used = 1;
+                    if (!rsc->confirmed) {
+                        PyObject *rs = rsc->rs;
+                        Py_INCREF(rs);
+                        Py_CLEAR(last_key);
+                        int fr = rs_forget(rsc, now);
+                        PyObject *res = fr < 0 ? NULL : PyObject_CallMethodObjArgs(sessions, S_confirm, rs, now, NULL);
+                        Py_DECREF(rs);
+                        Py_XDECREF(res);
+                        if (!res) {
+                            Py_XDECREF(ptobj);
+                            goto done;
+                        }
+                    }
+                }
+                /* r == 1: a random nonce that happens to start with an index: try the static key */
             }
         }
-        if (e - pos < DATA_HDR + MIN_SEALED) {
-            c[P_DECRYPT_FAILED].n++;
-            pos = e;
-            continue;
-        }
-        const uint8_t *ct = b + pos + DATA_HDR, *nonce = b + e - NONCE;
-        Py_ssize_t n = e - NONCE - TAG - (pos + DATA_HDR);
-        PyObject *ptobj = NULL; /* the plaintext as bytes when a call-out needs it */
-        const uint8_t *p;
-        Aead *k = aead_of(decrypt, (void *)aead_decrypt);
-        if (k) {
-            if (open_raw(k, nonce, ct, (int)n, ct + n, pt) != 0) {
+        if (!via_session) {
+            PyObject *decrypt;
+            if (last_key && memcmp(last_pre, spre, 8) == 0) {
+                decrypt = last_key;
+            } else {
+                PyObject *k = PyBytes_FromStringAndSize((const char *)spre, 8);
+                if (!k)
+                    goto done;
+                decrypt = PyDict_GetItemWithError(keys_in, k);
+                Py_DECREF(k);
+                if (!decrypt && PyErr_Occurred())
+                    goto done;
+                Py_XINCREF(decrypt);
+                Py_XSETREF(last_key, decrypt);
+                memcpy(last_pre, spre, 8);
+                if (decrypt == NULL) {
+                    FORGET();
+                    PyObject *src = PyBytes_FromStringAndSize((const char *)spre, 16);
+                    decrypt = src ? PyObject_CallMethodObjArgs(dp, S_key_for_src, src, NULL) : NULL;
+                    Py_XDECREF(src);
+                    if (!decrypt)
+                        goto done;
+                    if (decrypt == Py_None) {
+                        Py_DECREF(decrypt);
+                        PyObject *frame = PyBytes_FromStringAndSize((const char *)b + pos, e - pos);
+                        PyObject *res = frame ? PyObject_CallMethodObjArgs(dp, S_queue_in, frame, now, NULL) : NULL;
+                        Py_XDECREF(frame);
+                        if (!res)
+                            goto done;
+                        Py_DECREF(res);
+                        pos = e;
+                        continue;
+                    }
+                    last_key = decrypt; /* for this packet only: dropped after the next call out */
+                    memset(last_pre, 0, 8);
+                    last_pre[0] = 0xFF;
+                }
+            }
+            if (e - pos < DATA_HDR + MIN_SEALED) {
                 c[P_DECRYPT_FAILED].n++;
                 pos = e;
                 continue;
             }
-            p = pt;
-        } else {
-            Py_INCREF(decrypt);
-            PyObject *nb = PyBytes_FromStringAndSize((const char *)nonce, NONCE);
-            PyObject *cb = nb ? PyBytes_FromStringAndSize((const char *)ct, n + TAG) : NULL;
-            ptobj = cb ? PyObject_CallFunctionObjArgs(decrypt, nb, cb, Py_None, NULL) : NULL;
-            Py_XDECREF(nb);
-            Py_XDECREF(cb);
-            Py_DECREF(decrypt);
-            Py_CLEAR(last_key);
-            if (!ptobj) {
-                if (InvalidTag && PyErr_ExceptionMatches(InvalidTag)) {
-                    PyErr_Clear();
-                    c[P_DECRYPT_FAILED].n++;
+            PyObject *nonce_obj = NULL;
+            if (filter_nonces) { /* an exact replay of a recent static-key packet */
+                if (!(nonce_obj = PyBytes_FromStringAndSize((const char *)nonce, NONCE)))
+                    goto done;
+                int in = PySet_Contains(seen, nonce_obj);
+                if (in) {
+                    Py_DECREF(nonce_obj);
+                    if (in < 0)
+                        goto done;
+                    c[P_REPLAY].n++;
                     pos = e;
                     continue;
                 }
-                goto done;
             }
-            if (!PyBytes_Check(ptobj) || PyBytes_GET_SIZE(ptobj) < 4) {
-                Py_DECREF(ptobj);
-                PyErr_SetString(PyExc_TypeError, "decrypt must return bytes of an inner header at least");
-                goto done;
+            int py_call = !aead_of(decrypt, (void *)aead_decrypt);
+            Py_INCREF(decrypt);
+            int r = open_with(NULL, decrypt, nonce, ct, n, pt, &ptobj);
+            Py_DECREF(decrypt);
+            if (py_call)
+                Py_CLEAR(last_key); /* a Python callable ran: keys_in may have changed */
+            if (r != 0) {
+                Py_XDECREF(nonce_obj);
+                if (r < 0)
+                    goto done;
+                c[P_DECRYPT_FAILED].n++;
+                if (have_sessions) {
+                    FORGET();
+                    if (call_src(dp, S_undecryptable, spre, now) < 0)
+                        goto done;
+                }
+                pos = e;
+                continue;
             }
+            if (nonce_obj) { /* NonceFilter.add, inline (a random nonce is never already there) */
+                int bad = PySet_Add(seen, nonce_obj) < 0;
+                PyObject *res = bad ? NULL : PyObject_CallMethodOneArg(order, S_append, nonce_obj);
+                Py_DECREF(nonce_obj);
+                if (!res) {
+                    Py_XDECREF(ptobj);
+                    goto done;
+                }
+                Py_DECREF(res);
+                Py_ssize_t len = PyObject_Size(order);
+                if (len > seen_max) {
+                    PyObject *old = len < 0 ? NULL : PyObject_CallMethodNoArgs(order, S_popleft);
+                    int d = old ? PySet_Discard(seen, old) : -1;
+                    Py_XDECREF(old);
+                    if (d < 0) {
+                        Py_XDECREF(ptobj);
+                        goto done;
+                    }
+                }
+            }
+            if (ptobj) {
+                p = (const uint8_t *)PyBytes_AS_STRING(ptobj);
+                n = PyBytes_GET_SIZE(ptobj);
+            }
+            if (PySet_GET_SIZE(capable) && p[1] != 0x10) { /* static key from a peer that negotiated sessions */
+                PyObject *k = PyBytes_FromStringAndSize((const char *)spre, 8);
+                int in = k ? PySet_Contains(capable, k) : -1;
+                Py_XDECREF(k);
+                if (in) {
+                    Py_XDECREF(ptobj);
+                    if (in < 0)
+                        goto done;
+                    c[P_DOWNGRADE].n++;
+                    FORGET();
+                    if (call_src(dp, S_static_refused, spre, now) < 0)
+                        goto done;
+                    pos = e;
+                    continue;
+                }
+            }
+        } else if (ptobj) {
             p = (const uint8_t *)PyBytes_AS_STRING(ptobj);
             n = PyBytes_GET_SIZE(ptobj);
         }
@@ -1256,12 +1900,13 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
             } else {
                 int own = memcmp(p + 12, spre, 8) == 0;
                 if (!own) {
-                    PyObject *isrc = PyBytes_FromStringAndSize((const char *)p + 12, 16);
+                    Py_CLEAR(last_key);
+                    rc = rs_forget(rsc, now);
+                    PyObject *isrc = rc ? NULL : PyBytes_FromStringAndSize((const char *)p + 12, 16);
                     PyObject *sp = isrc ? PyBytes_FromStringAndSize((const char *)spre, 8) : NULL;
                     PyObject *res = sp ? PyObject_CallMethodObjArgs(dp, S_same_owner, isrc, sp, NULL) : NULL;
                     Py_XDECREF(isrc);
                     Py_XDECREF(sp);
-                    Py_CLEAR(last_key);
                     own = res ? PyObject_IsTrue(res) : -1;
                     Py_XDECREF(res);
                     if (own < 0)
@@ -1269,7 +1914,13 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
                     else if (!own)
                         c[P_SPOOFED].n++;
                 }
-                if (own > 0) {
+                int why = 0;
+                if (own > 0 && fw && !fw_allow_raw(fw, p, n, &why)) {
+                    fwc[why].n++;
+                    c[P_FIREWALL].n++;
+                } else if (own > 0) {
+                    if (fw)
+                        fwc[why].n++;
                     if (!tun) {
                         c[P_NO_TUN].n++;
                     } else if (ngro) {
@@ -1291,7 +1942,9 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
             rc = t ? PyList_Append(messages, t) : -1;
             Py_XDECREF(t);
         } else if (kind == 2) {
-            PyObject *pb = bytes_of(ptobj, p, n);
+            Py_CLEAR(last_key);
+            rc = rs_forget(rsc, now);
+            PyObject *pb = rc ? NULL : bytes_of(ptobj, p, n);
             PyObject *src = pb ? PyBytes_FromStringAndSize((const char *)b + pos + 8, 16) : NULL;
             PyObject *dst = src ? PyBytes_FromStringAndSize((const char *)b + pos + 24, 16) : NULL;
             PyObject *h = dst ? PyLong_FromLong(hop) : NULL;
@@ -1300,22 +1953,39 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
             Py_XDECREF(src);
             Py_XDECREF(dst);
             Py_XDECREF(h);
+            rc = res ? 0 : -1;
+            Py_XDECREF(res);
+        } else if (kind == 0x10 && have_sessions) { /* negotiation: the session engine's (engine.on_packet) */
+            PyObject *rs = via_session ? via_rs : Py_None;
+            Py_INCREF(rs);
             Py_CLEAR(last_key);
+            rc = rs_forget(rsc, now);
+            PyObject *pb = rc ? NULL : bytes_of(ptobj, p, n);
+            PyObject *src = pb ? PyBytes_FromStringAndSize((const char *)b + pos + 8, 16) : NULL;
+            PyObject *res = src ? PyObject_CallMethodObjArgs(dp, S_session_in, pb, src, rs, now, NULL) : NULL;
+            Py_XDECREF(pb);
+            Py_XDECREF(src);
+            Py_DECREF(rs);
             rc = res ? 0 : -1;
             Py_XDECREF(res);
         } else {
-            c[P_INNER_MALFORMED].n++;
+            c[P_INNER_MALFORMED].n++; /* what the reference does with an unknown type */
         }
         Py_XDECREF(ptobj);
+        Py_CLEAR(via_rs);
         if (rc < 0)
             goto done;
         pos = e;
     }
-    if (bump(counters, c, P_NCOUNT) < 0)
+#undef FORGET
+    if (bump(counters, c, P_NCOUNT) < 0 || (fwcounters && bump(fwcounters, fwc, 3) < 0))
         goto done;
     ret = Py_None;
     Py_INCREF(ret);
 done:
+    if (rs_forget(rsc, now) < 0)
+        Py_CLEAR(ret);
+    Py_XDECREF(via_rs);
     PyBuffer_Release(&view);
     PyMem_Free(pt);
     Py_XDECREF(last_key);
@@ -1324,6 +1994,17 @@ done:
     Py_XDECREF(tunobj);
     Py_XDECREF(messages);
     Py_XDECREF(counters);
+    Py_XDECREF(sessions);
+    Py_XDECREF(by_index);
+    Py_XDECREF(capable);
+    Py_XDECREF(filt);
+    Py_XDECREF(seen);
+    Py_XDECREF(order);
+    Py_XDECREF(fsize);
+    Py_XDECREF(ffilter);
+    Py_XDECREF(fwobj);
+    Py_XDECREF(fwrules);
+    Py_XDECREF(fwcounters);
     return ret;
 }
 
@@ -1436,12 +2117,17 @@ static struct PyModuleDef k_module = {PyModuleDef_HEAD_INIT, "_kernel", "The dat
                                       -1, k_methods};
 
 PyMODINIT_FUNC PyInit__kernel(void) {
-    if (PyType_Ready(&AeadType) < 0 || PyType_Ready(&GroType) < 0)
+    if (PyType_Ready(&AeadType) < 0 || PyType_Ready(&GroType) < 0 || PyType_Ready(&WindowType) < 0 ||
+        PyType_Ready(&FwRulesType) < 0)
         return NULL;
     struct {
         PyObject **slot;
         const char *name;
-    } names[] = {{&S_route_for_tun, "_route_for_tun"}, {&S_tun_exception, "_tun_exception"},
+    } names[] = {{&S_ctr, "ctr"}, {&S_remote_index, "remote_index"}, {&S_used, "used"}, {&S_prefix, "prefix"},
+                 {&S_window, "window"}, {&S_aead, "aead"}, {&S_confirmed, "confirmed"}, {&S_fresh, "fresh"},
+                 {&S_mark, "mark"}, {&S_decrypt, "decrypt"}, {&S_confirm, "confirm"},
+                 {&S_undecryptable, "_undecryptable"}, {&S_static_refused, "_static_refused"},
+                 {&S_session_in, "_session_in"}, {&S_append, "append"}, {&S_popleft, "popleft"}, {&S_route_for_tun, "_route_for_tun"}, {&S_tun_exception, "_tun_exception"},
                  {&S_from_tun, "from_tun"},            {&S_key_for_src, "_key_for_src"},
                  {&S_queue_in, "_queue_in"},           {&S_same_owner, "_same_owner"},
                  {&S_oob_in, "_oob_in"},               {&S_add, "add"}};
@@ -1455,7 +2141,11 @@ PyMODINIT_FUNC PyInit__kernel(void) {
         return NULL;
     Py_INCREF(&AeadType);
     Py_INCREF(&GroType);
+    Py_INCREF(&WindowType);
+    Py_INCREF(&FwRulesType);
     if (PyModule_AddObject(m, "Aead", (PyObject *)&AeadType) < 0 ||
+        PyModule_AddObject(m, "ReplayWindow", (PyObject *)&WindowType) < 0 ||
+        PyModule_AddObject(m, "FirewallRules", (PyObject *)&FwRulesType) < 0 ||
         PyModule_AddObject(m, "Gro", (PyObject *)&GroType) < 0 ||
         PyModule_AddIntConstant(m, "GRO_MAX_OPEN", GRO_MAX_OPEN) < 0) {
         Py_DECREF(m);

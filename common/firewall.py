@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.identity import address_of
+from common.native import kernel
 from common.wire.errors import CodecError
 
 PROTOCOLS = {"tcp": 6, "udp": 17, "icmpv6": 58, "icmp": 58}
@@ -176,11 +177,32 @@ def _l4(pt: bytes) -> tuple[int, int, int]:
     return nh, -1, -1
 
 
+def compile_native(rules: RuleSet) -> Any:
+    """The rule set for the C kernel's from_peer (``common._kernel.FirewallRules``:
+    the same first-match walk as ``Firewall._decide`` and ``_l4``, held to
+    the same answers by tests/unit/test_native_sessions.py); None without it."""
+    if kernel is None:
+        return None
+    table = [
+        (
+            r.allow,
+            r.net.to_bytes(16, "big"),
+            r.mask.to_bytes(16, "big"),
+            -1 if r.protocol is None else r.protocol,
+            -1 if r.ports is None else r.ports[0],
+            -1 if r.ports is None else r.ports[1],
+        )
+        for r in rules.rules
+    ]
+    return kernel.FirewallRules(rules.default_allow, rules.tcp_established, table)
+
+
 class Firewall:
     """The current rule set and its counters; ``replace`` swaps rules atomically."""
 
     def __init__(self, rules: RuleSet = ALLOW_ALL, source: str | None = None) -> None:
         self.rules = rules
+        self.native = compile_native(rules)  # what the C kernel decides with (None: not built)
         self.source = source  # the file it came from
         self.counters: Counter[str] = Counter()
         self._cache: dict[tuple[bytes, int, int, bool], bool] = {}
@@ -194,6 +216,7 @@ class Firewall:
 
     def replace(self, rules: RuleSet, now: float) -> None:
         self.rules = rules
+        self.native = compile_native(rules)
         self._cache = {}
         self.loaded_at = now
         self.last_error = None

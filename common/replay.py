@@ -14,8 +14,21 @@ move the window or flush the filter.
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
+
+from .native import kernel
 
 WINDOW = 2048  # packets a session tolerates out of order (multipath, batches)
+
+
+def new_window(native: bool = True, size: int = WINDOW) -> Any:
+    """A session's window: the C kernel's (``common._kernel.ReplayWindow``,
+    the one the native data path checks without a Python call) where built,
+    else ``ReplayWindow`` below, the reference of the same rule (the property
+    tests hold the two to the same answers)."""
+    if native and kernel is not None:
+        return kernel.ReplayWindow(size)
+    return ReplayWindow(size)
 
 
 class ReplayWindow:

@@ -411,5 +411,6 @@ def seeds() -> Iterator[bytes]:
     yield sel["inner"] + struct.pack("!BBxx", 1, 2) + bytes(60)
     sub = b'{"jsonrpc":"2.0","id":3,"method":"subscribeMessages","params":["dA=="]}'
     yield sel["ws"] + sub + b'\n{"jsonrpc":"2.0","id":4,"method":"unsubscribeMessages","params":[1]}'
+    yield sel["ws"] + b'{"jsonrpc":"2.0","id":7,"method":["subscribeMessages"]}'  # once a TypeError in apid
     yield sel["ws"] + b'[{"jsonrpc":"2.0","id":5,"method":"subscribeMessageStatus","params":["0011223344556677"]}]'
     yield sel["ws"] + b'\x00{"jsonrpc":"2.0","id":6,"method":"getInfo","params":[]}\n{"jsonrpc":"2.0","method":"x"}'

@@ -219,7 +219,8 @@ class WsSession:
             sub.ready.set()  # a subscription's first notification follows its answer
 
     async def handle(self, req: Any) -> dict[str, Any] | None:
-        if isinstance(req, dict) and req.get("method") in self.local.methods:
+        method = req.get("method") if isinstance(req, dict) else None
+        if isinstance(method, str) and method in self.local.methods:
             return self.local.handle(req)  # quick and in the loop: it only starts or stops a task
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.server.calls, self.server.registry.handle, req)

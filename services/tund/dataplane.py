@@ -165,10 +165,9 @@ class DataPlane:
         self.vnet = vnet and tun
         self.off = VNET_HDR_SIZE if self.vnet else 0  # where the IPv6 packet starts in a TUN read
         self.counters: Counter[str] = Counter()
-        # native kernel (common/_kernel.c): the same steps as from_tun/from_peer/Gro below, in C;
-        # None (MYCELIUM_NATIVE=0, not built, or a test's choice) runs the reference here
-        if sessions is not None or firewall is not None:
-            kernel = None  # the C kernel knows neither session nonces nor the firewall (docs/EXTENSIONS.md 9)
+        # native kernel (common/_kernel.c): the same steps as from_tun/from_peer/Gro below, in C,
+        # session keys and the firewall included; None (MYCELIUM_NATIVE=0, not built, or a test's
+        # choice) runs the reference here
         self.kernel = kernel
         self.gro: Any = Gro(self.vnet) if kernel is None else kernel.Gro(self.vnet)
         self.nonce_bytes: Callable[[int], bytes] = os.urandom  # the nonce scheme: n bytes per call, 12 per packet
@@ -207,13 +206,13 @@ class DataPlane:
         lookup, encryption, grouping by next hop."""
         if off is None:
             off = self.off
+        self.now = now
+        if self.sessions is not None and self.sessions.changed:
+            self.sync_sessions()
         if self.kernel is not None:
             self.kernel.from_tun(self, pkts, now, off)
             return
-        self.now = now
         vnet = self.vnet and off == self.off
-        if self.sessions is not None and self.sessions.changed:
-            self.sync_sessions()
         routes = self.routes
         out = self.out
         pack = DATA8.pack
@@ -246,7 +245,7 @@ class DataPlane:
             if hop < 2 or p[off + 8] & 0xFE != 4 or len(p) - off > MTU:
                 self._tun_exception(p, off, hop, now)
                 continue
-            next_hop, encrypt, sess = r if len(r) == 3 else (*r, None)
+            next_hop, encrypt, sess = r
             if sess is None:
                 nonce = nonces[ni : ni + 12]
                 ni += 12
@@ -283,7 +282,7 @@ class DataPlane:
             for pt in pts:
                 self.from_tun([pt], now, off=4)
             return
-        next_hop, encrypt, sess = r if len(r) == 3 else (*r, None)
+        next_hop, encrypt, sess = r
         parts = self.out.get(next_hop)
         if parts is None:
             parts = self.out[next_hop] = []
@@ -348,8 +347,7 @@ class DataPlane:
         except (DecryptError, ValueError):
             self.counters["tx_unusable_key"] += 1
             return None
-        # the C kernel's route cache holds (next hop, encrypt); it only runs without sessions
-        r: Sealer = (route.next_hop, encrypt) if self.kernel is not None else (route.next_hop, encrypt, sess)  # type: ignore[assignment]
+        r: Sealer = (route.next_hop, encrypt, sess)  # type: ignore[assignment]
         if self.cacheable and len(self.routes) < ROUTE_CACHE_MAX:
             self.routes[dst[:8]] = r
         return r
@@ -385,7 +383,7 @@ class DataPlane:
                 self.need.add(dst)
                 self.counters["tx_no_route_dropped"] += 1
             return False
-        next_hop, encrypt, sess = r if len(r) == 3 else (*r, None)
+        next_hop, encrypt, sess = r
         nonce = self.nonce_bytes(12) if sess is None else sess.nonce()
         ct = encrypt(nonce, plaintext, None)
         parts = self.out.get(next_hop)
@@ -489,8 +487,10 @@ class DataPlane:
     def from_peer(self, blob: bytes | memoryview, now: float) -> None:
         """Encoded data packets for this node, back to back, hop limit
         already decremented by peerd (4.5)."""
-        if self.kernel is not None:
+        if self.kernel is not None and (self.firewall is None or self.firewall.native is not None):
             self.kernel.from_peer(self, blob, now)
+            if self.sessions is not None and self.sessions.changed:
+                self.sync_sessions()
             return
         if not isinstance(blob, bytes):  # the reference keys dicts by slices of it
             blob = bytes(blob)

@@ -34,7 +34,7 @@ class SecurityShell:
                 rekey_packets=cfg.session_rekey_packets,
                 keep_old=min(10.0, cfg.session_rekey_seconds),
             )
-            self.sessions = SessionEngine(identity, keys.get, conf)
+            self.sessions = SessionEngine(identity, keys.get, conf, native=keys.native)
         elif cfg.session_keys:
             # one peer's packets may reach any worker's TUN queue, but its answers only one worker
             log.warning("session keys need a single crypto worker; %d workers use static keys only", workers)
@@ -46,11 +46,6 @@ class SecurityShell:
             if error:  # the launcher checked it; it changed since: refuse to run without the rules asked for
                 raise SystemExit(f"tund: firewall rules {cfg.firewall_file}: {error}")
         signal.signal(signal.SIGHUP, self._on_hup)  # reload (without a file: nothing to do, never exit)
-
-    @property
-    def needs_python_path(self) -> bool:
-        """Session keys or a firewall file: tund's Python loops, not the C kernel (not taught these yet)."""
-        return self.sessions is not None or self.firewall.source is not None
 
     def _on_hup(self, signum: int, frame: Any) -> None:
         self.reload_requested = True  # the loop wakes at least once a second

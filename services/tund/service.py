@@ -107,8 +107,6 @@ class TundWorker:
             self.keys,
             tun=device is not None,
             vnet=vnet,
-            # the C kernel has no session nonces, replay windows or firewall yet (docs/EXTENSIONS.md 9)
-            **({"kernel": None} if self.security.needs_python_path else {}),
             sessions=self.security.sessions,
             firewall=self.security.active_firewall(),
         )
@@ -327,7 +325,7 @@ class TundWorker:
             if msg.kind == "info":
                 result["tun"] = self.device.name if self.device else None
                 result["workers"] = self.workers
-                result["kernel"] = native.NAME if self.dp.kernel is not None else "python (security extensions)"
+                result["kernel"] = native.NAME if self.dp.kernel is not None else "python"
             bus.rpc_reply(self.rpc, envelope, result)
 
     def gauges(self) -> dict[str, Any]:

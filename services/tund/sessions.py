@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from common.crypto import DecryptError, SessionKey, shared_secret
 from common.identity import Identity, address_of
-from common.replay import ReplayWindow
+from common.replay import new_window
 from common.wire.errors import CodecError
 from common.wire.session import Confirm, Init, Resp, decode_session
 
@@ -100,12 +100,12 @@ class RecvState:
 
     __slots__ = ("aead", "confirmed", "index", "prefix", "public_key", "session", "used", "window")
 
-    def __init__(self, aead: AESGCM, index: bytes, public_key: bytes, session: Session) -> None:
+    def __init__(self, aead: AESGCM, index: bytes, public_key: bytes, session: Session, native: bool = True) -> None:
         self.aead = aead
         self.index = index
         self.public_key = public_key
         self.prefix = address_of(public_key).packed[:8]  # packets under this index must come from this /64
-        self.window = ReplayWindow()
+        self.window = new_window(native)
         self.confirmed = session.initiator  # a responder's session is confirmed by its first packet
         self.session = session
         self.used = session.created  # last packet opened under it (the data plane sets it)
@@ -160,8 +160,11 @@ class SessionEngine:
         static_key: Callable[[bytes], SessionKey],
         config: SessionConfig | None = None,
         wall_ns: Callable[[], int] = time.time_ns,
+        native: bool = True,
     ) -> None:
         self.identity = identity
+        # the C kernel's AES-GCM contexts and replay windows where it is built (False: the references)
+        self.native = native
         self.own_addr = identity.address.packed
         self.static_key = static_key  # the KeyCache's get: AES-GCM with the static shared secret
         self.config = config or SessionConfig()
@@ -341,10 +344,10 @@ class SessionEngine:
             self._new_index(), init.index, init.timestamp, eph.public_key().public_bytes_raw(), init.initiator,
             init.responder, init.nonce,
         )  # fmt: skip
-        i2r, r2i = _derive(dh, salt, init, resp)
+        i2r, r2i = _derive(dh, salt, init, resp, self.native)
         s = Session(initiator=False, created=now)
         s.send = SendState(r2i, init.index)
-        s.recv = RecvState(i2r, resp.index, peer.public_key, s)
+        s.recv = RecvState(i2r, resp.index, peer.public_key, s, self.native)
         # only one unconfirmed responder session per peer (a replayed INIT after our restart costs one slot)
         for old in [o for o in peer.sessions if not o.recv.confirmed]:
             self._drop(peer, old)
@@ -371,10 +374,10 @@ class SessionEngine:
         except (ValueError, DecryptError):
             self.counters["session_bad_ephemeral"] += 1
             return
-        i2r, r2i = _derive(dh, salt, p.init, resp)
+        i2r, r2i = _derive(dh, salt, p.init, resp, self.native)
         s = Session(initiator=True, created=now)
         s.send = SendState(i2r, resp.index)
-        s.recv = RecvState(r2i, p.init.index, peer.public_key, s)
+        s.recv = RecvState(r2i, p.init.index, peer.public_key, s, self.native)
         self.handshake_times = [*self.handshake_times[-19:], now - p.sent_at]
         peer.pending = None  # the ephemeral secret goes with it
         self._add(peer, s)
@@ -491,15 +494,16 @@ class SessionEngine:
         return out
 
 
-def _derive(dh: bytes, salt: bytes, init: Init, resp: Resp) -> tuple[AESGCM, AESGCM]:
+def _derive(dh: bytes, salt: bytes, init: Init, resp: Resp, native: bool = True) -> tuple[AESGCM, AESGCM]:
     """Two AES-256-GCM states (initiator->responder, responder->initiator)
     from the ephemeral exchange, salted with the static shared secret (only
-    the two key holders can derive them) and bound to the whole handshake."""
+    the two key holders can derive them) and bound to the whole handshake;
+    the kernel's ``Aead`` where built (``SessionKey``), as for static keys."""
     buf = bytearray(64)
     info = KDF_LABEL + init.encode() + resp.encode()
     try:
         HKDF(hashes.SHA256(), 64, salt, info).derive_into(dh, buf)
         with memoryview(buf) as view:
-            return AESGCM(view[:32]), AESGCM(view[32:])
+            return SessionKey(view[:32], native).aead, SessionKey(view[32:], native).aead  # type: ignore[arg-type]
     finally:
         buf[:] = bytes(64)

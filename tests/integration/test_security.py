@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from common import native
 from common.crypto import DecryptError, SessionKey, shared_secret
 from common.wire.icmp import build_icmpv6
 from common.wire.inner import L3_HEADER
@@ -400,6 +401,8 @@ def test_firewall_allow_deny_reload_and_bad_files(net: dict[str, Any]) -> None:
     a, b, c = topo.nodes["a"], topo.nodes["b"], topo.nodes["c"]
     _warm(topo, "a", b)
     _warm(topo, "c", b)
+    # the kernel runs the firewall's rules too (docs/EXTENSIONS.md 9): with a file or without
+    assert b.rpc("tund", "info")["kernel"] == a.rpc("tund", "info")["kernel"] == native.NAME
     rules.write_text(
         'default = "deny"\n'
         f'[[rule]]\npublic_key = "{a.identity.public_key.hex()}"\nprotocol = "icmpv6"\n'
