@@ -13,6 +13,10 @@ Rows:
   seqno_req     N SeqNoRequests for subnets in the table (answered from it)
   bytes/route   tracemalloc growth of the engine while learning N routes,
                 divided by N (Update objects the bench built are excluded)
+  RSS           a fresh child process that imports only the engine and fills
+                one engine with N routes from three neighbours (Updates
+                decoded from wire bytes, as the service receives them):
+                its resident set before and after, and the growth per route
 The ``baseline`` row is a plain dict insert per Update in the same run, the
 floor any table costs in this interpreter on this (shared) machine.
 All rates are per CPU second of this process (time.process_time), so other
@@ -22,9 +26,13 @@ developers' load on the shared machine slows them less than wall time would.
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
 import random
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -123,16 +131,64 @@ def bench(n: int) -> dict[str, float]:
     return results
 
 
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rss_child(path: str) -> None:
+    """Print (as JSON) the resident set of this process before and after one
+    engine learns the Updates in ``path`` (wire bodies, one size), read 256
+    at a time: a fresh process that holds nothing else."""
+    e = new_engine()
+    gc.collect()
+    before = rss_mib()
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(2))
+        k = 0
+        while chunk := f.read(size * 256):
+            peer = LEARN_FROM[k % len(LEARN_FROM)]
+            k += 1
+            for i in range(0, len(chunk), size):
+                e.receive_tlv(peer, decode_tlv(Update.TYPE, chunk[i : i + size]), 1.0)
+            e.tlvs_to_send()
+            e.fib_changes()
+    gc.collect()
+    print(json.dumps({"before": before, "after": rss_mib(), "routes": e.subnet_count()}))
+
+
+def rss_figures(n: int) -> dict[str, float]:
+    bodies = [u.encode_body() for u in make_updates(n)]
+    assert len({len(b) for b in bodies}) == 1
+    with tempfile.NamedTemporaryFile(suffix=".updates") as f:
+        f.write(len(bodies[0]).to_bytes(2) + b"".join(bodies))
+        f.flush()
+        out = subprocess.run(
+            [sys.executable, __file__, "--rss-child", f.name], check=True, capture_output=True, text=True
+        ).stdout
+    r = json.loads(out.splitlines()[-1])
+    return {
+        "RSS MiB, engine empty": r["before"],
+        "RSS MiB, with the routes": r["after"],
+        "RSS bytes/route (growth)": (r["after"] - r["before"]) * 2**20 / max(1, r["routes"]),
+        "routes in child's table": r["routes"],
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--routes", type=int, default=100_000)
     ap.add_argument("--cpu", type=int, default=None, help="pin to this core")
+    ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rss_child is not None:
+        rss_child(args.rss_child)
+        return 0
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     print(f"router engine bench, {args.routes} routes, one core, Python {sys.version.split()[0]}")
     print("(machine shared with other developers: figures are noisy lower bounds)")
-    for name, value in bench(args.routes).items():
+    for name, value in {**bench(args.routes), **rss_figures(args.routes)}.items():
         print(f"  {name:26s} {value:12,.0f}")
     return 0
 

@@ -36,6 +36,9 @@ class SeqnoCache:
     def get(self, key: SeqnoKey) -> SeqnoRequestInfo | None:
         return self.entries.get(key)
 
+    def has_subnet(self, subnet: Subnet) -> bool:
+        return subnet in self._by_subnet
+
     def keys_for(self, subnet: Subnet) -> list[SeqnoKey]:
         keys = self._by_subnet.get(subnet)
         return list(keys) if keys else []

@@ -236,7 +236,7 @@ class RouterEngine:
         self._timers = TimerQueue()
         self._fib: dict[Subnet, FibEntry] = {}
         self._recoveries: dict[Subnet, list] = {}  # subnet -> [router id to ask about, retries done]
-        self._address_cache: dict[bytes, int] = {}  # public key -> its overlay address as an int
+        self._address_cache: dict[bytes, int] = {}  # router id -> its key's overlay address as an int
         # Fairness bookkeeping (see the module docstring).
         self._learned: dict[str, dict[Subnet, None]] = {}  # neighbour -> its entries' subnets, oldest first
         self._query_origin: dict[Subnet, str] = {}  # queried subnet -> neighbour whose request we forwarded
@@ -246,7 +246,8 @@ class RouterEngine:
         self._tlvs_out: list[tuple[str, Tlv]] = []
         self._fib_out: list[FibChange] = []
         self._close_out: list[str] = []
-        self.counters: Counter[str] = Counter()
+        self._counters: Counter[str] = Counter()
+        self._rx_updates = 0  # counters["rx_update"], kept apart on the hot path
 
         # Route expiry has its own heap of (deadline, seq, entry): no per-entry
         # key tuples or dict slots (memory per route); stale items are skipped.
@@ -260,6 +261,14 @@ class RouterEngine:
         self._timers.schedule(("source_sweep",), now + SOURCE_SWEEP_INTERVAL)
 
     # ------------------------------------------------------------------ queries
+    @property
+    def counters(self) -> Counter[str]:
+        """Event counters by name (drops, requests, updates...)."""
+        if self._rx_updates:
+            self._counters["rx_update"] += self._rx_updates
+            self._rx_updates = 0
+        return self._counters
+
     @property
     def own_subnet(self) -> Subnet:
         return self._own_subnet
@@ -368,12 +377,12 @@ class RouterEngine:
     # ------------------------------------------------------------------ links
     def peer_up(self, peer: PeerInfo, now: float) -> None:
         if peer.peer_id in self._peers:
-            self.counters["peer_up_duplicate"] += 1
+            self._counters["peer_up_duplicate"] += 1
             return
         p = _Peer(peer, now)
         self._peers[peer.peer_id] = p
         self._nstats[peer.peer_id] = Counter()
-        self.counters["peers_up"] += 1
+        self._counters["peers_up"] += 1
         self._send_hello(p, now)
         self._timers.schedule(("dead", peer.peer_id), now + DEAD_PEER_THRESHOLD)
         self._send_own_update([peer.peer_id], now)
@@ -387,25 +396,29 @@ class RouterEngine:
     def peer_down(self, peer_id: str, now: float) -> None:
         """The link closed: the peer is dead at once (6.6.4)."""
         if peer_id not in self._peers:
-            self.counters["peer_down_unknown"] += 1
+            self._counters["peer_down_unknown"] += 1
             return
-        self.counters["peers_down"] += 1
+        self._counters["peers_down"] += 1
         self._remove_peer(peer_id, now)
 
     # ------------------------------------------------------------------ input
     def receive_tlv(self, peer_id: str, tlv: Tlv, now: float) -> None:
         peer = self._peers.get(peer_id)
         if peer is None:
-            self.counters["rx_from_unknown_peer"] += 1  # TLVs from dead peers are discarded (5.5)
+            self._counters["rx_from_unknown_peer"] += 1  # TLVs from dead peers are discarded (5.5)
             return
         peer.t_last_heard = now
         kind = type(tlv)
+        if kind is Update:  # the common case first, without the generic dispatch
+            self._rx_updates += 1
+            self._handle_update(peer_id, tlv, now)  # type: ignore[arg-type]
+            return
         name = _RX_NAMES.get(kind)
         if name is None:
-            self.counters["rx_unknown_tlv"] += 1
+            self._counters["rx_unknown_tlv"] += 1
             return
-        self.counters[name] += 1
-        if isinstance(tlv, Update):  # the common case first
+        self._counters[name] += 1
+        if isinstance(tlv, Update):  # a subclass
             self._handle_update(peer_id, tlv, now)
         elif isinstance(tlv, Hello):
             self._send(peer_id, Ihu(peer.link_cost, IHU_INTERVAL_CS, None))
@@ -424,7 +437,7 @@ class RouterEngine:
         expire) for destinations being forwarded to.
         """
         if not is_overlay_address(address):
-            self.counters["request_route_outside_overlay"] += 1
+            self._counters["request_route_outside_overlay"] += 1
             return
         if self._own_subnet.contains_address(address):
             return
@@ -532,7 +545,7 @@ class RouterEngine:
         if now < deadline:
             self._timers.schedule(("dead", peer_id), deadline)
             return
-        self.counters["peers_dead"] += 1
+        self._counters["peers_dead"] += 1
         self._close_out.append(peer_id)
         self._remove_peer(peer_id, now)
 
@@ -552,7 +565,7 @@ class RouterEngine:
         else:
             # A neighbour that held tens of thousands of routes: retract them in
             # slices from handle_timer, so the caller can answer in between.
-            self.counters["dead_peer_cleanup_deferred"] += 1
+            self._counters["dead_peer_cleanup_deferred"] += 1
             self._dead_work.append((peer_id, subnets, now))
 
     def _retract_peer_routes(self, peer_id: str, subnets: list[Subnet], now: float) -> None:
@@ -573,12 +586,13 @@ class RouterEngine:
 
     # ------------------------------------------------------------------ updates (6.3, 6.4)
     def _owns(self, router_id: bytes, subnet: Subnet) -> bool:
-        pk = router_id[:32]
-        address = self._address_cache.get(pk)
+        # Keyed by the whole router id (no slice, and a bytes object caches
+        # its hash, so an Update fanned out to many engines hashes it once).
+        address = self._address_cache.get(router_id)
         if address is None:
             if len(self._address_cache) >= _ADDRESS_CACHE_SIZE:
                 self._address_cache.clear()
-            address = self._address_cache[pk] = address_int(pk)
+            address = self._address_cache[router_id] = address_int(router_id[:32])
         return subnet.contains_int6(address)
 
     def _update_filter(self, update: Update) -> str | None:
@@ -595,38 +609,54 @@ class RouterEngine:
         return None
 
     def _handle_update(self, peer_id: str, update: Update, now: float) -> None:
-        reason = self._update_filter(update)
-        if reason is not None:
-            self.counters[f"update_filtered_{reason}"] += 1
-            return
         subnet, router_id, seqno, metric = update.subnet, update.router_id, update.seqno, update.metric
-        interested = self._interested_peers(subnet, router_id, seqno, metric)
-        feasible = self._sources.feasible((subnet, router_id), seqno, metric)
+        # The filters of 6.3 (``_update_filter``), inline: this is the hot path.
+        if (
+            subnet.prefix_len < PREFIX_LEN_MIN
+            or not _OVERLAY_SUBNET.contains(subnet)
+            or (metric != INFINITE and not self._owns(router_id, subnet))
+            or subnet == self._own_subnet
+        ):
+            reason = self._update_filter(update)
+            if reason is not None:
+                self._counters[f"update_filtered_{reason}"] += 1
+                return
+        interested = (
+            self._interested_peers(subnet, router_id, seqno, metric)
+            if metric != INFINITE and self._seqno_cache.entries and self._seqno_cache.has_subnet(subnet)
+            else ()
+        )
+        if metric == INFINITE:
+            feasible = True
+        else:
+            fd = self._sources.entries.get((subnet, router_id))
+            feasible = fd is None or seqno_gt(seqno, fd.seqno) or (seqno == fd.seqno and metric < fd.metric)
         if not feasible:
-            self.counters["update_infeasible"] += 1
+            self._counters["update_infeasible"] += 1
 
         routes = self._table.routes.get(subnet)
+        entry = None
         if routes is None:
             if not feasible:
                 self._send_seqno_request(subnet, router_id, peer_id, None, now)
                 self._start_recovery(subnet, router_id, now)
                 return
             if metric == INFINITE:
-                self.counters["update_retraction_unknown_subnet"] += 1
+                self._counters["update_retraction_unknown_subnet"] += 1
                 return
             if not self._admit(peer_id, subnet, True, now):
                 return
             routes = self._add_routes(subnet, router_id[:32])
-        elif routes.find(peer_id) is None and metric != INFINITE and feasible:
-            admitted = self._admit(peer_id, subnet, False, now)
-            if not admitted:
+        else:
+            entry = routes.find(peer_id)
+            # (admission only ever evicts entries of other subnets here)
+            if entry is None and metric != INFINITE and feasible and not self._admit(peer_id, subnet, False, now):
                 return
 
         old = routes.selected()
         old_router_id = old.router_id if old is not None else None
         old_metric = old.metric if old is not None else INFINITE
 
-        entry = routes.find(peer_id)
         if entry is not None:
             if entry.selected and not feasible and entry.router_id == router_id:
                 # Not applied; ask for a newer seqno instead.
@@ -682,7 +712,7 @@ class RouterEngine:
         else:
             trigger = (old is None) != (new is None)
         if trigger:
-            self.counters["triggered_updates"] += 1
+            self._counters["triggered_updates"] += 1
             self._propagate(subnet, None, now)
             if lost:
                 self._route_lost(subnet, old_router_id, now)  # type: ignore[arg-type]
@@ -701,11 +731,11 @@ class RouterEngine:
         # unless one of our queries asked for it: then the neighbour's newest entry goes.
         if at_limit and (subnet not in self._table.queried or not self._evict_newest(peer_id, now)):
             self._nstats[peer_id]["routes_refused"] += 1
-            self.counters["drop_neighbour_route_limit"] += 1
+            self._counters["drop_neighbour_route_limit"] += 1
             return False
         if new_subnet and len(self._table.routes) >= MAX_SUBNETS and not self._make_room(peer_id, now):
             self._nstats[peer_id]["routes_refused"] += 1
-            self.counters["drop_routing_table_full"] += 1
+            self._counters["drop_routing_table_full"] += 1
             return False
         return True
 
@@ -740,7 +770,7 @@ class RouterEngine:
         stats = self._nstats.get(peer_id)
         if stats is not None:
             stats["routes_evicted"] += 1
-        self.counters["routes_evicted"] += 1
+        self._counters["routes_evicted"] += 1
         was_selected = entry.selected
         self._remove_entry(subnet, routes, entry)
         if was_selected:
@@ -764,11 +794,23 @@ class RouterEngine:
         current = routes.selected()
         best: RouteEntry | None = None
         best_total = INFINITE
-        feasible = self._sources.feasible
+        sources = self._sources.entries
+        peers = self._peers
+        fd_rid: bytes | None = None
+        fd = None
         for entry in routes.entries:
-            if entry.metric == INFINITE or not feasible((subnet, entry.router_id), entry.seqno, entry.metric):
+            metric = entry.metric
+            if metric == INFINITE:
                 continue
-            total = metric_add(entry.metric, self._cost(entry.neighbour))
+            rid = entry.router_id
+            if rid != fd_rid:  # a subnet's entries nearly always share one router id: one lookup
+                fd_rid, fd = rid, sources.get((subnet, rid))
+            if fd is not None:
+                seqno = entry.seqno
+                if not (seqno_gt(seqno, fd.seqno) or (seqno == fd.seqno and metric < fd.metric)):
+                    continue  # infeasible (SourceTable.feasible)
+            peer = peers.get(entry.neighbour)
+            total = INFINITE if peer is None else metric_add(metric, peer.link_cost)
             if best is None or total < best_total:
                 best, best_total = entry, total
         if best is not None and current is not None and best is not current:
@@ -854,10 +896,9 @@ class RouterEngine:
         that cannot be recorded (table full) must not be sent: it would
         escape the feasibility bookkeeping that keeps routes loop-free."""
         key: SourceKey = (update.subnet, update.router_id)
-        if not self._sources.can_record(key):
-            self.counters["drop_source_table_full"] += 1
+        if not self._sources.try_record(key, update.metric, update.seqno, now + SOURCE_ENTRY_LIFETIME):
+            self._counters["drop_source_table_full"] += 1
             return update.metric == INFINITE
-        self._sources.record(key, update.metric, update.seqno, now + SOURCE_ENTRY_LIFETIME)
         return True
 
     def _route_lost(self, subnet: Subnet, router_id: bytes, now: float) -> None:
@@ -871,7 +912,7 @@ class RouterEngine:
         neighbour at once instead of waiting for the data plane to ask."""
         if not self._peers:
             return
-        self.counters["failover_route_requests"] += 1
+        self._counters["failover_route_requests"] += 1
         request = RouteRequest(0, subnet)
         peers = list(self._peers)
         for peer_id in peers:
@@ -889,7 +930,7 @@ class RouterEngine:
             recovery[0] = router_id
             return
         if len(self._recoveries) >= MAX_RECOVERIES:
-            self.counters["drop_recovery_table_full"] += 1
+            self._counters["drop_recovery_table_full"] += 1
             return
         self._recoveries[subnet] = [router_id, 0]
         self._timers.schedule(("recover", subnet), now + RECOVERY_RETRY_DELAYS[0])
@@ -904,7 +945,7 @@ class RouterEngine:
             del self._recoveries[subnet]
             return
         router_id, done = recovery
-        self.counters["recovery_retries"] += 1
+        self._counters["recovery_retries"] += 1
         self._send_seqno_request(subnet, router_id, None, None, now)
         self._failover_request(subnet, now)  # replies reveal who has a route; infeasible ones get asked directly
         done += 1
@@ -924,10 +965,10 @@ class RouterEngine:
             self._set_expiry(subnet, entry, entry.expires)
             return
         if not entry.selected:
-            self.counters["route_expired_fallback"] += 1
+            self._counters["route_expired_fallback"] += 1
             self._remove_entry(subnet, routes, entry)
             return
-        self.counters["route_expired_selected"] += 1
+        self._counters["route_expired_selected"] += 1
         entry.metric = INFINITE
         self._set_expiry(subnet, entry, now + RETRACTED_ROUTE_HOLD)
         best = self._find_best(subnet, routes)
@@ -947,7 +988,7 @@ class RouterEngine:
     def _originate_route_request(self, subnet: Subnet, now: float) -> None:
         if subnet not in self._table.routes and subnet not in self._table.queried:
             if len(self._table.queried) >= MAX_QUERIED:
-                self.counters["drop_query_table_full"] += 1
+                self._counters["drop_query_table_full"] += 1
                 return
             self._mark_queried(subnet, now)
         info = self._rr_cache.info(subnet, now, RR_CACHE_TTL)
@@ -959,7 +1000,7 @@ class RouterEngine:
                 self._send(peer_id, request)
                 sent = True
         if sent:
-            self.counters["route_requests_originated"] += 1
+            self._counters["route_requests_originated"] += 1
         self._record_rr(subnet, 0, list(self._peers), now)
 
     def _handle_route_request(self, peer_id: str, request: RouteRequest, now: float) -> None:
@@ -973,7 +1014,7 @@ class RouterEngine:
         if not subnet.is_ipv6 or subnet.prefix_len < PREFIX_LEN_MIN or not is_overlay_address(subnet.address):
             # Nobody can hold such a route (updates for it are filtered), and
             # forwarding IPv4 prefixes can crash reference nodes (5.6).
-            self.counters["route_request_invalid_prefix"] += 1
+            self._counters["route_request_invalid_prefix"] += 1
             return
         routes = self._table.routes.get(subnet)
         if routes is not None:
@@ -989,14 +1030,14 @@ class RouterEngine:
             return
         # Unknown: forward.
         if request.generation + 1 >= MAX_RR_GENERATION:
-            self.counters["route_request_generation_limit"] += 1
+            self._counters["route_request_generation_limit"] += 1
             return
         if len(self._table.queried) >= MAX_QUERIED:
-            self.counters["drop_query_table_full"] += 1
+            self._counters["drop_query_table_full"] += 1
             return
         if self._queries_by.get(peer_id, 0) >= self.fair_share(MAX_QUERIED):
             self._nstats[peer_id]["route_requests_refused"] += 1
-            self.counters["drop_neighbour_query_limit"] += 1
+            self._counters["drop_neighbour_query_limit"] += 1
             return
         generation = request.generation + 1
         self._mark_queried(subnet, now)
@@ -1008,7 +1049,7 @@ class RouterEngine:
         for other in self._peers:
             if other != peer_id and other not in skip:
                 self._send(other, forwarded)
-        self.counters["route_requests_forwarded"] += 1
+        self._counters["route_requests_forwarded"] += 1
         self._record_rr(subnet, generation, list(self._peers), now)
 
     def _answer_wildcard(self, peer_id: str, now: float) -> None:
@@ -1034,14 +1075,14 @@ class RouterEngine:
         if now < deadline:
             self._timers.schedule(("queried", subnet), deadline)
             return
-        self.counters["route_queries_timed_out"] += 1
+        self._counters["route_queries_timed_out"] += 1
         self._table.drop_query(subnet)
         self._release_query(subnet)
 
     def _record_rr(self, subnet: Subnet, generation: int, receivers: list[str], now: float) -> None:
         evicted = self._rr_cache.record(subnet, generation, receivers, now)
         if evicted is not None:
-            self.counters["rr_cache_evicted"] += 1
+            self._counters["rr_cache_evicted"] += 1
             self._timers.cancel(("rr", evicted))
         self._timers.cancel(("rr", subnet))
         self._timers.schedule(("rr", subnet), now + RR_CACHE_TTL)
@@ -1088,7 +1129,7 @@ class RouterEngine:
         self._seqno = seqno_add(self._seqno, 1)
         self._last_bump = now
         self._bump_pending = False
-        self.counters["seqno_bumps"] += 1
+        self._counters["seqno_bumps"] += 1
         self._send_own_update(list(self._peers), now)
 
     def _on_bump_timer(self, now: float) -> None:
@@ -1104,7 +1145,7 @@ class RouterEngine:
         is_new = self._seqno_cache.get(key) is None
         evicted = self._seqno_cache.forward(key, target, origin, now)
         if evicted is not None:
-            self.counters["seqno_cache_evicted"] += 1
+            self._counters["seqno_cache_evicted"] += 1
             self._timers.cancel(("seqno", *evicted))
         if is_new:
             self._timers.schedule(("seqno", *key), now + SEQNO_CACHE_TTL)
@@ -1139,7 +1180,7 @@ class RouterEngine:
         """No neighbour to forward to yet. The reference drops the request; we
         remember the asker so the request goes out (and the answer comes
         back) as soon as we select a route (``_forward_pending_seqno_requests``)."""
-        self.counters["seqno_request_parked"] += 1
+        self._counters["seqno_request_parked"] += 1
         self._cache_seqno_request(key, None, asker, now)
 
     def _seqno_request_in_flight(self, targets: list[str], selected: RouteEntry | None, asker: str) -> bool:
@@ -1175,12 +1216,12 @@ class RouterEngine:
                 continue  # our route already satisfies it
             self._send(hop, SeqNoRequest(seqno, SEQNO_REQUEST_HOP_COUNT - 1, router_id, subnet))
             self._cache_seqno_request(key, hop, None, now)
-            self.counters["seqno_request_forwarded_pending"] += 1
+            self._counters["seqno_request_forwarded_pending"] += 1
 
     def _handle_seqno_request(self, peer_id: str, request: SeqNoRequest, now: float) -> None:
         subnet, router_id, seqno = request.subnet, request.router_id, request.seqno
         if not subnet.is_ipv6:
-            self.counters["seqno_request_invalid_prefix"] += 1
+            self._counters["seqno_request_invalid_prefix"] += 1
             return
         key: SeqnoKey = (router_id, subnet, seqno)
         info = self._seqno_cache.get(key)
@@ -1198,7 +1239,7 @@ class RouterEngine:
             update = self._selected_update(selected, metric, selected.subnet, now)
             if self._record_advertised(update, now):
                 self._send(peer_id, update)
-            self.counters["seqno_request_answered"] += 1
+            self._counters["seqno_request_answered"] += 1
             return
         if (
             info is not None
@@ -1207,27 +1248,27 @@ class RouterEngine:
         ):
             if peer_id not in info.sources:
                 info.sources.append(peer_id)  # so the answer reaches it too
-            self.counters["seqno_request_duplicate"] += 1
+            self._counters["seqno_request_duplicate"] += 1
             return
         if router_id == self._router_id and seqno_gt(seqno, self._seqno) and subnet == self._own_subnet:
             if self._last_bump is not None and now - self._last_bump < SEQNO_BUMP_TIMEOUT:
                 # The reference drops the request; we bump as soon as the rate
                 # limit allows, so the requester need not retry.
-                self.counters["seqno_bump_deferred"] += 1
+                self._counters["seqno_bump_deferred"] += 1
                 self._bump_pending = True
                 self._timers.schedule(("bump",), self._last_bump + SEQNO_BUMP_TIMEOUT)
                 return
             self._bump_seqno(now)
             return
         if request.hop_count < 2:
-            self.counters["seqno_request_hop_limit"] += 1
+            self._counters["seqno_request_hop_limit"] += 1
             return
         if router_id == self._router_id:
-            self.counters["seqno_request_unhandled"] += 1
+            self._counters["seqno_request_unhandled"] += 1
             return
         if info is None and self._seqno_cache.owned_by(peer_id) >= self.fair_share(MAX_SEQNO_CACHE):
             self._nstats[peer_id]["seqno_requests_refused"] += 1
-            self.counters["drop_neighbour_seqno_limit"] += 1
+            self._counters["drop_neighbour_seqno_limit"] += 1
             return
         if routes is None:
             self._park_seqno_request(key, peer_id, now)
@@ -1251,7 +1292,7 @@ class RouterEngine:
         forwarded = SeqNoRequest(seqno, request.hop_count - 1, router_id, subnet)
         self._send(target.neighbour, forwarded)
         self._cache_seqno_request(key, target.neighbour, peer_id, now)
-        self.counters["seqno_request_forwarded"] += 1
+        self._counters["seqno_request_forwarded"] += 1
 
     # ------------------------------------------------------------------ helpers
     def _cost(self, peer_id: str) -> int:
@@ -1261,26 +1302,27 @@ class RouterEngine:
     def _send_all(self, update: Update, skip: str | None) -> None:
         """``_send`` of one Update to every live peer but ``skip`` (the hot path of triggered updates)."""
         if not update.subnet.is_ipv6:
-            self.counters["tx_ipv4_suppressed"] += 1
+            self._counters["tx_ipv4_suppressed"] += 1
             return
         out = [(p, update) for p in self._peers if p != skip]
         if out:
-            self.counters["tx_update"] += len(out)
+            self._counters["tx_update"] += len(out)
             self._tlvs_out += out
 
     def _send(self, peer_id: str, tlv: Tlv) -> None:
         if peer_id not in self._peers:
-            self.counters["tx_to_dead_peer_suppressed"] += 1
+            self._counters["tx_to_dead_peer_suppressed"] += 1
             return
         subnet = getattr(tlv, "subnet", None)
         if subnet is not None and not subnet.is_ipv6:
-            self.counters["tx_ipv4_suppressed"] += 1  # never send IPv4 prefixes (5.6)
+            self._counters["tx_ipv4_suppressed"] += 1  # never send IPv4 prefixes (5.6)
             return
-        self.counters[_TX_NAMES[type(tlv)]] += 1
+        self._counters[_TX_NAMES[type(tlv)]] += 1
         self._tlvs_out.append((peer_id, tlv))
 
     def _add_routes(self, subnet: Subnet, public_key: bytes) -> SubnetRoutes:
-        if subnet in self._table.queried:
+        queried = self._table.queried
+        if queried and subnet in queried:
             self._timers.cancel(("queried", subnet))
             self._release_query(subnet)
         return self._table.add_routes(subnet, public_key)

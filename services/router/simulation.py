@@ -1,9 +1,16 @@
 """Deterministic multi-node simulation of RouterEngines on a virtual clock.
 
-Links are bidirectional FIFO pipes with a fixed one-way delay; everything
-happens in one event queue ordered by (time, insertion order), so a run with
-the same seed is reproducible bit for bit. Used by the unit tests (routing
-behaviour, loop freedom after every event) and by benchmarks.
+Links are bidirectional FIFO pipes with a fixed one-way delay. Virtual time
+advances in ticks (``tick``, 1 ms by default): a node handles everything that
+reached it during a tick at once and then sends what that produced, as the
+router service handles its input in slices; one-way delays and timers are
+rounded up to whole ticks. An event is one node's turn in a tick, and events
+run in (tick, order scheduled) order, so a run with the same seed is
+reproducible bit for bit. Batching per node and tick is what keeps the
+per-packet cost low enough for public-network sizes: one wheel slot per
+(tick, node) instead of a heap item per packet, one drain per turn. Used by
+the unit tests (routing behaviour, loop freedom after every event) and by
+benchmarks.
 
 Each node's FIB is mirrored from the engine's FibSet/FibDel stream, which is
 what the data plane would see. With ``check_loops`` every event that changes
@@ -18,16 +25,17 @@ is tracked incrementally, so ``run_until_converged`` is exact to the event.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import ipaddress
 import itertools
+import math
 import random
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from common.identity import address_of
 from common.wire.subnet import Subnet
@@ -35,9 +43,8 @@ from common.wire.tlv import Tlv, decode_tlv
 
 from .engine import FibDel, FibSet, PeerInfo, RouterEngine
 
-_DELIVER = 0
-_TIMER = 1
-_TRAFFIC = 2
+_TRAFFIC = -1  # wheel slot of the traffic tick (node indices are >= 0)
+_EPS = 1e-9
 
 _TLV_NAMES = {4: "hello", 5: "ihu", 8: "update", 9: "route_request", 10: "seqno_request"}
 
@@ -65,7 +72,7 @@ class SimNode:
     alive: bool = True
     links: dict[str, SimLink] = field(default_factory=dict)  # local peer id -> link
     fib: dict[Subnet, str | None] = field(default_factory=dict)  # mirror of the published FIB
-    timer_at: float | None = None
+    timer_tick: int | None = None  # the wheel slot armed for the engine's next timer
 
     @property
     def subnet(self) -> Subnet:
@@ -89,7 +96,10 @@ class Simulation:
         start: float = 0.0,
         all_pairs: bool = True,
         loop_sample: set[Subnet] | None = None,
+        tick: float = 0.001,
     ) -> None:
+        if tick <= 0 or delay < tick:
+            raise ValueError("tick must be positive and no longer than the link delay")
         self.rng = random.Random(seed)
         self.seed = seed
         self.delay = delay
@@ -99,11 +109,15 @@ class Simulation:
         self.now = start
         self.nodes: list[SimNode] = []
         self.links: list[SimLink] = []
-        self.sent: Counter[str] = Counter()  # control packets by TLV type, plus "total"
+        self.tick = tick
+        self._counts = [0] * 16  # control packets sent, by TLV type
         self.events_processed = 0
         self.loop_checks = 0
-        self._queue: list[tuple[float, int, int, object]] = []
-        self._seq = itertools.count()
+        self.retired_counters: Counter[str] = Counter()  # engines replaced by rejoin_node
+        # The timing wheel: tick -> {node index (or _TRAFFIC): arrivals
+        # [(receiver's peer id, TLV)]}, and a heap of the ticks present.
+        self._wheel: dict[int, dict[int, list[tuple[str, Tlv]]]] = {}
+        self._ticks: list[int] = []
         self._owner: dict[Subnet, int] = {}
         self._link_ids = itertools.count()
         self._missing = 0
@@ -116,6 +130,13 @@ class Simulation:
         self._traffic_interval: float | None = None
         for _ in range(n_nodes):
             self.add_node()
+
+    @property
+    def sent(self) -> Counter[str]:
+        """Control packets sent so far by TLV type, plus "total"."""
+        out = Counter({_TLV_NAMES[t]: c for t, c in enumerate(self._counts) if c})
+        out["total"] = sum(self._counts)
+        return out
 
     # ------------------------------------------------------------------ topology
     def add_node(self) -> int:
@@ -185,12 +206,13 @@ class Simulation:
         if node.alive:
             raise ValueError(f"node {n} is alive")
         pk = node.engine.public_key
+        self.retired_counters.update(node.engine.counters)
         router_id = pk + b"\0\0" + self.rng.randbytes(6)
         node.engine = RouterEngine(pk, router_id, self.now, rng=random.Random(self.rng.random()))
         node.alive = True
         node.links = {}
         node.fib = {}
-        node.timer_at = None
+        node.timer_tick = None
         self._recount_missing()
         for other in self._neighbours_at_leave.pop(n, []):
             if self.nodes[other].alive:
@@ -239,7 +261,7 @@ class Simulation:
         """From now on, every ``interval`` each wanted pair without a route asks
         again, as a data plane does on every FIB miss of ongoing traffic."""
         self._traffic_interval = interval
-        heapq.heappush(self._queue, (self.now + interval, next(self._seq), _TRAFFIC, None))
+        self._slot(self._tick_after(self.now + interval), _TRAFFIC)
 
     def _traffic_tick(self) -> None:
         for src, dsts in (self._demand or {}).items():
@@ -255,18 +277,45 @@ class Simulation:
             if asked:
                 self._drain(node)
         if self._traffic_interval is not None:
-            heapq.heappush(self._queue, (self.now + self._traffic_interval, next(self._seq), _TRAFFIC, None))
+            self._slot(self._tick_after(self.now + self._traffic_interval), _TRAFFIC)
 
     # ------------------------------------------------------------------ running
+    def _tick_after(self, when: float) -> int:
+        """The first tick at or after ``when`` that is still to come."""
+        t = math.ceil(when / self.tick - _EPS)
+        now_tick = math.floor(self.now / self.tick + _EPS)
+        return t if t > now_tick else now_tick + 1
+
+    def _slot(self, t: int, index: int) -> list[tuple[str, Tlv]]:
+        """The arrival list of ``index`` at tick ``t`` (created, and the tick
+        put on the heap, on first use)."""
+        bucket = self._wheel.get(t)
+        if bucket is None:
+            bucket = self._wheel[t] = {}
+            heapq.heappush(self._ticks, t)
+        arrivals = bucket.get(index)
+        if arrivals is None:
+            arrivals = bucket[index] = []
+        return arrivals
+
     def run_until(self, t: float, stop: Callable[[], bool] | None = None) -> bool:
         """Process events up to virtual time ``t``; True if ``stop`` became true first."""
-        queue = self._queue
-        while queue and queue[0][0] <= t:
-            when, _, kind, data = heapq.heappop(queue)
-            self.now = when
-            self._process(kind, data)
-            if stop is not None and stop():
-                return True
+        ticks, wheel, q = self._ticks, self._wheel, self.tick
+        last = math.floor(t / q + _EPS)
+        while ticks and ticks[0] <= last:
+            tick = ticks[0]
+            bucket = wheel[tick]
+            self.now = tick * q
+            while bucket:
+                index = next(iter(bucket))
+                self._turn(index, bucket.pop(index), tick)
+                if stop is not None and stop():
+                    if not bucket:
+                        heapq.heappop(ticks)
+                        del wheel[tick]
+                    return True
+            heapq.heappop(ticks)
+            del wheel[tick]
         self.now = max(self.now, t)
         return False
 
@@ -282,61 +331,72 @@ class Simulation:
             return self.now - start
         return None
 
-    def _process(self, kind: int, data: Any) -> None:
+    def _turn(self, index: int, arrivals: list[tuple[str, Tlv]], tick: int) -> None:
+        """One node's turn in a tick: what reached it, then its due timers, then its output."""
         self.events_processed += 1
-        if kind == _DELIVER:
-            link, dst, peer_id, tlv = data
-            if not link.up or link.blackhole:
-                return
-            node = self.nodes[dst]
-            node.engine.receive_tlv(peer_id, tlv, self.now)
-            self._drain(node)
-        elif kind == _TRAFFIC:
+        if index == _TRAFFIC:
             self._traffic_tick()
-        else:
-            node = self.nodes[data]
-            if not node.alive:
-                return
-            if node.timer_at is not None and node.timer_at <= self.now:
-                node.timer_at = None
-            due = node.engine.get_timer()
-            if due is not None and due <= self.now:
-                node.engine.handle_timer(self.now)
-            self._drain(node)
+            return
+        node = self.nodes[index]
+        if not node.alive:
+            return
+        if node.timer_tick == tick:
+            node.timer_tick = None
+        engine = node.engine
+        now = self.now
+        if arrivals:
+            links = node.links
+            receive = engine.receive_tlv
+            for peer_id, tlv in arrivals:
+                link = links.get(peer_id)
+                if link is not None and link.up and not link.blackhole:
+                    receive(peer_id, tlv, now)
+        due = engine.get_timer()
+        if due is not None and due <= now + _EPS:
+            engine.handle_timer(now)
+        self._drain(node)
 
     def _drain(self, node: SimNode) -> None:
         engine = node.engine
-        for peer_id, tlv in engine.tlvs_to_send():
-            link = node.links.get(peer_id)
-            if link is None or not link.up:
-                raise AssertionError(f"node {node.index} sent to unknown or closed peer {peer_id}")
-            name = _TLV_NAMES[tlv.TYPE]
-            self.sent[name] += 1
-            self.sent["total"] += 1
-            if self.check_wire:
-                tlv = _wire_roundtrip(tlv)
-            if link.a == node.index:
-                dst, dst_peer = link.b, link.peer_at_b
-            else:
-                dst, dst_peer = link.a, link.peer_at_a
-            heapq.heappush(self._queue, (self.now + link.delay, next(self._seq), _DELIVER, (link, dst, dst_peer, tlv)))
+        out = engine.tlvs_to_send()
+        if out:
+            counts = self._counts
+            check_wire = self.check_wire
+            lists: dict[str, tuple[list[tuple[str, Tlv]], str]] = {}
+            for peer_id, tlv in out:
+                target = lists.get(peer_id)
+                if target is None:
+                    link = node.links.get(peer_id)
+                    if link is None or not link.up:
+                        raise AssertionError(f"node {node.index} sent to unknown or closed peer {peer_id}")
+                    if link.a == node.index:
+                        dst, dst_peer = link.b, link.peer_at_b
+                    else:
+                        dst, dst_peer = link.a, link.peer_at_a
+                    target = lists[peer_id] = (self._slot(self._tick_after(self.now + link.delay), dst), dst_peer)
+                if check_wire:
+                    tlv = _wire_roundtrip(tlv)
+                target[0].append((target[1], tlv))
+                counts[tlv.TYPE] += 1
         changed = engine.fib_changes()
-        for change in changed:
-            self._apply_fib(node, change)
-        if self.check_loops and changed:
-            sample = self.loop_sample
-            for subnet in {c.subnet for c in changed}:
-                if sample is None or subnet in sample:
-                    self._check_path(node.index, subnet)
+        if changed:
+            for change in changed:
+                self._apply_fib(node, change)
+            if self.check_loops:
+                sample = self.loop_sample
+                for subnet in {c.subnet for c in changed}:
+                    if sample is None or subnet in sample:
+                        self._check_path(node.index, subnet)
         for peer_id in engine.peers_to_close():
             link = node.links[peer_id]
             if link.up:
                 self._close(link, notify_a=link.a != node.index, notify_b=link.b != node.index)
         due = engine.get_timer()
-        if due is not None and (node.timer_at is None or due < node.timer_at):
-            due = max(due, self.now)
-            node.timer_at = due
-            heapq.heappush(self._queue, (due, next(self._seq), _TIMER, node.index))
+        if due is not None:
+            t = self._tick_after(due)
+            if node.timer_tick is None or t < node.timer_tick:
+                node.timer_tick = t
+                self._slot(t, node.index)
 
     def _apply_fib(self, node: SimNode, change: FibSet | FibDel) -> None:
         before = node.fib.get(change.subnet) is not None
@@ -354,6 +414,11 @@ class Simulation:
             self._missing += -1 if after else 1
 
     # ------------------------------------------------------------------ checks
+    @property
+    def demand(self) -> dict[int, set[int]]:
+        """Destinations each node asked for (``request_routes``); empty with all_pairs."""
+        return {src: set(dsts) for src, dsts in (self._demand or {}).items()}
+
     def _wanted_pairs(self) -> Iterator[tuple[SimNode, SimNode]]:
         nodes = self.nodes
         if self._demand is None:
@@ -528,9 +593,14 @@ class ScaleFigures:
     loop_checks: int
     events: int
     wall_s: float
+    cpu_s: float = 0.0  # process CPU time of the run (the machine is shared: wall is an upper bound)
+    routes_total: int = 0  # subnets with routes, summed over all nodes' tables (at the end of convergence)
+    packets_by_type: dict[str, int] = field(default_factory=dict)  # until converged
     churned: int = 0
+    churn_away_s: float | None = None  # virtual seconds from the leave until every remaining wanted pair is routed
     churn_recovery_s: float | None = None  # virtual seconds from rejoin until every wanted pair is routed again
-    churn_packets: int = 0
+    churn_packets: int = 0  # control packets from the leave until routed again after the rejoin
+    sim: Simulation | None = field(default=None, repr=False, compare=False)  # with keep_sim=True
 
 
 def scale_run(
@@ -542,6 +612,8 @@ def scale_run(
     loop_sample: int | None = 200,
     churn: float = 0.0,
     timeout: float = 60.0,
+    full_check: bool | None = None,
+    keep_sim: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ScaleFigures:
     """The public-network scenario of the scale bench (bench/bench_sim.py):
@@ -549,8 +621,37 @@ def scale_run(
     random others. Loop freedom is checked after every FIB change toward
     ``loop_sample`` random subnets (None: all). With ``churn`` > 0 that
     fraction of the ordinary nodes then leaves at once, stays away 10 s,
-    and rejoins; traffic keeps asking for missing routes every second."""
+    and rejoins; traffic keeps asking for missing routes every second.
+    ``full_check`` (default: n <= 300) ends with a loop walk from every node
+    toward every subnet in any FIB."""
+    # The cyclic GC's full collections walk every object, and a large run
+    # holds tens of millions that form no cycles (n^2 routes): off for the
+    # run, as the router service freezes its long-lived objects.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        figures = _scale_run(n, hubs, destinations, seed, loop_sample, churn, timeout, full_check, progress)
+        if not keep_sim:
+            figures.sim = None
+        return figures
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _scale_run(
+    n: int,
+    hubs: int,
+    destinations: int,
+    seed: int,
+    loop_sample: int | None,
+    churn: float,
+    timeout: float,
+    full_check: bool | None,
+    progress: Callable[[str], None] | None,
+) -> ScaleFigures:
     started = time.perf_counter()
+    cpu_started = time.process_time()
     say = progress or (lambda _text: None)
     sim = Simulation(seed=seed, check_loops=True, all_pairs=False)
     nodes = hub_mesh(sim, n, hubs=hubs)
@@ -562,27 +663,38 @@ def scale_run(
     sim.request_routes(demand)
     sim.start_traffic(1.0)
     converged = sim.run_until_converged(timeout)
-    packets = sim.sent["total"]
+    sent = sim.sent
+    packets = sent["total"]
     say(f"converged in {converged} virtual s, {packets} packets ({time.perf_counter() - started:.1f} s)")
+    routes_total = sum(x.engine.subnet_count() for x in sim.nodes)
     sim.run_until(HELLO_QUIET_BEFORE)
     figures = ScaleFigures(n, len(sim.links), sim.wanted_pair_count(), converged, packets, sim.sent["total"], 0, 0, 0.0)
+    figures.routes_total = routes_total
+    figures.packets_by_type = {k: v for k, v in sent.items() if k != "total"}
     if churn > 0:
         leaving = rng.sample(nodes[hubs:], max(1, int((n - hubs) * churn)))
+        before = sim.sent["total"]
+        left_at = sim.now
         for x in leaving:
             sim.remove_node(x)
-        sim.run_for(10.0)
-        before = sim.sent["total"]
+        figures.churn_away_s = sim.run_until_converged(timeout)
+        sim.run_until(left_at + 10.0)
         for x in leaving:
             sim.rejoin_node(x)
         figures.churned = len(leaving)
         figures.churn_recovery_s = sim.run_until_converged(timeout)
         figures.churn_packets = sim.sent["total"] - before
-        say(f"churn: {len(leaving)} left and rejoined, routed again after {figures.churn_recovery_s} virtual s")
-    if n <= 300:  # the full check walks every pair: affordable for small runs only
+        say(
+            f"churn: {len(leaving)} left (the rest routed again after {figures.churn_away_s} virtual s) "
+            f"and rejoined, routed again after {figures.churn_recovery_s} virtual s"
+        )
+    if n <= 300 if full_check is None else full_check:  # walks every pair
         sim.assert_loop_free()
     figures.loop_checks = sim.loop_checks
     figures.events = sim.events_processed
     figures.wall_s = time.perf_counter() - started
+    figures.cpu_s = time.process_time() - cpu_started
+    figures.sim = sim
     return figures
 
 

@@ -54,13 +54,19 @@ class SourceTable:
         if fd is None:
             self.entries[key] = FeasibilityDistance(metric, seqno, expires)
             return True
-        if seqno_gt(seqno, fd.seqno) or (seqno == fd.seqno and metric < fd.metric):
-            fd.metric, fd.seqno, fd.expires = metric, seqno, expires
-            return True
-        if metric != INFINITE:
-            fd.expires = expires
-            return True
-        return False
+        return _refresh(fd, metric, seqno, expires)
+
+    def try_record(self, key: SourceKey, metric: int, seqno: int, expires: float) -> bool:
+        """``record`` unless the table is full and ``key`` new (then False):
+        ``can_record`` and ``record`` in one lookup, for the hot path."""
+        fd = self.entries.get(key)
+        if fd is None:
+            if len(self.entries) >= self.capacity:
+                return False
+            self.entries[key] = FeasibilityDistance(metric, seqno, expires)
+        else:
+            _refresh(fd, metric, seqno, expires)
+        return True
 
     def remove(self, key: SourceKey) -> None:
         self.entries.pop(key, None)
@@ -71,3 +77,15 @@ class SourceTable:
         for key in expired:
             del self.entries[key]
         return len(expired)
+
+
+def _refresh(fd: FeasibilityDistance, metric: int, seqno: int, expires: float) -> bool:
+    """A newer seqno, or the same with a smaller metric, replaces the
+    distance; any finite update refreshes its lifetime."""
+    if seqno_gt(seqno, fd.seqno) or (seqno == fd.seqno and metric < fd.metric):
+        fd.metric, fd.seqno, fd.expires = metric, seqno, expires
+        return True
+    if metric != INFINITE:
+        fd.expires = expires
+        return True
+    return False

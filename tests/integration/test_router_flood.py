@@ -149,11 +149,17 @@ def test_flood_of_owned_subnets_leaves_honest_routes_and_the_api_alone(
         flooder.sendall(frames)
         sent_s = time.monotonic() - started
 
+        handled: list[int] = []
+
         def flood_processed() -> bool:
+            # Received, or dropped unread from the flooder's full queue (on a
+            # loaded machine the router falls behind and part of the flood is
+            # dropped, so rx_update alone may never get near the total); or,
+            # should peerd drop some too, the count stopped moving for 3 s.
             c = node.counters("router")
-            return c.get("rx_update", 0) >= FLOOD_UPDATES * 0.9 or (
-                c.get("drop_neighbour_route_limit", 0) + c.get("rx_update", 0) >= FLOOD_UPDATES
-            )
+            handled.append(c.get("rx_update", 0) + c.get("ctl_dropped_backlog", 0))
+            stalled = len(handled) > 6 and handled[-7] == handled[-1] >= FLOOD_UPDATES // 2
+            return handled[-1] >= FLOOD_UPDATES * 0.9 or stalled
 
         wait_for("the router to work through the flood", flood_processed, 90, interval=0.5)
         processed_s = time.monotonic() - started

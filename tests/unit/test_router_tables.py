@@ -62,6 +62,12 @@ def test_source_table_capacity() -> None:
     t.record((S, RID), 1, 1, 1.0)
     assert t.can_record((S, RID))
     assert not t.can_record((S, bytes(39) + b"\1"))
+    # try_record: the same in one call; a known key is still recorded when full
+    assert not t.try_record((S, bytes(39) + b"\1"), 1, 1, 1.0)
+    assert t.get((S, bytes(39) + b"\1")) is None
+    assert t.try_record((S, RID), 0, 1, 2.0)
+    fd = t.get((S, RID))
+    assert fd is not None and (fd.metric, fd.seqno, fd.expires) == (0, 1, 2.0)
 
 
 # ---------------------------------------------------------------------- caches
