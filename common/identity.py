@@ -28,41 +28,15 @@ class IdentityError(Exception):
     """A key or key file that cannot be used; the message is user-facing."""
 
 
-_P = 2**255 - 19
-_A24 = 121665
-
-
 def public_key_of(secret: bytes) -> bytes:
-    """X25519(secret, 9), RFC 7748 section 5, in Python.
+    """X25519(secret, 9) by ``cryptography``: a hand-written ladder would save
+    each service ~1.7 MiB of imports, not worth carrying our own curve code."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    Why not ``cryptography``: the router, msgbus, apid and proxyd need the
-    node's public key and no other primitive, and importing cryptography
-    costs each of them ~1.7 MiB (its Rust module's relocated data and
-    start-up objects; docs/PERFORMANCE.md "Memory"). This runs once per
-    process start (~2 ms); tests compare it with cryptography's."""
     if len(secret) != KEY_SIZE:
-        raise ValueError(f"an X25519 secret key is {KEY_SIZE} bytes, got {len(secret)}")  # as cryptography
-    k = bytearray(secret)
-    k[0] &= 248
-    k[31] = (k[31] & 127) | 64
-    scalar = int.from_bytes(k, "little")
-    p = _P
-    x1, x2, z2, x3, z3, swap = 9, 1, 0, 9, 1, 0
-    for t in range(254, -1, -1):
-        bit = (scalar >> t) & 1
-        if swap ^ bit:
-            x2, x3, z2, z3 = x3, x2, z3, z2
-        swap = bit
-        a, b = x2 + z2, x2 - z2
-        c, d = x3 + z3, x3 - z3
-        aa, bb = a * a % p, b * b % p
-        e = aa - bb
-        da, cb = d * a % p, c * b % p
-        x3, z3 = (da + cb) ** 2 % p, x1 * (da - cb) ** 2 % p
-        x2, z2 = aa * bb % p, e * (aa + _A24 * e) % p
-    if swap:
-        x2, z2 = x3, z3
-    return (x2 * pow(z2, p - 2, p) % p).to_bytes(KEY_SIZE, "little")
+        raise ValueError(f"an X25519 secret key is {KEY_SIZE} bytes, got {len(secret)}")
+    return X25519PrivateKey.from_private_bytes(secret).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def parse_public_key(text: str) -> bytes:
