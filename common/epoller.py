@@ -70,7 +70,10 @@ class Epoller:
             sockets = self.sockets
             for fd, _mask in events:
                 sock = sockets.get(fd)
-                ready.add(fd if sock is None else sock)
+                if sock is None:
+                    ready.add(fd)
+                elif int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # ZMQ_FD also fires for commands only
+                    ready.add(sock)
         for item in ready:
             if isinstance(item, zmq.Socket):
                 self.recheck.add(item)

@@ -8,6 +8,7 @@ query on a miss, the way traffic would.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -137,9 +138,15 @@ def test_malformed_bytes_close_only_that_connection(make_nodes: Callable[..., li
     assert _send_and_wait_close(b.tcp_port, wrong_version)
     assert _send_and_wait_close(b.tcp_port, unknown_type)
     assert _send_and_wait_close(b.tcp_port, oversized_control)
-    # a truncated packet followed by EOF: the node sees the close, nothing else
+    # a truncated packet followed by EOF: the node sees the close, nothing else. Shut
+    # down and read what the node sent (its Hello) first: closing with it unread would
+    # be a reset, which the node counts as a read error instead
     with socket.create_connection(("127.0.0.1", b.tcp_port), timeout=5) as s:
         s.sendall(struct.pack("!BBxxxHB", 1, 0, 1400, 64) + bytes(20))
+        s.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            while s.recv(65536):
+                pass
 
     def counted() -> bool:
         now = b.counters("peerd-tcp")
