@@ -52,9 +52,14 @@ class _RaiseOnLoggedBug(logging.Handler):
     """apid turns a handler's unexpected exception into a logged 500 / internal
     error; under fuzzing that is a finding, so make it raise."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []  # kept too: a raise inside an asyncio task or callback is swallowed
+
     def emit(self, record: logging.LogRecord) -> None:
         if record.exc_info and record.levelno >= logging.ERROR:
-            raise Finding(f"{record.getMessage()}: {record.exc_info[1]!r}")
+            self.seen.append(f"{record.getMessage()}: {record.exc_info[1]!r}")
+            raise Finding(self.seen[-1])
 
 
 # --- decoders ---------------------------------------------------------------------
@@ -328,34 +333,18 @@ def t_ws(data: bytes) -> None:
     answer or nothing (a notification), no task fails, nothing is left behind."""
     a = api()
     frames = [f for f in data.split(b"\n")[:12] if f]
-    bug = a.bug_handler
-    logging.getLogger("apid").removeHandler(bug)  # a handler raising in a task is swallowed: count instead
-    failed = _CountErrors()
-    logging.getLogger("apid").addHandler(failed)
-    try:
-        for text in asyncio.run(_ws_session(a.ws, frames)):
-            doc = json.loads(text)
-            for item in doc if isinstance(doc, list) else [doc]:
-                if item.get("jsonrpc") != "2.0" or ("error" in item) == ("result" in item):
-                    raise Finding(f"not a JSON-RPC answer: {text[:200]}")
-                error = item.get("error") or {}
-                if error.get("code") == -32603 and "is not running" not in str(error.get("data")):
-                    raise Finding(f"internal error: {text[:200]}")  # only msgbus being down may give one
-    finally:
-        logging.getLogger("apid").removeHandler(failed)
-        logging.getLogger("apid").addHandler(bug)
-    if failed.records:
-        raise Finding(f"apid logged {failed.records[0]}")
-
-
-class _CountErrors(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info and record.levelno >= logging.ERROR:
-            self.records.append(f"{record.getMessage()}: {record.exc_info[1]!r}")
+    a.bug_handler.seen.clear()
+    sent = asyncio.run(_ws_session(a.ws, frames))
+    if a.bug_handler.seen:
+        raise Finding(f"apid logged {a.bug_handler.seen[0]}")
+    for text in sent:
+        doc = json.loads(text)
+        for item in doc if isinstance(doc, list) else [doc]:
+            if item.get("jsonrpc") != "2.0" or ("error" in item) == ("result" in item):
+                raise Finding(f"not a JSON-RPC answer: {text[:200]}")
+            error = item.get("error") or {}
+            if error.get("code") == -32603 and "is not running" not in str(error.get("data")):
+                raise Finding(f"internal error: {text[:200]}")  # only msgbus being down may give one
 
 
 TARGETS: list[tuple[str, Callable[[bytes], None]]] = [
