@@ -47,9 +47,11 @@ def rollup(pid: int) -> dict[str, int]:
 
 def name_of(pid: int) -> str:
     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    words = [w.decode() for w in cmd if w]
+    words = [w for part in cmd if part for w in part.decode().split(" ")]  # a forked service's title is one string
     if "mycelium-launcher" in words:  # the launcher after it exec'ed its shell waiter (services/cli/launcher.py)
         return "launcher (sh)"
+    if "services.cli.prefork" in words:
+        return "supervisord (prefork)"
     for w in words:
         if w.startswith("services."):
             return w.removeprefix("services.")

@@ -90,6 +90,7 @@ class Node:
         self.rpc_port = free_port()
         self.peers: list[str] = []
         self.extra_args: list[str] = []
+        self.env: dict[str, str] = {}  # on top of the test's environment
         self.proc: subprocess.Popen[bytes] | None = None
         self._info: dict[str, Any] | None = None
 
@@ -118,7 +119,7 @@ class Node:
         return args + self.extra_args
 
     def start(self) -> Node:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", XDG_CONFIG_HOME=str(self.dir / "config"))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", XDG_CONFIG_HOME=str(self.dir / "config"), **self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.args(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True
