@@ -198,6 +198,39 @@ def install() -> None:
     os.register_at_fork(before=lambda: (sys.stdout.flush(), sys.stderr.flush()))
 
 
+STOPPING_POLL_S = 0.05  # supervisord's loop while the node stops (1 s otherwise)
+
+
+def install_quick_stop() -> None:
+    """Stop a node in about a second instead of one second per program.
+
+    supervisord stops one program group per turn of its loop and then waits
+    for its 1 s poll timeout (an exited child's pipe closes before it can be
+    reaped, so nothing wakes the poll). Here every group of the highest
+    priority left stops at once (the order by priority stays: peerd first,
+    router last), and while stopping the loop turns every 50 ms."""
+    from supervisor import poller, supervisord
+
+    base = poller.Poller
+
+    class QuickStopPoller(base):  # type: ignore[valid-type,misc]
+        stopping = False
+
+        def poll(self, timeout: float) -> tuple[list[int], list[int]]:
+            return super().poll(min(timeout, STOPPING_POLL_S) if self.stopping else timeout)
+
+    def stop_highest_priority(self: supervisord.Supervisor) -> None:
+        self.options.poller.stopping = True
+        if self.stop_groups:
+            last = self.stop_groups[-1].config.priority
+            for group in self.stop_groups:
+                if group.config.priority == last:
+                    group.stop_all()
+
+    poller.Poller = QuickStopPoller
+    supervisord.Supervisor.ordered_stop_groups_phase_1 = stop_highest_priority
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.cli.prefork")
     parser.add_argument("--preload", default="", help="comma-separated modules to import once and fork")
@@ -209,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = args.supervisord_args[1:] if args.supervisord_args[:1] == ["--"] else args.supervisord_args
     preload([m for m in args.preload.split(",") if m])
     install()
+    install_quick_stop()
     gc.collect()
     gc.freeze()  # what the services share: out of every later collection's reach
     from supervisor import supervisord

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,3 +105,27 @@ def test_without_prefork_the_services_are_execed(make_nodes: Callable[[int], lis
     parent = int(status(pid)["PPid"])
     assert b"supervisor.supervisord" in Path(f"/proc/{parent}/cmdline").read_bytes()
     assert shared_anonymous_pages(parent, pid) == 0
+
+
+def test_a_node_stops_its_programs_by_priority_level(make_nodes: Callable[[int], list[Node]]) -> None:
+    """supervisord, as the prefork server runs it, stops every program of a
+    priority level at once: still peerd first (neighbours see the links go
+    before anything else) and router last."""
+    node = started(make_nodes)
+    pids = {program: node.program_pid(program) for program in PROGRAMS}
+    assert node.proc is not None
+    os.kill(node.proc.pid, signal.SIGTERM)
+    gone: dict[str, float] = {}
+    deadline = time.monotonic() + 30
+    while len(gone) < len(pids) and time.monotonic() < deadline:
+        now = time.monotonic()
+        for program, pid in pids.items():
+            if program not in gone and not Path(f"/proc/{pid}").exists():
+                gone[program] = now
+        time.sleep(0.01)
+    assert len(gone) == len(pids), f"still running after 30 s: {set(pids) - set(gone)}"
+    peerd = max(gone["peerd-tcp"], gone["peerd-quic"])
+    middle = [gone[p] for p in ("tund", "apid", "msgbus", "proxyd")]
+    assert all(peerd <= t for t in middle), gone
+    assert all(t <= gone["router"] for t in middle), gone
+    node.proc.wait(15)
