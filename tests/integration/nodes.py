@@ -242,6 +242,22 @@ class Node:
         status, body = self.api_status(f"/api/v1/pubkey/{address}")
         return json.loads(body)["publicKey"] if status == 200 else None
 
+    def counter_report(self) -> str:
+        """Every service's non-zero counters, one line each (for a failed test's
+        output: which stage a lost packet or message stopped at)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return "(node not running)"
+        try:
+            services = self.api("/api/v1/admin/services", timeout=3)
+        except Exception as exc:  # a failing node may not answer
+            return f"(no answer: {exc})"
+        lines = []
+        for name, fields in sorted(services.items()):
+            counters = fields.get("counters") or {} if isinstance(fields, dict) else {}
+            shown = " ".join(f"{k}={v}" for k, v in sorted(counters.items()) if v)
+            lines.append(f"{name}: {shown}")
+        return "\n".join(lines)
+
     def log_tail(self, lines: int = 60) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
