@@ -3,7 +3,11 @@ data-path process so per-packet decisions never leave the process.
 
 The router publishes deltas on ``router.fib`` with an (epoch, seq) pair;
 a replica takes a snapshot over rpc, applies deltas in order, and asks for
-a new snapshot on a gap or a new epoch (the router restarted).
+a new snapshot on a gap or a new epoch (the router restarted). A gap shows
+only when a later delta arrives, so the router also publishes its current
+(epoch, seq) once a second (``make_head``): a replica whose SUB connection
+came up just after the last delta (PUB drops what it sends before then:
+every service starting at once) learns within a second that it is behind.
 """
 
 from __future__ import annotations
@@ -69,7 +73,9 @@ class FibReplica:
         self.seq = snapshot["seq"]
 
     def apply_delta(self, delta: dict[str, Any]) -> bool:
-        """Apply one published delta; False means a snapshot is needed first."""
+        """Apply one published delta or head; False means a snapshot is needed first."""
+        if is_head(delta):
+            return bool(delta["epoch"] == self.epoch and delta["seq"] <= self.seq)
         if delta["epoch"] != self.epoch or delta["seq"] > self.seq + 1:
             return False
         if delta["seq"] <= self.seq:
@@ -96,3 +102,14 @@ def make_delta(epoch: int, seq: int, changes: list[tuple[bytes, int, Route | Non
     sets = [[net, plen, r.next_hop, r.public_key] for (_, plen), (net, r) in last.items() if r is not None]
     dels = [[net, plen] for (_, plen), (net, r) in last.items() if r is None]
     return {"epoch": epoch, "seq": seq, "set": sets, "del": dels}
+
+
+def is_head(message: dict[str, Any]) -> bool:
+    """A head changes no table: nothing downstream needs telling."""
+    return isinstance(message, dict) and bool(message.get("head"))
+
+
+def make_head(epoch: int, seq: int) -> dict[str, Any]:
+    """What the router publishes between deltas: the (epoch, seq) its table
+    is at, nothing to apply."""
+    return {"epoch": epoch, "seq": seq, "head": True}

@@ -37,7 +37,7 @@ import zmq.asyncio
 from common import bus
 from common.datapath import DataIn, DataOut
 from common.endpoint import Endpoint
-from common.fib import FibReplica
+from common.fib import FibReplica, is_head
 from common.identity import Identity, load_key_file, make_router_id
 from common.lifecycle import start_service
 from common.nodeconfig import NodeConfig
@@ -495,8 +495,9 @@ class PeerdService:
                 self.counters["fib_delta_malformed"] += 1
                 ok = False
             if not ok:
-                await self.fib_resync()
-            self.carry_out(self.forwarder.fib_changed())
+                await self.fib_resync()  # tells the forwarder itself
+            elif not is_head(msg.fields):
+                self.carry_out(self.forwarder.fib_changed())
 
     async def fib_resync(self) -> None:
         while True:

@@ -44,7 +44,7 @@ import zmq
 
 from common import bus
 from common.fib import Route as FibRoute
-from common.fib import make_delta
+from common.fib import make_delta, make_head
 from common.identity import Identity, load_key_file, make_router_id, router_id_text
 from common.lifecycle import StopSignal, start_service
 from common.nodeconfig import NodeConfig
@@ -56,6 +56,7 @@ from .engine import FibDel, FibSet, PeerInfo, RouterEngine, RouteView
 
 log = logging.getLogger("router")
 MAX_WAIT = 1.0  # seconds between loop turns at most (stats, rpc responsiveness)
+FIB_HEAD_INTERVAL = 1.0  # the FIB's (epoch, seq) published this often (common/fib.py)
 SLICE_TLVS = 2_000  # control TLVs per slice of inbox processing
 SLICE_SECONDS = 0.02  # ... or this much time, whichever comes first
 SLICE_TIMERS = 2_000  # timer events per slice
@@ -99,6 +100,7 @@ class RouterService:
         self.engine = RouterEngine(self.identity.public_key, self.router_id, time.monotonic())
         self.fib_epoch = random.getrandbits(31)
         self.fib_seq = 0
+        self.next_fib_head = 0.0
         self.peers: dict[str, PeerInfo] = {}
         self.stop = StopSignal()
         self.last_rpc_check = time.monotonic()
@@ -265,6 +267,10 @@ class RouterService:
                     ordered.append((net, ch.subnet.prefix_len, None))
             self.fib_seq += 1
             self.fib_pub.send_multipart(bus.pack("fib", make_delta(self.fib_epoch, self.fib_seq, ordered)))
+        now = time.monotonic()
+        if now >= self.next_fib_head:
+            self.next_fib_head = now + FIB_HEAD_INTERVAL
+            self.fib_pub.send_multipart(bus.pack("fib", make_head(self.fib_epoch, self.fib_seq)))
         for peer_id in self.engine.peers_to_close():
             sender = self.peerd.get(family_of(peer_id))
             if sender is not None:

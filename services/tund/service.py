@@ -37,7 +37,7 @@ import zmq
 from common import bus, native
 from common.datapath import DataIn, DataOut
 from common.epoller import Epoller
-from common.fib import FibReplica
+from common.fib import FibReplica, is_head
 from common.identity import Identity, load_key_file
 from common.lifecycle import StopSignal, die_with_parent, start_service
 from common.logs import setup as setup_logs
@@ -181,7 +181,8 @@ class TundWorker:
                 continue
             if not applied:
                 self.fib_resync()
-            changed = True
+            elif not is_head(msg.fields):
+                changed = True
         if changed:
             self.dp.fib_changed(now)
 
