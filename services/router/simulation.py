@@ -115,8 +115,10 @@ class Simulation:
         self.loop_checks = 0
         self.retired_counters: Counter[str] = Counter()  # engines replaced by rejoin_node
         # The timing wheel: tick -> {node index (or _TRAFFIC): arrivals
-        # [(receiver's peer id, TLV)]}, and a heap of the ticks present.
-        self._wheel: dict[int, dict[int, list[tuple[str, Tlv]]]] = {}
+        # [(receiver's peer id, [TLV, ...])]}, and a heap of the ticks present.
+        # An arrival is one sender turn's output over one link, in order (one
+        # tuple and one link check per batch, not per packet).
+        self._wheel: dict[int, dict[int, list[tuple[str, list[Tlv]]]]] = {}
         self._ticks: list[int] = []
         self._owner: dict[Subnet, int] = {}
         self._link_ids = itertools.count()
@@ -286,7 +288,7 @@ class Simulation:
         now_tick = math.floor(self.now / self.tick + _EPS)
         return t if t > now_tick else now_tick + 1
 
-    def _slot(self, t: int, index: int) -> list[tuple[str, Tlv]]:
+    def _slot(self, t: int, index: int) -> list[tuple[str, list[Tlv]]]:
         """The arrival list of ``index`` at tick ``t`` (created, and the tick
         put on the heap, on first use)."""
         bucket = self._wheel.get(t)
@@ -331,7 +333,7 @@ class Simulation:
             return self.now - start
         return None
 
-    def _turn(self, index: int, arrivals: list[tuple[str, Tlv]], tick: int) -> None:
+    def _turn(self, index: int, arrivals: list[tuple[str, list[Tlv]]], tick: int) -> None:
         """One node's turn in a tick: what reached it, then its due timers, then its output."""
         self.events_processed += 1
         if index == _TRAFFIC:
@@ -340,20 +342,24 @@ class Simulation:
         node = self.nodes[index]
         if not node.alive:
             return
-        if node.timer_tick == tick:
-            node.timer_tick = None
         engine = node.engine
         now = self.now
         if arrivals:
             links = node.links
             receive = engine.receive_tlv
-            for peer_id, tlv in arrivals:
+            for peer_id, tlvs in arrivals:
                 link = links.get(peer_id)
                 if link is not None and link.up and not link.blackhole:
-                    receive(peer_id, tlv, now)
-        due = engine.get_timer()
-        if due is not None and due <= now + _EPS:
-            engine.handle_timer(now)
+                    for tlv in tlvs:
+                        receive(peer_id, tlv, now)
+        # A timer can only be due in the tick _drain armed for it (the engine
+        # changes only in turns, each followed by a _drain): other turns skip
+        # asking the engine.
+        if node.timer_tick == tick:
+            node.timer_tick = None
+            due = engine.get_timer()
+            if due is not None and due <= now + _EPS:
+                engine.handle_timer(now)
         self._drain(node)
 
     def _drain(self, node: SimNode) -> None:
@@ -362,10 +368,10 @@ class Simulation:
         if out:
             counts = self._counts
             check_wire = self.check_wire
-            lists: dict[str, tuple[list[tuple[str, Tlv]], str]] = {}
+            lists: dict[str, list[Tlv]] = {}
             for peer_id, tlv in out:
-                target = lists.get(peer_id)
-                if target is None:
+                batch = lists.get(peer_id)
+                if batch is None:
                     link = node.links.get(peer_id)
                     if link is None or not link.up:
                         raise AssertionError(f"node {node.index} sent to unknown or closed peer {peer_id}")
@@ -373,10 +379,11 @@ class Simulation:
                         dst, dst_peer = link.b, link.peer_at_b
                     else:
                         dst, dst_peer = link.a, link.peer_at_a
-                    target = lists[peer_id] = (self._slot(self._tick_after(self.now + link.delay), dst), dst_peer)
+                    batch = lists[peer_id] = []
+                    self._slot(self._tick_after(self.now + link.delay), dst).append((dst_peer, batch))
                 if check_wire:
                     tlv = _wire_roundtrip(tlv)
-                target[0].append((target[1], tlv))
+                batch.append(tlv)
                 counts[tlv.TYPE] += 1
         changed = engine.fib_changes()
         if changed:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.wire.subnet import Subnet
-
 from .metric import INFINITE
 from .seqno import seqno_gt
 
-SourceKey = tuple[Subnet, bytes]
+SourceKey = tuple[int, bytes]  # (subnet key: routing_table.subnet_key, router id)
 
 
 @dataclass(slots=True)
@@ -54,7 +52,7 @@ class SourceTable:
         if fd is None:
             self.entries[key] = FeasibilityDistance(metric, seqno, expires)
             return True
-        return _refresh(fd, metric, seqno, expires)
+        return refresh_distance(fd, metric, seqno, expires)
 
     def try_record(self, key: SourceKey, metric: int, seqno: int, expires: float) -> bool:
         """``record`` unless the table is full and ``key`` new (then False):
@@ -65,7 +63,7 @@ class SourceTable:
                 return False
             self.entries[key] = FeasibilityDistance(metric, seqno, expires)
         else:
-            _refresh(fd, metric, seqno, expires)
+            refresh_distance(fd, metric, seqno, expires)
         return True
 
     def remove(self, key: SourceKey) -> None:
@@ -79,7 +77,7 @@ class SourceTable:
         return len(expired)
 
 
-def _refresh(fd: FeasibilityDistance, metric: int, seqno: int, expires: float) -> bool:
+def refresh_distance(fd: FeasibilityDistance, metric: int, seqno: int, expires: float) -> bool:
     """A newer seqno, or the same with a smaller metric, replaces the
     distance; any finite update refreshes its lifetime."""
     if seqno_gt(seqno, fd.seqno) or (seqno == fd.seqno and metric < fd.metric):

@@ -132,7 +132,7 @@ def test_timer_queue_cancel_and_compaction() -> None:
 
 # ---------------------------------------------------------------------- routing table
 def test_subnet_routes_keep_selected_entry_first() -> None:
-    r = SubnetRoutes(b"k" * 32)
+    r = SubnetRoutes(b"k" * 32, S)
     e1, e2, e3 = (RouteEntry(S, RID, p, 1, 0, 0.0) for p in ("a", "b", "c"))
     for e in (e1, e2, e3):
         r.add(e)
