@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
-import itertools
 import random
 from collections import Counter, deque
 from collections.abc import Iterable
@@ -118,7 +117,34 @@ MAX_SOURCES = 2 * MAX_SUBNETS
 MAX_SEQNO_CACHE = 16_384
 MAX_RR_CACHE = 16_384
 MAX_RECOVERIES = 16_384
-_ADDRESS_CACHE_SIZE = 4_096
+_ADDRESS_CACHE_SIZE = 16_384  # each of the two memos below (a few MiB at most)
+
+# Router id -> its key's overlay address as an int, and router id -> the key
+# itself: memos of pure functions, shared by every engine in the process (the
+# simulator runs a thousand, which all see the same few thousand router ids),
+# keyed by the whole router id (no slice; a bytes object caches its hash, so an
+# Update fanned out to many engines hashes it once). Cleared when full.
+_ADDRESSES: dict[bytes, int] = {}
+_PUBLIC_KEYS: dict[bytes, bytes] = {}
+
+
+def _address_of_router(router_id: bytes) -> int:
+    if len(_ADDRESSES) >= _ADDRESS_CACHE_SIZE:
+        _ADDRESSES.clear()
+    address = _ADDRESSES[router_id] = address_int(router_id[:32])
+    return address
+
+
+def _public_key_of_router(router_id: bytes) -> bytes:
+    """``router_id[:32]``, one bytes object per router id rather than one per
+    subnet entry (each table entry keeps its subnet's key: quirk 5)."""
+    key = _PUBLIC_KEYS.get(router_id)
+    if key is None:
+        if len(_PUBLIC_KEYS) >= _ADDRESS_CACHE_SIZE:
+            _PUBLIC_KEYS.clear()
+        key = _PUBLIC_KEYS[router_id] = router_id[:32]
+    return key
+
 
 _TLV_NAMES = {
     Hello: "hello",
@@ -247,7 +273,6 @@ class RouterEngine:
         # Tables are keyed by the subnet's int key (routing_table.subnet_key), not the Subnet.
         self._fib: dict[int, FibEntry] = {}
         self._recoveries: dict[int, list] = {}  # subnet key -> [router id to ask about, retries done, subnet]
-        self._address_cache: dict[bytes, int] = {}  # router id -> its key's overlay address as an int
         # Fairness bookkeeping (see the module docstring).
         self._learned: dict[str, dict[int, None]] = {}  # neighbour -> its entries' subnet keys, oldest first
         self._query_origin: dict[int, str] = {}  # queried subnet key -> neighbour whose request we forwarded
@@ -260,10 +285,17 @@ class RouterEngine:
         self._counters: Counter[str] = Counter()
         self._rx_updates = 0  # counters["rx_update"], kept apart on the hot path
 
-        # Route expiry has its own heap of (deadline, seq, entry): no per-entry
-        # key tuples or dict slots (memory per route); stale items are skipped.
-        self._route_heap: list[tuple[float, int, RouteEntry]] = []
-        self._route_seq = itertools.count()
+        # Route expiry has its own timers: deadline -> the entries armed for it,
+        # in arming order, and a heap of the deadlines present (exactly the
+        # dict's keys). Input handled with one ``now`` (a slice in the service,
+        # a tick in the simulator) arms many entries for one deadline, so an
+        # entry costs a list slot, not a heap item with its own tuple and
+        # sequence number (memory per route). Entries fire in (deadline, arming
+        # order), as from a heap of (deadline, seq, entry); an item whose entry
+        # is no longer armed for that deadline is stale and skipped.
+        self._expiry: dict[float, list[RouteEntry]] = {}
+        self._expiry_heap: list[float] = []
+        self._expiry_items = 0  # list slots in _expiry, stale ones included
         self._route_timers = 0  # entries with an armed expiry
         self._dead_work: deque[tuple[str, list[int], float]] = deque()  # dead peers' routes still to retract
 
@@ -379,12 +411,20 @@ class RouterEngine:
         if self._dead_work:
             since = self._dead_work[0][2]
             when = since if when is None or since < when else when
-        heap = self._route_heap
+        heap = self._expiry_heap
+        expiry = self._expiry
         while heap:
-            at, _, entry = heap[0]
-            if entry.timer_at == at:
-                return at if when is None or at < when else when
-            heapq.heappop(heap)
+            at = heap[0]
+            bucket = expiry[at]
+            for i, entry in enumerate(bucket):
+                if entry.timer_at == at:
+                    if i:
+                        del bucket[:i]  # stale items ahead of it
+                        self._expiry_items -= i
+                    return at if when is None or at < when else when
+            heapq.heappop(heap)  # all stale
+            del expiry[at]
+            self._expiry_items -= len(bucket)
         return when
 
     # ------------------------------------------------------------------ links
@@ -490,14 +530,31 @@ class RouterEngine:
                 budget -= take
             if not subnets:
                 self._dead_work.popleft()
-        heap = self._route_heap
-        while heap and heap[0][0] <= now and budget != 0:
-            at, _, entry = heapq.heappop(heap)
-            if entry.timer_at == at:
-                entry.timer_at = None
-                self._route_timers -= 1
-                self._on_route_timer(entry.subnet, entry.neighbour, now)
-                budget -= 1
+        while self._expiry_heap and self._expiry_heap[0] <= now and budget != 0:
+            # (re-read each round: a handler's _set_expiry may compact them into new objects)
+            heap, expiry = self._expiry_heap, self._expiry
+            at = heapq.heappop(heap)
+            bucket = expiry.pop(at)
+            self._expiry_items -= len(bucket)
+            i = 0
+            for entry in bucket:
+                if budget == 0:
+                    break
+                i += 1
+                if entry.timer_at == at:
+                    entry.timer_at = None
+                    self._route_timers -= 1
+                    self._on_route_timer(entry.subnet, entry.neighbour, now)
+                    budget -= 1
+            if i < len(bucket):  # out of budget: the rest stay due, ahead of any armed since
+                expiry = self._expiry
+                newer = expiry.pop(at, None)
+                if newer is None:
+                    heapq.heappush(self._expiry_heap, at)
+                else:
+                    self._expiry_items -= len(newer)
+                expiry[at] = rest = bucket[i:] + (newer or [])
+                self._expiry_items += len(rest)
         while budget != 0:
             budget -= 1
             key = self._timers.pop_due(now)
@@ -601,18 +658,10 @@ class RouterEngine:
 
     # ------------------------------------------------------------------ updates (6.3, 6.4)
     def _owns(self, router_id: bytes, subnet: Subnet) -> bool:
-        # Keyed by the whole router id (no slice, and a bytes object caches
-        # its hash, so an Update fanned out to many engines hashes it once).
-        address = self._address_cache.get(router_id)
+        address = _ADDRESSES.get(router_id)
         if address is None:
-            address = self._cache_address(router_id)
+            address = _address_of_router(router_id)
         return subnet.contains_int6(address)
-
-    def _cache_address(self, router_id: bytes) -> int:
-        if len(self._address_cache) >= _ADDRESS_CACHE_SIZE:
-            self._address_cache.clear()
-        address = self._address_cache[router_id] = address_int(router_id[:32])
-        return address
 
     def _update_filter(self, update: Update) -> str | None:
         """Why an Update is dropped before processing, or None to accept it."""
@@ -637,9 +686,9 @@ class RouterEngine:
         elif metric == INFINITE:
             owned = True
         else:
-            address = self._address_cache.get(router_id)  # _owns, inline
+            address = _ADDRESSES.get(router_id)  # _owns, inline
             if address is None:
-                address = self._cache_address(router_id)
+                address = _address_of_router(router_id)
             owned = address >> (128 - plen) == k >> (137 - plen)
         if not owned:
             reason = self._update_filter(update)
@@ -674,9 +723,9 @@ class RouterEngine:
             if metric == INFINITE:
                 self._counters["update_retraction_unknown_subnet"] += 1
                 return
-            if not self._admit(peer_id, subnet, True, now):
+            if not self._admit_fast(peer_id) and not self._admit(peer_id, subnet, True, now):
                 return
-            routes = self._add_routes(subnet, router_id[:32])
+            routes = self._add_routes(subnet, _public_key_of_router(router_id))
             old = None
         else:
             for entry in routes.entries:  # routes.find, inline
@@ -685,7 +734,12 @@ class RouterEngine:
             else:
                 entry = None
                 # (admission only ever evicts entries of other subnets here)
-                if metric != INFINITE and feasible and not self._admit(peer_id, subnet, False, now):
+                if (
+                    metric != INFINITE
+                    and feasible
+                    and not self._admit_fast(peer_id)
+                    and not self._admit(peer_id, subnet, False, now)
+                ):
                     return
             entries = routes.entries
             old = entries[0] if entries and entries[0].selected else None  # routes.selected()
@@ -705,7 +759,12 @@ class RouterEngine:
                 return
             entry.seqno, entry.metric, entry.router_id = seqno, metric, router_id
             if feasible:
-                self._set_expiry(entry, now + hold_time_ms(update.interval, metric) / 1000)
+                expires = now + hold_time_ms(update.interval, metric) / 1000
+                at = entry.timer_at
+                if at is not None and at <= expires:  # _set_expiry's common case: the armed deadline stays
+                    entry.expires = expires
+                else:
+                    self._set_expiry(entry, expires)
             if not entry.selected and not feasible:
                 # The reference stops here silently; like step 7 we ask for a
                 # newer seqno when nothing is selected, or the subnet stays
@@ -740,12 +799,18 @@ class RouterEngine:
         new = self._find_best(k, routes)
         lost = False
         if new is not None:
-            routes.select(new)
-        elif old is not None:
-            self._send_seqno_request(subnet, old_router_id, None, None, now)  # type: ignore[arg-type]
-            routes.unselect()
-            lost = True
-        self._sync_fib(subnet, routes)
+            if new is not old or not new.selected:
+                routes.select(new)
+            next_hop = new.neighbour if new.metric != INFINITE else None
+        else:
+            if old is not None:
+                self._send_seqno_request(subnet, old_router_id, None, None, now)  # type: ignore[arg-type]
+                routes.unselect()
+                lost = True
+            next_hop = None
+        fib_entry = self._fib.get(k)  # _sync_fib, unless nothing changed
+        if fib_entry is None or fib_entry.next_hop != next_hop:
+            self._sync_fib(subnet, routes)
 
         if old is not None and new is not None:
             trigger = new.router_id != old_router_id or abs(new.metric - old_metric) > BIG_METRIC_CHANGE
@@ -758,10 +823,18 @@ class RouterEngine:
                 self._route_lost(subnet, old_router_id, now)  # type: ignore[arg-type]
         elif interested:
             self._propagate(subnet, interested, now, routes)
-        if new is not None and new is not old:
+        if new is not None and new is not old and seqno_cache.entries:
             self._forward_pending_seqno_requests(subnet, now)
 
     # ------------------------------------------------------------------ fairness
+    def _admit_fast(self, peer_id: str) -> bool:
+        """True when ``_admit`` surely admits a new entry (the table and the
+        neighbour below every limit) without evicting anything."""
+        if len(self._table.routes) >= MAX_SUBNETS:
+            return False
+        learned = self._learned.get(peer_id)
+        return learned is None or len(learned) < MAX_SUBNETS // 2
+
     def _admit(self, peer_id: str, subnet: Subnet, new_subnet: bool, now: float) -> bool:
         """Room for a new entry from ``peer_id`` (see the module docstring)."""
         learned = self._learned.get(peer_id)
@@ -1430,11 +1503,26 @@ class RouterEngine:
         if at is None:
             self._route_timers += 1
         entry.timer_at = expires
-        heap = self._route_heap
-        heapq.heappush(heap, (expires, next(self._route_seq), entry))
-        if len(heap) > 2 * self._route_timers + 1024:  # stale items of removed entries
-            self._route_heap = [item for item in heap if item[2].timer_at == item[0]]
-            heapq.heapify(self._route_heap)
+        bucket = self._expiry.get(expires)
+        if bucket is None:
+            self._expiry[expires] = [entry]
+            heapq.heappush(self._expiry_heap, expires)
+        else:
+            bucket.append(entry)
+        self._expiry_items += 1
+        if self._expiry_items > 2 * self._route_timers + 1024:  # stale items of removed entries
+            self._compact_expiry()
+
+    def _compact_expiry(self) -> None:
+        kept: dict[float, list[RouteEntry]] = {}
+        for at, bucket in self._expiry.items():
+            live = [entry for entry in bucket if entry.timer_at == at]
+            if live:
+                kept[at] = live
+        self._expiry = kept
+        self._expiry_heap = list(kept)
+        heapq.heapify(self._expiry_heap)
+        self._expiry_items = sum(len(bucket) for bucket in kept.values())
 
     def _sync_fib(self, subnet: Subnet, routes: SubnetRoutes | None = None) -> None:
         """Emit a FIB change if ``subnet``'s forwarding state differs from what we last published."""
