@@ -271,7 +271,6 @@ class RouterEngine:
         self._rr_cache = RouteRequestCache(MAX_RR_CACHE)
         self._timers = TimerQueue()
         # Tables are keyed by the subnet's int key (routing_table.subnet_key), not the Subnet.
-        self._fib: dict[int, FibEntry] = {}
         self._recoveries: dict[int, list] = {}  # subnet key -> [router id to ask about, retries done, subnet]
         # Fairness bookkeeping (see the module docstring).
         self._learned: dict[str, dict[int, None]] = {}  # neighbour -> its entries' subnet keys, oldest first
@@ -337,8 +336,8 @@ class RouterEngine:
         return self._peers[peer_id].link_cost
 
     def fib_snapshot(self) -> dict[Subnet, FibEntry]:
-        routes = self._table.routes
-        return {routes[k].subnet: e for k, e in self._fib.items()}
+        # (each subnet's FIB entry lives on its table entry: SubnetRoutes.fib)
+        return {r.subnet: r.fib for r in self._table.routes.values() if r.fib is not None}
 
     def lookup_public_key(self, address: ipaddress.IPv6Address) -> bytes | None:
         """Key of the longest subnet with routes covering ``address`` (None if none)."""
@@ -808,7 +807,7 @@ class RouterEngine:
                 routes.unselect()
                 lost = True
             next_hop = None
-        fib_entry = self._fib.get(k)  # _sync_fib, unless nothing changed
+        fib_entry = routes.fib  # _sync_fib, unless nothing changed
         if fib_entry is None or fib_entry.next_hop != next_hop:
             self._sync_fib(subnet, routes)
 
@@ -1476,8 +1475,11 @@ class RouterEngine:
         return self._table.add_routes(subnet, public_key)
 
     def _remove_routes(self, subnet: Subnet) -> None:
+        routes = self._table.routes.get(subnet._key)
         self._table.remove_routes(subnet)
-        self._sync_fib(subnet)
+        if routes is not None and routes.fib is not None:
+            routes.fib = None
+            self._fib_out.append(FibDel(subnet))
 
     def _remove_entry(self, subnet: Subnet, routes: SubnetRoutes, entry: RouteEntry) -> None:
         routes.remove(entry)
@@ -1526,20 +1528,17 @@ class RouterEngine:
 
     def _sync_fib(self, subnet: Subnet, routes: SubnetRoutes | None = None) -> None:
         """Emit a FIB change if ``subnet``'s forwarding state differs from what we last published."""
-        k = subnet._key
         if routes is None:
-            routes = self._table.routes.get(k)
+            routes = self._table.routes.get(subnet._key)
         if routes is None:
-            if self._fib.pop(k, None) is not None:
-                self._fib_out.append(FibDel(subnet))
-            return
+            return  # gone: _remove_routes sent the FibDel
         entries = routes.entries
         selected = entries[0] if entries and entries[0].selected else None  # routes.selected()
         next_hop = selected.neighbour if selected is not None and selected.metric != INFINITE else None
-        entry = self._fib.get(k)
+        entry = routes.fib
         if entry is None or entry.next_hop != next_hop:
             entry = FibEntry(next_hop, routes.public_key)
-            self._fib[k] = entry
+            routes.fib = entry
             self._fib_out.append(FibSet(subnet, entry))
 
 

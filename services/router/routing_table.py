@@ -13,9 +13,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from common.identity import subnet_of
 from common.wire.subnet import IPAddress, Subnet
+
+if TYPE_CHECKING:
+    from .engine import FibEntry
 
 
 def subnet_key(subnet: Subnet) -> int:
@@ -49,12 +53,15 @@ class SubnetRoutes:
     """The *Routes* state of one subnet. The selected entry, if any, is kept
     first because the reference breaks metric ties by list order."""
 
-    __slots__ = ("entries", "public_key", "subnet")
+    __slots__ = ("entries", "fib", "public_key", "subnet")
 
     def __init__(self, public_key: bytes, subnet: Subnet) -> None:
         self.public_key = public_key  # fixed at creation (quirk 5)
         self.subnet = subnet  # the table's key as a Subnet
         self.entries: list[RouteEntry] = []
+        # The forwarding entry the engine last published for the subnet (kept
+        # here rather than in a dict of its own: one lookup less per Update).
+        self.fib: FibEntry | None = None
 
     def selected(self) -> RouteEntry | None:
         entries = self.entries

@@ -406,15 +406,17 @@ class Simulation:
                 self._slot(t, node.index)
 
     def _apply_fib(self, node: SimNode, change: FibSet | FibDel) -> None:
-        before = node.fib.get(change.subnet) is not None
-        if isinstance(change, FibSet):
-            node.fib[change.subnet] = change.entry.next_hop
+        fib, subnet = node.fib, change.subnet
+        before = fib.get(subnet) is not None
+        if type(change) is FibSet:
+            after = (next_hop := change.entry.next_hop) is not None
+            fib[subnet] = next_hop
         else:
-            node.fib.pop(change.subnet, None)
-        after = node.fib.get(change.subnet) is not None
+            after = False
+            fib.pop(subnet, None)
         if before == after:
             return
-        owner = self._owner.get(change.subnet)
+        owner = self._owner.get(subnet)
         if owner is None or owner == node.index or not node.alive or not self.nodes[owner].alive:
             return
         if self._demand is None or owner in self._demand.get(node.index, ()):
@@ -474,22 +476,21 @@ class Simulation:
         """A new loop toward ``subnet`` must pass through the node whose FIB just changed."""
         self.loop_checks += 1
         owner = self._owner.get(subnet)
-        seen = {start}
+        nodes = self.nodes
+        seen = {start: None}  # the hops so far, in order
         current = start
-        hops = [start]
         while current != owner:
-            node = self.nodes[current]
+            node = nodes[current]
             next_hop = node.fib.get(subnet)
             if next_hop is None:
                 return
             link = node.links.get(next_hop)
             if link is None or not link.up:
                 raise AssertionError(f"node {current} forwards {subnet} over closed link {next_hop}")
-            current = node.neighbour(next_hop)
+            current = link.b if link.a == current else link.a  # node.neighbour(next_hop)
             if current in seen:
-                raise RoutingLoop(f"loop toward {subnet} at t={self.now:.6f}: {[*hops, current]}")
-            seen.add(current)
-            hops.append(current)
+                raise RoutingLoop(f"loop toward {subnet} at t={self.now:.6f}: {[*seen, current]}")
+            seen[current] = None
 
     def assert_loop_free(self) -> None:
         """Full check: from every live node toward every subnet in any FIB."""
