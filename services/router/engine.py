@@ -703,7 +703,9 @@ class RouterEngine:
         if metric == INFINITE:
             feasible = True
         else:
-            fd = self._sources.entries.get((k, router_id))
+            fd = self._sources.by_subnet.get(k)  # SourceTable.lookup, inline
+            while fd is not None and fd.router_id != router_id:
+                fd = fd.next
             feasible = (
                 fd is None
                 or (seqno != fd.seqno and ((fd.seqno - seqno) & 0xFFFF) > 0x8000)  # seqno_gt, inline
@@ -908,7 +910,7 @@ class RouterEngine:
         current = routes.selected()
         best: RouteEntry | None = None
         best_total = INFINITE
-        sources = self._sources.entries
+        lookup = self._sources.lookup
         peers = self._peers
         fd_rid: bytes | None = None
         fd = None
@@ -918,7 +920,7 @@ class RouterEngine:
                 continue
             rid = entry.router_id
             if rid != fd_rid:  # a subnet's entries nearly always share one router id: one lookup
-                fd_rid, fd = rid, sources.get((k, rid))
+                fd_rid, fd = rid, lookup(k, rid)
             if fd is not None:
                 seqno = entry.seqno
                 fd_seqno = fd.seqno
@@ -1028,7 +1030,7 @@ class RouterEngine:
         escape the feasibility bookkeeping that keeps routes loop-free."""
         key: SourceKey = (update.subnet._key, update.router_id)
         sources = self._sources
-        fd = sources.entries.get(key)  # SourceTable.try_record, inline
+        fd = sources.lookup(key[0], key[1])  # SourceTable.try_record, inline
         if fd is not None:
             refresh_distance(fd, update.metric, update.seqno, now + SOURCE_ENTRY_LIFETIME)
             return True

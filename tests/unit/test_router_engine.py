@@ -765,7 +765,7 @@ def test_source_and_cache_tables_are_capped(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(e._seqno_cache) <= 2
     assert len(e._rr_cache) <= 2
     # Finite updates that cannot be recorded are never sent (feasibility would be unsound).
-    recorded = {s for s, _ in e._sources.entries}  # subnet keys
+    recorded = {s for s, _ in e._sources}  # subnet keys
     assert all(
         subnet_key(t.subnet) in recorded for _, t in e.tlvs_to_send() if isinstance(t, Update) and t.metric != INFINITE
     )

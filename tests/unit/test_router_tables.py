@@ -233,3 +233,23 @@ def test_engine_survives_arbitrary_input_and_never_emits_ipv4(events: list[tuple
         subnet = getattr(tlv, "subnet", None)
         assert subnet is None or subnet.is_ipv6
         tlv.encode_body()  # everything we emit is encodable
+
+
+def test_source_table_keeps_several_router_ids_per_subnet() -> None:
+    """Distances are stored per subnet with the router id on each; a second
+    router id (an owner that restarted) is chained, looked up, counted and
+    swept on its own."""
+    t = SourceTable(capacity=10)
+    old, new, third = (S, RID), (S, bytes(39) + b"\1"), (S, bytes(39) + b"\2")
+    t.record(old, 100, 5, expires=10.0)
+    t.record(new, 200, 1, expires=20.0)
+    t.record(third, 300, 9, expires=30.0)
+    assert len(t) == 3 and sorted(t) == sorted([old, new, third])
+    got = [t.get(k) for k in (old, new, third)]
+    assert [(fd.metric, fd.seqno) for fd in got if fd is not None] == [(100, 5), (200, 1), (300, 9)]
+    assert not t.feasible(new, 1, 200) and t.feasible(old, 5, 99)
+    assert t.sweep(15.0) == 1  # only the old router id's entry expired
+    assert t.get(old) is None and t.get(new) is not None and t.get(third) is not None and len(t) == 2
+    t.remove(third)
+    assert sorted(t) == [new] and len(t) == 1
+    assert t.sweep(25.0) == 1 and len(t) == 0 and list(t) == []
