@@ -154,6 +154,12 @@ _TLV_NAMES = {
     SeqNoRequest: "seqno_request",
 }
 _RX_NAMES = {cls: f"rx_{name}" for cls, name in _TLV_NAMES.items()}
+_HOT_COUNTERS = (
+    ("rx_update", "_rx_updates"),
+    ("tx_update", "_tx_updates"),
+    ("update_infeasible", "_infeasible"),
+    ("triggered_updates", "_triggered"),
+)
 _TX_NAMES = {cls: f"tx_{name}" for cls, name in _TLV_NAMES.items()}
 # common/wire/rules' overlay prefix as a Subnet: the 6.3 filter then needs no
 # network object per Update (is_overlay_network would build one).
@@ -282,7 +288,11 @@ class RouterEngine:
         self._fib_out: list[FibChange] = []
         self._close_out: list[str] = []
         self._counters: Counter[str] = Counter()
-        self._rx_updates = 0  # counters["rx_update"], kept apart on the hot path
+        # The hottest counters are plain ints, folded into ``counters`` when it is read.
+        self._rx_updates = 0  # counters["rx_update"]
+        self._tx_updates = 0  # counters["tx_update"]
+        self._infeasible = 0  # counters["update_infeasible"]
+        self._triggered = 0  # counters["triggered_updates"]
 
         # Route expiry has its own timers: deadline -> the entries armed for it,
         # in arming order, and a heap of the deadlines present (exactly the
@@ -306,9 +316,11 @@ class RouterEngine:
     @property
     def counters(self) -> Counter[str]:
         """Event counters by name (drops, requests, updates...)."""
-        if self._rx_updates:
-            self._counters["rx_update"] += self._rx_updates
-            self._rx_updates = 0
+        for name, attr in _HOT_COUNTERS:
+            value = getattr(self, attr)
+            if value:
+                self._counters[name] += value
+                setattr(self, attr, 0)
         return self._counters
 
     @property
@@ -712,7 +724,7 @@ class RouterEngine:
                 or (seqno == fd.seqno and metric < fd.metric)
             )
         if not feasible:
-            self._counters["update_infeasible"] += 1
+            self._infeasible += 1
 
         routes = self._table.routes.get(k)
         entry = None
@@ -729,7 +741,7 @@ class RouterEngine:
             routes = self._add_routes(subnet, _public_key_of_router(router_id))
             old = None
         else:
-            for entry in routes.entries:  # routes.find, inline
+            for entry in routes:  # routes.find, inline
                 if entry.neighbour == peer_id:
                     break
             else:
@@ -742,8 +754,7 @@ class RouterEngine:
                     and not self._admit(peer_id, subnet, False, now)
                 ):
                     return
-            entries = routes.entries
-            old = entries[0] if entries and entries[0].selected else None  # routes.selected()
+            old = routes[0] if routes and routes[0].selected else None  # routes.selected()
         if old is not None:
             old_router_id = old.router_id
             old_metric = old.metric
@@ -782,7 +793,7 @@ class RouterEngine:
                     self._send_seqno_request(subnet, router_id, peer_id, None, now)
                     self._start_recovery(subnet, router_id, now)
                 return
-            entries = routes.entries
+            entries = routes  # (the entries list itself)
             if entries:  # share objects between a subnet's entries (memory per route)
                 first = entries[0]
                 if first.subnet.same_address == subnet.same_address:
@@ -818,7 +829,7 @@ class RouterEngine:
         else:
             trigger = (old is None) != (new is None)
         if trigger:
-            self._counters["triggered_updates"] += 1
+            self._triggered += 1
             self._propagate(subnet, None, now, routes)
             if lost:
                 self._route_lost(subnet, old_router_id, now)  # type: ignore[arg-type]
@@ -914,7 +925,7 @@ class RouterEngine:
         peers = self._peers
         fd_rid: bytes | None = None
         fd = None
-        for entry in routes.entries:
+        for entry in routes:
             metric = entry.metric
             if metric == INFINITE:
                 continue
@@ -989,7 +1000,7 @@ class RouterEngine:
         ``routes``: the subnet's table entry if the caller has it at hand."""
         if routes is None:
             routes = self._table.routes.get(subnet._key)
-        entries = routes.entries if routes is not None else None
+        entries = routes
         selected = entries[0] if entries and entries[0].selected else None  # routes.selected()
         if selected is not None:
             skip: str | None = selected.neighbour
@@ -1163,7 +1174,7 @@ class RouterEngine:
             return
         routes = self._table.routes.get(k)
         if routes is not None:
-            entries = routes.entries
+            entries = routes
             selected = entries[0] if entries and entries[0].selected else None  # routes.selected()
             if selected is None or selected.neighbour == peer_id:
                 return
@@ -1455,7 +1466,7 @@ class RouterEngine:
             return
         out = [(p, update) for p in self._peers if p != skip]
         if out:
-            self._counters["tx_update"] += len(out)
+            self._tx_updates += len(out)
             self._tlvs_out += out
 
     def _send(self, peer_id: str, tlv: Tlv) -> None:
@@ -1534,7 +1545,7 @@ class RouterEngine:
             routes = self._table.routes.get(subnet._key)
         if routes is None:
             return  # gone: _remove_routes sent the FibDel
-        entries = routes.entries
+        entries = routes
         selected = entries[0] if entries and entries[0].selected else None  # routes.selected()
         next_hop = selected.neighbour if selected is not None and selected.metric != INFINITE else None
         entry = routes.fib

@@ -49,37 +49,44 @@ class RouteEntry:
     timer_at: float | None = None  # deadline armed on the engine's route heap
 
 
-class SubnetRoutes:
-    """The *Routes* state of one subnet. The selected entry, if any, is kept
-    first because the reference breaks metric ties by list order."""
+class SubnetRoutes(list[RouteEntry]):
+    """The *Routes* state of one subnet: the list of its route entries
+    (``entries`` is the list itself: one object per subnet, not two, and one
+    pointer less to follow per Update). The selected entry, if any, is kept
+    first because the reference breaks metric ties by list order. Compared
+    by identity, like the plain object it replaces (never by contents)."""
 
-    __slots__ = ("entries", "fib", "public_key", "subnet")
+    __slots__ = ("fib", "public_key", "subnet")
 
     def __init__(self, public_key: bytes, subnet: Subnet) -> None:
+        super().__init__()
         self.public_key = public_key  # fixed at creation (quirk 5)
         self.subnet = subnet  # the table's key as a Subnet
-        self.entries: list[RouteEntry] = []
         # The forwarding entry the engine last published for the subnet (kept
         # here rather than in a dict of its own: one lookup less per Update).
         self.fib: FibEntry | None = None
 
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__  # type: ignore[assignment]
+
+    @property
+    def entries(self) -> list[RouteEntry]:
+        return self
+
     def selected(self) -> RouteEntry | None:
-        entries = self.entries
-        if entries and entries[0].selected:
-            return entries[0]
+        if self and self[0].selected:
+            return self[0]
         return None
 
     def find(self, neighbour: str) -> RouteEntry | None:
-        for entry in self.entries:
+        for entry in self:
             if entry.neighbour == neighbour:
                 return entry
         return None
 
     def add(self, entry: RouteEntry) -> None:
-        self.entries.append(entry)
-
-    def remove(self, entry: RouteEntry) -> None:
-        self.entries.remove(entry)
+        self.append(entry)
 
     def select(self, entry: RouteEntry) -> None:
         current = self.selected()
@@ -87,8 +94,8 @@ class SubnetRoutes:
             return
         if current is not None:
             current.selected = False
-        self.entries.remove(entry)
-        self.entries.insert(0, entry)
+        self.remove(entry)
+        self.insert(0, entry)
         entry.selected = True
 
     def unselect(self) -> None:
