@@ -42,6 +42,7 @@ from common.wire.subnet import Subnet
 from common.wire.tlv import Tlv, decode_tlv
 
 from .engine import FibDel, FibSet, PeerInfo, RouterEngine
+from .routing_table import subnet_key
 
 _TRAFFIC = -1  # wheel slot of the traffic tick (node indices are >= 0)
 _EPS = 1e-9
@@ -71,12 +72,19 @@ class SimNode:
     address: ipaddress.IPv6Address
     alive: bool = True
     links: dict[str, SimLink] = field(default_factory=dict)  # local peer id -> link
-    fib: dict[Subnet, str | None] = field(default_factory=dict)  # mirror of the published FIB
+    # Mirror of the published FIB, keyed by subnet key (routing_table.subnet_key:
+    # an int hashes without a Python call, and loop walks look up every hop).
+    fib: dict[int, str | None] = field(default_factory=dict)
     timer_tick: int | None = None  # the wheel slot armed for the engine's next timer
 
     @property
     def subnet(self) -> Subnet:
         return self.engine.own_subnet
+
+    @property
+    def key(self) -> int:
+        """Its own subnet's key (``fib`` is keyed by these)."""
+        return subnet_key(self.engine.own_subnet)
 
     def neighbour(self, peer_id: str) -> int:
         link = self.links[peer_id]
@@ -120,7 +128,7 @@ class Simulation:
         # tuple and one link check per batch, not per packet).
         self._wheel: dict[int, dict[int, list[tuple[str, list[Tlv]]]]] = {}
         self._ticks: list[int] = []
-        self._owner: dict[Subnet, int] = {}
+        self._owner: dict[int, int] = {}  # subnet key -> node index
         self._link_ids = itertools.count()
         self._missing = 0
         # Convergence target: every pair (all_pairs) or only the pairs some
@@ -132,6 +140,16 @@ class Simulation:
         self._traffic_interval: float | None = None
         for _ in range(n_nodes):
             self.add_node()
+
+    @property
+    def loop_sample(self) -> set[Subnet] | None:
+        """Loop checks run only toward these subnets (None: all)."""
+        return self._loop_sample
+
+    @loop_sample.setter
+    def loop_sample(self, subnets: set[Subnet] | None) -> None:
+        self._loop_sample = subnets
+        self._loop_keys = None if subnets is None else {subnet_key(s) for s in subnets}
 
     @property
     def sent(self) -> Counter[str]:
@@ -147,11 +165,11 @@ class Simulation:
             public_key = self.rng.randbytes(32)
             router_id = public_key + b"\0\0" + self.rng.randbytes(6)
             engine = RouterEngine(public_key, router_id, self.now, rng=random.Random(self.rng.random()))
-            if engine.own_subnet not in self._owner:
+            if subnet_key(engine.own_subnet) not in self._owner:
                 break
         node = SimNode(index, engine, address_of(public_key))
         self.nodes.append(node)
-        self._owner[engine.own_subnet] = index
+        self._owner[subnet_key(engine.own_subnet)] = index
         if self._demand is None:
             self._recount_missing()
         self._drain(node)
@@ -273,7 +291,7 @@ class Simulation:
             asked = False
             for dst in dsts:
                 other = self.nodes[dst]
-                if other.alive and node.fib.get(other.subnet) is None:
+                if other.alive and node.fib.get(other.key) is None:
                     node.engine.request_route(other.address, self.now)
                     asked = True
             if asked:
@@ -390,10 +408,10 @@ class Simulation:
             for change in changed:
                 self._apply_fib(node, change)
             if self.check_loops:
-                sample = self.loop_sample
-                for subnet in {c.subnet for c in changed}:
-                    if sample is None or subnet in sample:
-                        self._check_path(node.index, subnet)
+                sample = self._loop_keys
+                for k in {subnet_key(c.subnet) for c in changed}:
+                    if sample is None or k in sample:
+                        self._check_path(node.index, k)
         for peer_id in engine.peers_to_close():
             link = node.links[peer_id]
             if link.up:
@@ -406,7 +424,7 @@ class Simulation:
                 self._slot(t, node.index)
 
     def _apply_fib(self, node: SimNode, change: FibSet | FibDel) -> None:
-        fib, subnet = node.fib, change.subnet
+        fib, subnet = node.fib, subnet_key(change.subnet)
         before = fib.get(subnet) is not None
         if type(change) is FibSet:
             after = (next_hop := change.entry.next_hop) is not None
@@ -442,7 +460,7 @@ class Simulation:
         )
 
     def _recount_missing(self) -> None:
-        self._missing = sum(1 for x, y in self._wanted_pairs() if x.fib.get(y.subnet) is None)
+        self._missing = sum(1 for x, y in self._wanted_pairs() if x.fib.get(y.key) is None)
 
     def all_converged(self) -> bool:
         """Every live node has a selected route to every other live node's
@@ -450,7 +468,7 @@ class Simulation:
         return self._missing == 0
 
     def missing_routes(self) -> list[tuple[int, int]]:
-        return [(x.index, y.index) for x, y in self._wanted_pairs() if x.fib.get(y.subnet) is None]
+        return [(x.index, y.index) for x, y in self._wanted_pairs() if x.fib.get(y.key) is None]
 
     def wanted_pair_count(self) -> int:
         return sum(1 for _ in self._wanted_pairs())
@@ -458,11 +476,12 @@ class Simulation:
     def path(self, src: int, dst: int) -> list[int] | None:
         """Nodes visited following FIB next hops from src toward dst's subnet; None on a black hole."""
         subnet = self.nodes[dst].subnet
+        key = subnet_key(subnet)
         hops = [src]
         seen = {src}
         current = src
         while current != dst:
-            next_hop = self.nodes[current].fib.get(subnet)
+            next_hop = self.nodes[current].fib.get(key)
             if next_hop is None:
                 return None
             current = self.nodes[current].neighbour(next_hop)
@@ -472,8 +491,8 @@ class Simulation:
             hops.append(current)
         return hops
 
-    def _check_path(self, start: int, subnet: Subnet) -> None:
-        """A new loop toward ``subnet`` must pass through the node whose FIB just changed."""
+    def _check_path(self, start: int, subnet: int) -> None:
+        """A new loop toward ``subnet`` (a subnet key) must pass through the node whose FIB just changed."""
         self.loop_checks += 1
         owner = self._owner.get(subnet)
         nodes = self.nodes
@@ -486,11 +505,15 @@ class Simulation:
                 return
             link = node.links.get(next_hop)
             if link is None or not link.up:
-                raise AssertionError(f"node {current} forwards {subnet} over closed link {next_hop}")
+                raise AssertionError(f"node {current} forwards {self._name(subnet)} over closed link {next_hop}")
             current = link.b if link.a == current else link.a  # node.neighbour(next_hop)
             if current in seen:
-                raise RoutingLoop(f"loop toward {subnet} at t={self.now:.6f}: {[*seen, current]}")
+                raise RoutingLoop(f"loop toward {self._name(subnet)} at t={self.now:.6f}: {[*seen, current]}")
             seen[current] = None
+
+    def _name(self, key: int) -> str:
+        owner = self._owner.get(key)
+        return f"node {owner}'s {self.nodes[owner].subnet}" if owner is not None else f"subnet key {key:#x}"
 
     def assert_loop_free(self) -> None:
         """Full check: from every live node toward every subnet in any FIB."""
