@@ -235,7 +235,7 @@ class RouteView(NamedTuple):
 class _Peer:
     """Per-link liveness and link-cost state (PROTOCOL.md 2.9)."""
 
-    __slots__ = ("cost", "hello_seqno", "info", "next_hello", "smoothed", "t_hello", "t_last_heard", "t_last_ihu")
+    __slots__ = ("cost", "hello_seqno", "info", "next_hello", "smoothed", "t_hello", "t_last_heard", "t_last_ihu", "up")
 
     def __init__(self, info: PeerInfo, now: float) -> None:
         self.info = info
@@ -246,6 +246,7 @@ class _Peer:
         self.t_last_ihu = now
         self.t_last_heard = now  # any TLV at all (liveness under load, see _on_dead_timer)
         self.next_hello = now
+        self.up = True  # False once removed (receive_tlvs checks it between TLVs)
 
     @property
     def link_cost(self) -> int:
@@ -493,6 +494,23 @@ class RouterEngine:
         elif isinstance(tlv, SeqNoRequest):
             self._handle_seqno_request(peer_id, tlv, now)
 
+    def receive_tlvs(self, peer_id: str, tlvs: Iterable[Tlv], now: float) -> None:
+        """``receive_tlv`` for each of ``tlvs`` in order, with one peer lookup
+        for the lot (a link delivers its TLVs in batches)."""
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            for tlv in tlvs:
+                self.receive_tlv(peer_id, tlv, now)
+            return
+        peer.t_last_heard = now
+        handle_update = self._handle_update
+        for tlv in tlvs:
+            if type(tlv) is Update and peer.up:  # (handling a TLV never closes the link; checked anyway)
+                self._rx_updates += 1
+                handle_update(peer_id, tlv, now)
+            else:
+                self.receive_tlv(peer_id, tlv, now)
+
     def request_route(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, now: float) -> None:
         """The data plane needs a next hop or key for ``address`` (4.4, 4.5).
 
@@ -632,7 +650,7 @@ class RouterEngine:
 
     def _remove_peer(self, peer_id: str, now: float) -> None:
         """Dead peer handling (6.6.4): retract its selected routes, drop the rest."""
-        del self._peers[peer_id]
+        self._peers.pop(peer_id).up = False
         if any(p == peer_id for p, _ in self._tlvs_out):
             self._tlvs_out = [(p, t) for p, t in self._tlvs_out if p != peer_id]
         self._timers.cancel(("hello", peer_id))
@@ -1203,9 +1221,11 @@ class RouterEngine:
         info = self._rr_cache.info(k, now, RR_CACHE_TTL)
         skip = info.receivers if info is not None and generation >= info.generation else ()
         forwarded = RouteRequest(generation, subnet)
-        for other in self._peers:
-            if other != peer_id and other not in skip:
-                self._send(other, forwarded)
+        # _send to each (all live peers, an IPv6 subnet: its checks hold)
+        out = [(other, forwarded) for other in self._peers if other != peer_id and other not in skip]
+        if out:
+            self._counters["tx_route_request"] += len(out)
+            self._tlvs_out += out
         self._counters["route_requests_forwarded"] += 1
         self._record_rr(subnet, generation, list(self._peers), now)
 
@@ -1474,7 +1494,7 @@ class RouterEngine:
             self._counters["tx_to_dead_peer_suppressed"] += 1
             return
         subnet = getattr(tlv, "subnet", None)
-        if subnet is not None and not subnet.is_ipv6:
+        if subnet is not None and not subnet._key & 1:  # not subnet.is_ipv6
             self._counters["tx_ipv4_suppressed"] += 1  # never send IPv4 prefixes (5.6)
             return
         self._counters[_TX_NAMES[type(tlv)]] += 1

@@ -364,12 +364,11 @@ class Simulation:
         now = self.now
         if arrivals:
             links = node.links
-            receive = engine.receive_tlv
+            receive = engine.receive_tlvs
             for peer_id, tlvs in arrivals:
                 link = links.get(peer_id)
                 if link is not None and link.up and not link.blackhole:
-                    for tlv in tlvs:
-                        receive(peer_id, tlv, now)
+                    receive(peer_id, tlvs, now)
         # A timer can only be due in the tick _drain armed for it (the engine
         # changes only in turns, each followed by a _drain): other turns skip
         # asking the engine.
