@@ -76,7 +76,7 @@ from common.wire.tlv import (
 
 from .caches import RouteRequestCache, SeqnoCache, SeqnoKey
 from .metric import INFINITE, MAX_FINITE, metric_add, metric_sub
-from .routing_table import RouteEntry, RoutingTable, SubnetRoutes, subnet_key
+from .routing_table import Learned, RouteEntry, RoutingTable, SubnetRoutes, subnet_key
 from .seqno import seqno_add, seqno_gt, seqno_lt
 from .source_table import SourceKey, SourceTable, refresh_distance
 from .timers import TimerQueue
@@ -280,7 +280,7 @@ class RouterEngine:
         # Tables are keyed by the subnet's int key (routing_table.subnet_key), not the Subnet.
         self._recoveries: dict[int, list] = {}  # subnet key -> [router id to ask about, retries done, subnet]
         # Fairness bookkeeping (see the module docstring).
-        self._learned: dict[str, dict[int, None]] = {}  # neighbour -> its entries' subnet keys, oldest first
+        self._learned: dict[str, Learned] = {}  # neighbour -> its entries, oldest first
         self._query_origin: dict[int, str] = {}  # queried subnet key -> neighbour whose request we forwarded
         self._queries_by: Counter[str] = Counter()
         self._nstats: dict[str, Counter[str]] = {}
@@ -474,9 +474,13 @@ class RouterEngine:
             return
         peer.t_last_heard = now
         kind = type(tlv)
-        if kind is Update:  # the common case first, without the generic dispatch
+        if kind is Update:  # the common cases first, without the generic dispatch
             self._rx_updates += 1
             self._handle_update(peer_id, tlv, now)  # type: ignore[arg-type]
+            return
+        if kind is RouteRequest:
+            self._counters["rx_route_request"] += 1
+            self._handle_route_request(peer_id, tlv, now)  # type: ignore[arg-type]
             return
         name = _RX_NAMES.get(kind)
         if name is None:
@@ -658,7 +662,8 @@ class RouterEngine:
         self._nstats.pop(peer_id, None)
         self._seqno_cache.forget_peer(peer_id)
         self._rr_cache.forget_peer(peer_id)
-        subnets = list(self._learned.get(peer_id, ()))
+        learned = self._learned.get(peer_id)
+        subnets = [e.subnet._key for e in learned.entries()] if learned is not None else []
         if len(subnets) <= DEAD_PEER_SLICE:
             self._retract_peer_routes(peer_id, subnets, now)
         else:
@@ -822,8 +827,8 @@ class RouterEngine:
             entries.append(entry)
             learned = self._learned.get(peer_id)
             if learned is None:
-                learned = self._learned[peer_id] = {}
-            learned[k] = None
+                learned = self._learned[peer_id] = Learned()
+            learned.append(entry)
             self._set_expiry(entry, now + update.interval * 35 / 1000)  # hold_time_ms (finite) / 1000
 
         new = self._find_best(k, routes)
@@ -902,13 +907,16 @@ class RouterEngine:
         """Drop ``peer_id``'s newest entry; a selected one is replaced by a
         fallback or retracted, as if it had expired."""
         learned = self._learned.get(peer_id)
-        if not learned:
+        newest = learned.newest if learned is not None else None
+        if newest is None:
             return False
-        k = next(reversed(learned))
+        k = newest.subnet._key
         routes = self._table.routes.get(k)
         entry = routes.find(peer_id) if routes is not None else None
-        if routes is None or entry is None:  # cannot happen; keep the index honest anyway
-            del learned[k]
+        if routes is None or entry is not newest:  # cannot happen; keep the index honest anyway
+            learned.unlink(newest)  # type: ignore[union-attr]
+            if not learned:
+                del self._learned[peer_id]
             return True
         subnet = entry.subnet
         stats = self._nstats.get(peer_id)
@@ -1521,7 +1529,7 @@ class RouterEngine:
             self._route_timers -= 1
         learned = self._learned.get(entry.neighbour)
         if learned is not None:
-            learned.pop(subnet._key, None)
+            learned.unlink(entry)
             if not learned:
                 del self._learned[entry.neighbour]
         if not routes.entries:

@@ -12,7 +12,7 @@ times dearer than an int's (the engine does a dozen per Update).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from common.identity import subnet_of
@@ -46,7 +46,58 @@ class RouteEntry:
     seqno: int
     expires: float
     selected: bool = False
-    timer_at: float | None = None  # deadline armed on the engine's route heap
+    timer_at: float | None = None  # deadline armed on the engine's route expiry timers
+    # The engine's per-neighbour list of entries, oldest first (Learned), threaded through them.
+    older: RouteEntry | None = field(default=None, repr=False)
+    newer: RouteEntry | None = field(default=None, repr=False)
+
+
+class Learned:
+    """One neighbour's route entries, oldest first: a list threaded through
+    the entries themselves (``older`` / ``newer``), for the fairness rules
+    (how many, the newest) and a dead neighbour's cleanup. Two pointers per
+    entry instead of a dict slot per entry."""
+
+    __slots__ = ("count", "newest", "oldest")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.oldest: RouteEntry | None = None
+        self.newest: RouteEntry | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def append(self, entry: RouteEntry) -> None:
+        entry.older, entry.newer = self.newest, None
+        if self.newest is None:
+            self.oldest = entry
+        else:
+            self.newest.newer = entry
+        self.newest = entry
+        self.count += 1
+
+    def unlink(self, entry: RouteEntry) -> None:
+        older, newer = entry.older, entry.newer
+        if older is None:
+            self.oldest = newer
+        else:
+            older.newer = newer
+        if newer is None:
+            self.newest = older
+        else:
+            newer.older = older
+        entry.older = entry.newer = None
+        self.count -= 1
+
+    def entries(self) -> list[RouteEntry]:
+        """Oldest first."""
+        out = []
+        entry = self.oldest
+        while entry is not None:
+            out.append(entry)
+            entry = entry.newer
+        return out
 
 
 class SubnetRoutes(list[RouteEntry]):

@@ -15,7 +15,7 @@ from common.wire.tlv import Hello, Ihu, RouteRequest, SeqNoRequest, Tlv, Update
 from services.router.caches import RouteRequestCache, SeqnoCache
 from services.router.engine import PeerInfo, RouterEngine
 from services.router.metric import INFINITE
-from services.router.routing_table import RouteEntry, RoutingTable, SubnetRoutes
+from services.router.routing_table import Learned, RouteEntry, RoutingTable, SubnetRoutes
 from services.router.source_table import SourceTable
 from services.router.timers import TimerQueue
 
@@ -253,3 +253,21 @@ def test_source_table_keeps_several_router_ids_per_subnet() -> None:
     t.remove(third)
     assert sorted(t) == [new] and len(t) == 1
     assert t.sweep(25.0) == 1 and len(t) == 0 and list(t) == []
+
+
+def test_learned_keeps_a_neighbours_entries_oldest_first() -> None:
+    entries = [RouteEntry(S, RID, "a", i, 0, 0.0) for i in range(5)]
+    learned = Learned()
+    for e in entries:
+        learned.append(e)
+    assert len(learned) == 5 and learned.entries() == entries and learned.newest is entries[4]
+    learned.unlink(entries[2])  # middle
+    learned.unlink(entries[4])  # newest
+    learned.unlink(entries[0])  # oldest
+    assert len(learned) == 2 and learned.entries() == [entries[1], entries[3]]
+    assert learned.oldest is entries[1] and learned.newest is entries[3]
+    learned.append(entries[0])  # re-learned: now the newest
+    assert learned.entries() == [entries[1], entries[3], entries[0]]
+    for e in list(learned.entries()):
+        learned.unlink(e)
+    assert len(learned) == 0 and learned.entries() == [] and learned.oldest is learned.newest is None
