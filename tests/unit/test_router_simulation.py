@@ -359,8 +359,8 @@ def test_rejoined_node_is_a_fresh_process_with_the_same_key() -> None:
     assert sim.run_until_converged(10.0) is not None, sim.missing_routes()
 
 
-# The largest size that fits the suite's ~90 s budget: 600 nodes take ~73 s CPU
-# on the shared 2-core VM (session 11; wall ~75 s when quiet, 168 s at load
+# The largest size that fits the suite's ~90 s budget on a quiet machine: 600
+# nodes take 73 s CPU on the shared 2-core VM (session 11; 168 s wall at load
 # average 7). 1,000 nodes take ~190 s CPU and stay in bench/bench_sim.py.
 PUBLIC_MESH_NODES = 600
 
