@@ -1,6 +1,8 @@
 """Memory of one running node: PSS and RSS of each of its processes.
 
-Run: ``.venv/bin/python bench/bench_memory.py [--settle S]``
+Run: ``.venv/bin/python bench/bench_memory.py [--settle S]``; with
+``MYCELIUM_PREFORK=0`` supervisord execs every service (the baseline of
+services/cli/prefork.py's shared imports)
 
 Starts one ``--no-tun`` node on loopback the way the integration tests
 do (tests/integration/nodes.py), waits until every service runs and a few
@@ -47,12 +49,15 @@ def rollup(pid: int) -> dict[str, int]:
 
 def name_of(pid: int) -> str:
     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    words = [w.decode() for w in cmd if w]
+    words = [w for part in cmd if part for w in part.decode().split(" ")]  # a forked service's title is one string
     if "mycelium-launcher" in words:  # the launcher after it exec'ed its shell waiter (services/cli/launcher.py)
         return "launcher (sh)"
-    for w in words:
+    if "services.cli.prefork" in words:
+        return "supervisord (prefork)"
+    for i, w in enumerate(words):
         if w.startswith("services."):
-            return w.removeprefix("services.")
+            family = words[words.index("--family") + 1] if "--family" in words[i:-1] else None
+            return w.removeprefix("services.") + (f"-{family}" if family else "")
     if any("supervisord" in w for w in words):
         return "supervisord"
     return " ".join(words[:3])[:40]
@@ -76,7 +81,10 @@ def main() -> int:
                     rows.append((name_of(pid), r.get("Pss", 0), r.get("Rss", 0)))
         finally:
             node.stop()
-    print(f"MYCELIUM_NATIVE={os.environ.get('MYCELIUM_NATIVE', '(unset)')}")
+    print(
+        f"MYCELIUM_NATIVE={os.environ.get('MYCELIUM_NATIVE', '(unset)')} "
+        f"MYCELIUM_PREFORK={os.environ.get('MYCELIUM_PREFORK', '(unset)')}"
+    )
     print("| process | PSS MiB | RSS MiB |")
     print("|---|---:|---:|")
     for name, pss, rss in sorted(rows, key=lambda r: -r[1]):

@@ -212,12 +212,17 @@ class StatsPublisher:
         """Whether a publish is due; lets callers skip computing costly gauges."""
         return now >= self._next
 
+    def seconds_until_due(self, now: float) -> float:
+        """How long a service that only wakes to publish may sleep."""
+        return max(0.0, self._next - now)
+
     def maybe_publish(self, now: float, counters: dict[str, int], gauges: dict[str, Any]) -> None:
         if not self.due(now):
             return
         # a PUB drops what it sends before its connection is up: publish often
         # at first, so a service (re)started shows up within a fraction of a second
-        self._next = now + (EAGER_INTERVAL if now < self._eager_until else self.interval)
+        # (``now`` is the caller's clock, wall or monotonic: the start-up window is measured on its own)
+        self._next = now + (EAGER_INTERVAL if time.monotonic() < self._eager_until else self.interval)
         frames = pack(
             "stats",
             {

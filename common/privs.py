@@ -22,6 +22,8 @@ _PR_SET_KEEPCAPS = 8
 _PR_CAPBSET_DROP = 24
 _PR_SET_SECUREBITS = 28
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
 _SECBIT_NOROOT = 1 << 0
 _SECBIT_NOROOT_LOCKED = 1 << 1
 _SECBIT_NO_SETUID_FIXUP = 1 << 2
@@ -75,6 +77,23 @@ def _last_cap() -> int:
             return int(f.read())
     except (OSError, ValueError):
         return 40
+
+
+def drop_all_capabilities() -> None:
+    """What ``setpriv --bounding-set=-all --inh-caps=-all --ambient-caps=-all
+    --no-new-privs`` gives the program it execs, for a process that is not
+    exec'ed (services/cli/prefork.py): without an exec the kernel does not
+    recompute the capability sets, so effective and permitted are cleared too."""
+    if effective_caps() & (1 << CAP_SETPCAP):
+        for cap in range(_last_cap() + 1):
+            try:
+                _prctl(_PR_CAPBSET_DROP, cap)
+            except OSError:
+                pass
+    # fails only on a kernel without ambient capabilities (< 4.3): none to clear
+    _libc.prctl(_PR_CAP_AMBIENT, ctypes.c_ulong(_PR_CAP_AMBIENT_CLEAR_ALL), 0, 0, 0)
+    _capset(0)
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
 
 
 def drop_to_net_admin(user: str | None) -> str:

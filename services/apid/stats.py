@@ -33,6 +33,12 @@ log = logging.getLogger("apid.stats")
 
 STATE_FILE = "apid-state.json"
 SAMPLE_INTERVAL = 1.0
+# Nobody reading the dashboard's series or the metrics: sample this rarely
+# instead (each sample asks peerd for its peers and wakes apid; once a second
+# that was most of an idle node's CPU). The first read after a quiet spell
+# takes a fresh sample at once, and 1 s sampling resumes for WATCHED_FOR s.
+IDLE_SAMPLE_INTERVAL = 10.0
+WATCHED_FOR = 60.0
 SERIES_LENGTH = 600  # samples kept (10 minutes at 1 s)
 UP_AGE = 3.5  # services publish every second
 STALE_AGE = 15.0
@@ -250,8 +256,9 @@ def _delta(new: float, old: float) -> float:
 
 
 class Sampler:
-    """Once a second: the peers' byte counters and the services' counters,
-    turned into rates. Keeps the last ``SERIES_LENGTH`` samples."""
+    """Once a second while someone reads them (every IDLE_SAMPLE_INTERVAL s
+    otherwise): the peers' byte counters and the services' counters, turned
+    into rates. Keeps the last ``SERIES_LENGTH`` samples."""
 
     def __init__(self, api: NodeApi, stats: StatsCollector, interval: float = SAMPLE_INTERVAL) -> None:
         self.api = api
@@ -263,6 +270,8 @@ class Sampler:
         self.peers_time = 0.0
         self._prev: dict[str, Any] | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._last_read = time.monotonic()  # a node just started is watched: its first minute is sampled every second
         self.thread = threading.Thread(target=self._run, name="sampler", daemon=True)
 
     def start(self) -> None:
@@ -270,6 +279,19 @@ class Sampler:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+
+    def watched(self, now: float) -> bool:
+        return now - self._last_read <= WATCHED_FOR
+
+    def next_interval(self, now: float) -> float:
+        return self.interval if self.watched(now) else max(self.interval, IDLE_SAMPLE_INTERVAL)
+
+    def _note_read(self) -> None:
+        now = time.monotonic()
+        if not self.watched(now):
+            self._wake.set()  # the sampler is in a long wait: sample now
+        self._last_read = now
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -280,7 +302,9 @@ class Sampler:
                 # malformed statistics from a service; anything else is a bug and
                 # ends the process (common/lifecycle.exit_on_crash)
                 log.exception("sampling failed")
-            self._stop.wait(max(0.05, self.interval - (time.monotonic() - t0)))
+            now = time.monotonic()
+            self._wake.wait(max(0.05, self.next_interval(now) - (now - t0)))
+            self._wake.clear()
 
     @staticmethod
     def totals(snapshot: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -356,10 +380,12 @@ class Sampler:
         return point
 
     def latest_peers(self) -> tuple[list[dict[str, Any]], float]:
+        self._note_read()
         with self.lock:
             return [dict(p) for p in self.peers], self.peers_time
 
     def recent(self, count: int) -> list[dict[str, Any]]:
+        self._note_read()
         with self.lock:
             items = list(self.series)
         return items[-count:]

@@ -343,9 +343,24 @@ class WsSession:
             await asyncio.sleep(STATUS_POLL)
 
 
+class RpcUvicorn(uvicorn.Server):
+    """uvicorn's server with its housekeeping loop turning once a second,
+    not ten times (the Date header still changes every second): that loop
+    was most of an idle apid's wake-ups. Its only other job, noticing
+    ``should_exit``, does not need speed here: apid exits its process."""
+
+    async def main_loop(self) -> None:
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 10) % 864000  # on_tick's "once a second" is every tenth count
+            await asyncio.sleep(1.0)
+            should_exit = await self.on_tick(counter)
+
+
 def serve_rpc(
     name: str, host: str, port: int, registry: rpc.RpcRegistry, http_app: Any, messages: Messages, threads: int
-) -> tuple[uvicorn.Server, RpcServer]:
+) -> tuple[RpcUvicorn, RpcServer]:
     """Bind now (so a taken port is reported at once, as before) and serve in a thread."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -371,7 +386,7 @@ def serve_rpc(
         ws_ping_interval=WS_PING,
         ws_ping_timeout=WS_PING,
     )
-    server = uvicorn.Server(config)
+    server = RpcUvicorn(config)
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=name, daemon=True).start()
     threading.Thread(target=app.release_stale_leases, name="ws-release", daemon=True).start()
     return server, app

@@ -27,6 +27,9 @@ from common.programs import PRIVILEGED, programs
 from common.programs import PROGRAMS as PROGRAMS
 from common.shmring import remove_rings, ring_path
 
+from . import prefork
+from .prefork import DROP_CAPS as DROP_CAPS  # re-exported: the launcher writes it into program commands
+
 log = logging.getLogger("mycelium")
 
 CONF_FILE = "supervisord.conf"
@@ -41,9 +44,6 @@ SERVICE_USER = "mycelium"
 SERVICE_USER_ENV = "MYCELIUM_SERVICE_USER"
 CAP_NET_ADMIN = 12
 MAX_CRYPTO_WORKERS = 64
-# uid 0 without any capability, for when the service user cannot reach the
-# interpreter or the run directory (e.g. a Python installed under /root)
-DROP_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs", "--"]
 
 
 class LaunchError(Exception):
@@ -390,7 +390,8 @@ def run(cfg: NodeConfig, crypto_workers: int = 1) -> int:
         file=sys.stderr,
         flush=True,
     )
-    command = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", os.path.join(cfg.run_dir, CONF_FILE)]
+    modules = [module for _name, module, _priority in programs(cfg)]
+    command = prefork.command(modules, ["-n", "-c", os.path.join(cfg.run_dir, CONF_FILE)])
     argv = waiter_argv(cfg.run_dir, command)
     if argv is not None:
         sys.stdout.flush()

@@ -232,8 +232,9 @@ async def serve(cfg: NodeConfig, udp_sock: socket.socket, tcp_sock: socket.socke
 
     async def stats_loop() -> None:
         while True:
-            stats.maybe_publish(time.time(), resolver.counters(), resolver.gauges())
-            await asyncio.sleep(0.2)
+            now = time.time()
+            stats.maybe_publish(now, resolver.counters(), resolver.gauges())
+            await asyncio.sleep(max(0.05, stats.seconds_until_due(now)))
 
     tasks = [asyncio.create_task(c) for c in (rpc_loop(), stats_loop(), resolver.refresh_loop())]
     log.info("DNS resolver on [::]:%d (UDP and TCP), upstream %s", cfg.dns_port, resolver.core.upstream)

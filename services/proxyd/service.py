@@ -372,8 +372,9 @@ async def serve(cfg: NodeConfig) -> None:
 
     async def stats_loop() -> None:
         while True:
-            stats.maybe_publish(time.time(), proxy.counters, proxy.gauges())
-            await asyncio.sleep(0.2)
+            now = time.time()
+            stats.maybe_publish(now, proxy.counters, proxy.gauges())
+            await asyncio.sleep(max(0.05, stats.seconds_until_due(now)))
 
     tasks = [asyncio.create_task(rpc_loop()), asyncio.create_task(stats_loop())]
     await proxy.restore_state()

@@ -29,6 +29,7 @@ def make_nodes(
     if failed:
         for node in created:
             print(f"\n===== log of {node.name} =====\n{node.log_tail()}")
+            print(f"----- non-zero counters of {node.name} -----\n{node.counter_report()}")
     stop_all([node.stop for node in created])
 
 

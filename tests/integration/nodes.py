@@ -90,6 +90,7 @@ class Node:
         self.rpc_port = free_port()
         self.peers: list[str] = []
         self.extra_args: list[str] = []
+        self.env: dict[str, str] = {}  # on top of the test's environment
         self.proc: subprocess.Popen[bytes] | None = None
         self._info: dict[str, Any] | None = None
 
@@ -118,7 +119,7 @@ class Node:
         return args + self.extra_args
 
     def start(self) -> Node:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", XDG_CONFIG_HOME=str(self.dir / "config"))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", XDG_CONFIG_HOME=str(self.dir / "config"), **self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.args(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True
@@ -240,6 +241,22 @@ class Node:
         """Ask for a key by address; a miss starts a route query on the node."""
         status, body = self.api_status(f"/api/v1/pubkey/{address}")
         return json.loads(body)["publicKey"] if status == 200 else None
+
+    def counter_report(self) -> str:
+        """Every service's non-zero counters, one line each (for a failed test's
+        output: which stage a lost packet or message stopped at)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return "(node not running)"
+        try:
+            services = self.api("/api/v1/admin/services", timeout=3)
+        except Exception as exc:  # a failing node may not answer
+            return f"(no answer: {exc})"
+        lines = []
+        for name, fields in sorted(services.items()):
+            counters = fields.get("counters") or {} if isinstance(fields, dict) else {}
+            shown = " ".join(f"{k}={v}" for k, v in sorted(counters.items()) if v)
+            lines.append(f"{name}: {shown}")
+        return "\n".join(lines)
 
     def log_tail(self, lines: int = 60) -> str:
         try:

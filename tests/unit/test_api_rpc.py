@@ -242,3 +242,30 @@ def test_dispatch_of_arbitrary_bytes(raw: bytes) -> None:
     cfg = NodeConfig(run_dir="/nonexistent", key_file="/nonexistent/key")
     register_node_methods(reg, NodeApi(cfg, Identity.from_secret(bytes(32)), StubBus()))
     reg.dispatch(raw)
+
+
+def test_the_websocket_servers_housekeeping_turns_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn's own loop wakes ten times a second; ours once, still passing
+    on_tick the counts at which it refreshes the Date header (every tenth)."""
+    import asyncio
+
+    import uvicorn
+
+    from services.apid.websocket import RpcUvicorn
+
+    sleeps: list[float] = []
+    ticks: list[int] = []
+
+    async def fake_sleep(delay: float) -> None:
+        sleeps.append(delay)
+
+    async def on_tick(self: RpcUvicorn, counter: int) -> bool:
+        ticks.append(counter)
+        return len(ticks) == 3
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    monkeypatch.setattr(RpcUvicorn, "on_tick", on_tick)
+    server = RpcUvicorn(uvicorn.Config(app=lambda *_: None, lifespan="off"))
+    asyncio.run(server.main_loop())
+    assert sleeps == [1.0, 1.0]
+    assert ticks == [0, 10, 20] and all(t % 10 == 0 for t in ticks)

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +282,41 @@ def test_listener_addresses_are_checked(tmp_path: Path, monkeypatch: pytest.Monk
         resolve(parse(*base, "--jsonrpc-addr", f"127.0.0.1:{api}"), print)
     with pytest.raises(OptionError, match="metrics address"):
         resolve(parse(*base, "--jsonrpc-addr", f"127.0.0.1:{rpc}", "--metrics-api-address", "nonsense"), print)
+
+
+def test_sampler_slows_down_when_nobody_reads_and_wakes_on_a_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unread, the sampler waits IDLE_SAMPLE_INTERVAL between samples (each
+    one asks peerd for its peers); a read after that takes a sample at once
+    and brings back 1 s sampling."""
+    import services.apid.stats as stats_mod
+
+    api = make_api(tmp_path, StubBus())
+    calls: list[float] = []
+    api.peers_raw = lambda: calls.append(time.monotonic()) or []  # type: ignore[method-assign,func-returns-value]
+    sampler = Sampler(api, StatsCollector(None, str(tmp_path)), interval=0.05)
+    monkeypatch.setattr(stats_mod, "IDLE_SAMPLE_INTERVAL", 30.0)
+    monkeypatch.setattr(stats_mod, "WATCHED_FOR", 0.3)
+    assert sampler.next_interval(time.monotonic()) == 0.05  # just started: watched
+    sampler.start()
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (calls and time.monotonic() - sampler._last_read > 0.5):
+            time.sleep(0.05)
+        assert sampler.next_interval(time.monotonic()) == 30.0
+        while time.monotonic() < deadline and time.monotonic() - calls[-1] < 0.3:
+            time.sleep(0.05)  # a short wait begun while still watched ends in one more sample
+        settled = len(calls)
+        time.sleep(0.5)
+        assert len(calls) == settled  # unread: no sample within half a second (the next is 30 s away)
+        sampler.recent(5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(calls) < settled + 3:
+            sampler.latest_peers()
+            time.sleep(0.02)
+        assert len(calls) >= settled + 3  # read: sampled at once, then at the short interval again
+    finally:
+        sampler.stop()
+        sampler.thread.join(5)
+    assert not sampler.thread.is_alive()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgpack
@@ -157,4 +158,22 @@ def test_stats_publisher_publishes_when_due(ctx: zmq.Context, run_dir: str) -> N
     assert got is not None and got.kind == "stats"
     assert got.fields["service"] == "svc" and got.fields["gauges"] == {"g": 1}
     assert not pub.due(float(i)) and pub.due(float(i) + 1.0)
+    pub.close()
+
+
+@pytest.mark.parametrize("clock", [time.time, time.monotonic])
+def test_stats_publisher_is_eager_for_its_first_seconds_on_either_clock(
+    ctx: zmq.Context, run_dir: str, clock: Callable[[], float]
+) -> None:
+    """Services pass wall or monotonic time; the start-up window (publish
+    every EAGER_INTERVAL, so a restarted service shows up at once) must not
+    depend on which (with the wall clock it never opened)."""
+    pub = bus.StatsPublisher(ctx, run_dir, "svc")
+    now = clock()
+    pub.maybe_publish(now, {}, {})
+    assert pub.seconds_until_due(now) == pytest.approx(bus.EAGER_INTERVAL)
+    pub._eager_until = time.monotonic() - 1  # the window is over
+    pub.maybe_publish(now + 1, {}, {})
+    assert pub.seconds_until_due(now + 1) == pytest.approx(pub.interval)
+    assert pub.seconds_until_due(now + 5) == 0.0
     pub.close()

@@ -1,0 +1,256 @@
+"""supervisord as a fork server: one interpreter imports the node's services
+once, and supervisord starts each program by forking it, not by exec.
+
+Every service is its own Python process (restartable alone, as the design
+asks), and a fresh interpreter per process costs ~12-15 MiB of private
+memory, most of it the same imported modules (zmq, msgpack, cryptography,
+asyncio, our common/). Imported before the fork, those pages stay shared
+copy-on-write between supervisord and every service: a node's PSS falls by
+a third (docs/PERFORMANCE.md, "Memory"). supervisord still forks, waits
+for, restarts and signals each program exactly as before; only the
+``execve`` of a program whose command is ``<this python> -m <preloaded
+module>`` (optionally behind the launcher's ``setpriv`` capability drop) is
+replaced by running that module in the forked child. Any other command is
+exec'ed as supervisord always does.
+
+What a forked service does not get afresh, and why that is fine: the hash
+seed (shared by the services of one node, still random per start), the
+imported code (a node runs one installed version; restart the node after
+an upgrade, as with any preforking server), supervisord's objects (frozen
+out of the GC's way; their descriptors are closed by supervisord before
+the exec point, and nothing in the child refers to them).
+
+Run: ``python -m services.cli.prefork --preload services.router,... -- <supervisord arguments>``;
+``MYCELIUM_PREFORK=0`` makes the launcher run plain supervisord instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import gc
+import importlib
+import os
+import runpy
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+PREFORK_ENV = "MYCELIUM_PREFORK"  # "0": supervisord execs every program (no shared imports)
+# uid 0 without any capability, for when the service user cannot reach the
+# interpreter or the run directory (e.g. a Python installed under /root);
+# the launcher puts it in front of a program's command, and a forked program
+# does the same drop itself (common.privs.drop_all_capabilities)
+DROP_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs", "--"]
+# the signals supervisord handles; a forked program starts with the defaults an exec'ed one gets
+_SUPERVISORD_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2)
+
+
+_PR_SET_DUMPABLE = 4
+SERVICES = "services."  # the modules a program command may name to be forked
+# What two or more services import (a module only one process uses would be
+# held twice once that process writes to its pages: the parent's copy and
+# its own), so each service imports only what is its alone. Lazily imported
+# modules count: router, msgbus, apid and proxyd derive the node's public
+# key (x25519) after start.
+SHARED_MODULES = (
+    "asyncio",
+    "concurrent.futures",
+    "json",
+    "tomllib",
+    "zmq",
+    "msgpack",
+    "blake3",
+    "cryptography.hazmat.primitives.asymmetric.x25519",
+    "common.bus",
+    "common.datapath",
+    "common.endpoint",
+    "common.fib",
+    "common.identity",
+    "common.lifecycle",
+    "common.native",
+    "common.nodeconfig",
+    "common.pending",
+    "common.shmring",
+    "common.spinpoll",
+    "common.wire",
+)
+
+
+def enabled() -> bool:
+    return os.environ.get(PREFORK_ENV, "1") != "0"
+
+
+def command(program_modules: Sequence[str], supervisord_args: Sequence[str]) -> list[str]:
+    """The command line that starts supervisord, preforking where enabled:
+    it preloads SHARED_MODULES and any service that runs as two or more
+    programs (peerd, one per transport family)."""
+    if not enabled():
+        return [sys.executable, "-m", "supervisor.supervisord", *supervisord_args]
+    repeated = [m for m in dict.fromkeys(program_modules) if list(program_modules).count(m) > 1]
+    preloaded = ",".join([*SHARED_MODULES, *(f"{m}.service" for m in repeated)])
+    return [sys.executable, "-m", "services.cli.prefork", "--preload", preloaded, "--", *supervisord_args]
+
+
+def forkable(argv: Sequence[str]) -> tuple[str, list[str], bool] | None:
+    """(module, its arguments, drop capabilities first) when ``argv`` runs
+    one of our services with this interpreter, else None (exec it)."""
+    drop = list(argv[: len(DROP_CAPS)]) == DROP_CAPS
+    rest = list(argv[len(DROP_CAPS) :] if drop else argv)
+    if len(rest) < 3 or rest[0] != sys.executable or rest[1] != "-m" or not rest[2].startswith(SERVICES):
+        return None
+    return rest[2], rest[3:], drop
+
+
+def preload(modules: Sequence[str]) -> None:
+    """Import ``modules``; one that fails to import is left to fail loudly
+    in the service that needs it, where supervisord logs and retries it."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # any import error: the service imports it itself
+            print(f"mycelium prefork: {module} not preloaded ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def run_forked(module: str, args: list[str], env: dict[str, str], drop_caps: bool) -> None:
+    """In the child supervisord forked: become what ``python -m module args``
+    would have been, run it, and exit with its status. Never returns."""
+    code = 1
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        for sig in _SUPERVISORD_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        signal.set_wakeup_fd(-1)
+        if os.getuid() != 0:
+            _set_dumpable()  # an exec after supervisord's setuid would have reset it
+        gc.freeze()  # supervisord's objects: never scanned, so their pages stay shared
+        if drop_caps:
+            from common.privs import drop_all_capabilities
+
+            drop_all_capabilities()
+        _set_title(module, args)
+        if env.get("PYTHONUNBUFFERED"):
+            for stream in (sys.stdout, sys.stderr):
+                stream.reconfigure(write_through=True)  # type: ignore[union-attr]
+        sys.argv = [module, *args]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exc:
+        code = _exit_code(exc.code)
+    except BaseException:  # what an exec'ed interpreter does with an uncaught exception
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    finally:
+        try:
+            threading._shutdown()  # type: ignore[attr-defined]  # join non-daemon threads, as at interpreter exit
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _set_dumpable() -> None:
+    """Linux makes a process that changed its uid non-dumpable, which makes
+    its /proc files root's; an exec resets that, so a forked service resets
+    it itself (it holds nothing its own user may not read: the key comes later)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+
+
+def _set_title(module: str, args: list[str]) -> None:
+    """``ps`` and /proc/<pid>/cmdline show the command supervisord would have
+    exec'ed (tools and tests find a service by it), ``top`` the service."""
+    import setproctitle
+
+    setproctitle.setproctitle(" ".join([sys.executable, "-m", module, *args]))
+    setproctitle.setthreadtitle(module.rsplit(".", 1)[-1][:15])
+
+
+def install() -> None:
+    """Make supervisord fork our services instead of exec'ing them."""
+    from supervisor.options import ServerOptions
+
+    exec_program = ServerOptions.execve
+
+    def execve(self: ServerOptions, filename: str, argv: list[str], env: dict[str, str]) -> None:
+        found = forkable(argv)
+        if found is None:
+            return exec_program(self, filename, argv, env)
+        run_forked(*found[:2], env, found[2])
+
+    ServerOptions.execve = execve
+    # what supervisord's own streams hold must not be written again by each child
+    os.register_at_fork(before=lambda: (sys.stdout.flush(), sys.stderr.flush()))
+
+
+STOPPING_POLL_S = 0.05  # supervisord's loop while the node stops (1 s otherwise)
+
+
+def install_quick_stop() -> None:
+    """Stop a node in about a second instead of one second per program.
+
+    supervisord stops one program group per turn of its loop and then waits
+    for its 1 s poll timeout (an exited child's pipe closes before it can be
+    reaped, so nothing wakes the poll). Here every group of the highest
+    priority left stops at once (the order by priority stays: peerd first,
+    router last), and while stopping the loop turns every 50 ms."""
+    from supervisor import poller, supervisord
+
+    base = poller.Poller
+
+    class QuickStopPoller(base):  # type: ignore[valid-type,misc]
+        stopping = False
+
+        def poll(self, timeout: float) -> tuple[list[int], list[int]]:
+            return super().poll(min(timeout, STOPPING_POLL_S) if self.stopping else timeout)
+
+    def stop_highest_priority(self: supervisord.Supervisor) -> None:
+        self.options.poller.stopping = True
+        if self.stop_groups:
+            last = self.stop_groups[-1].config.priority
+            for group in self.stop_groups:
+                if group.config.priority == last:
+                    group.stop_all()
+
+    poller.Poller = QuickStopPoller
+    supervisord.Supervisor.ordered_stop_groups_phase_1 = stop_highest_priority
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.cli.prefork")
+    parser.add_argument("--preload", default="", help="comma-separated modules to import once and fork")
+    parser.add_argument("supervisord_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    import setproctitle
+
+    setproctitle.getproctitle()  # finds the argv and environ area while the environment is still the original
+    rest = args.supervisord_args[1:] if args.supervisord_args[:1] == ["--"] else args.supervisord_args
+    preload([m for m in args.preload.split(",") if m])
+    install()
+    install_quick_stop()
+    gc.collect()
+    gc.freeze()  # what the services share: out of every later collection's reach
+    from supervisor import supervisord
+
+    sys.argv = ["supervisord", *rest]
+    supervisord.main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

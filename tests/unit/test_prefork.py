@@ -1,0 +1,125 @@
+"""services/cli/prefork.py without supervisord: which commands are forked,
+the command line the launcher runs, and what a forked child becomes (exit
+status, environment, signals), each in a real forked process."""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from services.cli import prefork
+from services.cli.prefork import DROP_CAPS, SHARED_MODULES, forkable
+
+
+def test_our_services_run_with_this_interpreter_are_forked() -> None:
+    args = [sys.executable, "-m", "services.router", "--run-dir", "/r"]
+    assert forkable(args) == ("services.router", ["--run-dir", "/r"], False)
+    assert forkable([*DROP_CAPS, *args]) == ("services.router", ["--run-dir", "/r"], True)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["/usr/bin/python3.9", "-m", "services.router", "--run-dir", "/r"],  # another interpreter
+        [sys.executable, "-m", "json.tool"],  # not one of ours
+        [sys.executable, "services/router/__main__.py"],  # not -m
+        [sys.executable, "-m"],
+        ["setpriv", "--no-new-privs", "--", sys.executable, "-m", "services.router"],  # another drop: exec it
+        ["/bin/true"],
+        [],
+    ],
+)
+def test_anything_else_is_execed(argv: list[str]) -> None:
+    assert forkable(argv) is None
+
+
+def test_the_launcher_preloads_shared_modules_and_repeated_services(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(prefork.PREFORK_ENV, raising=False)
+    modules = ["services.router", "services.tund", "services.peerd", "services.peerd"]
+    cmd = prefork.command(modules, ["-n", "-c", "/r/supervisord.conf"])
+    assert cmd[:3] == [sys.executable, "-m", "services.cli.prefork"]
+    preloaded = cmd[cmd.index("--preload") + 1].split(",")
+    assert preloaded == [*SHARED_MODULES, "services.peerd.service"]
+    assert cmd[-4:] == ["--", "-n", "-c", "/r/supervisord.conf"]
+    single = prefork.command(["services.router", "services.peerd"], ["-n"])
+    assert "services.peerd.service" not in single[single.index("--preload") + 1]
+    monkeypatch.setenv(prefork.PREFORK_ENV, "0")
+    assert prefork.command(modules, ["-n"]) == [sys.executable, "-m", "supervisor.supervisord", "-n"]
+
+
+def test_every_shared_module_imports() -> None:
+    """A module named there that no longer exists would only print a line at start."""
+    code = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"
+    subprocess.run([sys.executable, "-c", code, *SHARED_MODULES], check=True, timeout=60)
+
+
+TARGET = textwrap.dedent(
+    """
+    import os, signal, sys
+    mode = sys.argv[1]
+    out = os.environ["PREFORK_TEST_OUT"]
+    with open(out, "w") as f:
+        f.write(repr({
+            "argv": sys.argv,
+            "env": sorted(os.environ),
+            "term": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+            "chld": signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL,
+            "int": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+            "name": __name__,
+        }))
+    if mode == "exit3":
+        sys.exit(3)
+    if mode == "raise":
+        raise ValueError("boom from the forked service")
+    if mode == "message":
+        sys.exit("a one-line reason")
+    """
+)
+
+
+def _run_forked(tmp_path: Path, mode: str) -> tuple[int, dict[str, object], str]:
+    (tmp_path / "prefork_target.py").write_text(TARGET)
+    out = tmp_path / "out.txt"
+    err = tmp_path / "err.txt"
+    sys.path.insert(0, str(tmp_path))
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: what supervisord's forked child does at its exec point
+            fd = os.open(err, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.dup2(fd, 2)
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - not pytest's capture: the real descriptor
+            signal.signal(signal.SIGTERM, lambda *_: None)  # a supervisord-like handler to be reset
+            signal.signal(signal.SIGCHLD, lambda *_: None)
+            env = {"PREFORK_TEST_OUT": str(out), "SUPERVISOR_PROCESS_NAME": "t", "PATH": "/usr/bin"}
+            prefork.run_forked("prefork_target", [mode], env, False)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        sys.path.remove(str(tmp_path))
+    seen = ast.literal_eval(out.read_text()) if out.exists() else {}
+    return os.waitstatus_to_exitcode(status), seen, err.read_text() if err.exists() else ""
+
+
+def test_a_forked_service_sees_its_own_argv_environment_and_default_signals(tmp_path: Path) -> None:
+    code, seen, _err = _run_forked(tmp_path, "ok")
+    assert code == 0
+    assert seen["argv"][1:] == ["ok"] and seen["name"] == "__main__"
+    assert seen["env"] == ["PATH", "PREFORK_TEST_OUT", "SUPERVISOR_PROCESS_NAME"]
+    assert seen["term"] and seen["chld"] and seen["int"]
+
+
+@pytest.mark.parametrize(("mode", "status", "stderr"), [
+    ("exit3", 3, ""),
+    ("raise", 1, "ValueError: boom from the forked service"),
+    ("message", 1, "a one-line reason"),
+])  # fmt: skip
+def test_a_forked_service_exits_as_an_execed_one_would(tmp_path: Path, mode: str, status: int, stderr: str) -> None:
+    code, _seen, err = _run_forked(tmp_path, mode)
+    assert code == status
+    assert stderr in err
