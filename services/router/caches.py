@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.wire.subnet import Subnet
-
-SeqnoKey = tuple[bytes, Subnet, int]  # (router id, subnet, requested seqno)
+# Subnets are given by their int key (routing_table.subnet_key), as the engine's tables are.
+SeqnoKey = tuple[bytes, int, int]  # (router id, subnet key, requested seqno)
 
 
 @dataclass(slots=True)
@@ -27,7 +26,7 @@ class SeqnoCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.entries: dict[SeqnoKey, SeqnoRequestInfo] = {}
-        self._by_subnet: dict[Subnet, set[SeqnoKey]] = {}
+        self._by_subnet: dict[int, set[SeqnoKey]] = {}
         self._by_owner: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -36,10 +35,10 @@ class SeqnoCache:
     def get(self, key: SeqnoKey) -> SeqnoRequestInfo | None:
         return self.entries.get(key)
 
-    def has_subnet(self, subnet: Subnet) -> bool:
+    def has_subnet(self, subnet: int) -> bool:
         return subnet in self._by_subnet
 
-    def keys_for(self, subnet: Subnet) -> list[SeqnoKey]:
+    def keys_for(self, subnet: int) -> list[SeqnoKey]:
         keys = self._by_subnet.get(subnet)
         return list(keys) if keys else []
 
@@ -102,18 +101,18 @@ class RouteRequestInfo:
 class RouteRequestCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.entries: dict[Subnet, RouteRequestInfo] = {}
+        self.entries: dict[int, RouteRequestInfo] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def info(self, subnet: Subnet, now: float, max_age: float) -> RouteRequestInfo | None:
+    def info(self, subnet: int, now: float, max_age: float) -> RouteRequestInfo | None:
         info = self.entries.get(subnet)
         if info is None or now - info.sent > max_age:
             return None
         return info
 
-    def record(self, subnet: Subnet, generation: int, receivers: list[str], now: float) -> Subnet | None:
+    def record(self, subnet: int, generation: int, receivers: list[str], now: float) -> int | None:
         """Overwrite the entry for ``subnet``; returns the subnet evicted to make room, if any."""
         evicted = None
         if subnet not in self.entries and len(self.entries) >= self.capacity:
@@ -123,7 +122,7 @@ class RouteRequestCache:
         self.entries[subnet] = RouteRequestInfo(generation, receivers, now)
         return evicted
 
-    def remove(self, subnet: Subnet) -> None:
+    def remove(self, subnet: int) -> None:
         self.entries.pop(subnet, None)
 
     def forget_peer(self, peer_id: str) -> None:

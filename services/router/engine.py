@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
-import itertools
 import random
 from collections import Counter, deque
 from collections.abc import Iterable
@@ -76,10 +75,10 @@ from common.wire.tlv import (
 )
 
 from .caches import RouteRequestCache, SeqnoCache, SeqnoKey
-from .metric import INFINITE, MAX_FINITE, metric_add, metric_delta, metric_sub
-from .routing_table import RouteEntry, RoutingTable, SubnetRoutes
+from .metric import INFINITE, MAX_FINITE, metric_add, metric_sub
+from .routing_table import Learned, RouteEntry, RoutingTable, SubnetRoutes, subnet_key
 from .seqno import seqno_add, seqno_gt, seqno_lt
-from .source_table import SourceKey, SourceTable
+from .source_table import SourceKey, SourceTable, refresh_distance
 from .timers import TimerQueue
 
 # --- protocol constants (PROTOCOL.md section 10) ---------------------------
@@ -118,7 +117,34 @@ MAX_SOURCES = 2 * MAX_SUBNETS
 MAX_SEQNO_CACHE = 16_384
 MAX_RR_CACHE = 16_384
 MAX_RECOVERIES = 16_384
-_ADDRESS_CACHE_SIZE = 4_096
+_ADDRESS_CACHE_SIZE = 16_384  # each of the two memos below (a few MiB at most)
+
+# Router id -> its key's overlay address as an int, and router id -> the key
+# itself: memos of pure functions, shared by every engine in the process (the
+# simulator runs a thousand, which all see the same few thousand router ids),
+# keyed by the whole router id (no slice; a bytes object caches its hash, so an
+# Update fanned out to many engines hashes it once). Cleared when full.
+_ADDRESSES: dict[bytes, int] = {}
+_PUBLIC_KEYS: dict[bytes, bytes] = {}
+
+
+def _address_of_router(router_id: bytes) -> int:
+    if len(_ADDRESSES) >= _ADDRESS_CACHE_SIZE:
+        _ADDRESSES.clear()
+    address = _ADDRESSES[router_id] = address_int(router_id[:32])
+    return address
+
+
+def _public_key_of_router(router_id: bytes) -> bytes:
+    """``router_id[:32]``, one bytes object per router id rather than one per
+    subnet entry (each table entry keeps its subnet's key: quirk 5)."""
+    key = _PUBLIC_KEYS.get(router_id)
+    if key is None:
+        if len(_PUBLIC_KEYS) >= _ADDRESS_CACHE_SIZE:
+            _PUBLIC_KEYS.clear()
+        key = _PUBLIC_KEYS[router_id] = router_id[:32]
+    return key
+
 
 _TLV_NAMES = {
     Hello: "hello",
@@ -128,10 +154,20 @@ _TLV_NAMES = {
     SeqNoRequest: "seqno_request",
 }
 _RX_NAMES = {cls: f"rx_{name}" for cls, name in _TLV_NAMES.items()}
+_HOT_COUNTERS = (
+    ("rx_update", "_rx_updates"),
+    ("tx_update", "_tx_updates"),
+    ("update_infeasible", "_infeasible"),
+    ("triggered_updates", "_triggered"),
+)
 _TX_NAMES = {cls: f"tx_{name}" for cls, name in _TLV_NAMES.items()}
 # common/wire/rules' overlay prefix as a Subnet: the 6.3 filter then needs no
 # network object per Update (is_overlay_network would build one).
 _OVERLAY_SUBNET = Subnet(OVERLAY_PREFIX.network_address, OVERLAY_PREFIX.prefixlen)
+# The same test on a subnet key (routing_table.subnet_key: network << 9 | prefix length << 1 | IPv6):
+# the top OVERLAY_PREFIX.prefixlen bits of the network sit above bit 9 + 128 - prefixlen.
+_OVERLAY_SHIFT = 9 + 128 - OVERLAY_PREFIX.prefixlen
+_OVERLAY_TOP = subnet_key(_OVERLAY_SUBNET) >> _OVERLAY_SHIFT
 
 # Per-neighbour counters (``neighbour_stats``).
 NEIGHBOUR_COUNTERS = (
@@ -199,20 +235,26 @@ class RouteView(NamedTuple):
 class _Peer:
     """Per-link liveness and link-cost state (PROTOCOL.md 2.9)."""
 
-    __slots__ = ("hello_seqno", "info", "next_hello", "smoothed", "t_hello", "t_last_heard", "t_last_ihu")
+    __slots__ = ("cost", "hello_seqno", "info", "next_hello", "smoothed", "t_hello", "t_last_heard", "t_last_ihu", "up")
 
     def __init__(self, info: PeerInfo, now: float) -> None:
         self.info = info
         self.hello_seqno = 0
         self.smoothed = INITIAL_SMOOTHED_COST
+        self.cost = min(self.smoothed + info.static_cost, MAX_FINITE)  # link_cost, kept current (hot path)
         self.t_hello = now
         self.t_last_ihu = now
         self.t_last_heard = now  # any TLV at all (liveness under load, see _on_dead_timer)
         self.next_hello = now
+        self.up = True  # False once removed (receive_tlvs checks it between TLVs)
 
     @property
     def link_cost(self) -> int:
-        return min(self.smoothed + self.info.static_cost, MAX_FINITE)
+        return self.cost
+
+    def set_smoothed(self, smoothed: int) -> None:
+        self.smoothed = smoothed
+        self.cost = min(smoothed + self.info.static_cost, MAX_FINITE)
 
 
 class RouterEngine:
@@ -223,6 +265,7 @@ class RouterEngine:
         self._router_id = router_id
         self._address = address_of(public_key)
         self._own_subnet = subnet_of(self._address)
+        self._own_key = subnet_key(self._own_subnet)
         self._rng = rng or random.Random()  # for future jitter; today the engine is deterministic given its inputs
         self._seqno = 0
         self._last_bump: float | None = None
@@ -234,12 +277,11 @@ class RouterEngine:
         self._seqno_cache = SeqnoCache(MAX_SEQNO_CACHE)
         self._rr_cache = RouteRequestCache(MAX_RR_CACHE)
         self._timers = TimerQueue()
-        self._fib: dict[Subnet, FibEntry] = {}
-        self._recoveries: dict[Subnet, list] = {}  # subnet -> [router id to ask about, retries done]
-        self._address_cache: dict[bytes, int] = {}  # router id -> its key's overlay address as an int
+        # Tables are keyed by the subnet's int key (routing_table.subnet_key), not the Subnet.
+        self._recoveries: dict[int, list] = {}  # subnet key -> [router id to ask about, retries done, subnet]
         # Fairness bookkeeping (see the module docstring).
-        self._learned: dict[str, dict[Subnet, None]] = {}  # neighbour -> its entries' subnets, oldest first
-        self._query_origin: dict[Subnet, str] = {}  # queried subnet -> neighbour whose request we forwarded
+        self._learned: dict[str, Learned] = {}  # neighbour -> its entries, oldest first
+        self._query_origin: dict[int, str] = {}  # queried subnet key -> neighbour whose request we forwarded
         self._queries_by: Counter[str] = Counter()
         self._nstats: dict[str, Counter[str]] = {}
 
@@ -247,14 +289,25 @@ class RouterEngine:
         self._fib_out: list[FibChange] = []
         self._close_out: list[str] = []
         self._counters: Counter[str] = Counter()
-        self._rx_updates = 0  # counters["rx_update"], kept apart on the hot path
+        # The hottest counters are plain ints, folded into ``counters`` when it is read.
+        self._rx_updates = 0  # counters["rx_update"]
+        self._tx_updates = 0  # counters["tx_update"]
+        self._infeasible = 0  # counters["update_infeasible"]
+        self._triggered = 0  # counters["triggered_updates"]
 
-        # Route expiry has its own heap of (deadline, seq, entry): no per-entry
-        # key tuples or dict slots (memory per route); stale items are skipped.
-        self._route_heap: list[tuple[float, int, RouteEntry]] = []
-        self._route_seq = itertools.count()
+        # Route expiry has its own timers: deadline -> the entries armed for it,
+        # in arming order, and a heap of the deadlines present (exactly the
+        # dict's keys). Input handled with one ``now`` (a slice in the service,
+        # a tick in the simulator) arms many entries for one deadline, so an
+        # entry costs a list slot, not a heap item with its own tuple and
+        # sequence number (memory per route). Entries fire in (deadline, arming
+        # order), as from a heap of (deadline, seq, entry); an item whose entry
+        # is no longer armed for that deadline is stale and skipped.
+        self._expiry: dict[float, list[RouteEntry]] = {}
+        self._expiry_heap: list[float] = []
+        self._expiry_items = 0  # list slots in _expiry, stale ones included
         self._route_timers = 0  # entries with an armed expiry
-        self._dead_work: deque[tuple[str, list[Subnet], float]] = deque()  # dead peers' routes still to retract
+        self._dead_work: deque[tuple[str, list[int], float]] = deque()  # dead peers' routes still to retract
 
         self._next_announce = now + OWN_ROUTE_INTERVAL
         self._timers.schedule(("announce",), self._next_announce)
@@ -264,9 +317,11 @@ class RouterEngine:
     @property
     def counters(self) -> Counter[str]:
         """Event counters by name (drops, requests, updates...)."""
-        if self._rx_updates:
-            self._counters["rx_update"] += self._rx_updates
-            self._rx_updates = 0
+        for name, attr in _HOT_COUNTERS:
+            value = getattr(self, attr)
+            if value:
+                self._counters[name] += value
+                setattr(self, attr, 0)
         return self._counters
 
     @property
@@ -294,7 +349,8 @@ class RouterEngine:
         return self._peers[peer_id].link_cost
 
     def fib_snapshot(self) -> dict[Subnet, FibEntry]:
-        return dict(self._fib)
+        # (each subnet's FIB entry lives on its table entry: SubnetRoutes.fib)
+        return {r.subnet: r.fib for r in self._table.routes.values() if r.fib is not None}
 
     def lookup_public_key(self, address: ipaddress.IPv6Address) -> bytes | None:
         """Key of the longest subnet with routes covering ``address`` (None if none)."""
@@ -304,13 +360,14 @@ class RouterEngine:
         return found[1].public_key
 
     def selected_routes(self) -> list[RouteView]:
-        return [_view(s, e) for s, r in self._table.routes.items() for e in r.entries if e.selected]
+        return [_view(r.subnet, e) for r in self._table.routes.values() for e in r.entries if e.selected]
 
     def fallback_routes(self) -> list[RouteView]:
-        return [_view(s, e) for s, r in self._table.routes.items() for e in r.entries if not e.selected]
+        return [_view(r.subnet, e) for r in self._table.routes.values() for e in r.entries if not e.selected]
 
     def queried_subnets(self, now: float) -> list[tuple[Subnet, int]]:
-        return [(s, max(0, int(deadline - now))) for s, deadline in self._table.queried.items()]
+        subnets = self._table.queried_subnets
+        return [(subnets[k], max(0, int(deadline - now))) for k, deadline in self._table.queried.items()]
 
     def source_table_size(self) -> int:
         return len(self._sources)
@@ -345,7 +402,7 @@ class RouterEngine:
 
     def feasibility_distance(self, subnet: Subnet, router_id: bytes) -> tuple[int, int] | None:
         """(metric, seqno) we last advertised for this source, for tests and diagnostics."""
-        fd = self._sources.get((subnet, router_id))
+        fd = self._sources.get((subnet._key, router_id))
         return None if fd is None else (fd.metric, fd.seqno)
 
     # ------------------------------------------------------------------ outputs
@@ -366,12 +423,20 @@ class RouterEngine:
         if self._dead_work:
             since = self._dead_work[0][2]
             when = since if when is None or since < when else when
-        heap = self._route_heap
+        heap = self._expiry_heap
+        expiry = self._expiry
         while heap:
-            at, _, entry = heap[0]
-            if entry.timer_at == at:
-                return at if when is None or at < when else when
-            heapq.heappop(heap)
+            at = heap[0]
+            bucket = expiry[at]
+            for i, entry in enumerate(bucket):
+                if entry.timer_at == at:
+                    if i:
+                        del bucket[:i]  # stale items ahead of it
+                        self._expiry_items -= i
+                    return at if when is None or at < when else when
+            heapq.heappop(heap)  # all stale
+            del expiry[at]
+            self._expiry_items -= len(bucket)
         return when
 
     # ------------------------------------------------------------------ links
@@ -387,9 +452,9 @@ class RouterEngine:
         self._timers.schedule(("dead", peer.peer_id), now + DEAD_PEER_THRESHOLD)
         self._send_own_update([peer.peer_id], now)
         # Queries in progress must reach the new neighbour too (6.7).
-        for subnet in self._table.queried:
+        for k, subnet in self._table.queried_subnets.items():
             self._send(peer.peer_id, RouteRequest(0, subnet))
-            info = self._rr_cache.info(subnet, now, RR_CACHE_TTL)
+            info = self._rr_cache.info(k, now, RR_CACHE_TTL)
             if info is not None and peer.peer_id not in info.receivers:
                 info.receivers.append(peer.peer_id)
 
@@ -409,9 +474,13 @@ class RouterEngine:
             return
         peer.t_last_heard = now
         kind = type(tlv)
-        if kind is Update:  # the common case first, without the generic dispatch
+        if kind is Update:  # the common cases first, without the generic dispatch
             self._rx_updates += 1
             self._handle_update(peer_id, tlv, now)  # type: ignore[arg-type]
+            return
+        if kind is RouteRequest:
+            self._counters["rx_route_request"] += 1
+            self._handle_route_request(peer_id, tlv, now)  # type: ignore[arg-type]
             return
         name = _RX_NAMES.get(kind)
         if name is None:
@@ -428,6 +497,23 @@ class RouterEngine:
             self._handle_route_request(peer_id, tlv, now)
         elif isinstance(tlv, SeqNoRequest):
             self._handle_seqno_request(peer_id, tlv, now)
+
+    def receive_tlvs(self, peer_id: str, tlvs: Iterable[Tlv], now: float) -> None:
+        """``receive_tlv`` for each of ``tlvs`` in order, with one peer lookup
+        for the lot (a link delivers its TLVs in batches)."""
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            for tlv in tlvs:
+                self.receive_tlv(peer_id, tlv, now)
+            return
+        peer.t_last_heard = now
+        handle_update = self._handle_update
+        for tlv in tlvs:
+            if type(tlv) is Update and peer.up:  # (handling a TLV never closes the link; checked anyway)
+                self._rx_updates += 1
+                handle_update(peer_id, tlv, now)
+            else:
+                self.receive_tlv(peer_id, tlv, now)
 
     def request_route(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, now: float) -> None:
         """The data plane needs a next hop or key for ``address`` (4.4, 4.5).
@@ -477,14 +563,31 @@ class RouterEngine:
                 budget -= take
             if not subnets:
                 self._dead_work.popleft()
-        heap = self._route_heap
-        while heap and heap[0][0] <= now and budget != 0:
-            at, _, entry = heapq.heappop(heap)
-            if entry.timer_at == at:
-                entry.timer_at = None
-                self._route_timers -= 1
-                self._on_route_timer(entry.subnet, entry.neighbour, now)
-                budget -= 1
+        while self._expiry_heap and self._expiry_heap[0] <= now and budget != 0:
+            # (re-read each round: a handler's _set_expiry may compact them into new objects)
+            heap, expiry = self._expiry_heap, self._expiry
+            at = heapq.heappop(heap)
+            bucket = expiry.pop(at)
+            self._expiry_items -= len(bucket)
+            i = 0
+            for entry in bucket:
+                if budget == 0:
+                    break
+                i += 1
+                if entry.timer_at == at:
+                    entry.timer_at = None
+                    self._route_timers -= 1
+                    self._on_route_timer(entry.subnet, entry.neighbour, now)
+                    budget -= 1
+            if i < len(bucket):  # out of budget: the rest stay due, ahead of any armed since
+                expiry = self._expiry
+                newer = expiry.pop(at, None)
+                if newer is None:
+                    heapq.heappush(self._expiry_heap, at)
+                else:
+                    self._expiry_items -= len(newer)
+                expiry[at] = rest = bucket[i:] + (newer or [])
+                self._expiry_items += len(rest)
         while budget != 0:
             budget -= 1
             key = self._timers.pop_due(now)
@@ -509,7 +612,7 @@ class RouterEngine:
             elif kind == "bump":
                 self._on_bump_timer(now)
             elif kind == "recover":
-                self._on_recovery_timer(key[1], now)
+                self._on_recovery_timer(key[1], now)  # a subnet key
 
     # ------------------------------------------------------------------ Hello / IHU (2.9)
     def _send_hello(self, peer: _Peer, now: float) -> None:
@@ -522,7 +625,7 @@ class RouterEngine:
     def _handle_ihu(self, peer: _Peer, now: float) -> None:
         # The sample runs from the last Hello we sent, solicited or not (quirk 6).
         sample = int((now - peer.t_hello) * 1000 + 1e-6) & 0xFFFF
-        peer.smoothed = ((peer.smoothed * 9 + sample) // 10) & 0xFFFF
+        peer.set_smoothed(((peer.smoothed * 9 + sample) // 10) & 0xFFFF)
         peer.t_last_ihu = now
 
     def _on_hello_timer(self, peer_id: str, now: float) -> None:
@@ -551,7 +654,7 @@ class RouterEngine:
 
     def _remove_peer(self, peer_id: str, now: float) -> None:
         """Dead peer handling (6.6.4): retract its selected routes, drop the rest."""
-        del self._peers[peer_id]
+        self._peers.pop(peer_id).up = False
         if any(p == peer_id for p, _ in self._tlvs_out):
             self._tlvs_out = [(p, t) for p, t in self._tlvs_out if p != peer_id]
         self._timers.cancel(("hello", peer_id))
@@ -559,7 +662,8 @@ class RouterEngine:
         self._nstats.pop(peer_id, None)
         self._seqno_cache.forget_peer(peer_id)
         self._rr_cache.forget_peer(peer_id)
-        subnets = list(self._learned.get(peer_id, ()))
+        learned = self._learned.get(peer_id)
+        subnets = [e.subnet._key for e in learned.entries()] if learned is not None else []
         if len(subnets) <= DEAD_PEER_SLICE:
             self._retract_peer_routes(peer_id, subnets, now)
         else:
@@ -568,16 +672,18 @@ class RouterEngine:
             self._counters["dead_peer_cleanup_deferred"] += 1
             self._dead_work.append((peer_id, subnets, now))
 
-    def _retract_peer_routes(self, peer_id: str, subnets: list[Subnet], now: float) -> None:
+    def _retract_peer_routes(self, peer_id: str, keys: list[int], now: float) -> None:
         reselect: list[Subnet] = []
-        for subnet in subnets:
-            routes = self._table.routes.get(subnet)
+        table = self._table.routes
+        for k in keys:
+            routes = table.get(k)
             entry = routes.find(peer_id) if routes is not None else None
             if routes is None or entry is None:
                 continue
+            subnet = entry.subnet  # the Subnet this neighbour's entry was learned under
             if entry.selected:
                 entry.metric = INFINITE
-                self._set_expiry(subnet, entry, now + RETRACTED_ROUTE_HOLD)
+                self._set_expiry(entry, now + RETRACTED_ROUTE_HOLD)
                 reselect.append(subnet)
             else:
                 self._remove_entry(subnet, routes, entry)
@@ -586,13 +692,9 @@ class RouterEngine:
 
     # ------------------------------------------------------------------ updates (6.3, 6.4)
     def _owns(self, router_id: bytes, subnet: Subnet) -> bool:
-        # Keyed by the whole router id (no slice, and a bytes object caches
-        # its hash, so an Update fanned out to many engines hashes it once).
-        address = self._address_cache.get(router_id)
+        address = _ADDRESSES.get(router_id)
         if address is None:
-            if len(self._address_cache) >= _ADDRESS_CACHE_SIZE:
-                self._address_cache.clear()
-            address = self._address_cache[router_id] = address_int(router_id[:32])
+            address = _address_of_router(router_id)
         return subnet.contains_int6(address)
 
     def _update_filter(self, update: Update) -> str | None:
@@ -610,31 +712,44 @@ class RouterEngine:
 
     def _handle_update(self, peer_id: str, update: Update, now: float) -> None:
         subnet, router_id, seqno, metric = update.subnet, update.router_id, update.seqno, update.metric
-        # The filters of 6.3 (``_update_filter``), inline: this is the hot path.
-        if (
-            subnet.prefix_len < PREFIX_LEN_MIN
-            or not _OVERLAY_SUBNET.contains(subnet)
-            or (metric != INFINITE and not self._owns(router_id, subnet))
-            or subnet == self._own_subnet
-        ):
+        k = subnet._key
+        plen = subnet.prefix_len
+        # The filters of 6.3 (``_update_filter``), inline on the int key: this is the hot path.
+        if plen < PREFIX_LEN_MIN or k >> _OVERLAY_SHIFT != _OVERLAY_TOP or not k & 1 or k == self._own_key:
+            owned = False
+        elif metric == INFINITE:
+            owned = True
+        else:
+            address = _ADDRESSES.get(router_id)  # _owns, inline
+            if address is None:
+                address = _address_of_router(router_id)
+            owned = address >> (128 - plen) == k >> (137 - plen)
+        if not owned:
             reason = self._update_filter(update)
             if reason is not None:
                 self._counters[f"update_filtered_{reason}"] += 1
                 return
+        seqno_cache = self._seqno_cache
         interested = (
             self._interested_peers(subnet, router_id, seqno, metric)
-            if metric != INFINITE and self._seqno_cache.entries and self._seqno_cache.has_subnet(subnet)
+            if metric != INFINITE and seqno_cache.entries and seqno_cache.has_subnet(k)
             else ()
         )
         if metric == INFINITE:
             feasible = True
         else:
-            fd = self._sources.entries.get((subnet, router_id))
-            feasible = fd is None or seqno_gt(seqno, fd.seqno) or (seqno == fd.seqno and metric < fd.metric)
+            fd = self._sources.by_subnet.get(k)  # SourceTable.lookup, inline
+            while fd is not None and fd.router_id != router_id:
+                fd = fd.next
+            feasible = (
+                fd is None
+                or (seqno != fd.seqno and ((fd.seqno - seqno) & 0xFFFF) > 0x8000)  # seqno_gt, inline
+                or (seqno == fd.seqno and metric < fd.metric)
+            )
         if not feasible:
-            self._counters["update_infeasible"] += 1
+            self._infeasible += 1
 
-        routes = self._table.routes.get(subnet)
+        routes = self._table.routes.get(k)
         entry = None
         if routes is None:
             if not feasible:
@@ -644,18 +759,31 @@ class RouterEngine:
             if metric == INFINITE:
                 self._counters["update_retraction_unknown_subnet"] += 1
                 return
-            if not self._admit(peer_id, subnet, True, now):
+            if not self._admit_fast(peer_id) and not self._admit(peer_id, subnet, True, now):
                 return
-            routes = self._add_routes(subnet, router_id[:32])
+            routes = self._add_routes(subnet, _public_key_of_router(router_id))
+            old = None
         else:
-            entry = routes.find(peer_id)
-            # (admission only ever evicts entries of other subnets here)
-            if entry is None and metric != INFINITE and feasible and not self._admit(peer_id, subnet, False, now):
-                return
-
-        old = routes.selected()
-        old_router_id = old.router_id if old is not None else None
-        old_metric = old.metric if old is not None else INFINITE
+            for entry in routes:  # routes.find, inline
+                if entry.neighbour == peer_id:
+                    break
+            else:
+                entry = None
+                # (admission only ever evicts entries of other subnets here)
+                if (
+                    metric != INFINITE
+                    and feasible
+                    and not self._admit_fast(peer_id)
+                    and not self._admit(peer_id, subnet, False, now)
+                ):
+                    return
+            old = routes[0] if routes and routes[0].selected else None  # routes.selected()
+        if old is not None:
+            old_router_id = old.router_id
+            old_metric = old.metric
+        else:
+            old_router_id = None
+            old_metric = INFINITE
 
         if entry is not None:
             if entry.selected and not feasible and entry.router_id == router_id:
@@ -666,7 +794,12 @@ class RouterEngine:
                 return
             entry.seqno, entry.metric, entry.router_id = seqno, metric, router_id
             if feasible:
-                self._set_expiry(subnet, entry, now + hold_time_ms(update.interval, metric) / 1000)
+                expires = now + hold_time_ms(update.interval, metric) / 1000
+                at = entry.timer_at
+                if at is not None and at <= expires:  # _set_expiry's common case: the armed deadline stays
+                    entry.expires = expires
+                else:
+                    self._set_expiry(entry, expires)
             if not entry.selected and not feasible:
                 # The reference stops here silently; like step 7 we ask for a
                 # newer seqno when nothing is selected, or the subnet stays
@@ -683,45 +816,60 @@ class RouterEngine:
                     self._send_seqno_request(subnet, router_id, peer_id, None, now)
                     self._start_recovery(subnet, router_id, now)
                 return
-            first = routes.entries[0] if routes.entries else None
-            if first is not None:  # share objects between a subnet's entries (memory per route)
+            entries = routes  # (the entries list itself)
+            if entries:  # share objects between a subnet's entries (memory per route)
+                first = entries[0]
                 if first.subnet.same_address == subnet.same_address:
                     subnet = first.subnet
                 if first.router_id == router_id:
                     router_id = first.router_id
             entry = RouteEntry(subnet, router_id, peer_id, metric, seqno, now)
-            routes.add(entry)
+            entries.append(entry)
             learned = self._learned.get(peer_id)
             if learned is None:
-                learned = self._learned[peer_id] = {}
-            learned[subnet] = None
-            self._set_expiry(subnet, entry, now + hold_time_ms(update.interval, metric) / 1000)
+                learned = self._learned[peer_id] = Learned()
+            learned.append(entry)
+            self._set_expiry(entry, now + update.interval * 35 / 1000)  # hold_time_ms (finite) / 1000
 
-        new = self._find_best(subnet, routes)
+        new = self._find_best(k, routes)
         lost = False
         if new is not None:
-            routes.select(new)
-        elif old is not None:
-            self._send_seqno_request(subnet, old_router_id, None, None, now)  # type: ignore[arg-type]
-            routes.unselect()
-            lost = True
-        self._sync_fib(subnet, routes)
+            if new is not old or not new.selected:
+                routes.select(new)
+            next_hop = new.neighbour if new.metric != INFINITE else None
+        else:
+            if old is not None:
+                self._send_seqno_request(subnet, old_router_id, None, None, now)  # type: ignore[arg-type]
+                routes.unselect()
+                lost = True
+            next_hop = None
+        fib_entry = routes.fib  # _sync_fib, unless nothing changed
+        if fib_entry is None or fib_entry.next_hop != next_hop:
+            self._sync_fib(subnet, routes)
 
         if old is not None and new is not None:
-            trigger = new.router_id != old_router_id or metric_delta(new.metric, old_metric) > BIG_METRIC_CHANGE
+            trigger = new.router_id != old_router_id or abs(new.metric - old_metric) > BIG_METRIC_CHANGE
         else:
             trigger = (old is None) != (new is None)
         if trigger:
-            self._counters["triggered_updates"] += 1
-            self._propagate(subnet, None, now)
+            self._triggered += 1
+            self._propagate(subnet, None, now, routes)
             if lost:
                 self._route_lost(subnet, old_router_id, now)  # type: ignore[arg-type]
         elif interested:
-            self._propagate(subnet, interested, now)
-        if new is not None and new is not old:
+            self._propagate(subnet, interested, now, routes)
+        if new is not None and new is not old and seqno_cache.entries:
             self._forward_pending_seqno_requests(subnet, now)
 
     # ------------------------------------------------------------------ fairness
+    def _admit_fast(self, peer_id: str) -> bool:
+        """True when ``_admit`` surely admits a new entry (the table and the
+        neighbour below every limit) without evicting anything."""
+        if len(self._table.routes) >= MAX_SUBNETS:
+            return False
+        learned = self._learned.get(peer_id)
+        return learned is None or len(learned) < MAX_SUBNETS // 2
+
     def _admit(self, peer_id: str, subnet: Subnet, new_subnet: bool, now: float) -> bool:
         """Room for a new entry from ``peer_id`` (see the module docstring)."""
         learned = self._learned.get(peer_id)
@@ -729,7 +877,7 @@ class RouterEngine:
         at_limit = learned is not None and limit < MAX_SUBNETS and len(learned) >= limit
         # Past the limit the incoming route is the newest of all and is refused,
         # unless one of our queries asked for it: then the neighbour's newest entry goes.
-        if at_limit and (subnet not in self._table.queried or not self._evict_newest(peer_id, now)):
+        if at_limit and (subnet._key not in self._table.queried or not self._evict_newest(peer_id, now)):
             self._nstats[peer_id]["routes_refused"] += 1
             self._counters["drop_neighbour_route_limit"] += 1
             return False
@@ -759,14 +907,18 @@ class RouterEngine:
         """Drop ``peer_id``'s newest entry; a selected one is replaced by a
         fallback or retracted, as if it had expired."""
         learned = self._learned.get(peer_id)
-        if not learned:
+        newest = learned.newest if learned is not None else None
+        if newest is None:
             return False
-        subnet = next(reversed(learned))
-        routes = self._table.routes.get(subnet)
+        k = newest.subnet._key
+        routes = self._table.routes.get(k)
         entry = routes.find(peer_id) if routes is not None else None
-        if routes is None or entry is None:  # cannot happen; keep the index honest anyway
-            del learned[subnet]
+        if routes is None or entry is not newest:  # cannot happen; keep the index honest anyway
+            learned.unlink(newest)  # type: ignore[union-attr]
+            if not learned:
+                del self._learned[peer_id]
             return True
+        subnet = entry.subnet
         stats = self._nstats.get(peer_id)
         if stats is not None:
             stats["routes_evicted"] += 1
@@ -774,14 +926,14 @@ class RouterEngine:
         was_selected = entry.selected
         self._remove_entry(subnet, routes, entry)
         if was_selected:
-            if subnet in self._table.routes:
+            if k in self._table.routes:
                 self._route_selection(subnet, now)
             else:
                 self._propagate(subnet, None, now)  # our retraction: downstream must not keep using us
         return True
 
-    def _release_query(self, subnet: Subnet) -> None:
-        origin = self._query_origin.pop(subnet, None)
+    def _release_query(self, k: int) -> None:
+        origin = self._query_origin.pop(k, None)
         if origin is not None:
             left = self._queries_by[origin] - 1
             if left > 0:
@@ -790,27 +942,38 @@ class RouterEngine:
                 del self._queries_by[origin]
 
     # ------------------------------------------------------------------ selection (6.5)
-    def _find_best(self, subnet: Subnet, routes: SubnetRoutes) -> RouteEntry | None:
+    def _find_best(self, k: int, routes: SubnetRoutes) -> RouteEntry | None:
+        """``k``: the subnet's key."""
         current = routes.selected()
         best: RouteEntry | None = None
         best_total = INFINITE
-        sources = self._sources.entries
+        lookup = self._sources.lookup
         peers = self._peers
         fd_rid: bytes | None = None
         fd = None
-        for entry in routes.entries:
+        for entry in routes:
             metric = entry.metric
             if metric == INFINITE:
                 continue
             rid = entry.router_id
             if rid != fd_rid:  # a subnet's entries nearly always share one router id: one lookup
-                fd_rid, fd = rid, sources.get((subnet, rid))
+                fd_rid, fd = rid, lookup(k, rid)
             if fd is not None:
                 seqno = entry.seqno
-                if not (seqno_gt(seqno, fd.seqno) or (seqno == fd.seqno and metric < fd.metric)):
-                    continue  # infeasible (SourceTable.feasible)
+                fd_seqno = fd.seqno
+                # SourceTable.feasible, inline (seqno_gt spelled out)
+                if seqno == fd_seqno:
+                    if metric >= fd.metric:
+                        continue
+                elif ((fd_seqno - seqno) & 0xFFFF) <= 0x8000:
+                    continue
             peer = peers.get(entry.neighbour)
-            total = INFINITE if peer is None else metric_add(metric, peer.link_cost)
+            if peer is None:
+                total = INFINITE
+            else:
+                total = metric + peer.cost  # metric_add: both finite here
+                if total > MAX_FINITE:
+                    total = MAX_FINITE
             if best is None or total < best_total:
                 best, best_total = entry, total
         if best is not None and current is not None and best is not current:
@@ -822,11 +985,11 @@ class RouterEngine:
 
     def _route_selection(self, subnet: Subnet, now: float) -> None:
         """Re-select after expiry or a dead peer; propagates unless nothing changed."""
-        routes = self._table.routes.get(subnet)
+        routes = self._table.routes.get(subnet._key)
         if routes is None:
             return
         current = routes.selected()
-        best = self._find_best(subnet, routes)
+        best = self._find_best(subnet._key, routes)
         lost = False
         if best is not None:
             if best is current:
@@ -838,8 +1001,8 @@ class RouterEngine:
             self._send_seqno_request(subnet, current.router_id, None, None, now)
             routes.unselect()
             lost = True
-        self._sync_fib(subnet)
-        self._propagate(subnet, None, now)
+        self._sync_fib(subnet, routes)
+        self._propagate(subnet, None, now, routes)
         if lost:
             self._route_lost(subnet, current.router_id, now)  # type: ignore[union-attr]
         else:
@@ -852,16 +1015,23 @@ class RouterEngine:
         return UPDATE_INTERVAL_CS
 
     def _selected_update(self, entry: RouteEntry, metric: int, subnet: Subnet, now: float) -> Update:
-        return Update(0, self._advertised_interval(entry, now), entry.seqno, metric, subnet, entry.router_id)
+        # _advertised_interval, inline
+        interval = NOT_REPEATING_INTERVAL_CS if entry.metric == INFINITE and entry.expires < now else UPDATE_INTERVAL_CS
+        return Update(0, interval, entry.seqno, metric, subnet, entry.router_id)
 
-    def _propagate(self, subnet: Subnet, targets: Iterable[str] | None, now: float) -> None:
-        """Triggered update for ``subnet`` (6.6.1): the selected route, or our own retraction."""
-        routes = self._table.routes.get(subnet)
-        selected = routes.selected() if routes is not None else None
+    def _propagate(
+        self, subnet: Subnet, targets: Iterable[str] | None, now: float, routes: SubnetRoutes | None = None
+    ) -> None:
+        """Triggered update for ``subnet`` (6.6.1): the selected route, or our own retraction.
+        ``routes``: the subnet's table entry if the caller has it at hand."""
+        if routes is None:
+            routes = self._table.routes.get(subnet._key)
+        entries = routes
+        selected = entries[0] if entries and entries[0].selected else None  # routes.selected()
         if selected is not None:
-            metric = metric_add(selected.metric, self._cost(selected.neighbour))
-            update = self._selected_update(selected, metric, selected.subnet, now)
             skip: str | None = selected.neighbour
+            metric = metric_add(selected.metric, self._cost(skip))  # type: ignore[arg-type]
+            update = self._selected_update(selected, metric, selected.subnet, now)
         else:
             update = Update(0, UPDATE_INTERVAL_CS, self._seqno, INFINITE, subnet, self._router_id)
             skip = None
@@ -895,8 +1065,13 @@ class RouterEngine:
         """Apply an outgoing Update to the source table (6.1). A finite update
         that cannot be recorded (table full) must not be sent: it would
         escape the feasibility bookkeeping that keeps routes loop-free."""
-        key: SourceKey = (update.subnet, update.router_id)
-        if not self._sources.try_record(key, update.metric, update.seqno, now + SOURCE_ENTRY_LIFETIME):
+        key: SourceKey = (update.subnet._key, update.router_id)
+        sources = self._sources
+        fd = sources.lookup(key[0], key[1])  # SourceTable.try_record, inline
+        if fd is not None:
+            refresh_distance(fd, update.metric, update.seqno, now + SOURCE_ENTRY_LIFETIME)
+            return True
+        if not sources.try_record(key, update.metric, update.seqno, now + SOURCE_ENTRY_LIFETIME):
             self._counters["drop_source_table_full"] += 1
             return update.metric == INFINITE
         return True
@@ -925,44 +1100,45 @@ class RouterEngine:
         (rate limits, duplicates, next hops that changed), and the reference
         never resends, so without this a subnet could stay unreachable until
         traffic or a 300 s announcement happens to ask again."""
-        recovery = self._recoveries.get(subnet)
+        k = subnet._key
+        recovery = self._recoveries.get(k)
         if recovery is not None:
             recovery[0] = router_id
             return
         if len(self._recoveries) >= MAX_RECOVERIES:
             self._counters["drop_recovery_table_full"] += 1
             return
-        self._recoveries[subnet] = [router_id, 0]
-        self._timers.schedule(("recover", subnet), now + RECOVERY_RETRY_DELAYS[0])
+        self._recoveries[k] = [router_id, 0, subnet]
+        self._timers.schedule(("recover", k), now + RECOVERY_RETRY_DELAYS[0])
 
-    def _on_recovery_timer(self, subnet: Subnet, now: float) -> None:
-        recovery = self._recoveries.get(subnet)
+    def _on_recovery_timer(self, k: int, now: float) -> None:
+        recovery = self._recoveries.get(k)
         if recovery is None:
             return
-        routes = self._table.routes.get(subnet)
+        routes = self._table.routes.get(k)
         selected = routes.selected() if routes is not None else None
         if selected is not None and selected.metric != INFINITE:
-            del self._recoveries[subnet]
+            del self._recoveries[k]
             return
-        router_id, done = recovery
+        router_id, done, subnet = recovery
         self._counters["recovery_retries"] += 1
         self._send_seqno_request(subnet, router_id, None, None, now)
         self._failover_request(subnet, now)  # replies reveal who has a route; infeasible ones get asked directly
         done += 1
         if done >= len(RECOVERY_RETRY_DELAYS):
-            del self._recoveries[subnet]
+            del self._recoveries[k]
             return
         recovery[1] = done
-        self._timers.schedule(("recover", subnet), now + RECOVERY_RETRY_DELAYS[done])
+        self._timers.schedule(("recover", k), now + RECOVERY_RETRY_DELAYS[done])
 
     # ------------------------------------------------------------------ expiry (6.6.3)
     def _on_route_timer(self, subnet: Subnet, peer_id: str, now: float) -> None:
-        routes = self._table.routes.get(subnet)
+        routes = self._table.routes.get(subnet._key)
         entry = routes.find(peer_id) if routes is not None else None
         if routes is None or entry is None:
             return
         if now < entry.expires:
-            self._set_expiry(subnet, entry, entry.expires)
+            self._set_expiry(entry, entry.expires)
             return
         if not entry.selected:
             self._counters["route_expired_fallback"] += 1
@@ -970,15 +1146,15 @@ class RouterEngine:
             return
         self._counters["route_expired_selected"] += 1
         entry.metric = INFINITE
-        self._set_expiry(subnet, entry, now + RETRACTED_ROUTE_HOLD)
-        best = self._find_best(subnet, routes)
+        self._set_expiry(entry, now + RETRACTED_ROUTE_HOLD)
+        best = self._find_best(subnet._key, routes)
         lost = best is None
         if best is not None:
             routes.select(best)
         else:
             routes.unselect()
-        self._sync_fib(subnet)
-        self._propagate(subnet, None, now)
+        self._sync_fib(subnet, routes)
+        self._propagate(subnet, None, now, routes)
         if lost:
             self._route_lost(subnet, entry.router_id, now)
         else:
@@ -986,12 +1162,13 @@ class RouterEngine:
 
     # ------------------------------------------------------------------ route requests (6.7)
     def _originate_route_request(self, subnet: Subnet, now: float) -> None:
-        if subnet not in self._table.routes and subnet not in self._table.queried:
+        k = subnet._key
+        if k not in self._table.routes and k not in self._table.queried:
             if len(self._table.queried) >= MAX_QUERIED:
                 self._counters["drop_query_table_full"] += 1
                 return
             self._mark_queried(subnet, now)
-        info = self._rr_cache.info(subnet, now, RR_CACHE_TTL)
+        info = self._rr_cache.info(k, now, RR_CACHE_TTL)
         skip = info.receivers if info is not None and info.generation == 0 else ()
         request = RouteRequest(0, subnet)
         sent = False
@@ -1008,17 +1185,23 @@ class RouterEngine:
         if subnet is None:
             self._answer_wildcard(peer_id, now)
             return
-        if self._own_subnet.contains(subnet):
+        # On the subnet key (routing_table.subnet_key): bit 0 says IPv6, the
+        # network sits above bit 9, so the top p bits of the address are k >> (137 - p).
+        k = subnet._key
+        v6 = k & 1
+        plen = subnet.prefix_len
+        if v6 and plen >= 64 and k >> 73 == self._own_key >> 73:  # self._own_subnet.contains(subnet)
             self._send_own_update([peer_id], now)
             return
-        if not subnet.is_ipv6 or subnet.prefix_len < PREFIX_LEN_MIN or not is_overlay_address(subnet.address):
+        if not v6 or plen < PREFIX_LEN_MIN or k >> _OVERLAY_SHIFT != _OVERLAY_TOP:  # is_overlay_address
             # Nobody can hold such a route (updates for it are filtered), and
             # forwarding IPv4 prefixes can crash reference nodes (5.6).
             self._counters["route_request_invalid_prefix"] += 1
             return
-        routes = self._table.routes.get(subnet)
+        routes = self._table.routes.get(k)
         if routes is not None:
-            selected = routes.selected()
+            entries = routes
+            selected = entries[0] if entries and entries[0].selected else None  # routes.selected()
             if selected is None or selected.neighbour == peer_id:
                 return
             metric = metric_add(selected.metric, self._cost(selected.neighbour))
@@ -1026,7 +1209,7 @@ class RouterEngine:
             if self._record_advertised(update, now):
                 self._send(peer_id, update)
             return
-        if subnet in self._table.queried:
+        if k in self._table.queried:
             return
         # Unknown: forward.
         if request.generation + 1 >= MAX_RR_GENERATION:
@@ -1041,14 +1224,16 @@ class RouterEngine:
             return
         generation = request.generation + 1
         self._mark_queried(subnet, now)
-        self._query_origin[subnet] = peer_id
+        self._query_origin[k] = peer_id
         self._queries_by[peer_id] += 1
-        info = self._rr_cache.info(subnet, now, RR_CACHE_TTL)
+        info = self._rr_cache.info(k, now, RR_CACHE_TTL)
         skip = info.receivers if info is not None and generation >= info.generation else ()
         forwarded = RouteRequest(generation, subnet)
-        for other in self._peers:
-            if other != peer_id and other not in skip:
-                self._send(other, forwarded)
+        # _send to each (all live peers, an IPv6 subnet: its checks hold)
+        out = [(other, forwarded) for other in self._peers if other != peer_id and other not in skip]
+        if out:
+            self._counters["tx_route_request"] += len(out)
+            self._tlvs_out += out
         self._counters["route_requests_forwarded"] += 1
         self._record_rr(subnet, generation, list(self._peers), now)
 
@@ -1066,50 +1251,52 @@ class RouterEngine:
     def _mark_queried(self, subnet: Subnet, now: float) -> None:
         deadline = now + ROUTE_QUERY_TIMEOUT
         self._table.mark_queried(subnet, deadline)
-        self._timers.schedule(("queried", subnet), deadline)
+        self._timers.schedule(("queried", subnet._key), deadline)
 
-    def _on_query_timer(self, subnet: Subnet, now: float) -> None:
-        deadline = self._table.queried.get(subnet)
+    def _on_query_timer(self, k: int, now: float) -> None:
+        deadline = self._table.queried.get(k)
         if deadline is None:
             return
         if now < deadline:
-            self._timers.schedule(("queried", subnet), deadline)
+            self._timers.schedule(("queried", k), deadline)
             return
         self._counters["route_queries_timed_out"] += 1
-        self._table.drop_query(subnet)
-        self._release_query(subnet)
+        self._table.drop_query(k, self._table.queried_subnets[k].prefix_len)
+        self._release_query(k)
 
     def _record_rr(self, subnet: Subnet, generation: int, receivers: list[str], now: float) -> None:
-        evicted = self._rr_cache.record(subnet, generation, receivers, now)
+        k = subnet._key
+        evicted = self._rr_cache.record(k, generation, receivers, now)
         if evicted is not None:
             self._counters["rr_cache_evicted"] += 1
             self._timers.cancel(("rr", evicted))
-        self._timers.cancel(("rr", subnet))
-        self._timers.schedule(("rr", subnet), now + RR_CACHE_TTL)
+        self._timers.cancel(("rr", k))
+        self._timers.schedule(("rr", k), now + RR_CACHE_TTL)
 
-    def _on_rr_cache_timer(self, subnet: Subnet, now: float) -> None:
-        info = self._rr_cache.entries.get(subnet)
+    def _on_rr_cache_timer(self, k: int, now: float) -> None:
+        info = self._rr_cache.entries.get(k)
         if info is None:
             return
         if now < info.sent + RR_CACHE_TTL:
-            self._timers.schedule(("rr", subnet), info.sent + RR_CACHE_TTL)
+            self._timers.schedule(("rr", k), info.sent + RR_CACHE_TTL)
             return
-        self._rr_cache.remove(subnet)
+        self._rr_cache.remove(k)
 
     # ------------------------------------------------------------------ seqno requests (6.8)
     def _send_seqno_request(
         self, subnet: Subnet, router_id: bytes, to: str | None, origin: str | None, now: float
     ) -> None:
-        fd = self._sources.get((subnet, router_id))
+        k = subnet._key
+        fd = self._sources.get((k, router_id))
         seqno = seqno_add(fd.seqno if fd is not None else 0, 1)
-        key: SeqnoKey = (router_id, subnet, seqno)
+        key: SeqnoKey = (router_id, k, seqno)
         info = self._seqno_cache.get(key)
         targets: list[str]
         if to is not None:
             targets = [to]
         else:
             recent = info.targets if info is not None and now - info.last_sent < SEQNO_REQUEST_RESEND else ()
-            routes = self._table.routes.get(subnet)
+            routes = self._table.routes.get(k)
             if routes is None:
                 targets = list(self._peers) if origin is None else []
             else:
@@ -1167,7 +1354,7 @@ class RouterEngine:
         if metric == INFINITE:
             return []
         peers: list[str] = []
-        for key in self._seqno_cache.keys_for(subnet):
+        for key in self._seqno_cache.keys_for(subnet._key):
             info = self._seqno_cache.get(key)
             if info is None or key[0] != router_id or seqno_lt(seqno, key[2]) or not info.sources:
                 continue
@@ -1199,10 +1386,10 @@ class RouterEngine:
         """A route for ``subnet`` was just selected: send requests that peers
         are still waiting on along it. Without this a request that reached us
         while we had no route (and was parked as a duplicate) would die here."""
-        keys = self._seqno_cache.keys_for(subnet)
+        keys = self._seqno_cache.keys_for(subnet._key)
         if not keys:
             return
-        routes = self._table.routes.get(subnet)
+        routes = self._table.routes.get(subnet._key)
         selected = routes.selected() if routes is not None else None
         if selected is None or selected.metric == INFINITE:
             return
@@ -1223,9 +1410,10 @@ class RouterEngine:
         if not subnet.is_ipv6:
             self._counters["seqno_request_invalid_prefix"] += 1
             return
-        key: SeqnoKey = (router_id, subnet, seqno)
+        k = subnet._key
+        key: SeqnoKey = (router_id, k, seqno)
         info = self._seqno_cache.get(key)
-        routes = self._table.routes.get(subnet)
+        routes = self._table.routes.get(k)
         selected = routes.selected() if routes is not None else None
         if (
             selected is not None
@@ -1250,7 +1438,7 @@ class RouterEngine:
                 info.sources.append(peer_id)  # so the answer reaches it too
             self._counters["seqno_request_duplicate"] += 1
             return
-        if router_id == self._router_id and seqno_gt(seqno, self._seqno) and subnet == self._own_subnet:
+        if router_id == self._router_id and seqno_gt(seqno, self._seqno) and k == self._own_key:
             if self._last_bump is not None and now - self._last_bump < SEQNO_BUMP_TIMEOUT:
                 # The reference drops the request; we bump as soon as the rate
                 # limit allows, so the requester need not retry.
@@ -1283,7 +1471,7 @@ class RouterEngine:
             and e.neighbour not in visited
         ]
         feasible = self._sources.feasible
-        target = next((e for e in candidates if feasible((subnet, e.router_id), e.seqno, e.metric)), None)
+        target = next((e for e in candidates if feasible((k, e.router_id), e.seqno, e.metric)), None)
         if target is None and candidates:
             target = candidates[0]
         if target is None:
@@ -1297,16 +1485,16 @@ class RouterEngine:
     # ------------------------------------------------------------------ helpers
     def _cost(self, peer_id: str) -> int:
         peer = self._peers.get(peer_id)
-        return INFINITE if peer is None else peer.link_cost
+        return INFINITE if peer is None else peer.cost
 
     def _send_all(self, update: Update, skip: str | None) -> None:
         """``_send`` of one Update to every live peer but ``skip`` (the hot path of triggered updates)."""
-        if not update.subnet.is_ipv6:
+        if not update.subnet._key & 1:  # is_ipv6
             self._counters["tx_ipv4_suppressed"] += 1
             return
         out = [(p, update) for p in self._peers if p != skip]
         if out:
-            self._counters["tx_update"] += len(out)
+            self._tx_updates += len(out)
             self._tlvs_out += out
 
     def _send(self, peer_id: str, tlv: Tlv) -> None:
@@ -1314,7 +1502,7 @@ class RouterEngine:
             self._counters["tx_to_dead_peer_suppressed"] += 1
             return
         subnet = getattr(tlv, "subnet", None)
-        if subnet is not None and not subnet.is_ipv6:
+        if subnet is not None and not subnet._key & 1:  # not subnet.is_ipv6
             self._counters["tx_ipv4_suppressed"] += 1  # never send IPv4 prefixes (5.6)
             return
         self._counters[_TX_NAMES[type(tlv)]] += 1
@@ -1322,14 +1510,17 @@ class RouterEngine:
 
     def _add_routes(self, subnet: Subnet, public_key: bytes) -> SubnetRoutes:
         queried = self._table.queried
-        if queried and subnet in queried:
-            self._timers.cancel(("queried", subnet))
-            self._release_query(subnet)
+        if queried and subnet._key in queried:
+            self._timers.cancel(("queried", subnet._key))
+            self._release_query(subnet._key)
         return self._table.add_routes(subnet, public_key)
 
     def _remove_routes(self, subnet: Subnet) -> None:
+        routes = self._table.routes.get(subnet._key)
         self._table.remove_routes(subnet)
-        self._sync_fib(subnet)
+        if routes is not None and routes.fib is not None:
+            routes.fib = None
+            self._fib_out.append(FibDel(subnet))
 
     def _remove_entry(self, subnet: Subnet, routes: SubnetRoutes, entry: RouteEntry) -> None:
         routes.remove(entry)
@@ -1338,15 +1529,15 @@ class RouterEngine:
             self._route_timers -= 1
         learned = self._learned.get(entry.neighbour)
         if learned is not None:
-            learned.pop(subnet, None)
+            learned.unlink(entry)
             if not learned:
                 del self._learned[entry.neighbour]
         if not routes.entries:
             self._remove_routes(subnet)
         else:
-            self._sync_fib(subnet)
+            self._sync_fib(subnet, routes)
 
-    def _set_expiry(self, subnet: Subnet, entry: RouteEntry, expires: float) -> None:
+    def _set_expiry(self, entry: RouteEntry, expires: float) -> None:
         """Deadlines usually move later: the armed one then fires early and re-arms."""
         entry.expires = expires
         at = entry.timer_at
@@ -1355,26 +1546,40 @@ class RouterEngine:
         if at is None:
             self._route_timers += 1
         entry.timer_at = expires
-        heap = self._route_heap
-        heapq.heappush(heap, (expires, next(self._route_seq), entry))
-        if len(heap) > 2 * self._route_timers + 1024:  # stale items of removed entries
-            self._route_heap = [item for item in heap if item[2].timer_at == item[0]]
-            heapq.heapify(self._route_heap)
+        bucket = self._expiry.get(expires)
+        if bucket is None:
+            self._expiry[expires] = [entry]
+            heapq.heappush(self._expiry_heap, expires)
+        else:
+            bucket.append(entry)
+        self._expiry_items += 1
+        if self._expiry_items > 2 * self._route_timers + 1024:  # stale items of removed entries
+            self._compact_expiry()
+
+    def _compact_expiry(self) -> None:
+        kept: dict[float, list[RouteEntry]] = {}
+        for at, bucket in self._expiry.items():
+            live = [entry for entry in bucket if entry.timer_at == at]
+            if live:
+                kept[at] = live
+        self._expiry = kept
+        self._expiry_heap = list(kept)
+        heapq.heapify(self._expiry_heap)
+        self._expiry_items = sum(len(bucket) for bucket in kept.values())
 
     def _sync_fib(self, subnet: Subnet, routes: SubnetRoutes | None = None) -> None:
         """Emit a FIB change if ``subnet``'s forwarding state differs from what we last published."""
         if routes is None:
-            routes = self._table.routes.get(subnet)
+            routes = self._table.routes.get(subnet._key)
         if routes is None:
-            if self._fib.pop(subnet, None) is not None:
-                self._fib_out.append(FibDel(subnet))
-            return
-        selected = routes.selected()
+            return  # gone: _remove_routes sent the FibDel
+        entries = routes
+        selected = entries[0] if entries and entries[0].selected else None  # routes.selected()
         next_hop = selected.neighbour if selected is not None and selected.metric != INFINITE else None
-        entry = self._fib.get(subnet)
+        entry = routes.fib
         if entry is None or entry.next_hop != next_hop:
             entry = FibEntry(next_hop, routes.public_key)
-            self._fib[subnet] = entry
+            routes.fib = entry
             self._fib_out.append(FibSet(subnet, entry))
 
 

@@ -42,6 +42,7 @@ from common.wire.subnet import Subnet
 from common.wire.tlv import Tlv, decode_tlv
 
 from .engine import FibDel, FibSet, PeerInfo, RouterEngine
+from .routing_table import subnet_key
 
 _TRAFFIC = -1  # wheel slot of the traffic tick (node indices are >= 0)
 _EPS = 1e-9
@@ -71,12 +72,19 @@ class SimNode:
     address: ipaddress.IPv6Address
     alive: bool = True
     links: dict[str, SimLink] = field(default_factory=dict)  # local peer id -> link
-    fib: dict[Subnet, str | None] = field(default_factory=dict)  # mirror of the published FIB
+    # Mirror of the published FIB, keyed by subnet key (routing_table.subnet_key:
+    # an int hashes without a Python call, and loop walks look up every hop).
+    fib: dict[int, str | None] = field(default_factory=dict)
     timer_tick: int | None = None  # the wheel slot armed for the engine's next timer
 
     @property
     def subnet(self) -> Subnet:
         return self.engine.own_subnet
+
+    @property
+    def key(self) -> int:
+        """Its own subnet's key (``fib`` is keyed by these)."""
+        return subnet_key(self.engine.own_subnet)
 
     def neighbour(self, peer_id: str) -> int:
         link = self.links[peer_id]
@@ -115,10 +123,12 @@ class Simulation:
         self.loop_checks = 0
         self.retired_counters: Counter[str] = Counter()  # engines replaced by rejoin_node
         # The timing wheel: tick -> {node index (or _TRAFFIC): arrivals
-        # [(receiver's peer id, TLV)]}, and a heap of the ticks present.
-        self._wheel: dict[int, dict[int, list[tuple[str, Tlv]]]] = {}
+        # [(receiver's peer id, [TLV, ...])]}, and a heap of the ticks present.
+        # An arrival is one sender turn's output over one link, in order (one
+        # tuple and one link check per batch, not per packet).
+        self._wheel: dict[int, dict[int, list[tuple[str, list[Tlv]]]]] = {}
         self._ticks: list[int] = []
-        self._owner: dict[Subnet, int] = {}
+        self._owner: dict[int, int] = {}  # subnet key -> node index
         self._link_ids = itertools.count()
         self._missing = 0
         # Convergence target: every pair (all_pairs) or only the pairs some
@@ -130,6 +140,16 @@ class Simulation:
         self._traffic_interval: float | None = None
         for _ in range(n_nodes):
             self.add_node()
+
+    @property
+    def loop_sample(self) -> set[Subnet] | None:
+        """Loop checks run only toward these subnets (None: all)."""
+        return self._loop_sample
+
+    @loop_sample.setter
+    def loop_sample(self, subnets: set[Subnet] | None) -> None:
+        self._loop_sample = subnets
+        self._loop_keys = None if subnets is None else {subnet_key(s) for s in subnets}
 
     @property
     def sent(self) -> Counter[str]:
@@ -145,11 +165,11 @@ class Simulation:
             public_key = self.rng.randbytes(32)
             router_id = public_key + b"\0\0" + self.rng.randbytes(6)
             engine = RouterEngine(public_key, router_id, self.now, rng=random.Random(self.rng.random()))
-            if engine.own_subnet not in self._owner:
+            if subnet_key(engine.own_subnet) not in self._owner:
                 break
         node = SimNode(index, engine, address_of(public_key))
         self.nodes.append(node)
-        self._owner[engine.own_subnet] = index
+        self._owner[subnet_key(engine.own_subnet)] = index
         if self._demand is None:
             self._recount_missing()
         self._drain(node)
@@ -271,7 +291,7 @@ class Simulation:
             asked = False
             for dst in dsts:
                 other = self.nodes[dst]
-                if other.alive and node.fib.get(other.subnet) is None:
+                if other.alive and node.fib.get(other.key) is None:
                     node.engine.request_route(other.address, self.now)
                     asked = True
             if asked:
@@ -286,7 +306,7 @@ class Simulation:
         now_tick = math.floor(self.now / self.tick + _EPS)
         return t if t > now_tick else now_tick + 1
 
-    def _slot(self, t: int, index: int) -> list[tuple[str, Tlv]]:
+    def _slot(self, t: int, index: int) -> list[tuple[str, list[Tlv]]]:
         """The arrival list of ``index`` at tick ``t`` (created, and the tick
         put on the heap, on first use)."""
         bucket = self._wheel.get(t)
@@ -331,7 +351,7 @@ class Simulation:
             return self.now - start
         return None
 
-    def _turn(self, index: int, arrivals: list[tuple[str, Tlv]], tick: int) -> None:
+    def _turn(self, index: int, arrivals: list[tuple[str, list[Tlv]]], tick: int) -> None:
         """One node's turn in a tick: what reached it, then its due timers, then its output."""
         self.events_processed += 1
         if index == _TRAFFIC:
@@ -340,20 +360,23 @@ class Simulation:
         node = self.nodes[index]
         if not node.alive:
             return
-        if node.timer_tick == tick:
-            node.timer_tick = None
         engine = node.engine
         now = self.now
         if arrivals:
             links = node.links
-            receive = engine.receive_tlv
-            for peer_id, tlv in arrivals:
+            receive = engine.receive_tlvs
+            for peer_id, tlvs in arrivals:
                 link = links.get(peer_id)
                 if link is not None and link.up and not link.blackhole:
-                    receive(peer_id, tlv, now)
-        due = engine.get_timer()
-        if due is not None and due <= now + _EPS:
-            engine.handle_timer(now)
+                    receive(peer_id, tlvs, now)
+        # A timer can only be due in the tick _drain armed for it (the engine
+        # changes only in turns, each followed by a _drain): other turns skip
+        # asking the engine.
+        if node.timer_tick == tick:
+            node.timer_tick = None
+            due = engine.get_timer()
+            if due is not None and due <= now + _EPS:
+                engine.handle_timer(now)
         self._drain(node)
 
     def _drain(self, node: SimNode) -> None:
@@ -362,10 +385,10 @@ class Simulation:
         if out:
             counts = self._counts
             check_wire = self.check_wire
-            lists: dict[str, tuple[list[tuple[str, Tlv]], str]] = {}
+            lists: dict[str, list[Tlv]] = {}
             for peer_id, tlv in out:
-                target = lists.get(peer_id)
-                if target is None:
+                batch = lists.get(peer_id)
+                if batch is None:
                     link = node.links.get(peer_id)
                     if link is None or not link.up:
                         raise AssertionError(f"node {node.index} sent to unknown or closed peer {peer_id}")
@@ -373,20 +396,21 @@ class Simulation:
                         dst, dst_peer = link.b, link.peer_at_b
                     else:
                         dst, dst_peer = link.a, link.peer_at_a
-                    target = lists[peer_id] = (self._slot(self._tick_after(self.now + link.delay), dst), dst_peer)
+                    batch = lists[peer_id] = []
+                    self._slot(self._tick_after(self.now + link.delay), dst).append((dst_peer, batch))
                 if check_wire:
                     tlv = _wire_roundtrip(tlv)
-                target[0].append((target[1], tlv))
+                batch.append(tlv)
                 counts[tlv.TYPE] += 1
         changed = engine.fib_changes()
         if changed:
             for change in changed:
                 self._apply_fib(node, change)
             if self.check_loops:
-                sample = self.loop_sample
-                for subnet in {c.subnet for c in changed}:
-                    if sample is None or subnet in sample:
-                        self._check_path(node.index, subnet)
+                sample = self._loop_keys
+                for k in {subnet_key(c.subnet) for c in changed}:
+                    if sample is None or k in sample:
+                        self._check_path(node.index, k)
         for peer_id in engine.peers_to_close():
             link = node.links[peer_id]
             if link.up:
@@ -399,15 +423,17 @@ class Simulation:
                 self._slot(t, node.index)
 
     def _apply_fib(self, node: SimNode, change: FibSet | FibDel) -> None:
-        before = node.fib.get(change.subnet) is not None
-        if isinstance(change, FibSet):
-            node.fib[change.subnet] = change.entry.next_hop
+        fib, subnet = node.fib, subnet_key(change.subnet)
+        before = fib.get(subnet) is not None
+        if type(change) is FibSet:
+            after = (next_hop := change.entry.next_hop) is not None
+            fib[subnet] = next_hop
         else:
-            node.fib.pop(change.subnet, None)
-        after = node.fib.get(change.subnet) is not None
+            after = False
+            fib.pop(subnet, None)
         if before == after:
             return
-        owner = self._owner.get(change.subnet)
+        owner = self._owner.get(subnet)
         if owner is None or owner == node.index or not node.alive or not self.nodes[owner].alive:
             return
         if self._demand is None or owner in self._demand.get(node.index, ()):
@@ -433,7 +459,7 @@ class Simulation:
         )
 
     def _recount_missing(self) -> None:
-        self._missing = sum(1 for x, y in self._wanted_pairs() if x.fib.get(y.subnet) is None)
+        self._missing = sum(1 for x, y in self._wanted_pairs() if x.fib.get(y.key) is None)
 
     def all_converged(self) -> bool:
         """Every live node has a selected route to every other live node's
@@ -441,7 +467,7 @@ class Simulation:
         return self._missing == 0
 
     def missing_routes(self) -> list[tuple[int, int]]:
-        return [(x.index, y.index) for x, y in self._wanted_pairs() if x.fib.get(y.subnet) is None]
+        return [(x.index, y.index) for x, y in self._wanted_pairs() if x.fib.get(y.key) is None]
 
     def wanted_pair_count(self) -> int:
         return sum(1 for _ in self._wanted_pairs())
@@ -449,11 +475,12 @@ class Simulation:
     def path(self, src: int, dst: int) -> list[int] | None:
         """Nodes visited following FIB next hops from src toward dst's subnet; None on a black hole."""
         subnet = self.nodes[dst].subnet
+        key = subnet_key(subnet)
         hops = [src]
         seen = {src}
         current = src
         while current != dst:
-            next_hop = self.nodes[current].fib.get(subnet)
+            next_hop = self.nodes[current].fib.get(key)
             if next_hop is None:
                 return None
             current = self.nodes[current].neighbour(next_hop)
@@ -463,26 +490,29 @@ class Simulation:
             hops.append(current)
         return hops
 
-    def _check_path(self, start: int, subnet: Subnet) -> None:
-        """A new loop toward ``subnet`` must pass through the node whose FIB just changed."""
+    def _check_path(self, start: int, subnet: int) -> None:
+        """A new loop toward ``subnet`` (a subnet key) must pass through the node whose FIB just changed."""
         self.loop_checks += 1
         owner = self._owner.get(subnet)
-        seen = {start}
+        nodes = self.nodes
+        seen = {start: None}  # the hops so far, in order
         current = start
-        hops = [start]
         while current != owner:
-            node = self.nodes[current]
+            node = nodes[current]
             next_hop = node.fib.get(subnet)
             if next_hop is None:
                 return
             link = node.links.get(next_hop)
             if link is None or not link.up:
-                raise AssertionError(f"node {current} forwards {subnet} over closed link {next_hop}")
-            current = node.neighbour(next_hop)
+                raise AssertionError(f"node {current} forwards {self._name(subnet)} over closed link {next_hop}")
+            current = link.b if link.a == current else link.a  # node.neighbour(next_hop)
             if current in seen:
-                raise RoutingLoop(f"loop toward {subnet} at t={self.now:.6f}: {[*hops, current]}")
-            seen.add(current)
-            hops.append(current)
+                raise RoutingLoop(f"loop toward {self._name(subnet)} at t={self.now:.6f}: {[*seen, current]}")
+            seen[current] = None
+
+    def _name(self, key: int) -> str:
+        owner = self._owner.get(key)
+        return f"node {owner}'s {self.nodes[owner].subnet}" if owner is not None else f"subnet key {key:#x}"
 
     def assert_loop_free(self) -> None:
         """Full check: from every live node toward every subnet in any FIB."""

@@ -19,6 +19,7 @@ from common.wire.tlv import HELLO_UNICAST, Hello, Ihu, RouteRequest, SeqNoReques
 from services.router import engine as engine_mod
 from services.router.engine import FibDel, FibEntry, FibSet, PeerInfo, RouterEngine, RouteView
 from services.router.metric import INFINITE
+from services.router.routing_table import subnet_key
 
 FRESH_COST = 1010  # 1000 + static cost 10
 
@@ -764,8 +765,10 @@ def test_source_and_cache_tables_are_capped(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(e._seqno_cache) <= 2
     assert len(e._rr_cache) <= 2
     # Finite updates that cannot be recorded are never sent (feasibility would be unsound).
-    recorded = {s for s, _ in e._sources.entries}
-    assert all(t.subnet in recorded for _, t in e.tlvs_to_send() if isinstance(t, Update) and t.metric != INFINITE)
+    recorded = {s for s, _ in e._sources}  # subnet keys
+    assert all(
+        subnet_key(t.subnet) in recorded for _, t in e.tlvs_to_send() if isinstance(t, Update) and t.metric != INFINITE
+    )
 
 
 def test_timer_heap_stays_small_under_refreshes() -> None:
@@ -774,3 +777,22 @@ def test_timer_heap_stays_small_under_refreshes() -> None:
         e.receive_tlv("p1", A.update(seqno=i % 60_000), 1.0 + i * 0.001)
         e.receive_tlv("p1", Ihu(0, 6000), 1.0 + i * 0.001)
     assert len(e._timers._heap) < 300
+
+
+def test_receive_tlvs_equals_receive_tlv_one_by_one() -> None:
+    """The batch entry point (one peer lookup per batch) changes nothing but speed."""
+    batch: list[Tlv] = [Ident(700 + i).update(seqno=i, metric=10 * i) for i in range(20)]
+    batch += [Hello(HELLO_UNICAST, 1, 2000), Ident(700).update(seqno=0, metric=INFINITE), Ihu(0, 6000)]
+    batch += [RouteRequest(0, Ident(705).subnet), Ident(703).update(seqno=3, metric=5), Ident(701).update(seqno=0)]
+    one, many = new_engine("p1", "p2"), new_engine("p1", "p2")
+    for e in (one, many):
+        e.receive_tlv("p2", Ident(710).update(), 0.5)
+    for tlv in batch:
+        one.receive_tlv("p1", tlv, 1.0)
+        one.receive_tlv("gone", tlv, 1.0)
+    many.receive_tlvs("p1", batch, 1.0)
+    many.receive_tlvs("gone", batch, 1.0)
+    assert one.tlvs_to_send() == many.tlvs_to_send()
+    assert one.fib_changes() == many.fib_changes()
+    assert one.counters == many.counters and one.counters["rx_from_unknown_peer"] == len(batch)
+    assert one.selected_routes() == many.selected_routes() and one.get_timer() == many.get_timer()

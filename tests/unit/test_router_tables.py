@@ -15,7 +15,7 @@ from common.wire.tlv import Hello, Ihu, RouteRequest, SeqNoRequest, Tlv, Update
 from services.router.caches import RouteRequestCache, SeqnoCache
 from services.router.engine import PeerInfo, RouterEngine
 from services.router.metric import INFINITE
-from services.router.routing_table import RouteEntry, RoutingTable, SubnetRoutes
+from services.router.routing_table import Learned, RouteEntry, RoutingTable, SubnetRoutes
 from services.router.source_table import SourceTable
 from services.router.timers import TimerQueue
 
@@ -132,7 +132,7 @@ def test_timer_queue_cancel_and_compaction() -> None:
 
 # ---------------------------------------------------------------------- routing table
 def test_subnet_routes_keep_selected_entry_first() -> None:
-    r = SubnetRoutes(b"k" * 32)
+    r = SubnetRoutes(b"k" * 32, S)
     e1, e2, e3 = (RouteEntry(S, RID, p, 1, 0, 0.0) for p in ("a", "b", "c"))
     for e in (e1, e2, e3):
         r.add(e)
@@ -233,3 +233,41 @@ def test_engine_survives_arbitrary_input_and_never_emits_ipv4(events: list[tuple
         subnet = getattr(tlv, "subnet", None)
         assert subnet is None or subnet.is_ipv6
         tlv.encode_body()  # everything we emit is encodable
+
+
+def test_source_table_keeps_several_router_ids_per_subnet() -> None:
+    """Distances are stored per subnet with the router id on each; a second
+    router id (an owner that restarted) is chained, looked up, counted and
+    swept on its own."""
+    t = SourceTable(capacity=10)
+    old, new, third = (S, RID), (S, bytes(39) + b"\1"), (S, bytes(39) + b"\2")
+    t.record(old, 100, 5, expires=10.0)
+    t.record(new, 200, 1, expires=20.0)
+    t.record(third, 300, 9, expires=30.0)
+    assert len(t) == 3 and sorted(t) == sorted([old, new, third])
+    got = [t.get(k) for k in (old, new, third)]
+    assert [(fd.metric, fd.seqno) for fd in got if fd is not None] == [(100, 5), (200, 1), (300, 9)]
+    assert not t.feasible(new, 1, 200) and t.feasible(old, 5, 99)
+    assert t.sweep(15.0) == 1  # only the old router id's entry expired
+    assert t.get(old) is None and t.get(new) is not None and t.get(third) is not None and len(t) == 2
+    t.remove(third)
+    assert sorted(t) == [new] and len(t) == 1
+    assert t.sweep(25.0) == 1 and len(t) == 0 and list(t) == []
+
+
+def test_learned_keeps_a_neighbours_entries_oldest_first() -> None:
+    entries = [RouteEntry(S, RID, "a", i, 0, 0.0) for i in range(5)]
+    learned = Learned()
+    for e in entries:
+        learned.append(e)
+    assert len(learned) == 5 and learned.entries() == entries and learned.newest is entries[4]
+    learned.unlink(entries[2])  # middle
+    learned.unlink(entries[4])  # newest
+    learned.unlink(entries[0])  # oldest
+    assert len(learned) == 2 and learned.entries() == [entries[1], entries[3]]
+    assert learned.oldest is entries[1] and learned.newest is entries[3]
+    learned.append(entries[0])  # re-learned: now the newest
+    assert learned.entries() == [entries[1], entries[3], entries[0]]
+    for e in list(learned.entries()):
+        learned.unlink(e)
+    assert len(learned) == 0 and learned.entries() == [] and learned.oldest is learned.newest is None
