@@ -16,13 +16,13 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Subnet:
-    """Compact: one int key (masked network, prefix length, family) that
+    """Compact: one int ``key`` (masked network, prefix length, family) that
     hashing and comparison use, plus the address as given only when it has
     host bits set. No ``ipaddress`` network object is kept: the router holds
     a Subnet per route, and a network object costs several hundred bytes
     and a slow hash."""
 
-    __slots__ = ("_key", "_raw", "prefix_len")
+    __slots__ = ("_raw", "key", "prefix_len")
 
     def __init__(self, address: IPAddress, prefix_len: int) -> None:
         bits = address.max_prefixlen
@@ -32,7 +32,7 @@ class Subnet:
         shift = bits - prefix_len
         value = int(address)
         masked = (value >> shift) << shift
-        self._key = ((masked << 8) | prefix_len) << 1 | (address.version == 6)
+        self.key = ((masked << 8) | prefix_len) << 1 | (address.version == 6)
         self._raw: IPAddress | None = address if masked != value else None
 
     @property
@@ -40,7 +40,7 @@ class Subnet:
         """As given (host bits kept, for byte-exact encoding)."""
         if self._raw is not None:
             return self._raw
-        return ipaddress.IPv6Address(self._key >> 9) if self._key & 1 else ipaddress.IPv4Address(self._key >> 9)
+        return ipaddress.IPv6Address(self.key >> 9) if self.key & 1 else ipaddress.IPv4Address(self.key >> 9)
 
     @classmethod
     def parse(cls, text: str) -> Subnet:
@@ -60,7 +60,7 @@ class Subnet:
 
     @property
     def _masked(self) -> int:
-        return self._key >> 9
+        return self.key >> 9
 
     @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -70,49 +70,49 @@ class Subnet:
 
     @property
     def is_ipv6(self) -> bool:
-        return bool(self._key & 1)
+        return bool(self.key & 1)
 
     @property
     def same_address(self) -> object:
         """Identity of the address as given: equal for Subnets that encode alike."""
-        return self._key if self._raw is None else (self._key, self._raw)
+        return self.key if self._raw is None else (self.key, self._raw)
 
     def contains_address(self, addr: IPAddress) -> bool:
-        if (addr.version == 6) != (self._key & 1):
+        if (addr.version == 6) != (self.key & 1):
             return False
         shift = addr.max_prefixlen - self.prefix_len
-        return int(addr) >> shift == self._key >> (9 + shift)
+        return int(addr) >> shift == self.key >> (9 + shift)
 
     def contains_int6(self, value: int) -> bool:
         """``contains_address`` for an IPv6 address given as an int."""
-        if not self._key & 1:
+        if not self.key & 1:
             return False
         shift = 128 - self.prefix_len
-        return value >> shift == self._key >> (9 + shift)
+        return value >> shift == self.key >> (9 + shift)
 
     def contains(self, other: Subnet) -> bool:
         """True when ``other`` lies entirely inside this subnet."""
-        if (other._key ^ self._key) & 1 or other.prefix_len < self.prefix_len:
+        if (other.key ^ self.key) & 1 or other.prefix_len < self.prefix_len:
             return False
-        shift = (128 if self._key & 1 else 32) - self.prefix_len
-        return other._key >> (9 + shift) == self._key >> (9 + shift)
+        shift = (128 if self.key & 1 else 32) - self.prefix_len
+        return other.key >> (9 + shift) == self.key >> (9 + shift)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Subnet):
             return NotImplemented
-        return self._key == other._key
+        return self.key == other.key
 
     def __hash__(self) -> int:
-        return hash(self._key)
+        return hash(self.key)
 
     @property
     def network_packed(self) -> bytes:
         """The masked network address in network byte order (16 or 4 bytes)."""
-        return (self._key >> 9).to_bytes(16 if self._key & 1 else 4)
+        return (self.key >> 9).to_bytes(16 if self.key & 1 else 4)
 
     def __str__(self) -> str:
-        masked = self._key >> 9
-        if self.prefix_len == 64 and self._key & 1 and masked >> 112:
+        masked = self.key >> 9
+        if self.prefix_len == 64 and self.key & 1 and masked >> 112:
             # Fast path for the overlay's /64s (the API lists every route):
             # the last four hextets are zero and form the longest zero run,
             # together with any zero hextets just before them.
@@ -121,7 +121,7 @@ class Subnet:
             while groups[-1] == 0:
                 groups.pop()
             return ":".join([f"{g:x}" for g in groups]) + "::/64"
-        cls = ipaddress.IPv6Address if self._key & 1 else ipaddress.IPv4Address
+        cls = ipaddress.IPv6Address if self.key & 1 else ipaddress.IPv4Address
         return f"{cls(masked)}/{self.prefix_len}"
 
     def __repr__(self) -> str:

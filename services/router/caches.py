@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Subnets are given by their int key (routing_table.subnet_key), as the engine's tables are.
+# Subnets are given by their int key (Subnet.key), as the engine's tables are.
 SeqnoKey = tuple[bytes, int, int]  # (router id, subnet key, requested seqno)
 
 

@@ -402,7 +402,7 @@ class RouterEngine:
 
     def feasibility_distance(self, subnet: Subnet, router_id: bytes) -> tuple[int, int] | None:
         """(metric, seqno) we last advertised for this source, for tests and diagnostics."""
-        fd = self._sources.get((subnet._key, router_id))
+        fd = self._sources.get((subnet.key, router_id))
         return None if fd is None else (fd.metric, fd.seqno)
 
     # ------------------------------------------------------------------ outputs
@@ -663,7 +663,7 @@ class RouterEngine:
         self._seqno_cache.forget_peer(peer_id)
         self._rr_cache.forget_peer(peer_id)
         learned = self._learned.get(peer_id)
-        subnets = [e.subnet._key for e in learned.entries()] if learned is not None else []
+        subnets = [e.subnet.key for e in learned.entries()] if learned is not None else []
         if len(subnets) <= DEAD_PEER_SLICE:
             self._retract_peer_routes(peer_id, subnets, now)
         else:
@@ -712,7 +712,7 @@ class RouterEngine:
 
     def _handle_update(self, peer_id: str, update: Update, now: float) -> None:
         subnet, router_id, seqno, metric = update.subnet, update.router_id, update.seqno, update.metric
-        k = subnet._key
+        k = subnet.key
         plen = subnet.prefix_len
         # The filters of 6.3 (``_update_filter``), inline on the int key: this is the hot path.
         if plen < PREFIX_LEN_MIN or k >> _OVERLAY_SHIFT != _OVERLAY_TOP or not k & 1 or k == self._own_key:
@@ -877,7 +877,7 @@ class RouterEngine:
         at_limit = learned is not None and limit < MAX_SUBNETS and len(learned) >= limit
         # Past the limit the incoming route is the newest of all and is refused,
         # unless one of our queries asked for it: then the neighbour's newest entry goes.
-        if at_limit and (subnet._key not in self._table.queried or not self._evict_newest(peer_id, now)):
+        if at_limit and (subnet.key not in self._table.queried or not self._evict_newest(peer_id, now)):
             self._nstats[peer_id]["routes_refused"] += 1
             self._counters["drop_neighbour_route_limit"] += 1
             return False
@@ -910,7 +910,7 @@ class RouterEngine:
         newest = learned.newest if learned is not None else None
         if newest is None:
             return False
-        k = newest.subnet._key
+        k = newest.subnet.key
         routes = self._table.routes.get(k)
         entry = routes.find(peer_id) if routes is not None else None
         if routes is None or entry is not newest:  # cannot happen; keep the index honest anyway
@@ -985,11 +985,11 @@ class RouterEngine:
 
     def _route_selection(self, subnet: Subnet, now: float) -> None:
         """Re-select after expiry or a dead peer; propagates unless nothing changed."""
-        routes = self._table.routes.get(subnet._key)
+        routes = self._table.routes.get(subnet.key)
         if routes is None:
             return
         current = routes.selected()
-        best = self._find_best(subnet._key, routes)
+        best = self._find_best(subnet.key, routes)
         lost = False
         if best is not None:
             if best is current:
@@ -1025,7 +1025,7 @@ class RouterEngine:
         """Triggered update for ``subnet`` (6.6.1): the selected route, or our own retraction.
         ``routes``: the subnet's table entry if the caller has it at hand."""
         if routes is None:
-            routes = self._table.routes.get(subnet._key)
+            routes = self._table.routes.get(subnet.key)
         entries = routes
         selected = entries[0] if entries and entries[0].selected else None  # routes.selected()
         if selected is not None:
@@ -1065,7 +1065,7 @@ class RouterEngine:
         """Apply an outgoing Update to the source table (6.1). A finite update
         that cannot be recorded (table full) must not be sent: it would
         escape the feasibility bookkeeping that keeps routes loop-free."""
-        key: SourceKey = (update.subnet._key, update.router_id)
+        key: SourceKey = (update.subnet.key, update.router_id)
         sources = self._sources
         fd = sources.lookup(key[0], key[1])  # SourceTable.try_record, inline
         if fd is not None:
@@ -1100,7 +1100,7 @@ class RouterEngine:
         (rate limits, duplicates, next hops that changed), and the reference
         never resends, so without this a subnet could stay unreachable until
         traffic or a 300 s announcement happens to ask again."""
-        k = subnet._key
+        k = subnet.key
         recovery = self._recoveries.get(k)
         if recovery is not None:
             recovery[0] = router_id
@@ -1133,7 +1133,7 @@ class RouterEngine:
 
     # ------------------------------------------------------------------ expiry (6.6.3)
     def _on_route_timer(self, subnet: Subnet, peer_id: str, now: float) -> None:
-        routes = self._table.routes.get(subnet._key)
+        routes = self._table.routes.get(subnet.key)
         entry = routes.find(peer_id) if routes is not None else None
         if routes is None or entry is None:
             return
@@ -1147,7 +1147,7 @@ class RouterEngine:
         self._counters["route_expired_selected"] += 1
         entry.metric = INFINITE
         self._set_expiry(entry, now + RETRACTED_ROUTE_HOLD)
-        best = self._find_best(subnet._key, routes)
+        best = self._find_best(subnet.key, routes)
         lost = best is None
         if best is not None:
             routes.select(best)
@@ -1162,7 +1162,7 @@ class RouterEngine:
 
     # ------------------------------------------------------------------ route requests (6.7)
     def _originate_route_request(self, subnet: Subnet, now: float) -> None:
-        k = subnet._key
+        k = subnet.key
         if k not in self._table.routes and k not in self._table.queried:
             if len(self._table.queried) >= MAX_QUERIED:
                 self._counters["drop_query_table_full"] += 1
@@ -1187,7 +1187,7 @@ class RouterEngine:
             return
         # On the subnet key (routing_table.subnet_key): bit 0 says IPv6, the
         # network sits above bit 9, so the top p bits of the address are k >> (137 - p).
-        k = subnet._key
+        k = subnet.key
         v6 = k & 1
         plen = subnet.prefix_len
         if v6 and plen >= 64 and k >> 73 == self._own_key >> 73:  # self._own_subnet.contains(subnet)
@@ -1251,7 +1251,7 @@ class RouterEngine:
     def _mark_queried(self, subnet: Subnet, now: float) -> None:
         deadline = now + ROUTE_QUERY_TIMEOUT
         self._table.mark_queried(subnet, deadline)
-        self._timers.schedule(("queried", subnet._key), deadline)
+        self._timers.schedule(("queried", subnet.key), deadline)
 
     def _on_query_timer(self, k: int, now: float) -> None:
         deadline = self._table.queried.get(k)
@@ -1265,7 +1265,7 @@ class RouterEngine:
         self._release_query(k)
 
     def _record_rr(self, subnet: Subnet, generation: int, receivers: list[str], now: float) -> None:
-        k = subnet._key
+        k = subnet.key
         evicted = self._rr_cache.record(k, generation, receivers, now)
         if evicted is not None:
             self._counters["rr_cache_evicted"] += 1
@@ -1286,7 +1286,7 @@ class RouterEngine:
     def _send_seqno_request(
         self, subnet: Subnet, router_id: bytes, to: str | None, origin: str | None, now: float
     ) -> None:
-        k = subnet._key
+        k = subnet.key
         fd = self._sources.get((k, router_id))
         seqno = seqno_add(fd.seqno if fd is not None else 0, 1)
         key: SeqnoKey = (router_id, k, seqno)
@@ -1354,7 +1354,7 @@ class RouterEngine:
         if metric == INFINITE:
             return []
         peers: list[str] = []
-        for key in self._seqno_cache.keys_for(subnet._key):
+        for key in self._seqno_cache.keys_for(subnet.key):
             info = self._seqno_cache.get(key)
             if info is None or key[0] != router_id or seqno_lt(seqno, key[2]) or not info.sources:
                 continue
@@ -1386,10 +1386,10 @@ class RouterEngine:
         """A route for ``subnet`` was just selected: send requests that peers
         are still waiting on along it. Without this a request that reached us
         while we had no route (and was parked as a duplicate) would die here."""
-        keys = self._seqno_cache.keys_for(subnet._key)
+        keys = self._seqno_cache.keys_for(subnet.key)
         if not keys:
             return
-        routes = self._table.routes.get(subnet._key)
+        routes = self._table.routes.get(subnet.key)
         selected = routes.selected() if routes is not None else None
         if selected is None or selected.metric == INFINITE:
             return
@@ -1410,7 +1410,7 @@ class RouterEngine:
         if not subnet.is_ipv6:
             self._counters["seqno_request_invalid_prefix"] += 1
             return
-        k = subnet._key
+        k = subnet.key
         key: SeqnoKey = (router_id, k, seqno)
         info = self._seqno_cache.get(key)
         routes = self._table.routes.get(k)
@@ -1489,7 +1489,7 @@ class RouterEngine:
 
     def _send_all(self, update: Update, skip: str | None) -> None:
         """``_send`` of one Update to every live peer but ``skip`` (the hot path of triggered updates)."""
-        if not update.subnet._key & 1:  # is_ipv6
+        if not update.subnet.key & 1:  # is_ipv6
             self._counters["tx_ipv4_suppressed"] += 1
             return
         out = [(p, update) for p in self._peers if p != skip]
@@ -1502,7 +1502,7 @@ class RouterEngine:
             self._counters["tx_to_dead_peer_suppressed"] += 1
             return
         subnet = getattr(tlv, "subnet", None)
-        if subnet is not None and not subnet._key & 1:  # not subnet.is_ipv6
+        if subnet is not None and not subnet.key & 1:  # not subnet.is_ipv6
             self._counters["tx_ipv4_suppressed"] += 1  # never send IPv4 prefixes (5.6)
             return
         self._counters[_TX_NAMES[type(tlv)]] += 1
@@ -1510,13 +1510,13 @@ class RouterEngine:
 
     def _add_routes(self, subnet: Subnet, public_key: bytes) -> SubnetRoutes:
         queried = self._table.queried
-        if queried and subnet._key in queried:
-            self._timers.cancel(("queried", subnet._key))
-            self._release_query(subnet._key)
+        if queried and subnet.key in queried:
+            self._timers.cancel(("queried", subnet.key))
+            self._release_query(subnet.key)
         return self._table.add_routes(subnet, public_key)
 
     def _remove_routes(self, subnet: Subnet) -> None:
-        routes = self._table.routes.get(subnet._key)
+        routes = self._table.routes.get(subnet.key)
         self._table.remove_routes(subnet)
         if routes is not None and routes.fib is not None:
             routes.fib = None
@@ -1570,7 +1570,7 @@ class RouterEngine:
     def _sync_fib(self, subnet: Subnet, routes: SubnetRoutes | None = None) -> None:
         """Emit a FIB change if ``subnet``'s forwarding state differs from what we last published."""
         if routes is None:
-            routes = self._table.routes.get(subnet._key)
+            routes = self._table.routes.get(subnet.key)
         if routes is None:
             return  # gone: _remove_routes sent the FibDel
         entries = routes

@@ -26,7 +26,7 @@ def subnet_key(subnet: Subnet) -> int:
     """The int a Subnet hashes and compares by (masked network, prefix
     length, family): equal keys exactly when the Subnets are equal, and
     ``hash(key) == hash(subnet)``, so tables keyed by it iterate alike."""
-    return subnet._key
+    return subnet.key
 
 
 def subnet_key6(value: int, prefix_len: int) -> int:
@@ -168,7 +168,7 @@ class RoutingTable:
         self._plens: Counter[int] = Counter()
 
     def add_routes(self, subnet: Subnet, public_key: bytes) -> SubnetRoutes:
-        key = subnet._key
+        key = subnet.key
         self.drop_query(key, subnet.prefix_len)
         routes = SubnetRoutes(public_key, subnet)
         self.routes[key] = routes
@@ -176,11 +176,11 @@ class RoutingTable:
         return routes
 
     def remove_routes(self, subnet: Subnet) -> None:
-        if self.routes.pop(subnet._key, None) is not None:
+        if self.routes.pop(subnet.key, None) is not None:
             self._forget_plen(subnet.prefix_len)
 
     def mark_queried(self, subnet: Subnet, deadline: float) -> None:
-        key = subnet._key
+        key = subnet.key
         if key not in self.queried:
             self._plens[subnet.prefix_len] += 1
             self.queried_subnets[key] = subnet
