@@ -5,8 +5,6 @@ status, environment, signals), each in a real forked process."""
 from __future__ import annotations
 
 import ast
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -84,26 +82,33 @@ TARGET = textwrap.dedent(
 )
 
 
+DRIVER = textwrap.dedent(
+    """
+    import signal, sys
+    sys.path.insert(0, sys.argv[1])
+    from services.cli import prefork
+    signal.signal(signal.SIGTERM, lambda *_: None)  # supervisord-like handlers, to be reset
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    env = {"PREFORK_TEST_OUT": sys.argv[2], "SUPERVISOR_PROCESS_NAME": "t", "PATH": "/usr/bin"}
+    prefork.run_forked("prefork_target", [sys.argv[3]], env, False)  # what supervisord's child does at its exec point
+    """
+)
+
+
 def _run_forked(tmp_path: Path, mode: str) -> tuple[int, dict[str, object], str]:
+    """``run_forked`` in a fresh single-threaded interpreter (it ends the
+    process; pytest's has threads, which a fork must not meet)."""
     (tmp_path / "prefork_target.py").write_text(TARGET)
     out = tmp_path / "out.txt"
-    err = tmp_path / "err.txt"
-    sys.path.insert(0, str(tmp_path))
-    try:
-        pid = os.fork()
-        if pid == 0:  # the child: what supervisord's forked child does at its exec point
-            fd = os.open(err, os.O_WRONLY | os.O_CREAT, 0o600)
-            os.dup2(fd, 2)
-            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - not pytest's capture: the real descriptor
-            signal.signal(signal.SIGTERM, lambda *_: None)  # a supervisord-like handler to be reset
-            signal.signal(signal.SIGCHLD, lambda *_: None)
-            env = {"PREFORK_TEST_OUT": str(out), "SUPERVISOR_PROCESS_NAME": "t", "PATH": "/usr/bin"}
-            prefork.run_forked("prefork_target", [mode], env, False)
-        _, status = os.waitpid(pid, 0)
-    finally:
-        sys.path.remove(str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(tmp_path), str(out), mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     seen = ast.literal_eval(out.read_text()) if out.exists() else {}
-    return os.waitstatus_to_exitcode(status), seen, err.read_text() if err.exists() else ""
+    return proc.returncode, seen, proc.stderr
 
 
 def test_a_forked_service_sees_its_own_argv_environment_and_default_signals(tmp_path: Path) -> None:
