@@ -1,6 +1,6 @@
 """services/cli/prefork.py without supervisord: which commands are forked,
 the command line the launcher runs, and what a forked child becomes (exit
-status, environment, signals), each in a real forked process."""
+status, environment, signals), each in a fresh interpreter of its own."""
 
 from __future__ import annotations
 
