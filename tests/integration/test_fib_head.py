@@ -15,15 +15,11 @@ from common import bus
 from common.fib import FibReplica, is_head
 
 from .nodes import Node
+from .test_messages import line
 
 
 def test_the_router_publishes_heads_that_match_its_snapshot(make_nodes: Callable[[int], list[Node]]) -> None:
-    a, b = make_nodes(2)
-    b.peers = [a.endpoint]
-    a.start()
-    b.start()
-    a.wait_ready()
-    b.wait_ready()
+    _a, b = line(make_nodes, 2)
     ctx = zmq.Context()
     try:
         sub = bus.connect(ctx, zmq.SUB, str(b.run_dir), "router.fib")
