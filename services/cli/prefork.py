@@ -45,8 +45,6 @@ PREFORK_ENV = "MYCELIUM_PREFORK"  # "0": supervisord execs every program (no sha
 DROP_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs", "--"]
 # the signals supervisord handles; a forked program starts with the defaults an exec'ed one gets
 _SUPERVISORD_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2)
-
-
 _PR_SET_DUMPABLE = 4
 SERVICES = "services."  # the modules a program command may name to be forked
 # What two or more services import (a module only one process uses would be
@@ -166,7 +164,9 @@ def run_forked(module: str, args: list[str], env: dict[str, str], drop_caps: boo
 def _set_dumpable() -> None:
     """Linux makes a process that changed its uid non-dumpable, which makes
     its /proc files root's; an exec resets that, so a forked service resets
-    it itself (it holds nothing its own user may not read: the key comes later)."""
+    it itself. What it carries of supervisord's memory that its user could
+    now read holds no secret but the control socket's password, and that
+    socket is root's, mode 0700; the node's key is read after this."""
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
@@ -175,8 +175,10 @@ def _set_dumpable() -> None:
 def _set_title(module: str, args: list[str]) -> None:
     """``ps`` and /proc/<pid>/cmdline show the command supervisord would have
     exec'ed (tools and tests find a service by it), ``top`` the service."""
-    import setproctitle
-
+    try:
+        import setproctitle
+    except ImportError:  # an installation from before it was a dependency: untitled, still working
+        return
     setproctitle.setproctitle(" ".join([sys.executable, "-m", module, *args]))
     setproctitle.setthreadtitle(module.rsplit(".", 1)[-1][:15])
 
@@ -236,9 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preload", default="", help="comma-separated modules to import once and fork")
     parser.add_argument("supervisord_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
-    import setproctitle
+    try:
+        import setproctitle
 
-    setproctitle.getproctitle()  # finds the argv and environ area while the environment is still the original
+        setproctitle.getproctitle()  # finds the argv and environ area while the environment is still the original
+    except ImportError:
+        print("mycelium prefork: setproctitle missing; the services keep supervisord's title", file=sys.stderr)
     rest = args.supervisord_args[1:] if args.supervisord_args[:1] == ["--"] else args.supervisord_args
     preload([m for m in args.preload.split(",") if m])
     install()
