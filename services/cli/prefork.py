@@ -6,12 +6,12 @@ asks), and a fresh interpreter per process costs ~12-15 MiB of private
 memory, most of it the same imported modules (zmq, msgpack, cryptography,
 asyncio, our common/). Imported before the fork, those pages stay shared
 copy-on-write between supervisord and every service: a node's PSS falls by
-a third (docs/PERFORMANCE.md, "Memory"). supervisord still forks, waits
+a fifth (docs/PERFORMANCE.md, "Memory"). supervisord still forks, waits
 for, restarts and signals each program exactly as before; only the
-``execve`` of a program whose command is ``<this python> -m <preloaded
-module>`` (optionally behind the launcher's ``setpriv`` capability drop) is
-replaced by running that module in the forked child. Any other command is
-exec'ed as supervisord always does.
+``execve`` of a program whose command is ``<this python> -m services.X``
+(optionally behind the launcher's ``setpriv`` capability drop) is replaced
+by running that module in the forked child. Any other command is exec'ed
+as supervisord always does.
 
 What a forked service does not get afresh, and why that is fine: the hash
 seed (shared by the services of one node, still random per start), the
@@ -20,7 +20,7 @@ an upgrade, as with any preforking server), supervisord's objects (frozen
 out of the GC's way; their descriptors are closed by supervisord before
 the exec point, and nothing in the child refers to them).
 
-Run: ``python -m services.cli.prefork --preload services.router,... -- <supervisord arguments>``;
+Run: ``python -m services.cli.prefork --preload asyncio,zmq,... -- <supervisord arguments>``;
 ``MYCELIUM_PREFORK=0`` makes the launcher run plain supervisord instead.
 """
 

@@ -76,7 +76,7 @@ from common.wire.tlv import (
 
 from .caches import RouteRequestCache, SeqnoCache, SeqnoKey
 from .metric import INFINITE, MAX_FINITE, metric_add, metric_sub
-from .routing_table import Learned, RouteEntry, RoutingTable, SubnetRoutes, subnet_key
+from .routing_table import Learned, RouteEntry, RoutingTable, SubnetRoutes
 from .seqno import seqno_add, seqno_gt, seqno_lt
 from .source_table import SourceKey, SourceTable, refresh_distance
 from .timers import TimerQueue
@@ -164,10 +164,10 @@ _TX_NAMES = {cls: f"tx_{name}" for cls, name in _TLV_NAMES.items()}
 # common/wire/rules' overlay prefix as a Subnet: the 6.3 filter then needs no
 # network object per Update (is_overlay_network would build one).
 _OVERLAY_SUBNET = Subnet(OVERLAY_PREFIX.network_address, OVERLAY_PREFIX.prefixlen)
-# The same test on a subnet key (routing_table.subnet_key: network << 9 | prefix length << 1 | IPv6):
+# The same test on a subnet key (Subnet.key: network << 9 | prefix length << 1 | IPv6):
 # the top OVERLAY_PREFIX.prefixlen bits of the network sit above bit 9 + 128 - prefixlen.
 _OVERLAY_SHIFT = 9 + 128 - OVERLAY_PREFIX.prefixlen
-_OVERLAY_TOP = subnet_key(_OVERLAY_SUBNET) >> _OVERLAY_SHIFT
+_OVERLAY_TOP = _OVERLAY_SUBNET.key >> _OVERLAY_SHIFT
 
 # Per-neighbour counters (``neighbour_stats``).
 NEIGHBOUR_COUNTERS = (
@@ -265,7 +265,7 @@ class RouterEngine:
         self._router_id = router_id
         self._address = address_of(public_key)
         self._own_subnet = subnet_of(self._address)
-        self._own_key = subnet_key(self._own_subnet)
+        self._own_key = self._own_subnet.key
         self._rng = rng or random.Random()  # for future jitter; today the engine is deterministic given its inputs
         self._seqno = 0
         self._last_bump: float | None = None
@@ -277,7 +277,7 @@ class RouterEngine:
         self._seqno_cache = SeqnoCache(MAX_SEQNO_CACHE)
         self._rr_cache = RouteRequestCache(MAX_RR_CACHE)
         self._timers = TimerQueue()
-        # Tables are keyed by the subnet's int key (routing_table.subnet_key), not the Subnet.
+        # Tables are keyed by the subnet's int key (Subnet.key), not the Subnet.
         self._recoveries: dict[int, list] = {}  # subnet key -> [router id to ask about, retries done, subnet]
         # Fairness bookkeeping (see the module docstring).
         self._learned: dict[str, Learned] = {}  # neighbour -> its entries, oldest first
@@ -1185,7 +1185,7 @@ class RouterEngine:
         if subnet is None:
             self._answer_wildcard(peer_id, now)
             return
-        # On the subnet key (routing_table.subnet_key): bit 0 says IPv6, the
+        # On the subnet key (Subnet.key): bit 0 says IPv6, the
         # network sits above bit 9, so the top p bits of the address are k >> (137 - p).
         k = subnet.key
         v6 = k & 1

@@ -4,9 +4,11 @@ or a list of route entries, one per neighbour, at most one selected.
 Plain containers: all protocol decisions (feasibility, selection, timers)
 live in the engine so that the rules of section 6 read in one place.
 
-Tables are keyed by ``subnet_key`` (an int), not by ``Subnet``: a Subnet
+Tables are keyed by ``Subnet.key`` (an int), not by ``Subnet``: a Subnet
 hashes through a Python ``__hash__`` call, which made every lookup several
-times dearer than an int's (the engine does a dozen per Update).
+times dearer than an int's (the engine does a dozen per Update). Equal keys
+exactly when the Subnets are equal, and ``hash(subnet) == hash(subnet.key)``,
+so tables keyed either way iterate alike.
 """
 
 from __future__ import annotations
@@ -22,15 +24,8 @@ if TYPE_CHECKING:
     from .engine import FibEntry
 
 
-def subnet_key(subnet: Subnet) -> int:
-    """The int a Subnet hashes and compares by (masked network, prefix
-    length, family): equal keys exactly when the Subnets are equal, and
-    ``hash(key) == hash(subnet)``, so tables keyed by it iterate alike."""
-    return subnet.key
-
-
 def subnet_key6(value: int, prefix_len: int) -> int:
-    """``subnet_key(Subnet(IPv6Address(value), prefix_len))`` without building either."""
+    """``Subnet(IPv6Address(value), prefix_len).key`` without building either."""
     shift = 128 - prefix_len
     return (((value >> shift) << shift << 8) | prefix_len) << 1 | 1
 
@@ -159,7 +154,7 @@ class RoutingTable:
     """Subnets with *Routes* and subnets being *Queried*, with longest-prefix
     lookup. All accepted subnets are /64 or longer, so a lookup only tries the
     prefix lengths actually present (normally just 64). ``routes`` and
-    ``queried`` are keyed by ``subnet_key``; the methods take Subnets."""
+    ``queried`` are keyed by ``Subnet.key``; the methods take Subnets."""
 
     def __init__(self) -> None:
         self.routes: dict[int, SubnetRoutes] = {}

@@ -42,7 +42,6 @@ from common.wire.subnet import Subnet
 from common.wire.tlv import Tlv, decode_tlv
 
 from .engine import FibDel, FibSet, PeerInfo, RouterEngine
-from .routing_table import subnet_key
 
 _TRAFFIC = -1  # wheel slot of the traffic tick (node indices are >= 0)
 _EPS = 1e-9
@@ -72,7 +71,7 @@ class SimNode:
     address: ipaddress.IPv6Address
     alive: bool = True
     links: dict[str, SimLink] = field(default_factory=dict)  # local peer id -> link
-    # Mirror of the published FIB, keyed by subnet key (routing_table.subnet_key:
+    # Mirror of the published FIB, keyed by subnet key (Subnet.key:
     # an int hashes without a Python call, and loop walks look up every hop).
     fib: dict[int, str | None] = field(default_factory=dict)
     timer_tick: int | None = None  # the wheel slot armed for the engine's next timer
@@ -84,7 +83,7 @@ class SimNode:
     @property
     def key(self) -> int:
         """Its own subnet's key (``fib`` is keyed by these)."""
-        return subnet_key(self.engine.own_subnet)
+        return self.engine.own_subnet.key
 
     def neighbour(self, peer_id: str) -> int:
         link = self.links[peer_id]
@@ -149,7 +148,7 @@ class Simulation:
     @loop_sample.setter
     def loop_sample(self, subnets: set[Subnet] | None) -> None:
         self._loop_sample = subnets
-        self._loop_keys = None if subnets is None else {subnet_key(s) for s in subnets}
+        self._loop_keys = None if subnets is None else {s.key for s in subnets}
 
     @property
     def sent(self) -> Counter[str]:
@@ -165,11 +164,11 @@ class Simulation:
             public_key = self.rng.randbytes(32)
             router_id = public_key + b"\0\0" + self.rng.randbytes(6)
             engine = RouterEngine(public_key, router_id, self.now, rng=random.Random(self.rng.random()))
-            if subnet_key(engine.own_subnet) not in self._owner:
+            if engine.own_subnet.key not in self._owner:
                 break
         node = SimNode(index, engine, address_of(public_key))
         self.nodes.append(node)
-        self._owner[subnet_key(engine.own_subnet)] = index
+        self._owner[engine.own_subnet.key] = index
         if self._demand is None:
             self._recount_missing()
         self._drain(node)
@@ -408,7 +407,7 @@ class Simulation:
                 self._apply_fib(node, change)
             if self.check_loops:
                 sample = self._loop_keys
-                for k in {subnet_key(c.subnet) for c in changed}:
+                for k in {c.subnet.key for c in changed}:
                     if sample is None or k in sample:
                         self._check_path(node.index, k)
         for peer_id in engine.peers_to_close():
@@ -423,7 +422,7 @@ class Simulation:
                 self._slot(t, node.index)
 
     def _apply_fib(self, node: SimNode, change: FibSet | FibDel) -> None:
-        fib, subnet = node.fib, subnet_key(change.subnet)
+        fib, subnet = node.fib, change.subnet.key
         before = fib.get(subnet) is not None
         if type(change) is FibSet:
             after = (next_hop := change.entry.next_hop) is not None
@@ -475,7 +474,7 @@ class Simulation:
     def path(self, src: int, dst: int) -> list[int] | None:
         """Nodes visited following FIB next hops from src toward dst's subnet; None on a black hole."""
         subnet = self.nodes[dst].subnet
-        key = subnet_key(subnet)
+        key = subnet.key
         hops = [src]
         seen = {src}
         current = src

@@ -4,7 +4,7 @@ The table records what *this node advertised* per (subnet, router id). A
 neighbour's route is only usable if it is strictly better than anything we
 told others, which is what keeps next-hop chains loop-free.
 
-Stored per subnet key (routing_table.subnet_key) rather than per (subnet,
+Stored per subnet key (Subnet.key) rather than per (subnet,
 router id) tuple: a subnet nearly always has one router id (its owner's; a
 second one after the owner restarts, until the old entry expires), so the
 distance carries its router id and any other router id's distance for the
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from .metric import INFINITE
 from .seqno import seqno_gt
 
-SourceKey = tuple[int, bytes]  # (subnet key: routing_table.subnet_key, router id)
+SourceKey = tuple[int, bytes]  # (subnet key: Subnet.key, router id)
 
 
 @dataclass(slots=True)

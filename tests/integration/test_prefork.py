@@ -69,14 +69,15 @@ def test_each_service_is_a_forked_process_with_its_own_name_and_privileges(
 ) -> None:
     node = started(make_nodes)
     pids = {program: node.program_pid(program) for program in PROGRAMS}
-    supervisord = {int(status(pid)["PPid"]) for pid in pids.values()}
-    assert len(supervisord) == 1 and len(set(pids.values())) == len(PROGRAMS)
+    parents = {int(status(pid)["PPid"]) for pid in pids.values()}
+    assert len(parents) == 1 and len(set(pids.values())) == len(PROGRAMS)
+    (supervisord,) = parents
     for program, pid in pids.items():
         words = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         assert f"-m services.{PROGRAMS[program]} --run-dir {node.run_dir}" in words, (program, words)
         assert Path(f"/proc/{pid}/comm").read_text().strip() == PROGRAMS[program]
         if ROOT:  # what the launcher's setpriv (or the service user) gives an exec'ed service
-            assert shared_anonymous_pages(next(iter(supervisord)), pid) * PAGE > 2 << 20
+            assert shared_anonymous_pages(supervisord, pid) * PAGE > 2 << 20
     if ROOT:
         for program in UNPRIVILEGED:
             st = status(pids[program])

@@ -19,7 +19,6 @@ from common.wire.tlv import HELLO_UNICAST, Hello, Ihu, RouteRequest, SeqNoReques
 from services.router import engine as engine_mod
 from services.router.engine import FibDel, FibEntry, FibSet, PeerInfo, RouterEngine, RouteView
 from services.router.metric import INFINITE
-from services.router.routing_table import subnet_key
 
 FRESH_COST = 1010  # 1000 + static cost 10
 
@@ -766,9 +765,7 @@ def test_source_and_cache_tables_are_capped(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(e._rr_cache) <= 2
     # Finite updates that cannot be recorded are never sent (feasibility would be unsound).
     recorded = {s for s, _ in e._sources}  # subnet keys
-    assert all(
-        subnet_key(t.subnet) in recorded for _, t in e.tlvs_to_send() if isinstance(t, Update) and t.metric != INFINITE
-    )
+    assert all(t.subnet.key in recorded for _, t in e.tlvs_to_send() if isinstance(t, Update) and t.metric != INFINITE)
 
 
 def test_timer_heap_stays_small_under_refreshes() -> None:

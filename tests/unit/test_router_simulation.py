@@ -9,7 +9,6 @@ from collections import Counter
 import pytest
 
 from services.router.engine import RETRACTED_ROUTE_HOLD
-from services.router.routing_table import subnet_key
 from services.router.simulation import (
     RoutingLoop,
     Simulation,
@@ -34,7 +33,7 @@ def assert_fib_mirrors_match(sim: Simulation) -> None:
     """The FibSet/FibDel stream, replayed, equals each engine's snapshot."""
     for node in sim.nodes:
         if node.alive:
-            snapshot = {subnet_key(s): e.next_hop for s, e in node.engine.fib_snapshot().items()}  # fib: by key
+            snapshot = {s.key: e.next_hop for s, e in node.engine.fib_snapshot().items()}  # fib: by key
             assert node.fib == snapshot, f"node {node.index}"
 
 
@@ -258,7 +257,7 @@ def test_removed_node_disappears_from_every_fib(seed: int) -> None:
     # the best-connected node whose removal leaves the rest connected
     victim = max((n for n in range(20) if connected_without_node(sim, n)), key=lambda n: len(sim.neighbours(n)))
     subnet = sim.nodes[victim].subnet
-    key = subnet_key(subnet)
+    key = subnet.key
     sim.remove_node(victim)
     start = sim.now
     sim.run_for(0.05)
