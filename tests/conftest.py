@@ -8,8 +8,11 @@ reported as a failure instead (tests/data/README.md).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+
+from tests.background import BackgroundCheck
 
 # test modules whose every test must run (paths relative to tests/)
 MUST_RUN = frozenset(
@@ -36,3 +39,48 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         rep.outcome = "failed"
         rep.longrepr = f"a spec-vector/schema test must not skip (tests/conftest.py): {reason}"
+
+
+# ---------------------------------------------------------------- background checks (tests/background.py)
+
+BACKGROUND: dict[str, BackgroundCheck] = {}
+BACKGROUND_DEADLINE = 1200.0  # seconds a background check may take from its start
+
+
+def _background_target(item: pytest.Item) -> tuple[str, float] | None:
+    marker = item.get_closest_marker("background")
+    if marker is None:
+        return None
+    return str(marker.args[0]), float(marker.kwargs.get("deadline", BACKGROUND_DEADLINE))
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Background tests go last: they only collect what ran beside the rest."""
+    later = [item for item in items if _background_target(item)]
+    for item in later:
+        items.remove(item)
+    items.extend(later)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        found = _background_target(item)
+        if found:
+            BACKGROUND[item.nodeid] = BackgroundCheck(*found)
+
+
+def pytest_sessionfinish() -> None:
+    for check in BACKGROUND.values():
+        check.stop()
+
+
+@pytest.fixture
+def background_figures(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The figures of this test's background check, once it has finished."""
+    found = _background_target(request.node)
+    assert found, "background_figures needs @pytest.mark.background('module:function')"
+    check = BACKGROUND.get(request.node.nodeid) or BACKGROUND.setdefault(request.node.nodeid, BackgroundCheck(*found))
+    return check.result()

@@ -26,7 +26,7 @@ class SeqnoCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.entries: dict[SeqnoKey, SeqnoRequestInfo] = {}
-        self._by_subnet: dict[int, set[SeqnoKey]] = {}
+        self._by_subnet: dict[int, dict[SeqnoKey, None]] = {}  # a dict, not a set: insertion order, so runs repeat whatever PYTHONHASHSEED is
         self._by_owner: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -57,7 +57,7 @@ class SeqnoCache:
                 evicted = next(iter(self.entries))
                 self.remove(evicted)
             info = self.entries[key] = SeqnoRequestInfo(now, now, owner=origin)
-            self._by_subnet.setdefault(key[1], set()).add(key)
+            self._by_subnet.setdefault(key[1], {})[key] = None
             if origin is not None:
                 self._by_owner[origin] = self._by_owner.get(origin, 0) + 1
         if target is not None:
@@ -79,7 +79,7 @@ class SeqnoCache:
             else:
                 del self._by_owner[info.owner]
         keys = self._by_subnet[key[1]]
-        keys.discard(key)
+        keys.pop(key, None)
         if not keys:
             del self._by_subnet[key[1]]
 

@@ -358,18 +358,19 @@ def test_rejoined_node_is_a_fresh_process_with_the_same_key() -> None:
     assert sim.run_until_converged(10.0) is not None, sim.missing_routes()
 
 
-# The largest size that fits the suite's ~90 s budget on a quiet machine: 600
-# nodes take 73 s CPU on the shared 2-core VM (session 11; 168 s wall at load
-# average 7). 1,000 nodes take ~190 s CPU and stay in bench/bench_sim.py.
-PUBLIC_MESH_NODES = 600
+# The issue's suite size (#14). 1,000 nodes take ~190 s CPU and ~1.7 GiB on
+# the 2-core VM (session 11), so the check runs in a child process at nice 19
+# beside the rest of the suite (tests/background.py) and this test, moved to
+# the end, only collects its result: on a 2-core machine the integration
+# tests leave a core mostly idle, and the suite does not grow by 3 minutes.
+PUBLIC_MESH_NODES = 1000
 
 
-def test_public_network_mesh_converges_loop_free_and_survives_churn() -> None:
+def public_mesh_check(n: int = PUBLIC_MESH_NODES) -> dict[str, object]:
     """The scale bench's scenario at suite size: a degree 3-4 mesh plus 10
     hubs, every node asking for 20 random destinations at t=0, loop checks
     after every FIB change toward 200 sampled subnets; then 1 % of the
-    ordinary nodes leave and rejoin."""
-    n = PUBLIC_MESH_NODES
+    ordinary nodes leave and rejoin. Returns the figures."""
     f = scale_run(n, hubs=10, destinations=20, seed=2, loop_sample=200, churn=0.01, timeout=30.0, keep_sim=True)
     sim = f.sim
     assert sim is not None
@@ -399,9 +400,29 @@ def test_public_network_mesh_converges_loop_free_and_survives_churn() -> None:
     assert totals["rx_update"] <= sent["update"]
     bad = {k: v for k, v in totals.items() if k.startswith(("drop_", "update_filtered_router_id")) or "refused" in k}
     assert bad == {}
+    return {
+        "nodes": n,
+        "convergence_s": f.convergence_s,
+        "packets_per_node": f.quiet_packets / n,
+        "routes_total": f.routes_total,
+        "loop_checks": f.loop_checks,
+        "churned": f.churned,
+        "churn_away_s": f.churn_away_s,
+        "churn_recovery_s": f.churn_recovery_s,
+        "wall_s": f.wall_s,
+        "cpu_s": f.cpu_s,
+    }
+
+
+@pytest.mark.background("tests.unit.test_router_simulation:public_mesh_check")
+@pytest.mark.timeout(1300)
+def test_public_network_mesh_converges_loop_free_and_survives_churn(background_figures: dict[str, object]) -> None:
+    """1,000 nodes: see ``public_mesh_check``, run in the background."""
+    f = background_figures
+    assert f["nodes"] == PUBLIC_MESH_NODES
     print(
-        f"\n[router figures] {n}-node public mesh: converged in {f.convergence_s:.3f} virtual s, "
-        f"{f.quiet_packets / n:.0f} control packets per node, {f.routes_total} routes; churn of {f.churned}: "
-        f"rest routed {f.churn_away_s:.3f} s after the leave, all {f.churn_recovery_s:.3f} s after the rejoin; "
-        f"wall {f.wall_s:.1f} s, CPU {f.cpu_s:.1f} s"
+        f"\n[router figures] {f['nodes']}-node public mesh: converged in {f['convergence_s']:.3f} virtual s, "
+        f"{f['packets_per_node']:.0f} control packets per node, {f['routes_total']} routes; churn of {f['churned']}: "
+        f"rest routed {f['churn_away_s']:.3f} s after the leave, all {f['churn_recovery_s']:.3f} s after the rejoin; "
+        f"wall {f['wall_s']:.1f} s, CPU {f['cpu_s']:.1f} s (in the background, nice 19)"
     )
