@@ -9,7 +9,9 @@ do (tests/integration/nodes.py), waits until every service runs and a few
 seconds more, then reads ``/proc/<pid>/smaps_rollup`` of every process in
 the node's process tree (launcher, supervisord, the services). PSS divides
 shared pages (the interpreter, shared libraries) among the processes that
-map them, so the column adds up to what the node costs the machine.
+map them, so the column adds up to what the node costs the machine. USS
+(private pages only) is what a process's exit would give back: a forked
+service shares the parent's pages until it writes them.
 """
 
 from __future__ import annotations
@@ -78,18 +80,20 @@ def main() -> int:
             for pid in tree(node.proc.pid):
                 with contextlib.suppress(OSError):
                     r = rollup(pid)
-                    rows.append((name_of(pid), r.get("Pss", 0), r.get("Rss", 0)))
+                    uss = r.get("Private_Clean", 0) + r.get("Private_Dirty", 0)
+                    rows.append((name_of(pid), r.get("Pss", 0), r.get("Rss", 0), uss))
         finally:
             node.stop()
     print(
         f"MYCELIUM_NATIVE={os.environ.get('MYCELIUM_NATIVE', '(unset)')} "
         f"MYCELIUM_PREFORK={os.environ.get('MYCELIUM_PREFORK', '(unset)')}"
     )
-    print("| process | PSS MiB | RSS MiB |")
-    print("|---|---:|---:|")
-    for name, pss, rss in sorted(rows, key=lambda r: -r[1]):
-        print(f"| {name} | {pss / 1024:.1f} | {rss / 1024:.1f} |")
-    print(f"| **node** | **{sum(r[1] for r in rows) / 1024:.1f}** | {sum(r[2] for r in rows) / 1024:.1f} |")
+    print("| process | PSS MiB | RSS MiB | USS MiB |")
+    print("|---|---:|---:|---:|")
+    for name, pss, rss, uss in sorted(rows, key=lambda r: -r[1]):
+        print(f"| {name} | {pss / 1024:.1f} | {rss / 1024:.1f} | {uss / 1024:.1f} |")
+    total = [sum(r[i] for r in rows) / 1024 for i in (1, 2, 3)]
+    print(f"| **node** | **{total[0]:.1f}** | {total[1]:.1f} | {total[2]:.1f} |")
     return 0
 
 

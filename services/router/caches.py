@@ -26,7 +26,8 @@ class SeqnoCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.entries: dict[SeqnoKey, SeqnoRequestInfo] = {}
-        self._by_subnet: dict[int, dict[SeqnoKey, None]] = {}  # a dict, not a set: insertion order, so runs repeat whatever PYTHONHASHSEED is
+        # a dict, not a set: insertion order, so runs repeat whatever PYTHONHASHSEED is
+        self._by_subnet: dict[int, dict[SeqnoKey, None]] = {}
         self._by_owner: dict[str, int] = {}
 
     def __len__(self) -> int:
