@@ -13,6 +13,13 @@ for, restarts and signals each program exactly as before; only the
 by running that module in the forked child. Any other command is exec'ed
 as supervisord always does.
 
+Before forking anything, every object the preloaded modules made is marked
+immortal (PEP 683, ``immortalize``): otherwise each reference a child takes
+to a shared function, class or constant writes its count and copies the
+4 KiB page it sits on, and a child that had only run a little shared code
+had copied a third of what it shared (docs/PERFORMANCE.md).
+``MYCELIUM_IMMORTAL=0`` leaves them mortal.
+
 What a forked service does not get afresh, and why that is fine: the hash
 seed (shared by the services of one node, still random per start), the
 imported code (a node runs one installed version; restart the node after
@@ -38,6 +45,7 @@ import threading
 from collections.abc import Sequence
 
 PREFORK_ENV = "MYCELIUM_PREFORK"  # "0": supervisord execs every program (no shared imports)
+IMMORTAL_ENV = "MYCELIUM_IMMORTAL"  # "0": the preloaded objects stay mortal (the baseline of immortalize())
 # uid 0 without any capability, for when the service user cannot reach the
 # interpreter or the run directory (e.g. a Python installed under /root);
 # the launcher puts it in front of a program's command, and a forked program
@@ -109,6 +117,53 @@ def preload(modules: Sequence[str]) -> None:
             importlib.import_module(module)
         except Exception as exc:  # any import error: the service imports it itself
             print(f"mycelium prefork: {module} not preloaded ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+# CPython 3.12 and 3.13 on 64-bit: an object is immortal when the low 32 bits of
+# its reference count, read as signed, are negative; Py_INCREF/Py_DECREF then
+# leave the count alone (PEP 683, Include/object.h)
+_IMMORTAL_LOW_WORD = 0xFFFF_FFFF
+
+
+def immortalizable() -> bool:
+    """Whether this interpreter marks immortal objects the way
+    ``immortalize`` writes them (else it does nothing)."""
+    import sysconfig
+
+    return (
+        sys.implementation.name == "cpython"
+        and (3, 12) <= sys.version_info[:2] <= (3, 13)
+        and sys.maxsize > 2**32
+        and sys.byteorder == "little"
+        and not sysconfig.get_config_var("Py_GIL_DISABLED")
+    )
+
+
+def immortalize() -> int:
+    """Make every object alive now immortal, so that running the shared code
+    in a forked child does not write reference counts into the parent's
+    pages (each write copies a 4 KiB page: PEP 683's motivating case).
+
+    What is alive here is what the preloaded modules hold for the life of
+    the process anyway (module dicts, functions, code, classes, constants);
+    immortal, it is never freed, which for those is no change. Returns how
+    many objects it marked."""
+    if not immortalizable():
+        return 0
+    import ctypes
+
+    seen: dict[int, object] = {}
+    for obj in gc.get_objects():
+        seen[id(obj)] = obj
+        for ref in gc.get_referents(obj):  # the untracked ones: str, bytes, int, code, ...
+            seen[id(ref)] = ref
+    marked = 0
+    for address in seen:
+        word = ctypes.c_uint32.from_address(address)
+        if word.value < 0x8000_0000:  # not immortal yet (static objects already are)
+            word.value = _IMMORTAL_LOW_WORD
+            marked += 1
+    return marked
 
 
 def _exit_code(code: object) -> int:
@@ -249,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     install()
     install_quick_stop()
     gc.collect()
+    if os.environ.get(IMMORTAL_ENV, "1") != "0":
+        immortalize()
     gc.freeze()  # what the services share: out of every later collection's reach
     from supervisor import supervisord
 

@@ -128,3 +128,36 @@ def test_a_forked_service_exits_as_an_execed_one_would(tmp_path: Path, mode: str
     code, _seen, err = _run_forked(tmp_path, mode)
     assert code == status
     assert stderr in err
+
+
+IMMORTAL_PROBE = """
+import gc, json, sys
+from services.cli import prefork
+assert prefork.immortalizable(), "this interpreter should support immortal objects"
+gc.collect()
+before = sys.getrefcount(json.dumps)
+marked = prefork.immortalize()
+held = [json.dumps] * 100  # references taken after: the count is not written
+assert sys.getrefcount(json.dumps) == sys.getrefcount(None), (before, sys.getrefcount(json.dumps))
+fresh = object()
+count = sys.getrefcount(fresh)
+more = [fresh] * 3
+assert sys.getrefcount(fresh) == count + 3  # objects made later stay mortal
+assert json.loads(json.dumps({"a": [1, 2.5, "x"]})) == {"a": [1, 2.5, "x"]}  # and the code still runs
+print(marked)
+"""
+
+
+@pytest.mark.skipif(not prefork.immortalizable(), reason="immortal objects need CPython 3.12 or 3.13 on 64-bit")
+def test_preloaded_objects_become_immortal_and_later_ones_do_not() -> None:
+    """What keeps a forked child from copying the parent's pages just by
+    counting references to shared objects (services/cli/prefork.py)."""
+    out = subprocess.run([sys.executable, "-c", IMMORTAL_PROBE], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) > 1000  # the interpreter's and json's objects, at least
+
+
+def test_immortal_objects_are_only_written_where_the_layout_is_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "version_info", (3, 11, 9, "final", 0))
+    assert not prefork.immortalizable()
+    assert prefork.immortalize() == 0
