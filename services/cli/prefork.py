@@ -166,6 +166,16 @@ def immortalize() -> int:
     return marked
 
 
+def prepare_to_fork() -> int:
+    """After the preloads, before supervisord: what the services will share
+    is made immortal (unless MYCELIUM_IMMORTAL=0) and frozen out of every
+    later collection's reach. Returns the objects made immortal."""
+    gc.collect()
+    marked = immortalize() if os.environ.get(IMMORTAL_ENV, "1") != "0" else 0
+    gc.freeze()
+    return marked
+
+
 def _exit_code(code: object) -> int:
     if code is None:
         return 0
@@ -303,10 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     preload([m for m in args.preload.split(",") if m])
     install()
     install_quick_stop()
-    gc.collect()
-    if os.environ.get(IMMORTAL_ENV, "1") != "0":
-        immortalize()
-    gc.freeze()  # what the services share: out of every later collection's reach
+    prepare_to_fork()
     from supervisor import supervisord
 
     sys.argv = ["supervisord", *rest]

@@ -5,6 +5,7 @@ status, environment, signals), each in a fresh interpreter of its own."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import textwrap
@@ -136,7 +137,8 @@ from services.cli import prefork
 assert prefork.immortalizable(), "this interpreter should support immortal objects"
 gc.collect()
 before = sys.getrefcount(json.dumps)
-marked = prefork.immortalize()
+marked = prefork.prepare_to_fork()  # what main() runs before supervisord
+assert gc.get_freeze_count() > 0
 held = [json.dumps] * 100  # references taken after: the count is not written
 assert sys.getrefcount(json.dumps) == sys.getrefcount(None), (before, sys.getrefcount(json.dumps))
 fresh = object()
@@ -155,6 +157,13 @@ def test_preloaded_objects_become_immortal_and_later_ones_do_not() -> None:
     out = subprocess.run([sys.executable, "-c", IMMORTAL_PROBE], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) > 1000  # the interpreter's and json's objects, at least
+
+
+def test_immortal_objects_can_be_turned_off() -> None:
+    probe = "from services.cli import prefork; print(prefork.prepare_to_fork())"
+    env = {**os.environ, prefork.IMMORTAL_ENV: "0"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "0", out.stderr
 
 
 def test_immortal_objects_are_only_written_where_the_layout_is_known(monkeypatch: pytest.MonkeyPatch) -> None:
