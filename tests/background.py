@@ -52,8 +52,10 @@ class BackgroundCheck:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own group, killed whole by stop()
-            preexec_fn=lambda: os.nice(NICE),
         )
+        # set from here rather than in a preexec_fn (not safe in a process with threads);
+        # the child is single-threaded this early, and threads inherit it
+        os.setpriority(os.PRIO_PROCESS, self.proc.pid, NICE)
 
     def result(self) -> dict[str, Any]:
         """Wait (up to the deadline) and return the check's figures, or

@@ -3,6 +3,7 @@ reach the test that waits for it."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -12,6 +13,10 @@ from tests.background import BackgroundCheck
 
 def passing_check() -> dict[str, int]:
     return {"answer": 42}
+
+
+def niceness_check() -> dict[str, int]:
+    return {"nice": os.nice(0)}
 
 
 def failing_check() -> dict[str, int]:
@@ -26,6 +31,10 @@ def hanging_check() -> dict[str, int]:
 
 def test_figures_come_back() -> None:
     assert BackgroundCheck(f"{__name__}:passing_check", deadline=60).result() == {"answer": 42}
+
+
+def test_the_check_only_gets_spare_cpu() -> None:
+    assert BackgroundCheck(f"{__name__}:niceness_check", deadline=60).result() == {"nice": 19}
 
 
 def test_a_failed_assertion_fails_the_waiting_test_with_its_traceback() -> None:
