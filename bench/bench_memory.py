@@ -1,8 +1,12 @@
 """Memory of one running node: PSS and RSS of each of its processes.
 
-Run: ``.venv/bin/python bench/bench_memory.py [--settle S]``; with
-``MYCELIUM_PREFORK=0`` supervisord execs every service (the baseline of
-services/cli/prefork.py's shared imports)
+Run: ``.venv/bin/python bench/bench_memory.py [--modes fork+immortal,fork,exec] [--rounds N] [--settle S]``
+
+The modes, measured in rotation in one run so that each has its baselines
+beside it: ``fork+immortal`` (the default node: services forked from one
+interpreter whose objects were made immortal, services/cli/prefork.py),
+``fork`` (``MYCELIUM_IMMORTAL=0``: forked, objects mortal) and ``exec``
+(``MYCELIUM_PREFORK=0``: supervisord execs every service).
 
 Starts one ``--no-tun`` node on loopback the way the integration tests
 do (tests/integration/nodes.py), waits until every service runs and a few
@@ -65,35 +69,77 @@ def name_of(pid: int) -> str:
     return " ".join(words[:3])[:40]
 
 
+MODES: dict[str, dict[str, str]] = {
+    "fork+immortal": {},
+    "fork": {"MYCELIUM_IMMORTAL": "0"},
+    "exec": {"MYCELIUM_PREFORK": "0"},
+}
+Row = tuple[str, int, int, int]  # process, PSS, RSS, USS (KiB)
+
+
+def measure(settle: float, env: dict[str, str]) -> list[Row]:
+    """One node started with ``env`` added to ours (the node inherits it)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mycelium-mem-") as base:
+            node = Node(Path(base), "m")
+            node.start()
+            try:
+                node.wait_ready(60)
+                time.sleep(settle)
+                assert node.proc is not None
+                rows = []
+                for pid in tree(node.proc.pid):
+                    with contextlib.suppress(OSError):
+                        r = rollup(pid)
+                        uss = r.get("Private_Clean", 0) + r.get("Private_Dirty", 0)
+                        rows.append((name_of(pid), r.get("Pss", 0), r.get("Rss", 0), uss))
+                return rows
+            finally:
+                node.stop()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def mib(kib: float) -> str:
+    return f"{kib / 1024:.1f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settle", type=float, default=5.0, help="seconds to wait after start-up (default 5)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every mode this many times in rotation")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="mycelium-mem-") as base:
-        node = Node(Path(base), "m")
-        node.start()
-        try:
-            node.wait_ready(60)
-            time.sleep(args.settle)
-            assert node.proc is not None
-            rows = []
-            for pid in tree(node.proc.pid):
-                with contextlib.suppress(OSError):
-                    r = rollup(pid)
-                    uss = r.get("Private_Clean", 0) + r.get("Private_Dirty", 0)
-                    rows.append((name_of(pid), r.get("Pss", 0), r.get("Rss", 0), uss))
-        finally:
-            node.stop()
-    print(
-        f"MYCELIUM_NATIVE={os.environ.get('MYCELIUM_NATIVE', '(unset)')} "
-        f"MYCELIUM_PREFORK={os.environ.get('MYCELIUM_PREFORK', '(unset)')}"
-    )
-    print("| process | PSS MiB | RSS MiB | USS MiB |")
-    print("|---|---:|---:|---:|")
-    for name, pss, rss, uss in sorted(rows, key=lambda r: -r[1]):
-        print(f"| {name} | {pss / 1024:.1f} | {rss / 1024:.1f} | {uss / 1024:.1f} |")
-    total = [sum(r[i] for r in rows) / 1024 for i in (1, 2, 3)]
-    print(f"| **node** | **{total[0]:.1f}** | {total[1]:.1f} | {total[2]:.1f} |")
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        parser.error(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    runs: dict[str, list[list[Row]]] = {m: [] for m in modes}
+    for rnd in range(1, max(1, args.rounds) + 1):
+        for mode in modes:
+            print(f"round {rnd}: {mode} ...", flush=True)
+            runs[mode].append(measure(args.settle, MODES[mode]))
+    print(f"\nMYCELIUM_NATIVE={os.environ.get('MYCELIUM_NATIVE', '(unset)')}; load average {os.getloadavg()[0]:.2f}")
+    print("\nwhole node, every round (MiB): PSS (USS)\n")
+    print("| mode | " + " | ".join(f"round {i + 1}" for i in range(max(1, args.rounds))) + " |")
+    print("|---|" + "---:|" * max(1, args.rounds))
+    for mode, rounds in runs.items():
+        cells = [f"{mib(sum(r[1] for r in rows))} ({mib(sum(r[3] for r in rows))})" for rows in rounds]
+        print(f"| {mode} | " + " | ".join(cells) + " |")
+    print("\nper process, last round: PSS / USS (MiB)\n")
+    last = {mode: {name: (pss, uss) for name, pss, _rss, uss in rounds[-1]} for mode, rounds in runs.items()}
+    names = sorted({n for per in last.values() for n in per}, key=lambda n: -last[modes[0]].get(n, (0, 0))[0])
+    print("| process | " + " | ".join(modes) + " |")
+    print("|---|" + "---:|" * len(modes))
+    for name in names:
+        cells = [f"{mib(last[m][name][0])} / {mib(last[m][name][1])}" if name in last[m] else "-" for m in modes]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
 
