@@ -120,15 +120,16 @@ def main() -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         parser.error(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    rounds_n = max(1, args.rounds)
     runs: dict[str, list[list[Row]]] = {m: [] for m in modes}
-    for rnd in range(1, max(1, args.rounds) + 1):
+    for rnd in range(1, rounds_n + 1):
         for mode in modes:
             print(f"round {rnd}: {mode} ...", flush=True)
             runs[mode].append(measure(args.settle, MODES[mode]))
     print(f"\nMYCELIUM_NATIVE={os.environ.get('MYCELIUM_NATIVE', '(unset)')}; load average {os.getloadavg()[0]:.2f}")
     print("\nwhole node, every round (MiB): PSS (USS)\n")
-    print("| mode | " + " | ".join(f"round {i + 1}" for i in range(max(1, args.rounds))) + " |")
-    print("|---|" + "---:|" * max(1, args.rounds))
+    print("| mode | " + " | ".join(f"round {i + 1}" for i in range(rounds_n)) + " |")
+    print("|---|" + "---:|" * rounds_n)
     for mode, rounds in runs.items():
         cells = [f"{mib(sum(r[1] for r in rows))} ({mib(sum(r[3] for r in rows))})" for rows in rounds]
         print(f"| {mode} | " + " | ".join(cells) + " |")

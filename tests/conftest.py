@@ -82,5 +82,7 @@ def background_figures(request: pytest.FixtureRequest) -> dict[str, Any]:
     """The figures of this test's background check, once it has finished."""
     found = _background_target(request.node)
     assert found, "background_figures needs @pytest.mark.background('module:function')"
-    check = BACKGROUND.get(request.node.nodeid) or BACKGROUND.setdefault(request.node.nodeid, BackgroundCheck(*found))
+    check = BACKGROUND.get(request.node.nodeid)
+    if check is None:  # not started at collection (e.g. --collect-only then run by hand)
+        check = BACKGROUND[request.node.nodeid] = BackgroundCheck(*found)
     return check.result()

@@ -386,8 +386,8 @@ def test_rejoined_node_is_a_fresh_process_with_the_same_key() -> None:
     assert sim.run_until_converged(10.0) is not None, sim.missing_routes()
 
 
-# The suite size (#14). 1,000 nodes take ~190 s CPU and ~1.7 GiB on
-# the 2-core VM (session 11), so the check runs in a child process at nice 19
+# The suite size (#14). 1,000 nodes take 95-190 s CPU and ~1.7 GiB on
+# the 2-core VM (quiet / loaded), so the check runs in a child process at nice 19
 # beside the rest of the suite (tests/background.py) and this test, moved to
 # the end, only collects its result: on a 2-core machine the integration
 # tests leave a core mostly idle, and the suite does not grow by 3 minutes.
