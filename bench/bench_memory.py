@@ -1,10 +1,12 @@
 """Memory of one running node: PSS and RSS of each of its processes.
 
-Run: ``.venv/bin/python bench/bench_memory.py [--modes fork+immortal,fork,exec] [--rounds N] [--settle S]``
+Run: ``.venv/bin/python bench/bench_memory.py [--modes M,M,...] [--rounds N] [--settle S]``
 
 The modes, measured in rotation in one run so that each has its baselines
 beside it: ``fork+immortal`` (the default node: services forked from one
-interpreter whose objects were made immortal, services/cli/prefork.py),
+interpreter whose objects were made immortal, services/cli/prefork.py;
+proxyd waits for its first request, common/wake.py), ``fork+immortal+proxyd``
+(the same after a proxy request started proxyd),
 ``fork`` (``MYCELIUM_IMMORTAL=0``: forked, objects mortal) and ``exec``
 (``MYCELIUM_PREFORK=0``: supervisord execs every service).
 
@@ -71,14 +73,17 @@ def name_of(pid: int) -> str:
 
 MODES: dict[str, dict[str, str]] = {
     "fork+immortal": {},
+    "fork+immortal+proxyd": {},  # the same node after a first proxy request started proxyd
     "fork": {"MYCELIUM_IMMORTAL": "0"},
     "exec": {"MYCELIUM_PREFORK": "0"},
 }
+WOKEN = ("fork+immortal+proxyd",)
 Row = tuple[str, int, int, int]  # process, PSS, RSS, USS (KiB)
 
 
-def measure(settle: float, env: dict[str, str]) -> list[Row]:
-    """One node started with ``env`` added to ours (the node inherits it)."""
+def measure(settle: float, env: dict[str, str], wake: bool = False) -> list[Row]:
+    """One node started with ``env`` added to ours (the node inherits it);
+    with ``wake``, its on-demand proxyd started by a proxy request first."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -87,6 +92,8 @@ def measure(settle: float, env: dict[str, str]) -> list[Row]:
             node.start()
             try:
                 node.wait_ready(60)
+                if wake:
+                    node.api("/api/v1/admin/proxy")
                 time.sleep(settle)
                 assert node.proc is not None
                 rows = []
@@ -125,7 +132,7 @@ def main() -> int:
     for rnd in range(1, rounds_n + 1):
         for mode in modes:
             print(f"round {rnd}: {mode} ...", flush=True)
-            runs[mode].append(measure(args.settle, MODES[mode]))
+            runs[mode].append(measure(args.settle, MODES[mode], mode in WOKEN))
     print(f"\nMYCELIUM_NATIVE={os.environ.get('MYCELIUM_NATIVE', '(unset)')}; load average {os.getloadavg()[0]:.2f}")
     print("\nwhole node, every round (MiB): PSS (USS)\n")
     print("| mode | " + " | ".join(f"round {i + 1}" for i in range(rounds_n)) + " |")

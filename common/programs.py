@@ -17,6 +17,9 @@ PROGRAMS: tuple[tuple[str, str, int], ...] = (
     ("peerd-tcp", "services.peerd", 30),
 )
 DNS_PROGRAM = ("dnsd", "services.dnsd", 20)  # only with --enable-dns
+# programs started on the first request that needs them (common/wake.py)
+# where supervisord can be asked to (the preforking one); at once elsewhere
+ON_DEMAND = ("proxyd",)
 # programs that start as root and keep one capability (their own --user drop)
 PRIVILEGED = ("services.tund", "services.dnsd")
 

@@ -139,13 +139,17 @@ class NodeCollector(Collector):
         yield from self._neighbours((snapshot.get("router") or {}).get("gauges") or {})
 
         restarts = CounterMetricFamily("mycelium_service_restarts", "Process restarts seen", labels=["service"])
-        up = GaugeMetricFamily("mycelium_service_up", "1 if the service reports in", labels=["service"])
+        up = GaugeMetricFamily(
+            "mycelium_service_up",
+            "1 if the service reports in or waits for its first use (on demand)",
+            labels=["service"],
+        )
         started = GaugeMetricFamily(
             "mycelium_service_start_time_seconds", "Process start, seconds since the Unix epoch", labels=["service"]
         )
         for s in self.stats.services(self.expected):
             restarts.add_metric([s["name"]], s["restarts"])
-            up.add_metric([s["name"]], 1 if s["health"] == "up" else 0)
+            up.add_metric([s["name"]], 1 if s["health"] in ("up", "idle") else 0)  # idle: waiting for its first use
             if numeric(s["started"]):
                 started.add_metric([s["name"]], s["started"])
         yield from (restarts, up, started)

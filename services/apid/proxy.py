@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Response
 
-from common import bus
+from common import bus, wake
 from common.endpoint import EndpointError, parse_socket_address
 
 from . import rpc
@@ -47,8 +47,13 @@ def _connect_shape(value: Any) -> str | None:
 class ProxyApi:
     def __init__(self, ctx: ApiContext) -> None:
         self.call = ctx.call
+        self.run_dir = ctx.cfg.run_dir
 
     def _ask(self, method: str, params: dict[str, Any] | None = None, timeout_ms: int = bus.RPC_TIMEOUT_MS) -> Any:
+        # proxyd starts on its first request (common/wake.py); asking again
+        # while it runs costs supervisord a state check, and the request
+        # waits on proxyd's socket until it is up
+        wake.wake(self.run_dir, SERVICE)
         try:
             return self.call(SERVICE, method, params, timeout_ms=timeout_ms)  # type: ignore[call-arg]
         except bus.BusError as exc:

@@ -26,6 +26,8 @@ import msgpack
 import zmq
 
 from common import bus
+from common.programs import ON_DEMAND
+from common.wake import wake_path
 
 from .core import NodeApi, Unavailable
 
@@ -189,11 +191,15 @@ class StatsCollector:
             return dict(self.restarts)
 
     def services(self, expected: tuple[str, ...], now: float | None = None) -> list[dict[str, Any]]:
-        """Health, pid, uptime and restart count of every service; apid itself included."""
+        """Health, pid, uptime and restart count of every service; apid itself
+        included. Health: up, stale, down, starting, or idle (an on-demand
+        program before its first request)."""
         now = time.time() if now is None else now
         snap = self.snapshot()
         restarts = self.restart_counts()
         names = list(expected) + sorted(n for n in snap if n not in expected)
+        # on-demand programs never seen wait for a first request while supervisord listens for it
+        waiting = ON_DEMAND if os.path.exists(wake_path(self.run_dir)) else ()
         out = []
         for name in names:
             if name == "apid":
@@ -211,7 +217,8 @@ class StatsCollector:
                 continue
             fields = snap.get(name)
             if fields is None:
-                health = "starting" if now - self.started < STARTUP_GRACE else "down"
+                # idle: not started yet, it starts on the first request for it
+                health = "idle" if name in waiting else "starting" if now - self.started < STARTUP_GRACE else "down"
                 out.append(
                     {
                         "name": name,

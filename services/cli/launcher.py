@@ -23,9 +23,10 @@ from common.lifecycle import die_with_parent
 from common.nodeconfig import NodeConfig
 from common.privnet import PrivnetError, load_network_key
 from common.programs import DNS_PROGRAM as DNS_PROGRAM  # re-exported: the launcher is where readers look
-from common.programs import PRIVILEGED, programs
+from common.programs import ON_DEMAND, PRIVILEGED, programs
 from common.programs import PROGRAMS as PROGRAMS
 from common.shmring import remove_rings, ring_path
+from common.wake import WAKE_FILE, wake_path
 
 from . import prefork
 from .prefork import DROP_CAPS as DROP_CAPS  # re-exported: the launcher writes it into program commands
@@ -123,6 +124,13 @@ def command_line(args: list[str]) -> str:
     return " ".join(out)
 
 
+def on_demand_programs(cfg: NodeConfig) -> tuple[str, ...]:
+    """The programs of this node that wait for their first request: only
+    under the preforking supervisord, which listens for it."""
+    names = {name for name, _module, _priority in programs(cfg)}
+    return tuple(p for p in ON_DEMAND if p in names) if prefork.enabled() else ()
+
+
 def supervisord_conf(
     cfg: NodeConfig, log_to_stdout: bool = True, crypto_workers: int = 1, privsep: Privsep = NO_PRIVSEP
 ) -> str:
@@ -155,6 +163,7 @@ def supervisord_conf(
     factory = "supervisor.rpcinterface:make_main_rpcinterface"
     ini["rpcinterface:supervisor"] = {"supervisor.rpcinterface_factory": factory}
     ini["supervisorctl"] = {"serverurl": f"unix://{here}/{SOCK_FILE}", "username": "mycelium", "password": password}
+    on_demand = on_demand_programs(cfg)
     for name, module, priority in programs(cfg):
         privileged = module in PRIVILEGED and not (module == "services.tund" and cfg.no_tun)
         family = name.split("-", 1)[1] if module == "services.peerd" else "tcp"
@@ -167,7 +176,7 @@ def supervisord_conf(
         section |= {
             "directory": here,
             "priority": str(priority),
-            "autostart": "true",
+            "autostart": "false" if name in on_demand else "true",
             "autorestart": "true",
             "startsecs": "1",
             "startretries": "1000",
@@ -336,6 +345,7 @@ def cleanup(run_dir: str) -> None:
         *glob.glob(os.path.join(run_dir, "*.data")),  # data path sockets (common/datapath.py)
         *glob.glob(os.path.join(run_dir, "*.state.json")),  # what a restarted service resumes (proxyd), not a new node
         os.path.join(run_dir, SOCK_FILE),
+        wake_path(run_dir),
     ]
     for path in [*paths, os.path.join(run_dir, SERVICE_KEY_FILE), os.path.join(run_dir, NETWORK_KEY_FILE)]:
         try:
@@ -362,7 +372,7 @@ while :; do
     if [ "$rc" -gt 128 ] && kill -0 "$pid" 2>/dev/null; then continue; fi
     break
 done
-rm -f -- "$run"/*.ipc "$run"/*.data "$run"/*.state.json "$run"/{SOCK_FILE} \
+rm -f -- "$run"/*.ipc "$run"/*.data "$run"/*.state.json "$run"/{SOCK_FILE} "$run"/{WAKE_FILE} \
     "$run"/{SERVICE_KEY_FILE} "$run"/{NETWORK_KEY_FILE} "$rings"*.ring "$rings"*.ring.*.tmp
 echo "mycelium: node stopped" >&2
 if [ "$rc" -eq 143 ]; then rc=0; fi
@@ -391,7 +401,12 @@ def run(cfg: NodeConfig, crypto_workers: int = 1) -> int:
         flush=True,
     )
     modules = [module for _name, module, _priority in programs(cfg)]
-    command = prefork.command(modules, ["-n", "-c", os.path.join(cfg.run_dir, CONF_FILE)])
+    command = prefork.command(
+        modules,
+        ["-n", "-c", os.path.join(cfg.run_dir, CONF_FILE)],
+        wake_path(cfg.run_dir),
+        on_demand_programs(cfg),
+    )
     argv = waiter_argv(cfg.run_dir, command)
     if argv is not None:
         sys.stdout.flush()

@@ -35,14 +35,19 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import gc
 import importlib
 import os
 import runpy
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
+
+from common import wake
 
 PREFORK_ENV = "MYCELIUM_PREFORK"  # "0": supervisord execs every program (no shared imports)
 IMMORTAL_ENV = "MYCELIUM_IMMORTAL"  # "0": the preloaded objects stay mortal (the baseline of immortalize())
@@ -88,15 +93,22 @@ def enabled() -> bool:
     return os.environ.get(PREFORK_ENV, "1") != "0"
 
 
-def command(program_modules: Sequence[str], supervisord_args: Sequence[str]) -> list[str]:
+def command(
+    program_modules: Sequence[str],
+    supervisord_args: Sequence[str],
+    wake_path: str = "",
+    on_demand: Sequence[str] = (),
+) -> list[str]:
     """The command line that starts supervisord, preforking where enabled:
     it preloads SHARED_MODULES and any service that runs as two or more
-    programs (peerd, one per transport family)."""
+    programs (peerd, one per transport family), and starts the
+    ``on_demand`` programs when asked on ``wake_path``."""
     if not enabled():
         return [sys.executable, "-m", "supervisor.supervisord", *supervisord_args]
     repeated = [m for m in dict.fromkeys(program_modules) if list(program_modules).count(m) > 1]
     preloaded = ",".join([*SHARED_MODULES, *(f"{m}.service" for m in repeated)])
-    return [sys.executable, "-m", "services.cli.prefork", "--preload", preloaded, "--", *supervisord_args]
+    wakes = ["--wake", wake_path, "--on-demand", ",".join(on_demand)] if wake_path and on_demand else []
+    return [sys.executable, "-m", "services.cli.prefork", "--preload", preloaded, *wakes, "--", *supervisord_args]
 
 
 def forkable(argv: Sequence[str]) -> tuple[str, list[str], bool] | None:
@@ -265,6 +277,112 @@ def install() -> None:
     os.register_at_fork(before=lambda: (sys.stdout.flush(), sys.stderr.flush()))
 
 
+class WakeListener:
+    """The wake socket (common/wake.py) as one more of supervisord's
+    dispatchers: its loop polls it with the others, and a datagram naming
+    an on-demand program that is not running starts it, as
+    ``supervisorctl start`` would. Everything else is refused and counted."""
+
+    BURST = 64  # datagrams read per readable event
+
+    def __init__(self, supervisor: Any, sock: socket.socket, programs: frozenset[str]) -> None:
+        self.supervisor = supervisor
+        self.sock = sock
+        self.programs = programs
+        self.started = 0  # programs started by a wake-up
+        self.refused = 0  # datagrams naming nothing we may start
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read_event(self) -> None:
+        for _ in range(self.BURST):
+            try:
+                datagram = self.sock.recv(wake.MAX_DATAGRAM + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            name = wake.decode(datagram, self.programs)
+            if name is None:
+                self.refused += 1
+                if str(self.refused).strip("0") == "1":  # the 1st, 10th, 100th ...: seen, never a flood of lines
+                    self.supervisor.options.logger.warn(
+                        f"{wake.WAKE_FILE}: refused {self.refused} datagram(s) naming no on-demand program"
+                    )
+                continue
+            self.start(name)
+
+    def start(self, name: str) -> bool:
+        from supervisor.states import ProcessStates, SupervisorStates
+
+        if self.supervisor.options.mood < SupervisorStates.RUNNING:  # the node is stopping
+            return False
+        group = self.supervisor.process_groups.get(name)
+        process = group.processes.get(name) if group is not None else None
+        if process is None or process.get_state() not in (
+            ProcessStates.STOPPED,
+            ProcessStates.EXITED,
+            ProcessStates.FATAL,
+        ):
+            return False  # unknown here, or already starting or running
+        self.supervisor.options.logger.info(f"starting on-demand program {name} (asked for on {wake.WAKE_FILE})")
+        process.spawn()
+        self.started += 1
+        return True
+
+    def handle_error(self) -> None:  # what supervisord calls when a handler raised
+        import traceback
+
+        self.supervisor.options.logger.critical(f"wake listener: {traceback.format_exc()}")
+
+
+def bind_wake_socket(path: str) -> socket.socket:
+    """The wake socket, writable by the owner and the run directory's group
+    (the services' group when the node separates privileges)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a killed predecessor's
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        group = os.stat(os.path.dirname(path) or ".").st_gid
+        if os.geteuid() == 0:
+            os.chown(path, 0, group)
+        os.chmod(path, 0o660)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def install_wake(path: str, programs: Sequence[str]) -> None:
+    """Listen on ``path`` for the on-demand ``programs`` once supervisord's loop starts."""
+    from supervisor import supervisord
+
+    run = supervisord.Supervisor.runforever
+
+    def runforever(self: supervisord.Supervisor) -> None:
+        try:
+            sock = bind_wake_socket(path)
+        except OSError as exc:  # loud, and the programs it would have woken are started at once instead
+            self.options.logger.critical(f"cannot listen on {path} ({exc}); starting {', '.join(programs)} now")
+            for name in programs:
+                group = self.process_groups.get(name)
+                if group is not None:
+                    for process in group.processes.values():
+                        process.config.autostart = True
+        else:
+            self.options.get_socket_map()[sock.fileno()] = WakeListener(self, sock, frozenset(programs))
+        try:
+            run(self)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    supervisord.Supervisor.runforever = runforever
+
+
 STOPPING_POLL_S = 0.05  # supervisord's loop while the node stops (1 s otherwise)
 
 
@@ -301,6 +419,8 @@ def install_quick_stop() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.cli.prefork")
     parser.add_argument("--preload", default="", help="comma-separated modules to import once and fork")
+    parser.add_argument("--wake", default="", help="the wake socket's path (common/wake.py)")
+    parser.add_argument("--on-demand", default="", help="comma-separated programs the wake socket may start")
     parser.add_argument("supervisord_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     try:
@@ -313,6 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     preload([m for m in args.preload.split(",") if m])
     install()
     install_quick_stop()
+    on_demand = [p for p in args.on_demand.split(",") if p]
+    if args.wake and on_demand:
+        install_wake(args.wake, on_demand)
     prepare_to_fork()
     from supervisor import supervisord
 

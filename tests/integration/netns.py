@@ -35,7 +35,7 @@ from common import bus
 from common.identity import Identity
 from common.shmring import remove_rings
 
-from .nodes import REPO, stop_all, wait_for
+from .nodes import REPO, all_running, stop_all, wait_for
 
 T = TypeVar("T")
 PREFIX = "mdp"
@@ -292,8 +292,7 @@ class NetNode:
         return out.stdout
 
     def all_running(self) -> bool:
-        lines = [ln for ln in self.supervisorctl("status").splitlines() if ln.strip()]
-        return len(lines) >= 4 and all("RUNNING" in ln for ln in lines)
+        return all_running(self.supervisorctl("status"))
 
     def program_pid(self, program: str) -> int:
         text = self.supervisorctl("pid", program).strip()

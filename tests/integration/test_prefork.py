@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -58,10 +59,51 @@ def shared_anonymous_pages(a: int, b: int) -> int:
     return count
 
 
-def started(make_nodes: Callable[[int], list[Node]], env: dict[str, str] | None = None) -> Node:
+def started(make_nodes: Callable[[int], list[Node]], env: dict[str, str] | None = None, wake: bool = True) -> Node:
+    """A running node; with ``wake``, proxyd (on demand) started by a first proxy request."""
     (node,) = make_nodes(1)
     node.env = env or {}
-    return node.start().wait_ready()
+    node.start().wait_ready()
+    if wake:
+        assert node.api("/api/v1/admin/proxy") == []
+        wait_for("proxyd started", lambda: "RUNNING" in node.supervisorctl("status", "proxyd"), 20)
+    return node
+
+
+def services_health(node: Node) -> dict[str, str]:
+    """Health as the dashboard shows it."""
+    return {s["name"]: s["health"] for s in node.api("/dashboard/api/state")["services"]}
+
+
+def test_proxyd_starts_on_the_first_proxy_request_and_is_then_supervised(
+    make_nodes: Callable[[int], list[Node]],
+) -> None:
+    node = started(make_nodes, wake=False)
+    assert "Not started" in node.supervisorctl("status", "proxyd") and node.program_pid("proxyd") == 0
+    assert wait_for("proxyd idle", lambda: services_health(node).get("proxyd") == "idle" or None, 10)
+    wake = str(node.run_dir / "wake.sock")
+    router = node.program_pid("router")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+        for junk in (b"router", b"tund", b"", b"\xff" * 200, b"proxyd\x00", b"apid"):  # refused: nothing starts
+            client.sendto(junk, wake)
+    time.sleep(1.5)
+    assert "Not started" in node.supervisorctl("status", "proxyd")
+    assert node.program_pid("router") == router and node.all_running()
+
+    t0 = time.monotonic()
+    assert node.api("/api/v1/admin/proxy") == []  # the first request waits for proxyd to come up
+    first = time.monotonic() - t0
+    wait_for("proxyd running", lambda: "RUNNING" in node.supervisorctl("status", "proxyd"), 20)
+    pid = node.program_pid("proxyd")
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "proxyd"
+    wait_for("proxyd up", lambda: services_health(node).get("proxyd") == "up" or None, 10)
+    assert node.api("/api/v1/admin/proxy") == [] and node.program_pid("proxyd") == pid  # running: not started twice
+    print(f"first proxy request {first:.2f} s (proxyd started for it)")
+
+    os.kill(pid, signal.SIGKILL)  # from now on an ordinary supervised program
+    wait_for("proxyd restarted", lambda: node.program_pid("proxyd") not in (0, pid) or None, 20)
+    wait_for("proxyd running again", lambda: "RUNNING" in node.supervisorctl("status", "proxyd"), 20)
+    assert node.api("/api/v1/admin/proxy") == []
 
 
 def test_each_service_is_a_forked_process_with_its_own_name_and_privileges(

@@ -145,6 +145,8 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
         wait("a route from a to b", lambda: any(_addr(b.address) in _net(s) for s in a.selected()), 30)
         for node in (a, b):  # supervisord says RUNNING after 1 s, before a loaded machine has them serving
             wait(f"{node.name}'s API", lambda n=node: http(n, "GET", "/api/v1/admin")[0] == 200, 30)  # type: ignore[misc]
+            # proxyd starts on its first request (common/wake.py): the API's proxy list is one
+            wait(f"{node.name}'s proxyd", lambda n=node: http(n, "GET", "/api/v1/admin/proxy")[0] == 200, 30)  # type: ignore[misc]
             wait(f"{node.name}'s proxyd", lambda n=node: n.rpc("proxyd", "stats"), 30)  # type: ignore[misc]
         wait("a's dnsd", lambda: a.rpc("dnsd", "stats"), 30)
         yield m
