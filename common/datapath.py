@@ -71,7 +71,10 @@ class DataOut:
 
     def send(self, data: bytes | bytearray | memoryview, tag: bytes = b"") -> str | None:
         """Put a batch in the ring and announce it; None when done, else why
-        it was dropped ("ring_full", "unreachable", "backlog")."""
+        it was dropped ("too_big": over half the ring, never fits; "ring_full",
+        "unreachable", "backlog")."""
+        if len(data) > self.ring.max_record:
+            return "too_big"
         now = time.monotonic()
         sock = self.sock or self._connect(now)
         if sock is None:

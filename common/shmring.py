@@ -79,6 +79,11 @@ class RingWriter:
         self._tail_word: memoryview | None = None
         self.renew()
 
+    @property
+    def max_record(self) -> int:
+        """The largest record ``put`` takes: half the ring, so one always fits once the reader catches up."""
+        return self.size // 2
+
     def renew(self) -> None:
         """A fresh file and generation; the old file stays mapped by whoever has it."""
         self.close(unlink=False)
@@ -108,7 +113,7 @@ class RingWriter:
         """Copy ``data`` in; (generation, start, length) for the descriptor,
         or None when there is no room (the caller drops and counts)."""
         n = len(data)
-        if n == 0 or n > self.size // 2:
+        if n == 0 or n > self.max_record:
             return None
         pos = self.head % self.size
         start = self.head if pos + n <= self.size else self.head + (self.size - pos)

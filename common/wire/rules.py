@@ -52,6 +52,29 @@ def body_len(buf: bytes | bytearray | memoryview, off: int) -> int:
     return buf[off + 5] << 8 | buf[off + 6]
 
 
+def split_batch(blob: bytes, limit: int) -> list[bytes]:
+    """``blob`` (data packets back to back) cut at packet boundaries into
+    pieces of at most ``limit`` bytes (a packet longer than ``limit``
+    alone in its piece); the blob itself when it fits."""
+    if len(blob) <= limit:
+        return [blob]
+    pieces: list[bytes] = []
+    view = memoryview(blob)
+    start = pos = 0
+    end = len(blob)
+    while pos < end:
+        if end - pos < DATA_PREFIX_SIZE:  # a torn tail: never produced here; kept whole, the reader counts it
+            pos = end
+            break
+        size = DATA_PREFIX_SIZE + body_len(blob, pos)
+        if pos > start and pos + size - start > limit:
+            pieces.append(bytes(view[start:pos]))
+            start = pos
+        pos += size
+    pieces.append(bytes(view[start:end]))
+    return pieces
+
+
 def can_forward(hop_limit: int) -> bool:
     """4.4: a packet is forwarded (hop limit decremented) only while this holds."""
     return hop_limit >= MIN_FORWARD_HOP_LIMIT

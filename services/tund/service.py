@@ -43,6 +43,7 @@ from common.lifecycle import StopSignal, die_with_parent, start_service
 from common.logs import setup as setup_logs
 from common.nodeconfig import NodeConfig
 from common.spinpoll import SpinPolicy, window_from_env
+from common.wire.rules import split_batch
 
 from . import privs
 from . import tun as tunmod
@@ -55,6 +56,10 @@ READ_BATCH = 256  # packets read from the TUN per wake-up ...
 READ_BUDGET = 384 * 1024  # ... or this many bytes (TCP super packets are up to 64 KiB)
 READ_SIZE = 65536 + 128  # a super packet: 64 KiB of IPv6 payload, its header and the virtio-net header
 INBOX_BATCH = 64  # bus messages handled per wake-up
+# bytes of packets per hand-over to peerd: a ring refuses a record over half
+# its size (common/shmring.py), and msgbus may hand over a whole window of
+# retransmits for one destination at once (megabytes), which then never fit
+MAX_BATCH = 1 << 20
 MSGBUS_HWM = 1000
 # "0": no virtio-net header (no offloads); "gro": coalesced writes but one
 # packet per read (no TSO); anything else: both (the default)
@@ -263,24 +268,25 @@ class TundWorker:
         dp = self.dp
         if dp.out or (dp.sessions is not None and dp.sessions.outbox):
             peerds = self.peerds
-            for next_hop, blob in dp.take_out().items():
+            for next_hop, joined in dp.take_out().items():
                 peerd = peerds.get(next_hop.split("-", 1)[0])
                 if peerd is None:
                     self.counters["to_peerd_unknown_family"] += 1
                     continue
                 peerd_sock, data_out = peerd
-                if data_out is not None:
-                    why = data_out.send(blob, next_hop.encode())
-                    if why is None:
-                        continue
-                    if why != "unreachable":  # peerd restarting: the bus queues it
-                        self.counters[f"to_peerd_dropped_{why}"] += 1
-                        continue
-                    self.counters["to_peerd_via_bus"] += 1
-                try:
-                    peerd_sock.send_multipart(bus.pack("data_out", {"peer": next_hop}, [blob]), flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    self.counters["bus_full_peerd"] += 1
+                for blob in split_batch(joined, MAX_BATCH):  # one piece unless msgbus queued a burst
+                    if data_out is not None:
+                        why = data_out.send(blob, next_hop.encode())
+                        if why is None:
+                            continue
+                        if why != "unreachable":  # peerd restarting: the bus queues it
+                            self.counters[f"to_peerd_dropped_{why}"] += 1
+                            continue
+                        self.counters["to_peerd_via_bus"] += 1
+                    try:
+                        peerd_sock.send_multipart(bus.pack("data_out", {"peer": next_hop}, [blob]), flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        self.counters["bus_full_peerd"] += 1
         writes = dp.gro.flush()
         if writes:
             fd = self.device.fd if self.device is not None else -1

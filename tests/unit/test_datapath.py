@@ -109,3 +109,17 @@ def test_forged_or_stale_records_are_counted_not_trusted(tmp_path: Path) -> None
     rogue.close()
     out.close()
     consumer.din.close()
+
+
+def test_a_batch_over_half_the_ring_is_refused_as_too_big_not_as_full(tmp_path: Path) -> None:
+    """It would never fit, however fast the consumer: the producer must cut it
+    (tund does, common.wire.rules.split_batch); counted apart from a full ring."""
+    run = str(tmp_path)
+    consumer = Consumer(run, "peerd-tcp")
+    out = DataOut(run, "tund-to-peerd-tcp", "peerd-tcp")
+    assert out.send(b"x" * 100, b"l") is None
+    assert out.send(b"y" * (out.ring.max_record + 1), b"l") == "too_big"
+    assert out.send(b"z" * out.ring.max_record, b"l") is None  # the largest record still goes
+    assert [len(data) for _tag, data in consumer.drain()] == [100, out.ring.max_record]
+    out.close()
+    consumer.din.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 import struct
 
@@ -99,3 +100,39 @@ def test_checksums_agree_with_rfc1071() -> None:
     msg[2:4] = b"\0\0"
     msg[2:4] = finish(ones_sum(msg)).to_bytes(2, "big")
     assert ones_sum(msg) == 0
+
+
+def _packets(sizes: list[int]) -> list[bytes]:
+    from common.wire.rules import DATA_PREFIX
+
+    return [DATA_PREFIX.pack(1, 0, n, 64, bytes(16), bytes(16)) + os.urandom(n) for n in sizes]
+
+
+@pytest.mark.parametrize("limit", [1, 40, 100, 1000, 5000, 1 << 20])
+def test_split_batch_cuts_only_between_packets_and_keeps_each_piece_under_the_limit(limit: int) -> None:
+    from common.wire.rules import split_batch
+
+    rng = random.Random(limit)
+    packets = _packets([rng.choice([0, 1, 60, 500, 1400, 4000]) for _ in range(300)])
+    blob = b"".join(packets)
+    pieces = split_batch(blob, limit)
+    assert b"".join(pieces) == blob
+    bounds = {0}
+    for p in packets:
+        bounds.add(max(bounds) + len(p))
+    at = 0
+    for piece in pieces:
+        assert at in bounds  # every piece starts at a packet
+        at += len(piece)
+        one_packet = len(piece) in {len(p) for p in packets} and piece in packets
+        assert len(piece) <= limit or one_packet  # over the limit only as a lone oversized packet
+    if len(blob) <= limit:
+        assert pieces == [blob]
+
+
+def test_split_batch_keeps_a_torn_tail_with_the_last_piece() -> None:
+    from common.wire.rules import split_batch
+
+    blob = b"".join(_packets([100, 100])) + b"\x01\x00\x00"
+    pieces = split_batch(blob, 150)
+    assert b"".join(pieces) == blob and len(pieces) == 2
