@@ -2,7 +2,7 @@
 start one, shared by the client (apid) and the listener (the preforking
 supervisord, services/cli/prefork.py).
 
-Why: a node that never uses the SOCKS proxy paid 7.6 MiB of private
+Why: a node that never uses the SOCKS proxy paid 7.7 MiB of private
 memory (6 % of the node, docs/PERFORMANCE.md) for a proxyd that waited on
 its RPC socket. An on-demand program is configured ``autostart=false``;
 the first request that needs it sends its name to ``wake.sock`` in the run

@@ -64,7 +64,6 @@ def split_batch(blob: bytes, limit: int) -> list[bytes]:
     end = len(blob)
     while pos < end:
         if end - pos < DATA_PREFIX_SIZE:  # a torn tail: never produced here; kept whole, the reader counts it
-            pos = end
             break
         size = DATA_PREFIX_SIZE + body_len(blob, pos)
         if pos > start and pos + size - start > limit:

@@ -244,6 +244,11 @@ class Node:
     def all_running(self) -> bool:
         return all_running(self.supervisorctl("status"))
 
+    def start_proxyd(self) -> None:
+        """Start the on-demand proxyd the way a user does, with a first proxy request."""
+        assert self.api("/api/v1/admin/proxy") == []
+        wait_for(f"{self.name}'s proxyd running", lambda: "RUNNING" in self.supervisorctl("status", "proxyd"), 20)
+
     def lookup(self, address: str) -> str | None:
         """Ask for a key by address; a miss starts a route query on the node."""
         status, body = self.api_status(f"/api/v1/pubkey/{address}")

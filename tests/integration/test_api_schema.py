@@ -30,7 +30,6 @@ from schemathesis.checks import (
 
 from tests.vectors import data_file
 
-from .nodes import wait_for
 from .test_api_nodes import ApiNode, running_mesh
 
 pytestmark = pytest.mark.integration
@@ -88,9 +87,7 @@ EXCLUDED: dict[tuple[str, str, Callable[..., Any]], str] = {
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[ApiNode]:
     with running_mesh(tmp_path_factory.mktemp("schema"), 2, request) as nodes:
-        # proxyd (on demand) started now: each operation's test then ends on every program running
-        nodes[0].api("/api/v1/admin/proxy")
-        wait_for("proxyd running", lambda: "RUNNING" in nodes[0].supervisorctl("status", "proxyd"), 20)
+        nodes[0].start_proxyd()  # on demand: started now, each operation's test ends on every program running
         yield nodes[0]
 
 

@@ -65,8 +65,7 @@ def started(make_nodes: Callable[[int], list[Node]], env: dict[str, str] | None 
     node.env = env or {}
     node.start().wait_ready()
     if wake:
-        assert node.api("/api/v1/admin/proxy") == []
-        wait_for("proxyd started", lambda: "RUNNING" in node.supervisorctl("status", "proxyd"), 20)
+        node.start_proxyd()
     return node
 
 
@@ -83,10 +82,13 @@ def test_proxyd_starts_on_the_first_proxy_request_and_is_then_supervised(
     assert wait_for("proxyd idle", lambda: services_health(node).get("proxyd") == "idle" or None, 10)
     wake = str(node.run_dir / "wake.sock")
     router = node.program_pid("router")
+    log = node.run_dir / "logs" / "supervisord.log"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
-        for junk in (b"router", b"tund", b"", b"\xff" * 200, b"proxyd\x00", b"apid"):  # refused: nothing starts
-            client.sendto(junk, wake)
-    time.sleep(1.5)
+        junk = (b"router", b"tund", b"", b"\xff" * 200, b"proxyd\x00", b"apid")  # refused: nothing starts
+        for datagram in (junk + junk)[:10]:
+            client.sendto(datagram, wake)
+    # the 10th refusal is logged: every datagram has been read by then
+    wait_for("the refusals read", lambda: "refused 10 datagram(s)" in log.read_text(), 10)
     assert "Not started" in node.supervisorctl("status", "proxyd")
     assert node.program_pid("router") == router and node.all_running()
 
