@@ -161,6 +161,50 @@ def idle_ping(topo: Topology, src: str, dst_addr: str, count: int = 30, interval
     return sum(times) / len(times), times[len(times) // 2]
 
 
+def run_ns(pid: int) -> int:
+    """On-CPU nanoseconds of every thread of ``pid`` (schedstat: finer than
+    /proc/<pid>/stat's clock ticks, which a lone ping's ~0.3 ms falls under)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+def service_pids(topo: Topology, names: list[str]) -> dict[str, int]:
+    """'tund x', 'peerd-tcp y' etc. -> pid, for our nodes' services."""
+    found: dict[str, int] = {}
+    for name in names:
+        for pid in ns_pids(topo, [name]):
+            with contextlib.suppress(OSError):
+                # split on spaces too: a preforked service's title is one string (setproctitle)
+                words = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").split()
+                for i, w in enumerate(words):
+                    if w == "-m" and i + 1 < len(words) and words[i + 1].startswith("services."):
+                        service = words[i + 1].split(".")[1]
+                        if service == "peerd" and "--family" in words:
+                            service += "-" + words[words.index("--family") + 1]
+                        found.setdefault(f"{service} {name}", pid)
+    return found
+
+
+def ping_cpu(topo: Topology, src: str, dst_addr: str, count: int) -> tuple[tuple[float, float], dict[str, float]]:
+    """idle_ping, and each service's on-CPU µs per ping: the CPU during the
+    pings less the same process's CPU over as long a quiet spell right after
+    (its timers and telemetry)."""
+    pids = service_pids(topo, list(topo.nodes))
+    t0 = {k: run_ns(p) for k, p in pids.items()}
+    start = time.monotonic()
+    rtt = idle_ping(topo, src, dst_addr, count)
+    spent = time.monotonic() - start
+    t1 = {k: run_ns(p) for k, p in pids.items()}
+    time.sleep(spent)
+    t2 = {k: run_ns(p) for k, p in pids.items()}
+    per = {k: ((t1[k] - t0[k]) - (t2[k] - t1[k])) / count / 1e3 for k in pids}
+    return rtt, per
+
+
 def idle_cpu(topo: Topology, names: list[str], seconds: float) -> dict[str, float]:
     """Percent of one core each namespace's processes used over ``seconds``
     with no traffic (user+system from /proc/<pid>/stat, 1/CLK_TCK
@@ -177,6 +221,7 @@ def rtt_only(topo: Topology, args: argparse.Namespace, ygg: bool) -> list[str]:
     _, y_addr = topo.links[("x", "y")]
     rows: dict[str, list[tuple[float, float]]] = {}
     cpu: dict[str, dict[str, float]] = {}
+    per_ping: dict[str, dict[str, list[float]]] = {}
     windows = [w for w in args.spin_us.split(",") if w]
     for rnd in range(1, args.rounds + 1):
         print(f"round {rnd}: plain veth ...", flush=True)
@@ -198,7 +243,10 @@ def rtt_only(topo: Topology, args: argparse.Namespace, ygg: bool) -> list[str]:
             warm(topo, "x", topo.nodes["y"].address)
             time.sleep(1)
             print(f"round {rnd}: {name} ...", flush=True)
-            rows.setdefault(name, []).append(idle_ping(topo, "x", topo.nodes["y"].address, args.pings))
+            rtt, per = ping_cpu(topo, "x", topo.nodes["y"].address, args.pings)
+            rows.setdefault(name, []).append(rtt)
+            for service, us in per.items():
+                per_ping.setdefault(name, {}).setdefault(service, []).append(us)
             if rnd == 1:
                 cpu[name] = idle_cpu(topo, ["x", "y"], args.idle_seconds)
         if ygg:
@@ -230,6 +278,11 @@ def rtt_only(topo: Topology, args: argparse.Namespace, ygg: bool) -> list[str]:
         every = ", ".join(f"{m:.3f}" for m, _ in values)
         idle = f"{c['x']:.2f} / {c['y']:.2f}" if c else ""
         lines.append(f"| {name} | {best[0]:.3f} | {best[1]:.3f} | {best[0] / ygg_rtt:.2f} | {every} | {idle} |")
+    for name, services in per_ping.items():
+        lines += ["", f"{name}: on-CPU µs per ping, each service (every round; quiet-spell background subtracted)", ""]
+        lines += ["| service | µs per ping |", "|---|---|"]
+        for service in sorted(services):
+            lines.append(f"| {service} | {', '.join(f'{us:.0f}' for us in services[service])} |")
     return lines
 
 

@@ -25,6 +25,9 @@
 #include <openssl/rand.h>
 #include <stdint.h>
 #include <string.h>
+#include <errno.h>
+#include <unistd.h>
+#include <sys/socket.h>
 
 #define NONCE 12
 #define TAG 16
@@ -2105,11 +2108,217 @@ static PyObject *k_configure(PyObject *mod, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* --- tund's IO around the kernel: TUN reads, ring hand-over ---------------------------
+ *
+ * Why in C: an idle ping wakes tund cold (its interpreter's code and data
+ * out of the caches after a halted vCPU); each Python-level step of the
+ * wake-up then costs tens of µs. These two are the reads that start it
+ * and the hand-over that ends it (services/tund/tun.py read_packets and
+ * common/datapath.py DataOut.send are the Python references).
+ */
+
+static PyObject *tun_spare; /* a READ_SIZE bytes object the next read goes into */
+
+static PyObject *k_read_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "read_tun(fd, max_packets, budget, size)");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    Py_ssize_t maxp = PyLong_AsSsize_t(args[1]), budget = PyLong_AsSsize_t(args[2]), size = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT32_MAX || maxp < 0 || size <= 0 || size > (1 << 20)) {
+        PyErr_SetString(PyExc_ValueError, "read_tun: fd, max_packets or size out of range");
+        return NULL;
+    }
+    PyObject *pkts = PyList_New(0);
+    if (!pkts)
+        return NULL;
+    int err = 0;
+    for (Py_ssize_t i = 0; i < maxp;) {
+        if (tun_spare && PyBytes_GET_SIZE(tun_spare) != size)
+            Py_CLEAR(tun_spare);
+        if (!tun_spare && !(tun_spare = PyBytes_FromStringAndSize(NULL, size)))
+            goto fail;
+        ssize_t n = read((int)fd, PyBytes_AS_STRING(tun_spare), (size_t)size);
+        if (n < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    goto fail;
+                continue;
+            }
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                err = errno;
+            break;
+        }
+        if (n == 0) /* nothing a TUN returns; never spin on it */
+            break;
+        PyObject *pkt = tun_spare;
+        tun_spare = NULL;
+        if (_PyBytes_Resize(&pkt, n) < 0) /* shrinks in place, as os.read does */
+            goto fail;
+        int rc = PyList_Append(pkts, pkt);
+        Py_DECREF(pkt);
+        if (rc < 0)
+            goto fail;
+        i++;
+        budget -= n;
+        if (budget <= 0)
+            break;
+    }
+    return Py_BuildValue("(Ni)", pkts, err);
+fail:
+    Py_DECREF(pkts);
+    return NULL;
+}
+
+#define RING_DATA_AT 4096
+#define RING_TAIL_AT 64
+#define RECORD_FIXED 22 /* "=QQIBB": generation, start, length, len(name), len(tag) */
+
+/* ring_send(ring_map, size, head, tail, generation, fd, name, tag, data)
+ *   -> (status, start, tail): status 0 put and announced, 1 no room, 2 the
+ * socket's backlog is full (EAGAIN), 3 the send failed otherwise (the
+ * consumer went away); on 1-3 the caller's head stays where it was. ``tail`` is the reader's word as accepted
+ * (a value outside [tail, head] is torn or bogus and ignored). */
+static PyObject *k_ring_send(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "ring_send(ring_map, size, head, tail, generation, fd, name, tag, data)");
+        return NULL;
+    }
+    Py_ssize_t size = PyLong_AsSsize_t(args[1]);
+    unsigned long long head = PyLong_AsUnsignedLongLong(args[2]), tail = PyLong_AsUnsignedLongLong(args[3]);
+    unsigned long long generation = PyLong_AsUnsignedLongLong(args[4]);
+    long fd = PyLong_AsLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer map, name, tag, data;
+    if (PyObject_GetBuffer(args[0], &map, PyBUF_WRITABLE) < 0)
+        return NULL;
+    PyObject *ret = NULL;
+    int have_name = 0, have_tag = 0, have_data = 0;
+    if (PyObject_GetBuffer(args[6], &name, PyBUF_SIMPLE) < 0)
+        goto done;
+    have_name = 1;
+    if (PyObject_GetBuffer(args[7], &tag, PyBUF_SIMPLE) < 0)
+        goto done;
+    have_tag = 1;
+    if (PyObject_GetBuffer(args[8], &data, PyBUF_SIMPLE) < 0)
+        goto done;
+    have_data = 1;
+    if (size <= 0 || map.len < RING_DATA_AT + size || fd < 0 || fd > INT32_MAX || name.len > 255 || tag.len > 255 ||
+        data.len <= 0 || data.len > size / 2 || head < tail) {
+        PyErr_SetString(PyExc_ValueError, "ring_send: arguments out of range");
+        goto done;
+    }
+    uint8_t *base = map.buf;
+    uint64_t word;
+    memcpy(&word, base + RING_TAIL_AT, 8); /* the reader's word, on its own cache line */
+    if (tail <= word && word <= head)
+        tail = word;
+    uint64_t n = (uint64_t)data.len, usize = (uint64_t)size;
+    uint64_t pos = head % usize;
+    uint64_t start = pos + n <= usize ? head : head + (usize - pos);
+    if (start + n - tail > usize) {
+        ret = Py_BuildValue("(iKK)", 1, (unsigned long long)start, (unsigned long long)tail);
+        goto done;
+    }
+    memcpy(base + RING_DATA_AT + start % usize, data.buf, n);
+    uint8_t record[RECORD_FIXED + 255 + 255];
+    uint32_t len32 = (uint32_t)n;
+    memcpy(record, &generation, 8);
+    memcpy(record + 8, &start, 8);
+    memcpy(record + 16, &len32, 4);
+    record[20] = (uint8_t)name.len;
+    record[21] = (uint8_t)tag.len;
+    memcpy(record + RECORD_FIXED, name.buf, name.len);
+    memcpy(record + RECORD_FIXED + name.len, tag.buf, tag.len);
+    size_t rlen = RECORD_FIXED + name.len + tag.len;
+    int status = 0;
+    for (;;) {
+        if (send((int)fd, record, rlen, MSG_DONTWAIT | MSG_NOSIGNAL) >= 0)
+            break;
+        if (errno == EINTR)
+            continue;
+        status = (errno == EAGAIN || errno == EWOULDBLOCK) ? 2 : 3;
+        break;
+    }
+    ret = Py_BuildValue("(iKK)", status, (unsigned long long)start, (unsigned long long)tail);
+done:
+    if (have_data)
+        PyBuffer_Release(&data);
+    if (have_tag)
+        PyBuffer_Release(&tag);
+    if (have_name)
+        PyBuffer_Release(&name);
+    PyBuffer_Release(&map);
+    return ret;
+}
+
+/* recv_records(fd, max_records, max_size) -> (records, state): SEQPACKET
+ * records waiting on a non-blocking fd, as datapath.recv_records: state 0
+ * drained (or max_records read), -1 the producer went away, else errno. */
+static PyObject *k_recv_records(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "recv_records(fd, max_records, max_size)");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    Py_ssize_t maxr = PyLong_AsSsize_t(args[1]), size = PyLong_AsSsize_t(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT32_MAX || maxr < 0 || size <= 0 || size > 4096) {
+        PyErr_SetString(PyExc_ValueError, "recv_records: fd, max_records or max_size out of range");
+        return NULL;
+    }
+    uint8_t buf[4096];
+    PyObject *recs = PyList_New(0);
+    if (!recs)
+        return NULL;
+    int state = 0;
+    for (Py_ssize_t i = 0; i < maxr;) {
+        ssize_t n = recv((int)fd, buf, (size_t)size, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    goto fail;
+                continue;
+            }
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                state = errno;
+            break;
+        }
+        if (n == 0) {
+            state = -1;
+            break;
+        }
+        PyObject *rec = PyBytes_FromStringAndSize((const char *)buf, n);
+        if (!rec)
+            goto fail;
+        int rc = PyList_Append(recs, rec);
+        Py_DECREF(rec);
+        if (rc < 0)
+            goto fail;
+        i++;
+    }
+    return Py_BuildValue("(Ni)", recs, state);
+fail:
+    Py_DECREF(recs);
+    return NULL;
+}
+
 static PyMethodDef k_methods[] = {
     {"configure", k_configure, METH_VARARGS, "configure(InvalidTag, os.urandom, SegmentError)"},
     {"split_tcp", k_split_tcp, METH_VARARGS, "split_tcp(super_packet, off) -> plaintexts (gso.split_tcp, L3 prefix)"},
     {"from_tun", (PyCFunction)(void (*)(void))k_from_tun, METH_FASTCALL, "from_tun(dp, pkts, now, off)"},
     {"from_peer", (PyCFunction)(void (*)(void))k_from_peer, METH_FASTCALL, "from_peer(dp, blob, now)"},
+    {"read_tun", (PyCFunction)(void (*)(void))k_read_tun, METH_FASTCALL,
+     "read_tun(fd, max_packets, budget, size) -> (packets, errno): as tun.read_packets"},
+    {"ring_send", (PyCFunction)(void (*)(void))k_ring_send, METH_FASTCALL,
+     "ring_send(ring_map, size, head, tail, generation, fd, name, tag, data) -> (status, start, tail)"},
+    {"recv_records", (PyCFunction)(void (*)(void))k_recv_records, METH_FASTCALL,
+     "recv_records(fd, max_records, max_size) -> (records, state): as datapath.recv_records"},
     {"all_local", k_all_local, METH_VARARGS, "all_local(buf, offsets, own_prefix): as local_batch.all_local"},
     {NULL}};
 

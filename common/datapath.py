@@ -29,6 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
+from .native import kernel as _kernel
 from .shmring import RingReader, RingWriter, ring_path, valid_name
 
 RECORD = struct.Struct("=QQIBB")  # generation, start, length, len(ring name), len(tag); then name, tag
@@ -41,6 +42,27 @@ READ_BURST = 512  # records read per readable event
 
 def socket_path(run_dir: str, consumer: str) -> str:
     return os.path.join(run_dir, f"{consumer}.data")
+
+
+def recv_records(fd: int, max_records: int, max_size: int) -> tuple[list[bytes], int]:
+    """Records waiting on a non-blocking SEQPACKET ``fd``: (records, state),
+    state 0 when drained or ``max_records`` are in, -1 when the producer
+    went away, else the errno of a failed read. The reference for the C
+    kernel's recv_records, which ends a burst without an exception."""
+    recs: list[bytes] = []
+    for _ in range(max_records):
+        try:
+            record = os.read(fd, max_size)
+        except BlockingIOError:
+            break
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            return recs, exc.errno or errno.EIO
+        if not record:
+            return recs, -1
+        recs.append(record)
+    return recs, 0
 
 
 class DataOut:
@@ -73,26 +95,43 @@ class DataOut:
         """Put a batch in the ring and announce it; None when done, else why
         it was dropped ("too_big": over half the ring, never fits; "ring_full",
         "unreachable", "backlog")."""
-        if len(data) > self.ring.max_record:
+        ring = self.ring
+        if len(data) > ring.max_record:
             return "too_big"
-        now = time.monotonic()
-        sock = self.sock or self._connect(now)
+        sock = self.sock or self._connect(time.monotonic())
         if sock is None:
             return "unreachable"
-        desc = self.ring.put(data, now)
+        if _kernel is not None and data and len(tag) <= 255:
+            # the same put and record in one C call (_kernel.c ring_send): the
+            # hand-over ends every wake-up of tund and peerd
+            status, start, ring.tail = _kernel.ring_send(
+                ring.buffer, ring.size, ring.head, ring.tail, ring.generation, sock.fileno(), self.name_bytes, tag, data
+            )
+            if status == 0:
+                ring.advance(start, len(data))
+                return None
+            if status != 1:
+                return self._failed(status == 2)
+            # no room: put below counts it and starts a new ring once the reader is gone for good
+        desc = ring.put(data, time.monotonic())
         if desc is None:
             return "ring_full"
         try:
             sock.send(RECORD.pack(*desc, len(self.name_bytes), len(tag)) + self.name_bytes + tag)
         except BlockingIOError:
-            self.ring.unput(desc)
+            ring.unput(desc)
             return "backlog"
-        except OSError:  # the consumer restarted: reconnect on the next batch
-            self.ring.unput(desc)
-            self.close_socket()
-            self.next_attempt = 0.0
-            return "unreachable"
+        except OSError:
+            ring.unput(desc)
+            return self._failed(False)
         return None
+
+    def _failed(self, backlog: bool) -> str:
+        if backlog:
+            return "backlog"
+        self.close_socket()  # the consumer restarted: reconnect on the next batch
+        self.next_attempt = 0.0
+        return "unreachable"
 
     def close_socket(self) -> None:
         if self.sock is not None:
@@ -166,22 +205,11 @@ class DataIn:
         if fd == self.listener.fileno():
             self._accept()
             return
-        conn = self.conns.get(fd)
-        if conn is None:
+        if fd not in self.conns:
             return
-        for _ in range(READ_BURST):
-            try:
-                record = conn.recv(MAX_RECORD)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.ECONNRESET, errno.EPIPE):
-                    self._drop("read_error")
-                self._forget(fd)
-                return
-            if not record:  # the producer went away
-                self._forget(fd)
-                return
+        read = _kernel.recv_records if _kernel is not None else recv_records
+        records, state = read(fd, READ_BURST, MAX_RECORD)
+        for record in records:
             item = self._resolve(record)
             if item is None:
                 continue
@@ -192,6 +220,10 @@ class DataIn:
                 with contextlib.suppress(BufferError):
                     view.release()
                 reader.release(generation, end)
+        if state:
+            if state not in (-1, errno.ECONNRESET, errno.EPIPE):
+                self._drop("read_error")
+            self._forget(fd)
 
     def _resolve(self, record: bytes) -> tuple[RingReader, int, int, bytes, memoryview] | None:
         if len(record) < RECORD.size:

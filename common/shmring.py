@@ -135,6 +135,18 @@ class RingWriter:
         self.head = start + n
         return self.generation, start, n
 
+    @property
+    def buffer(self) -> mmap.mmap:
+        """The mapped file (header, tail word, data), for the C kernel's ring_send."""
+        assert self._map is not None
+        return self._map
+
+    def advance(self, start: int, n: int) -> None:
+        """A record of ``n`` bytes was written at ``start`` (by ring_send): as the end of ``put``."""
+        self.full_since = 0.0
+        self._undo = self.head
+        self.head = start + n
+
     def unput(self, desc: tuple[int, int, int]) -> None:
         """Take back the record ``put`` just returned (its descriptor could
         not be sent: nobody will read it)."""

@@ -157,6 +157,8 @@ class TundWorker:
         self.failed = False  # a crypto worker died: exit non-zero so supervisord restarts the group
         self.next_tick = 0.0
         self.spin = SpinPolicy(window_from_env())  # short polling after traffic (common/spinpoll.py)
+        # the reads that start a wake-up in one C call when the kernel is built
+        self.read_packets = native.kernel.read_tun if native.kernel is not None else tunmod.read_packets
 
     # --- bus --------------------------------------------------------------------
 
@@ -243,24 +245,10 @@ class TundWorker:
 
     def read_tun(self, now: float) -> None:
         assert self.device is not None
-        read = os.read
-        fd = self.device.fd
-        pkts: list[bytes] = []
-        append = pkts.append
-        budget = READ_BUDGET
-        for _ in range(READ_BATCH):
-            try:
-                p = read(fd, READ_SIZE)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                self.counters["tun_read_error"] += 1
-                log.warning("TUN read failed: %s", exc)
-                break
-            append(p)
-            budget -= len(p)
-            if budget <= 0:
-                break
+        pkts, err = self.read_packets(self.device.fd, READ_BATCH, READ_BUDGET, READ_SIZE)
+        if err:
+            self.counters["tun_read_error"] += 1
+            log.warning("TUN read failed: %s", os.strerror(err))
         if pkts:
             self.dp.from_tun(pkts, now)
 

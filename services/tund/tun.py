@@ -65,6 +65,29 @@ class TunError(Exception):
 valid_name = valid_tun_name  # the rule lives in common/nodeconfig.py (the CLI checks it too)
 
 
+def read_packets(fd: int, max_packets: int, budget: int, size: int) -> tuple[list[bytes], int]:
+    """Up to ``max_packets`` reads of at most ``size`` bytes from a
+    non-blocking ``fd``, stopping once ``budget`` bytes are in or the fd
+    is drained; (packets, errno of a failed read or 0). The reference
+    for the C kernel's read_tun, which tund uses when it is built."""
+    pkts: list[bytes] = []
+    read = os.read
+    for _ in range(max_packets):
+        try:
+            p = read(fd, size)
+        except BlockingIOError:
+            break
+        except OSError as exc:
+            return pkts, exc.errno or errno.EIO
+        if not p:  # nothing a TUN returns; never spin on it
+            break
+        pkts.append(p)
+        budget -= len(p)
+        if budget <= 0:
+            break
+    return pkts, 0
+
+
 def _rtattr(kind: int, data: bytes) -> bytes:
     length = 4 + len(data)
     return struct.pack("=HH", length, kind) + data + bytes((4 - length % 4) % 4)

@@ -10,8 +10,21 @@ import socket
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
+from common import datapath, native
 from common.datapath import RECORD, DataIn, DataOut, socket_path
 from common.shmring import ring_path
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def hand_over(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test with the producer's C hand-over (ring_send) and with the Python one."""
+    if request.param == "native" and native.kernel is None:
+        pytest.skip(f"native kernel not in use: {native.REASON}")
+    if request.param == "python":
+        monkeypatch.setattr(datapath, "_kernel", None)
+    return str(request.param)
 
 
 class Consumer:

@@ -1,0 +1,260 @@
+"""tund's IO around the kernel in C (common/_kernel.c read_tun, ring_send)
+against their Python references (services/tund/tun.py read_packets,
+common/datapath.py DataOut.send's put and record): the same input must
+give the same packets, the same ring bytes and records, the same refusals.
+
+Also run under AddressSanitizer by ``make asan``."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common import datapath, native, shmring
+from common.datapath import RECORD, DataOut, socket_path
+from common.shmring import DATA_AT, TAIL_AT
+from services.tund.tun import read_packets
+
+K: Any = native.kernel
+pytestmark = pytest.mark.skipif(K is None, reason=f"native kernel not in use: {native.REASON}")
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def loaded(packets: list[bytes]) -> tuple[socket.socket, socket.socket]:
+    """A datagram pair with ``packets`` waiting: one read, one packet, as on a TUN."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    b.setblocking(False)
+    for p in packets:
+        a.send(p)
+    return a, b
+
+
+@SETTINGS
+@given(
+    sizes=st.lists(st.integers(1, 3000), max_size=40),
+    max_packets=st.integers(0, 50),
+    budget=st.integers(1, 40000),
+    size=st.integers(1, 4000),
+)
+def test_read_tun_reads_what_the_reference_reads(sizes: list[int], max_packets: int, budget: int, size: int) -> None:
+    packets = [os.urandom(n) for n in sizes]
+    results = []
+    for read in (read_packets, K.read_tun):
+        a, b = loaded(packets)
+        try:
+            got, err = read(b.fileno(), max_packets, budget, size)
+            results.append((got, err, len(read_packets(b.fileno(), 1000, 1 << 30, 4000)[0])))
+        finally:
+            a.close()
+            b.close()
+    assert results[0] == results[1]
+    got, err, left = results[1]
+    assert err == 0 and all(isinstance(p, bytes) for p in got)
+    assert len(got) + left == len(packets)  # nothing lost, nothing read twice
+
+
+def test_read_tun_reports_a_failed_read_with_what_it_had() -> None:
+    r, w = os.pipe()
+    os.close(w)
+    os.close(r)
+    assert read_packets(r, 4, 1000, 100) == K.read_tun(r, 4, 1000, 100) == ([], errno.EBADF)
+    a, b = loaded([])
+    assert read_packets(b.fileno(), 4, 1000, 100) == K.read_tun(b.fileno(), 4, 1000, 100) == ([], 0)
+    a.close()  # the peer gone: a datagram socket then reads as empty, which ends the burst
+    assert read_packets(b.fileno(), 4, 1000, 100) == K.read_tun(b.fileno(), 4, 1000, 100) == ([], 0)
+    b.close()
+
+
+def test_read_tun_refuses_bad_arguments() -> None:
+    for args in ((-1, 1, 1, 1), (0, -1, 1, 1), (0, 1, 1, 0), (0, 1, 1, 1 << 21)):
+        with pytest.raises(ValueError):
+            K.read_tun(*args)
+    with pytest.raises(TypeError):
+        K.read_tun(0, 1, 1)
+
+
+# --- ring_send ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
+    """A consumer's listening socket that never reads: records pile up as sent."""
+    run = str(tmp_path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.bind(socket_path(run, "peerd-tcp"))
+    sock.listen(4)
+    yield run, sock
+    sock.close()
+
+
+def records(conn: socket.socket) -> list[tuple[Any, ...]]:
+    got = []
+    conn.setblocking(False)
+    while True:
+        try:
+            rec = conn.recv(1024)
+        except BlockingIOError:
+            return got
+        got.append((*RECORD.unpack_from(rec)[1:], rec[RECORD.size :]))  # the generation differs by design
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("send"), st.integers(1, 700_000), st.binary(max_size=8)),
+        st.tuples(st.just("release"), st.floats(0, 1), st.just(b"")),
+        st.tuples(st.just("bogus_tail"), st.integers(0, 1 << 40), st.just(b"")),
+    ),
+    max_size=40,
+)
+
+
+@SETTINGS
+@given(steps=ops)
+def test_ring_send_writes_what_the_reference_writes(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, Any, bytes]]
+) -> None:
+    run = str(tmp_path_factory.mktemp("run"))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(socket_path(run, "peerd-tcp"))
+    listener.listen(4)
+    outs, conns, results = [], [], []
+    saved, stall = datapath._kernel, shmring.STALL_RESET
+    shmring.STALL_RESET = 1e9  # a slow example must not start a new ring in one run only
+    try:
+        for kernel in (None, K):
+            datapath._kernel = kernel
+            out = DataOut(run, "tund-to-peerd-tcp", "peerd-tcp")  # the same name: the records compare
+            assert out.send(b"hello", b"t") is None
+            conn, _ = listener.accept()
+            said = []
+            for kind, value, tag in steps:
+                tail_word = out.ring.buffer
+                if kind == "send":
+                    said.append(out.send(bytes([len(said) % 251]) * value, tag))
+                elif kind == "release":  # the reader is done with part of what was written
+                    seen = out.ring.tail + int((out.ring.head - out.ring.tail) * value)
+                    tail_word[TAIL_AT : TAIL_AT + 8] = seen.to_bytes(8, "little")
+                else:  # a torn or forged tail word: ignored by both
+                    tail_word[TAIL_AT : TAIL_AT + 8] = value.to_bytes(8, "little")
+            ring = out.ring
+            data = bytes(ring.buffer[DATA_AT:])
+            results.append((said, ring.head, ring.tail, ring.drops, records(conn), data))
+            outs.append(out)
+            conns.append(conn)
+    finally:
+        datapath._kernel, shmring.STALL_RESET = saved, stall
+        for out in outs:
+            out.close()
+        for conn in conns:
+            conn.close()
+        listener.close()
+    assert results[0] == results[1]
+
+
+def test_ring_send_reports_a_backlog_and_a_vanished_consumer(listener: tuple[str, socket.socket]) -> None:
+    run, sock = listener
+    results = {}
+    saved = datapath._kernel
+    try:
+        for which, kernel in (("python", None), ("native", K)):
+            datapath._kernel = kernel
+            out = DataOut(run, f"tund-{which}-to-peerd-tcp", "peerd-tcp")
+            assert out.send(b"x", b"") is None
+            conn, _ = sock.accept()
+            said = None
+            for _ in range(200_000):  # the consumer never reads: its socket buffer fills
+                said = out.send(b"y" * 16, b"")
+                if said is not None:
+                    break
+            head = out.ring.head
+            assert said == "backlog" and out.ring.head == head
+            conn.close()
+            gone = out.send(b"z", b"")
+            assert gone == "unreachable" and out.sock is None and out.ring.head == head
+            results[which] = (said, gone)
+            out.close()
+    finally:
+        datapath._kernel = saved
+    assert results["python"] == results["native"]
+
+
+def test_ring_send_refuses_bad_arguments(listener: tuple[str, socket.socket]) -> None:
+    run, _ = listener
+    out = DataOut(run, "tund-to-peerd-tcp", "peerd-tcp")
+    ring = out.ring
+    good = [ring.buffer, ring.size, 0, 0, 1, 0, b"n", b"t", b"data"]
+    bad = {
+        0: bytearray(100),  # a map smaller than the ring it claims
+        1: 1 << 40,
+        2: 0,
+        6: b"n" * 256,
+        7: b"t" * 256,
+        8: b"d" * (ring.size // 2 + 1),
+    }
+    for at, value in bad.items():
+        args = list(good)
+        args[at] = value
+        if at == 2:
+            args[3] = 5  # a tail past the head
+        with pytest.raises(ValueError):
+            K.ring_send(*args)
+    with pytest.raises(ValueError):
+        K.ring_send(*good[:8], b"")
+    with pytest.raises(BufferError):
+        K.ring_send(bytes(ring.size + DATA_AT), *good[1:])  # a read-only buffer
+    out.close()
+
+
+# --- recv_records -------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    sizes=st.lists(st.integers(1, 1200), max_size=30),
+    max_records=st.integers(0, 40),
+    max_size=st.integers(1, 700),
+    then_close=st.booleans(),
+)
+def test_recv_records_reads_what_the_reference_reads(
+    sizes: list[int], max_records: int, max_size: int, then_close: bool
+) -> None:
+    sent = [os.urandom(n) for n in sizes]
+    results = []
+    for read in (datapath.recv_records, K.recv_records):
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        b.setblocking(False)
+        for rec in sent:
+            a.send(rec)
+        if then_close:
+            a.close()
+        try:
+            first = read(b.fileno(), max_records, max_size)
+            rest = read(b.fileno(), 1000, 4096)
+            results.append((first, rest))
+        finally:
+            a.close()
+            b.close()
+    assert results[0] == results[1]
+    (first, state), (rest, end) = results[1]
+    assert [len(r) for r in first + rest] == [min(n, max_size) for n in sizes[: len(first)]] + sizes[len(first) :]
+    assert state == (-1 if then_close and len(first) == len(sizes) < max_records else 0)
+    assert end == (-1 if then_close else 0)
+
+
+def test_recv_records_reports_a_failed_read_and_refuses_bad_arguments() -> None:
+    r, w = os.pipe()
+    os.close(w)
+    os.close(r)
+    assert datapath.recv_records(r, 4, 100) == K.recv_records(r, 4, 100) == ([], errno.EBADF)
+    for args in ((-1, 1, 1), (0, -1, 1), (0, 1, 0), (0, 1, 4097)):
+        with pytest.raises(ValueError):
+            K.recv_records(*args)
