@@ -407,7 +407,8 @@ class DataPlane:
     def take_out(self) -> dict[str, bytes]:
         """Next hop -> its encoded packets back to back (joined once per batch:
         growing one buffer would copy each packet several times)."""
-        if self.sessions is not None:
+        engine = self.sessions
+        if engine is not None and (engine.changed or engine.outbox):
             self.sync_sessions()
         out, self.out = self.out, {}
         return {hop: b"".join(parts) for hop, parts in out.items()}

@@ -262,7 +262,8 @@ class TundWorker:
                     self.counters["to_peerd_unknown_family"] += 1
                     continue
                 peerd_sock, data_out = peerd
-                for blob in split_batch(joined, MAX_BATCH):  # one piece unless msgbus queued a burst
+                pieces = (joined,) if len(joined) <= MAX_BATCH else split_batch(joined, MAX_BATCH)
+                for blob in pieces:  # one piece unless msgbus queued a burst
                     if data_out is not None:
                         why = data_out.send(blob, next_hop.encode())
                         if why is None:
@@ -345,6 +346,22 @@ class TundWorker:
                 self.failed = True
                 self.stop.stopped = True
 
+    def periodic(self, now: float) -> float:
+        """Stats, a requested reload, the 1 s tick; when to look again."""
+        dp = self.dp
+        if self.stats.due(now):
+            self.stats.maybe_publish(now, dp.all_counters(), self.gauges())
+        if self.security.reload_requested:
+            self.security.reload(dp, now)
+        if now >= self.next_tick:
+            self.next_tick = now + 1.0
+            self.security.tick(dp)
+            if not self.fib_synced:
+                self.fib_resync()
+            dp.tick(now)
+            self.check_children()
+        return min(self.next_tick, now + self.stats.seconds_until_due(now))
+
     def run(self) -> None:
         poller = self.poller
         if self.device is not None:
@@ -356,43 +373,42 @@ class TundWorker:
             poller.register(self.rpc)
         self.fib_resync()
         tun_fd = self.device.fd if self.device is not None else None
-        dp = self.dp
         spin = self.spin
+        spinning = spin.window > 0
+        monotonic = time.monotonic
+        periodic = 0.0  # when stats, a reload or the 1 s tick may next be due
+        # an idle ping wakes this loop cold (issue 13b): the common wake-up runs
+        # as few Python steps as it can, the rest only when due
         while not self.stop.stopped:
-            now = time.monotonic()
-            if spin.timeout(now, MAX_WAIT) == 0:
-                events = poller.poll(0)
-                if not events:  # nothing yet: give the CPU to whoever answers us, then look again
-                    os.sched_yield()
-                    spin.spun(now, time.monotonic())
-                    continue
+            if spinning:
+                now = monotonic()
+                if spin.timeout(now, MAX_WAIT) == 0:
+                    events = poller.poll(0)
+                    if not events:  # nothing yet: give the CPU to whoever answers us, then look again
+                        os.sched_yield()
+                        spin.spun(now, monotonic())
+                        continue
+                else:
+                    events = poller.poll(MAX_WAIT)
             else:
                 events = poller.poll(MAX_WAIT)
-            now = time.monotonic()
+            now = monotonic()
             if events:
-                spin.traffic(now)
-            if self.fib_sub in events:
-                self.read_fib(now)
-            if tun_fd is not None and tun_fd in events:
-                self.read_tun(now)
-            if self.inbox in events:
-                self.read_inbox(now)
-            if self.data_fds:
-                for fd in [fd for fd in self.data_fds if fd in events]:
-                    self.read_data(fd, now)
-            if self.rpc is not None and self.rpc in events:
-                self.answer_rpc()
-            if self.stats.due(now):
-                self.stats.maybe_publish(now, dp.all_counters(), self.gauges())
-            if self.security.reload_requested:
-                self.security.reload(self.dp, now)
-            if now >= self.next_tick:
-                self.next_tick = now + 1.0
-                self.security.tick(self.dp)
-                if not self.fib_synced:
-                    self.fib_resync()
-                dp.tick(now)
-                self.check_children()
+                if spinning:
+                    spin.traffic(now)
+                if self.fib_sub in events:
+                    self.read_fib(now)
+                if tun_fd is not None and tun_fd in events:
+                    self.read_tun(now)
+                if self.inbox in events:
+                    self.read_inbox(now)
+                if self.data_fds:
+                    for fd in [fd for fd in self.data_fds if fd in events]:
+                        self.read_data(fd, now)
+                if self.rpc is not None and self.rpc in events:
+                    self.answer_rpc()
+            if now >= periodic:
+                periodic = self.periodic(now)
             self.flush()
         for pid in self.children:
             with contextlib.suppress(OSError):
