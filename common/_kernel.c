@@ -2177,11 +2177,49 @@ fail:
 #define RING_TAIL_AT 64
 #define RECORD_FIXED 22 /* "=QQIBB": generation, start, length, len(name), len(tag) */
 
+/* One record into a ring and its announcement (common/shmring.py
+ * RingWriter.put + common/datapath.py DataOut.send): the parts are copied
+ * back to back at the record's start. Returns 0 put and announced, 1 no
+ * room, 2 the socket's backlog is full (EAGAIN), 3 the send failed
+ * otherwise; *tail is the reader's word as accepted (a value outside
+ * [tail, head] is torn or bogus and ignored), *start where the record went. */
+static int ring_put_send(uint8_t *base, uint64_t usize, uint64_t head, uint64_t *tail, uint64_t generation, int fd,
+                         const uint8_t *name, size_t name_len, const uint8_t *tag, size_t tag_len,
+                         const Py_buffer *parts, Py_ssize_t nparts, uint64_t n, uint64_t *start) {
+    uint64_t word;
+    memcpy(&word, base + RING_TAIL_AT, 8); /* the reader's word, on its own cache line */
+    if (*tail <= word && word <= head)
+        *tail = word;
+    uint64_t pos = head % usize;
+    *start = pos + n <= usize ? head : head + (usize - pos);
+    if (*start + n - *tail > usize)
+        return 1;
+    uint8_t *at = base + RING_DATA_AT + *start % usize;
+    for (Py_ssize_t i = 0; i < nparts; i++) {
+        memcpy(at, parts[i].buf, (size_t)parts[i].len);
+        at += parts[i].len;
+    }
+    uint8_t record[RECORD_FIXED + 255 + 255];
+    uint32_t len32 = (uint32_t)n;
+    memcpy(record, &generation, 8);
+    memcpy(record + 8, start, 8);
+    memcpy(record + 16, &len32, 4);
+    record[20] = (uint8_t)name_len;
+    record[21] = (uint8_t)tag_len;
+    memcpy(record + RECORD_FIXED, name, name_len);
+    memcpy(record + RECORD_FIXED + name_len, tag, tag_len);
+    for (;;) {
+        if (send(fd, record, RECORD_FIXED + name_len + tag_len, MSG_DONTWAIT | MSG_NOSIGNAL) >= 0)
+            return 0;
+        if (errno == EINTR)
+            continue;
+        return (errno == EAGAIN || errno == EWOULDBLOCK) ? 2 : 3;
+    }
+}
+
 /* ring_send(ring_map, size, head, tail, generation, fd, name, tag, data)
- *   -> (status, start, tail): status 0 put and announced, 1 no room, 2 the
- * socket's backlog is full (EAGAIN), 3 the send failed otherwise (the
- * consumer went away); on 1-3 the caller's head stays where it was. ``tail`` is the reader's word as accepted
- * (a value outside [tail, head] is torn or bogus and ignored). */
+ *   -> (status, start, tail): ring_put_send for one buffer; on status 1-3
+ * the caller's head stays where it was. */
 static PyObject *k_ring_send(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 9) {
         PyErr_SetString(PyExc_TypeError, "ring_send(ring_map, size, head, tail, generation, fd, name, tag, data)");
@@ -2212,39 +2250,10 @@ static PyObject *k_ring_send(PyObject *mod, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_ValueError, "ring_send: arguments out of range");
         goto done;
     }
-    uint8_t *base = map.buf;
-    uint64_t word;
-    memcpy(&word, base + RING_TAIL_AT, 8); /* the reader's word, on its own cache line */
-    if (tail <= word && word <= head)
-        tail = word;
-    uint64_t n = (uint64_t)data.len, usize = (uint64_t)size;
-    uint64_t pos = head % usize;
-    uint64_t start = pos + n <= usize ? head : head + (usize - pos);
-    if (start + n - tail > usize) {
-        ret = Py_BuildValue("(iKK)", 1, (unsigned long long)start, (unsigned long long)tail);
-        goto done;
-    }
-    memcpy(base + RING_DATA_AT + start % usize, data.buf, n);
-    uint8_t record[RECORD_FIXED + 255 + 255];
-    uint32_t len32 = (uint32_t)n;
-    memcpy(record, &generation, 8);
-    memcpy(record + 8, &start, 8);
-    memcpy(record + 16, &len32, 4);
-    record[20] = (uint8_t)name.len;
-    record[21] = (uint8_t)tag.len;
-    memcpy(record + RECORD_FIXED, name.buf, name.len);
-    memcpy(record + RECORD_FIXED + name.len, tag.buf, tag.len);
-    size_t rlen = RECORD_FIXED + name.len + tag.len;
-    int status = 0;
-    for (;;) {
-        if (send((int)fd, record, rlen, MSG_DONTWAIT | MSG_NOSIGNAL) >= 0)
-            break;
-        if (errno == EINTR)
-            continue;
-        status = (errno == EAGAIN || errno == EWOULDBLOCK) ? 2 : 3;
-        break;
-    }
-    ret = Py_BuildValue("(iKK)", status, (unsigned long long)start, (unsigned long long)tail);
+    uint64_t t = tail, start = 0;
+    int status = ring_put_send(map.buf, (uint64_t)size, head, &t, generation, (int)fd, name.buf, (size_t)name.len,
+                               tag.buf, (size_t)tag.len, &data, 1, (uint64_t)data.len, &start);
+    ret = Py_BuildValue("(iKK)", status, (unsigned long long)start, (unsigned long long)t);
 done:
     if (have_data)
         PyBuffer_Release(&data);
@@ -2254,6 +2263,149 @@ done:
         PyBuffer_Release(&name);
     PyBuffer_Release(&map);
     return ret;
+}
+
+static int attr_u64(PyObject *obj, const char *name, uint64_t *v) {
+    PyObject *o = PyObject_GetAttrString(obj, name);
+    if (!o)
+        return -1;
+    *v = PyLong_AsUnsignedLongLong(o);
+    Py_DECREF(o);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* One next hop's packets (a list of buffers) to its ring, as hand_over:
+ * 1 handed over, 0 left for the caller's slow path, -1 an exception. */
+static int hand_over_one(PyObject *hop, PyObject *parts, PyObject *data_out, Py_ssize_t max_batch) {
+    Py_ssize_t tag_len;
+    const char *tag = PyUnicode_AsUTF8AndSize(hop, &tag_len);
+    if (!tag)
+        return -1;
+    if (tag_len > 255 || !PyList_Check(parts))
+        return 0;
+    PyObject *fdo = NULL, *ring = NULL, *map = NULL, *name = NULL;
+    Py_buffer *bufs = NULL, mapbuf, namebuf;
+    int have_map = 0, have_name = 0, rc = -1;
+    Py_ssize_t nparts = PyList_GET_SIZE(parts), got = 0;
+    long fd;
+    uint64_t size, head, tail, generation, total = 0;
+    if (!(fdo = PyObject_GetAttrString(data_out, "fd")))
+        goto done;
+    fd = PyLong_AsLong(fdo);
+    if (fd == -1 && PyErr_Occurred())
+        goto done;
+    rc = 0;
+    if (fd < 0 || fd > INT32_MAX || nparts == 0)
+        goto done; /* not connected: DataOut.send reconnects and counts */
+    rc = -1;
+    if (!(ring = PyObject_GetAttrString(data_out, "ring")) || !(map = PyObject_GetAttrString(ring, "map")) ||
+        !(name = PyObject_GetAttrString(data_out, "name_bytes")) || attr_u64(ring, "size", &size) < 0 ||
+        attr_u64(ring, "head", &head) < 0 || attr_u64(ring, "tail", &tail) < 0 ||
+        attr_u64(ring, "generation", &generation) < 0)
+        goto done;
+    if (PyObject_GetBuffer(map, &mapbuf, PyBUF_WRITABLE) < 0)
+        goto done;
+    have_map = 1;
+    if (PyObject_GetBuffer(name, &namebuf, PyBUF_SIMPLE) < 0)
+        goto done;
+    have_name = 1;
+    if (!(bufs = PyMem_Calloc((size_t)nparts, sizeof *bufs))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; got < nparts; got++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(parts, got), &bufs[got], PyBUF_SIMPLE) < 0)
+            goto done;
+        total += (uint64_t)bufs[got].len;
+    }
+    rc = 0;
+    if (size == 0 || (uint64_t)mapbuf.len < RING_DATA_AT + size || namebuf.len > 255 || head < tail || total == 0 ||
+        total > (uint64_t)max_batch || total > size / 2)
+        goto done; /* too big for one record, or nothing: the caller cuts or drops it */
+    uint64_t start = 0, t = tail;
+    int status = ring_put_send(mapbuf.buf, size, head, &t, generation, (int)fd, namebuf.buf, (size_t)namebuf.len,
+                               (const uint8_t *)tag, (size_t)tag_len, bufs, nparts, total, &start);
+    rc = -1;
+    PyObject *tv = PyLong_FromUnsignedLongLong(t);
+    if (!tv || PyObject_SetAttrString(ring, "tail", tv) < 0) {
+        Py_XDECREF(tv);
+        goto done;
+    }
+    Py_DECREF(tv);
+    if (status == 0) {
+        PyObject *r = PyObject_CallMethod(ring, "advance", "KK", (unsigned long long)start, (unsigned long long)total);
+        if (!r)
+            goto done;
+        Py_DECREF(r);
+    }
+    rc = status == 0;
+done:
+    for (Py_ssize_t i = 0; i < got; i++)
+        PyBuffer_Release(&bufs[i]);
+    PyMem_Free(bufs);
+    if (have_name)
+        PyBuffer_Release(&namebuf);
+    if (have_map)
+        PyBuffer_Release(&mapbuf);
+    Py_XDECREF(fdo);
+    Py_XDECREF(ring);
+    Py_XDECREF(map);
+    Py_XDECREF(name);
+    return rc;
+}
+
+/* hand_over(out, rings, max_batch) -> handed: as datapath.hand_over. */
+static PyObject *k_hand_over(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "hand_over(out, rings, max_batch)");
+        return NULL;
+    }
+    PyObject *out = args[0], *rings = args[1];
+    Py_ssize_t max_batch = PyLong_AsSsize_t(args[2]);
+    if (max_batch == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyDict_Check(out) || !PyDict_Check(rings)) {
+        PyErr_SetString(PyExc_TypeError, "hand_over: out and rings must be dicts");
+        return NULL;
+    }
+    PyObject *items = PyDict_Items(out); /* a snapshot: handed hops are deleted below */
+    if (!items)
+        return NULL;
+    Py_ssize_t handed = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *hop = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
+        PyObject *parts = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 1);
+        if (!PyUnicode_Check(hop))
+            continue;
+        Py_ssize_t dash = PyUnicode_FindChar(hop, '-', 0, PyUnicode_GET_LENGTH(hop), 1);
+        if (dash == -2)
+            goto fail;
+        PyObject *family = dash < 0 ? Py_NewRef(hop) : PyUnicode_Substring(hop, 0, dash);
+        if (!family)
+            goto fail;
+        PyObject *data_out = PyDict_GetItemWithError(rings, family); /* borrowed */
+        Py_DECREF(family);
+        if (!data_out) {
+            if (PyErr_Occurred())
+                goto fail;
+            continue;
+        }
+        if (data_out == Py_None)
+            continue;
+        int rc = hand_over_one(hop, parts, data_out, max_batch);
+        if (rc < 0)
+            goto fail;
+        if (rc) {
+            if (PyDict_DelItem(out, hop) < 0)
+                goto fail;
+            handed++;
+        }
+    }
+    Py_DECREF(items);
+    return PyLong_FromSsize_t(handed);
+fail:
+    Py_DECREF(items);
+    return NULL;
 }
 
 /* recv_records(fd, max_records, max_size) -> (records, state): SEQPACKET
@@ -2317,6 +2469,8 @@ static PyMethodDef k_methods[] = {
      "read_tun(fd, max_packets, budget, size) -> (packets, errno): as tun.read_packets"},
     {"ring_send", (PyCFunction)(void (*)(void))k_ring_send, METH_FASTCALL,
      "ring_send(ring_map, size, head, tail, generation, fd, name, tag, data) -> (status, start, tail)"},
+    {"hand_over", (PyCFunction)(void (*)(void))k_hand_over, METH_FASTCALL,
+     "hand_over(out, rings, max_batch) -> handed: as datapath.hand_over"},
     {"recv_records", (PyCFunction)(void (*)(void))k_recv_records, METH_FASTCALL,
      "recv_records(fd, max_records, max_size) -> (records, state): as datapath.recv_records"},
     {"all_local", k_all_local, METH_VARARGS, "all_local(buf, offsets, own_prefix): as local_batch.all_local"},

@@ -74,6 +74,7 @@ class DataOut:
         self.ring = RingWriter(ring_path(run_dir, name))
         self.path = socket_path(run_dir, consumer)
         self.sock: socket.socket | None = None
+        self.fd = -1  # the connection's descriptor, -1 while there is none
         self.next_attempt = 0.0
 
     def _connect(self, now: float) -> socket.socket | None:
@@ -89,6 +90,7 @@ class DataOut:
             sock.close()
             return None
         self.sock = sock
+        self.fd = sock.fileno()
         return sock
 
     def send(self, data: bytes | bytearray | memoryview, tag: bytes = b"") -> str | None:
@@ -105,7 +107,7 @@ class DataOut:
             # the same put and record in one C call (_kernel.c ring_send): the
             # hand-over ends every wake-up of tund and peerd
             status, start, ring.tail = _kernel.ring_send(
-                ring.buffer, ring.size, ring.head, ring.tail, ring.generation, sock.fileno(), self.name_bytes, tag, data
+                ring.map, ring.size, ring.head, ring.tail, ring.generation, sock.fileno(), self.name_bytes, tag, data
             )
             if status == 0:
                 ring.advance(start, len(data))
@@ -133,14 +135,57 @@ class DataOut:
         self.next_attempt = 0.0
         return "unreachable"
 
+    def put_and_announce(self, data: bytes, tag: bytes) -> bool:
+        """``send`` without its slow paths (connecting, a full ring, a failed
+        record: each left to ``send``, which retries and counts): hand_over's reference."""
+        ring = self.ring
+        start = ring.room(len(data))
+        if start is None or self.sock is None:
+            return False
+        ring.write_at(start, data)
+        try:
+            record = RECORD.pack(ring.generation, start, len(data), len(self.name_bytes), len(tag))
+            self.sock.send(record + self.name_bytes + tag)
+        except OSError:
+            return False
+        ring.advance(start, len(data))
+        return True
+
     def close_socket(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+            self.fd = -1
 
     def close(self) -> None:
         self.close_socket()
         self.ring.close()
+
+
+def hand_over(out: dict[str, list[bytes]], rings: dict[str, DataOut], max_batch: int) -> int:
+    """Each next hop's packets in ``out`` (next hop -> parts) to the ring of
+    its family (the link id's first word) as one batch, each hop handed
+    over taken out of ``out``; in one C call when the kernel is built (it
+    copies the parts into the ring without joining them first). What
+    cannot go at once (no ring or connection, over ``max_batch``, a full
+    ring, a backlog) stays in ``out`` for the caller's slow path, which
+    cuts, retries and counts. Returns how many hops went."""
+    if _kernel is not None:
+        handed: int = _kernel.hand_over(out, rings, max_batch)
+        return handed
+    handed = 0
+    for hop, parts in list(out.items()):
+        data_out = rings.get(hop.split("-", 1)[0])
+        tag = hop.encode()
+        if data_out is None or data_out.fd < 0 or not parts or len(tag) > 255:
+            continue
+        blob = b"".join(parts)
+        if not blob or len(blob) > max_batch or len(blob) > data_out.ring.max_record:
+            continue
+        if data_out.put_and_announce(blob, tag):
+            del out[hop]
+            handed += 1
+    return handed
 
 
 class DataIn:

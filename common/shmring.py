@@ -109,15 +109,29 @@ class RingWriter:
             self.tail = tail
         return self.tail
 
+    def room(self, n: int) -> int | None:
+        """Where a record of ``n`` bytes would start, or None while the
+        reader has not made room for it (reads the reader's tail word)."""
+        pos = self.head % self.size
+        start = self.head if pos + n <= self.size else self.head + (self.size - pos)
+        if start + n - self._read_tail() > self.size:
+            return None
+        return start
+
+    def write_at(self, start: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy a record's bytes in at ``start`` (from ``room``); ``advance`` makes it the head."""
+        at = DATA_AT + start % self.size
+        assert self._view is not None
+        self._view[at : at + len(data)] = data
+
     def put(self, data: bytes | bytearray | memoryview, now: float | None = None) -> tuple[int, int, int] | None:
         """Copy ``data`` in; (generation, start, length) for the descriptor,
         or None when there is no room (the caller drops and counts)."""
         n = len(data)
         if n == 0 or n > self.max_record:
             return None
-        pos = self.head % self.size
-        start = self.head if pos + n <= self.size else self.head + (self.size - pos)
-        if start + n - self._read_tail() > self.size:
+        start = self.room(n)
+        if start is None:
             if now is None:
                 now = time.monotonic()
             if not self.full_since:
@@ -127,22 +141,18 @@ class RingWriter:
                 return self.put(data, now)
             self.drops += 1
             return None
-        self.full_since = 0.0
-        at = DATA_AT + start % self.size
-        assert self._view is not None
-        self._view[at : at + n] = data
-        self._undo = self.head
-        self.head = start + n
+        self.write_at(start, data)
+        self.advance(start, n)
         return self.generation, start, n
 
     @property
-    def buffer(self) -> mmap.mmap:
-        """The mapped file (header, tail word, data), for the C kernel's ring_send."""
+    def map(self) -> mmap.mmap:
+        """The mapped file (header, tail word, data), for the C kernel's ring_send and hand_over."""
         assert self._map is not None
         return self._map
 
     def advance(self, start: int, n: int) -> None:
-        """A record of ``n`` bytes was written at ``start`` (by ring_send): as the end of ``put``."""
+        """A record of ``n`` bytes is in at ``start``: it becomes the head (``unput`` can take it back)."""
         self.full_since = 0.0
         self._undo = self.head
         self.head = start + n

@@ -35,7 +35,7 @@ import msgpack
 import zmq
 
 from common import bus, native
-from common.datapath import DataIn, DataOut
+from common.datapath import DataIn, DataOut, hand_over
 from common.epoller import Epoller
 from common.fib import FibReplica, is_head
 from common.identity import Identity, load_key_file
@@ -138,6 +138,7 @@ class TundWorker:
                 log.warning("no shared-memory data path to %s (%s); batches go as ZeroMQ frames", peerd, exc)
                 data_out = None
             self.peerds[family] = (sock, data_out)
+        self.rings = {family: out for family, (_sock, out) in self.peerds.items() if out is not None}
         try:
             self.data_in = DataIn(run, me, f"-to-{me}", self._watch, self.counters)
         except OSError as exc:
@@ -255,6 +256,12 @@ class TundWorker:
     def flush(self) -> None:
         dp = self.dp
         if dp.out or (dp.sessions is not None and dp.sessions.outbox):
+            engine = dp.sessions
+            if engine is not None and (engine.changed or engine.outbox):
+                dp.sync_sessions()  # negotiation packets join the batches
+            if dp.out:  # each next hop's batch straight into its peerd's ring (C: no join, no Python per hop)
+                hand_over(dp.out, self.rings, MAX_BATCH)
+        if dp.out:  # what could not go at once: cut, retried, counted, or sent over the bus
             peerds = self.peerds
             for next_hop, joined in dp.take_out().items():
                 peerd = peerds.get(next_hop.split("-", 1)[0])

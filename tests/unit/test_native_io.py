@@ -137,7 +137,7 @@ def test_ring_send_writes_what_the_reference_writes(
             conn, _ = listener.accept()
             said = []
             for kind, value, tag in steps:
-                tail_word = out.ring.buffer
+                tail_word = out.ring.map
                 if kind == "send":
                     said.append(out.send(bytes([len(said) % 251]) * value, tag))
                 elif kind == "release":  # the reader is done with part of what was written
@@ -146,7 +146,7 @@ def test_ring_send_writes_what_the_reference_writes(
                 else:  # a torn or forged tail word: ignored by both
                     tail_word[TAIL_AT : TAIL_AT + 8] = value.to_bytes(8, "little")
             ring = out.ring
-            data = bytes(ring.buffer[DATA_AT:])
+            data = bytes(ring.map[DATA_AT:])
             results.append((said, ring.head, ring.tail, ring.drops, records(conn), data))
             outs.append(out)
             conns.append(conn)
@@ -191,7 +191,7 @@ def test_ring_send_refuses_bad_arguments(listener: tuple[str, socket.socket]) ->
     run, _ = listener
     out = DataOut(run, "tund-to-peerd-tcp", "peerd-tcp")
     ring = out.ring
-    good = [ring.buffer, ring.size, 0, 0, 1, 0, b"n", b"t", b"data"]
+    good = [ring.map, ring.size, 0, 0, 1, 0, b"n", b"t", b"data"]
     bad = {
         0: bytearray(100),  # a map smaller than the ring it claims
         1: 1 << 40,
@@ -258,3 +258,89 @@ def test_recv_records_reports_a_failed_read_and_refuses_bad_arguments() -> None:
     for args in ((-1, 1, 1), (0, -1, 1), (0, 1, 0), (0, 1, 4097)):
         with pytest.raises(ValueError):
             K.recv_records(*args)
+
+
+# --- hand_over ----------------------------------------------------------------------------
+
+batches = st.lists(
+    st.tuples(
+        st.sampled_from(["tcp-1-1", "tcp-1-2", "quic-1-1", "vsock-1-1", "tcp", "tcp-" + "x" * 260]),
+        st.lists(st.integers(0, 300_000), max_size=4),
+    ),
+    max_size=12,
+)
+
+
+@SETTINGS
+@given(rounds=st.lists(batches, min_size=1, max_size=4), released=st.lists(st.floats(0, 1), min_size=4, max_size=4))
+def test_hand_over_hands_over_what_the_reference_does(
+    tmp_path_factory: pytest.TempPathFactory, rounds: list[list[tuple[str, list[int]]]], released: list[float]
+) -> None:
+    run = str(tmp_path_factory.mktemp("run"))
+    listeners = {}
+    for family in ("tcp", "quic"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.bind(socket_path(run, f"peerd-{family}"))
+        sock.listen(4)
+        listeners[family] = sock
+    results, opened = [], []
+    saved, stall = datapath._kernel, shmring.STALL_RESET
+    shmring.STALL_RESET = 1e9
+    try:
+        for kernel in (None, K):
+            datapath._kernel = kernel
+            rings = {f: DataOut(run, f"tund-to-peerd-{f}", f"peerd-{f}") for f in ("tcp", "quic")}
+            conns = {}
+            for f, out in rings.items():
+                assert out.send(b"hello", b"t") is None
+                conns[f] = listeners[f].accept()[0]
+                opened += [out, conns[f]]
+            said = []
+            for i, batch in enumerate(rounds):
+                pending: dict[str, list[bytes]] = {}
+                for hop, sizes in batch:
+                    pending.setdefault(hop, []).extend(bytes([(i + n) % 251]) * n for n in sizes)
+                handed = datapath.hand_over(pending, rings, 1 << 20)  # type: ignore[arg-type]
+                said.append((handed, sorted(pending)))
+                for out in rings.values():  # the reader catches up on part of it
+                    seen = out.ring.tail + int((out.ring.head - out.ring.tail) * released[i])
+                    out.ring.map[TAIL_AT : TAIL_AT + 8] = seen.to_bytes(8, "little")
+            state = [(o.ring.head, o.ring.tail, o.ring.drops, bytes(o.ring.map[DATA_AT:])) for o in rings.values()]
+            results.append((said, state, [records(c) for c in conns.values()]))
+    finally:
+        datapath._kernel, shmring.STALL_RESET = saved, stall
+        for thing in opened:
+            thing.close()
+        for sock in listeners.values():
+            sock.close()
+    assert results[0] == results[1]
+
+
+def test_hand_over_leaves_what_cannot_go_at_once(listener: tuple[str, socket.socket]) -> None:
+    run, sock = listener
+    saved = datapath._kernel
+    try:
+        for kernel in (None, K):
+            datapath._kernel = kernel
+            out = DataOut(run, "tund-to-peerd-tcp", "peerd-tcp")
+            rings = {"tcp": out}
+            pending = {"tcp-1-1": [b"a" * 100, b"b" * 50]}
+            assert datapath.hand_over(pending, rings, 1 << 20) == 0 and pending  # not connected yet: send connects
+            assert out.send(b"x", b"") is None
+            conn, _ = sock.accept()
+            assert datapath.hand_over(pending, rings, 120) == 0 and pending  # over the batch limit: the caller cuts
+            pending["udp-1-1"] = [b"c"]  # a family without a ring
+            pending["tcp-1-2"] = []
+            assert datapath.hand_over(pending, rings, 1 << 20) == 1
+            assert sorted(pending) == ["tcp-1-2", "udp-1-1"]
+            got = records(conn)
+            assert [(start, length, tag) for start, length, _, _, tag in got] == [
+                (0, 1, b"tund-to-peerd-tcp"),
+                (1, 150, b"tund-to-peerd-tcptcp-1-1"),
+            ]
+            assert bytes(out.ring.map[DATA_AT + 1 : DATA_AT + 151]) == b"a" * 100 + b"b" * 50
+            conn.close()
+            assert datapath.hand_over({"tcp-1-1": [b"z"]}, rings, 1 << 20) == 0  # the consumer went: send reconnects
+            out.close()
+    finally:
+        datapath._kernel = saved
