@@ -2460,6 +2460,155 @@ fail:
     return NULL;
 }
 
+/* drain_ring(fd, readers, handle, max_records, max_size) -> (left, state, n):
+ * DataIn.receive with the consumer's handle(tag, batch) called for each
+ * record, while every record resolves to a ring already mapped: records
+ * read from the SEQPACKET fd, each checked and resolved against readers
+ * (ring name -> RingReader), handle called with a view of the record in
+ * the ring (released after it returns), the reader's tail advanced past
+ * it. The first record that needs Python (malformed, a ring or generation
+ * not mapped yet, out of range: DataIn._resolve counts or opens it) is
+ * returned as ``left`` and nothing after it is read; state as recv_records;
+ * n records read. */
+static PyObject *k_drain_ring(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "drain_ring(fd, readers, handle, max_records, max_size)");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    PyObject *readers = args[1], *handle = args[2];
+    Py_ssize_t maxr = PyLong_AsSsize_t(args[3]), size = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT32_MAX || maxr < 0 || size <= 0 || size > 4096 || !PyDict_Check(readers)) {
+        PyErr_SetString(PyExc_ValueError, "drain_ring: fd, readers, max_records or max_size out of range");
+        return NULL;
+    }
+    uint8_t buf[4096];
+    int state = 0;
+    Py_ssize_t i = 0;
+    PyObject *left = NULL;
+    while (i < maxr) {
+        ssize_t n = recv((int)fd, buf, (size_t)size, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return NULL;
+                continue;
+            }
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                state = errno;
+            break;
+        }
+        if (n == 0) {
+            state = -1;
+            break;
+        }
+        i++;
+        uint64_t gen, start;
+        uint32_t length;
+        if (n < RECORD_FIXED)
+            goto python;
+        memcpy(&gen, buf, 8);
+        memcpy(&start, buf + 8, 8);
+        memcpy(&length, buf + 16, 4);
+        size_t name_len = buf[20], tag_len = buf[21];
+        if ((size_t)n != RECORD_FIXED + name_len + tag_len)
+            goto python;
+        PyObject *name = PyUnicode_DecodeUTF8((const char *)buf + RECORD_FIXED, (Py_ssize_t)name_len, NULL);
+        if (!name) {
+            PyErr_Clear();
+            goto python;
+        }
+        PyObject *reader = PyDict_GetItemWithError(readers, name); /* borrowed */
+        Py_DECREF(name);
+        if (!reader) {
+            if (PyErr_Occurred())
+                return NULL;
+            goto python;
+        }
+        uint64_t rgen, rsize;
+        if (attr_u64(reader, "generation", &rgen) < 0 || attr_u64(reader, "size", &rsize) < 0)
+            return NULL;
+        uint64_t pos = rsize ? start % rsize : 0;
+        if (rgen != gen || rsize == 0 || length == 0 || start > INT64_MAX || pos + length > rsize)
+            goto python;
+        PyObject *map = PyObject_GetAttrString(reader, "map");
+        if (!map)
+            return NULL;
+        if (map == Py_None) {
+            Py_DECREF(map);
+            goto python;
+        }
+        Py_buffer mb;
+        if (PyObject_GetBuffer(map, &mb, PyBUF_WRITABLE) < 0) {
+            Py_DECREF(map);
+            return NULL;
+        }
+        if ((uint64_t)mb.len < RING_DATA_AT + rsize) {
+            PyBuffer_Release(&mb);
+            Py_DECREF(map);
+            goto python;
+        }
+        /* the batch as a view derived from the mapping (as RingReader.get's),
+         * so the mapping cannot be closed under a view the handler kept */
+        PyObject *whole = PyMemoryView_FromObject(map), *view = NULL, *tag = NULL, *r = NULL;
+        Py_ssize_t at = (Py_ssize_t)(RING_DATA_AT + pos);
+        if (whole)
+            view = PySequence_GetSlice(whole, at, at + (Py_ssize_t)length);
+        if (view)
+            tag = PyBytes_FromStringAndSize((const char *)buf + RECORD_FIXED + name_len, (Py_ssize_t)tag_len);
+        if (tag)
+            r = PyObject_CallFunctionObjArgs(handle, tag, view, NULL);
+        int failed = r == NULL;
+        PyObject *et = NULL, *ev = NULL, *etb = NULL;
+        if (failed)
+            PyErr_Fetch(&et, &ev, &etb);
+        Py_XDECREF(r);
+        Py_XDECREF(tag);
+        for (int k = 0; k < 2; k++) { /* released as DataIn.receive does; BufferError: the handler kept one */
+            PyObject *v = k ? whole : view;
+            if (!v)
+                continue;
+            PyObject *done = PyObject_CallMethod(v, "release", NULL);
+            if (done)
+                Py_DECREF(done);
+            else
+                PyErr_Clear();
+            Py_DECREF(v);
+        }
+        { /* RingReader.release(generation, end): the record is consumed even if the handler failed */
+            uint64_t end = start + length, word;
+            if (attr_u64(reader, "generation", &rgen) < 0) {
+                if (failed)
+                    PyErr_Clear();
+                failed = 1;
+            } else if (rgen == gen) {
+                memcpy(&word, (uint8_t *)mb.buf + RING_TAIL_AT, 8);
+                if (end > word)
+                    memcpy((uint8_t *)mb.buf + RING_TAIL_AT, &end, 8);
+            }
+        }
+        PyBuffer_Release(&mb);
+        Py_DECREF(map);
+        if (failed) {
+            if (et)
+                PyErr_Restore(et, ev, etb);
+            else if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "drain_ring: the ring's generation could not be read");
+            return NULL;
+        }
+        continue;
+    python:
+        if (!(left = PyBytes_FromStringAndSize((const char *)buf, n)))
+            return NULL;
+        break;
+    }
+    if (!left)
+        left = Py_NewRef(Py_None);
+    return Py_BuildValue("(Nin)", left, state, i);
+}
+
 static PyMethodDef k_methods[] = {
     {"configure", k_configure, METH_VARARGS, "configure(InvalidTag, os.urandom, SegmentError)"},
     {"split_tcp", k_split_tcp, METH_VARARGS, "split_tcp(super_packet, off) -> plaintexts (gso.split_tcp, L3 prefix)"},
@@ -2471,6 +2620,8 @@ static PyMethodDef k_methods[] = {
      "ring_send(ring_map, size, head, tail, generation, fd, name, tag, data) -> (status, start, tail)"},
     {"hand_over", (PyCFunction)(void (*)(void))k_hand_over, METH_FASTCALL,
      "hand_over(out, rings, max_batch) -> handed: as datapath.hand_over"},
+    {"drain_ring", (PyCFunction)(void (*)(void))k_drain_ring, METH_FASTCALL,
+     "drain_ring(fd, readers, handle, max_records, max_size) -> (left, state, n): as DataIn.drain"},
     {"recv_records", (PyCFunction)(void (*)(void))k_recv_records, METH_FASTCALL,
      "recv_records(fd, max_records, max_size) -> (records, state): as datapath.recv_records"},
     {"all_local", k_all_local, METH_VARARGS, "all_local(buf, offsets, own_prefix): as local_batch.all_local"},

@@ -182,6 +182,7 @@ class RingReader:
         self.path = path
         self.generation = 0
         self.size = 0
+        self.map: mmap.mmap | None = None
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
         self._tail_word: memoryview | None = None
@@ -206,6 +207,7 @@ class RingReader:
             m.close()
             return False
         self._map, self.generation, self.size = m, gen, size
+        self.map = m  # for the C kernel's drain_ring
         self._view = memoryview(m)
         self._tail_word = self._view[TAIL_AT : TAIL_AT + 8].cast("Q")
         return True
@@ -234,5 +236,5 @@ class RingReader:
         if self._map is not None:
             with contextlib.suppress(BufferError):
                 self._map.close()
-        self._map = self._view = self._tail_word = None
+        self._map = self._view = self._tail_word = self.map = None
         self.generation = 0

@@ -447,16 +447,17 @@ class PeerdService:
         hop its record names; written to the link straight from shared
         memory (the link copies what it cannot write at once)."""
         assert self.data_in is not None
-        links = self.links
-        for tag, frame in self.data_in.receive(fd):
-            link = links.get(tag.decode(errors="replace"))
-            if link is not None and not link.closed and len(frame) >= 40:  # the common case, inline
-                link.send_data(frame, borrowed=True)
-                self.counters["data_out_batches"] += 1
-            elif tag.startswith(SIBLING_TAG):
-                self.data_batch(tag[1:].decode(errors="replace"), frame, True, borrowed=True)
-            else:
-                self.data_batch(tag.decode(errors="replace"), frame, False, borrowed=True)
+        self.data_in.drain(fd, self._data_batch_in)
+
+    def _data_batch_in(self, tag: bytes, frame: memoryview) -> None:
+        link = self.links.get(tag.decode(errors="replace"))
+        if link is not None and not link.closed and len(frame) >= 40:  # the common case, inline
+            link.send_data(frame, borrowed=True)
+            self.counters["data_out_batches"] += 1
+        elif tag.startswith(SIBLING_TAG):
+            self.data_batch(tag[1:].decode(errors="replace"), frame, True, borrowed=True)
+        else:
+            self.data_batch(tag.decode(errors="replace"), frame, False, borrowed=True)
 
     def handle_inbox(self, msg: bus.Message) -> None:
         if msg.kind == "ctl":

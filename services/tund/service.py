@@ -237,12 +237,15 @@ class TundWorker:
             self.data_fds.discard(fd)
 
     def read_data(self, fd: int, now: float) -> None:
-        """Batches peerd left in our ring: copied out (the data path keys
-        dicts by slices of them) and released at once."""
+        """Batches peerd left in our ring, each released once handled (the
+        kernel copies what it keeps; the Python data path keys dicts by
+        slices of a batch, so it gets a copy)."""
         assert self.data_in is not None
-        from_peer = self.dp.from_peer
-        for _tag, view in self.data_in.receive(fd):
-            from_peer(view if self.dp.kernel is not None else bytes(view), now)  # the kernel copies what it keeps
+        dp = self.dp
+        if dp.kernel is not None:
+            self.data_in.drain(fd, lambda _tag, view: dp.from_peer(view, now))
+        else:
+            self.data_in.drain(fd, lambda _tag, view: dp.from_peer(bytes(view), now))
 
     def read_tun(self, now: float) -> None:
         assert self.device is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common import datapath, native, shmring
-from common.datapath import RECORD, DataOut, socket_path
+from common.datapath import RECORD, DataIn, DataOut, socket_path
 from common.shmring import DATA_AT, TAIL_AT
 from services.tund.tun import read_packets
 
@@ -344,3 +345,112 @@ def test_hand_over_leaves_what_cannot_go_at_once(listener: tuple[str, socket.soc
             out.close()
     finally:
         datapath._kernel = saved
+
+
+# --- drain_ring ---------------------------------------------------------------------------
+
+steps_in = st.lists(
+    st.one_of(
+        st.tuples(st.just("send"), st.integers(1, 5000), st.binary(max_size=6)),
+        st.tuples(st.just("renew"), st.just(0), st.just(b"")),  # the producer restarted: a new generation
+        st.tuples(st.just("forged"), st.integers(0, 5), st.just(b"")),
+        st.tuples(st.just("drain"), st.just(0), st.just(b"")),
+    ),
+    max_size=40,
+)
+
+
+def forged(out: DataOut, kind: int) -> bytes:
+    name, gen, size = out.name_bytes, out.ring.generation, out.ring.size
+    return [
+        b"short",
+        RECORD.pack(gen, 0, 4, len(name), 0) + name + b"extra",  # length mismatch
+        RECORD.pack(gen + 1, 0, 4, len(name), 0) + name,  # unknown generation
+        RECORD.pack(gen, size - 2, 4, len(name), 0) + name,  # off the end
+        RECORD.pack(gen, 0, 0, len(name), 0) + name,  # empty
+        RECORD.pack(gen, 0, 4, 3, 0) + b"\xff\xfe\xfd",  # not a name
+    ][kind]
+
+
+def drained(run: str, steps: list[tuple[str, int, bytes]]) -> tuple[object, ...]:
+    """What a consumer's DataIn.drain handed over, counted and mapped for ``steps``."""
+    fds: set[int] = set()
+    counters: Counter[str] = Counter()
+    din = DataIn(run, "tund", "-to-tund", lambda fd, add: (fds.add if add else fds.discard)(fd), counters)
+    out = DataOut(run, "peerd-tcp-to-tund", "tund")
+    got: list[tuple[bytes, bytes]] = []
+    mapped = []
+
+    def drain() -> None:
+        for fd in sorted(fds):
+            din.drain(fd, lambda tag, view: got.append((tag, bytes(view))))
+        mapped.append(sorted((name, r.generation != 0, r.map is not None) for name, r in din.readers.items()))
+
+    try:
+        assert out.send(b"first", b"") is None
+        drain()  # accepts the connection
+        for i, (kind, value, tag) in enumerate(steps):
+            if kind == "send":
+                out.send(bytes([i % 251]) * value, tag)
+            elif kind == "renew":
+                out.ring.renew()
+            elif kind == "forged":
+                assert out.sock is not None
+                out.sock.send(forged(out, value))
+            else:
+                drain()
+        drain()
+        drain()
+        tail = int.from_bytes(out.ring.map[TAIL_AT : TAIL_AT + 8], "little")
+        return got, dict(counters), mapped, tail - out.ring.head
+    finally:
+        out.close()
+        din.close()
+
+
+@SETTINGS
+@given(steps=steps_in)
+def test_drain_ring_hands_over_what_receive_does(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, int, bytes]]
+) -> None:
+    results = []
+    saved = datapath._kernel
+    try:
+        for kernel in (None, K):
+            datapath._kernel = kernel
+            results.append(drained(str(tmp_path_factory.mktemp("run")), steps))
+    finally:
+        datapath._kernel = saved
+    assert results[0] == results[1]
+    assert results[1][3] == 0  # everything written was released
+
+
+def test_drain_ring_passes_on_the_handlers_exception_and_keeps_the_ring_usable(tmp_path: Path) -> None:
+    run = str(tmp_path)
+    fds: set[int] = set()
+    din = DataIn(run, "tund", "-to-tund", lambda fd, add: (fds.add if add else fds.discard)(fd))
+    out = DataOut(run, "peerd-tcp-to-tund", "tund")
+    assert out.send(b"a" * 10, b"") is None
+    for fd in sorted(fds):
+        din.drain(fd, lambda tag, view: None)  # accept
+    kept: list[memoryview] = []
+    assert out.send(b"b" * 10, b"") is None
+    assert out.send(b"c" * 10, b"") is None
+
+    def boom(tag: bytes, view: memoryview) -> None:
+        kept.append(view)  # a handler that keeps the view: it is released anyway
+        raise RuntimeError("handler failed")
+
+    conn = next(fd for fd in fds if fd != din.listener.fileno())
+    with pytest.raises(RuntimeError):
+        din.drain(conn, boom)
+    with pytest.raises(ValueError):
+        bytes(kept[0])  # released: no access to the ring after the call
+    got: list[bytes] = []
+    din.drain(conn, lambda tag, view: got.append(bytes(view)))
+    assert got == [b"b" * 10, b"c" * 10]  # the failed one is consumed, the rest still there
+    assert int.from_bytes(out.ring.map[TAIL_AT : TAIL_AT + 8], "little") == out.ring.head
+    out.close()
+    din.close()
+    with pytest.raises(ValueError):
+        K.drain_ring(-1, {}, print, 1, 100)
