@@ -23,7 +23,7 @@ from common.wire.rules import (
     SRC_OFFSET,
 )
 
-MIN_PACKETS = 16  # below this the per-packet loop is cheaper
+MIN_PACKETS = 16  # below this the per-packet loop is cheaper than numpy
 _HOP = HOP_OFFSET
 
 
@@ -64,3 +64,7 @@ def _all_local_numpy(
 
 
 all_local: Any = _all_local_numpy if kernel is None else kernel.all_local
+if kernel is not None:
+    # the C pass costs less than the Python loop even for one packet, and an
+    # idle ping's wake-up is where the loop costs most (cold, issue 13b)
+    MIN_PACKETS = 1

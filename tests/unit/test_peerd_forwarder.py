@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
+from common import native
 from common.fib import FibReplica
 from common.wire.icmp import CODE_HOP_LIMIT, CODE_NO_ROUTE, DEST_UNREACHABLE, TIME_EXCEEDED
+from services.peerd import local_batch
 from services.peerd.forwarder import Forwarder
 
 OWN = bytes.fromhex("04aa00000000000b")
@@ -66,6 +70,28 @@ def test_the_numpy_pass_and_the_loop_agree_on_large_local_reads() -> None:
     assert sorted(len(b) for _, b in out2.local) == [len(bytes(buf1))]  # one source /64: one worker
     assert bytes(out2.local[0][1]) == bytes(buf1)
     assert fast.stats.to_json() == slow.stats.to_json()
+
+
+def test_small_reads_take_the_kernels_pass_and_agree_with_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the native kernel even a lone packet (an idle ping) takes the C
+    pass; it must decide exactly as the per-packet loop does."""
+    from services.peerd import forwarder as fwd_module
+
+    if native.kernel is None:
+        pytest.skip(f"native kernel not in use: {native.REASON}")
+    for n in (1, 2, 5):
+        pkts = [packet(addr(OWN, i), hop=2 + i) for i in range(n)] + [packet(addr(OWN), hop=1)] * (n == 5)
+        results = []
+        for threshold in (1, 10_000):  # the C pass, then the loop
+            monkeypatch.setattr(fwd_module, "MIN_PACKETS", threshold)
+            fwd = forwarder({})
+            buf, offsets = batch(*pkts)
+            out = fwd.route_batch(buf, offsets)
+            results.append(
+                ([(w, bytes(b)) for w, b in out.local], out.icmp, dict(fwd.counters), fwd.stats.to_json(), bytes(buf))
+            )
+        assert results[0] == results[1]
+    assert local_batch.MIN_PACKETS == 1  # what peerd runs with the kernel
 
 
 def test_workers_are_chosen_by_source_subnet() -> None:
