@@ -2408,6 +2408,28 @@ fail:
     return NULL;
 }
 
+/* One SEQPACKET record from a non-blocking fd into buf: its length, or 0
+ * when there is none to take (*state: 0 drained, -1 the producer went
+ * away, else errno), or -1 with an exception (a signal handler raised). */
+static ssize_t recv_record(int fd, uint8_t *buf, size_t size, int *state) {
+    for (;;) {
+        ssize_t n = recv(fd, buf, size, MSG_DONTWAIT);
+        if (n > 0)
+            return n;
+        if (n == 0) {
+            *state = -1;
+            return 0;
+        }
+        if (errno == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                return -1;
+            continue;
+        }
+        *state = (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : errno;
+        return 0;
+    }
+}
+
 /* recv_records(fd, max_records, max_size) -> (records, state): SEQPACKET
  * records waiting on a non-blocking fd, as datapath.recv_records: state 0
  * drained (or max_records read), -1 the producer went away, else errno. */
@@ -2430,21 +2452,11 @@ static PyObject *k_recv_records(PyObject *mod, PyObject *const *args, Py_ssize_t
         return NULL;
     int state = 0;
     for (Py_ssize_t i = 0; i < maxr;) {
-        ssize_t n = recv((int)fd, buf, (size_t)size, MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EINTR) {
-                if (PyErr_CheckSignals() < 0)
-                    goto fail;
-                continue;
-            }
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                state = errno;
+        ssize_t n = recv_record((int)fd, buf, (size_t)size, &state);
+        if (n < 0)
+            goto fail;
+        if (n == 0)
             break;
-        }
-        if (n == 0) {
-            state = -1;
-            break;
-        }
         PyObject *rec = PyBytes_FromStringAndSize((const char *)buf, n);
         if (!rec)
             goto fail;
@@ -2489,21 +2501,11 @@ static PyObject *k_drain_ring(PyObject *mod, PyObject *const *args, Py_ssize_t n
     Py_ssize_t i = 0;
     PyObject *left = NULL;
     while (i < maxr) {
-        ssize_t n = recv((int)fd, buf, (size_t)size, MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EINTR) {
-                if (PyErr_CheckSignals() < 0)
-                    return NULL;
-                continue;
-            }
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                state = errno;
+        ssize_t n = recv_record((int)fd, buf, (size_t)size, &state);
+        if (n < 0)
+            return NULL;
+        if (n == 0)
             break;
-        }
-        if (n == 0) {
-            state = -1;
-            break;
-        }
         i++;
         uint64_t gen, start;
         uint32_t length;
