@@ -28,6 +28,8 @@
 #include <errno.h>
 #include <unistd.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
+#include <limits.h>
 
 #define NONCE 12
 #define TAG 16
@@ -2173,6 +2175,67 @@ fail:
     return NULL;
 }
 
+/* write_tun(fd, writes) -> (written, failed, errno): one writev per list
+ * of buffers in writes (Gro.flush's output), as tun.write_packets. */
+static PyObject *k_write_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "write_tun(fd, writes)");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *writes = args[1];
+    if (!PyList_Check(writes)) {
+        PyErr_SetString(PyExc_TypeError, "write_tun: writes must be a list");
+        return NULL;
+    }
+    Py_ssize_t written = 0, failed = 0;
+    int last = 0;
+    for (Py_ssize_t w = 0; w < PyList_GET_SIZE(writes); w++) {
+        PyObject *bufs = PyList_GET_ITEM(writes, w);
+        PyObject *seq = PySequence_Fast(bufs, "write_tun: each write must be a sequence of buffers");
+        if (!seq)
+            return NULL;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+        if (n > IOV_MAX || fd < 0 || fd > INT32_MAX) { /* as os.writev: the kernel refuses it */
+            failed++;
+            last = n > IOV_MAX ? EINVAL : EBADF;
+            Py_DECREF(seq);
+            continue;
+        }
+        Py_buffer views[IOV_MAX > 1024 ? 1024 : IOV_MAX];
+        struct iovec iov[IOV_MAX > 1024 ? 1024 : IOV_MAX];
+        Py_ssize_t got = 0;
+        for (; got < n; got++) {
+            if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, got), &views[got], PyBUF_SIMPLE) < 0)
+                break;
+            iov[got].iov_base = views[got].buf;
+            iov[got].iov_len = (size_t)views[got].len;
+        }
+        int ok = got == n;
+        if (ok) {
+            ssize_t r;
+            do
+                r = writev((int)fd, iov, (int)n);
+            while (r < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
+            if (r >= 0)
+                written++;
+            else if (!PyErr_Occurred()) {
+                failed++;
+                last = errno;
+            } else
+                ok = 0;
+        }
+        for (Py_ssize_t i = 0; i < got; i++)
+            PyBuffer_Release(&views[i]);
+        Py_DECREF(seq);
+        if (!ok)
+            return NULL;
+    }
+    return Py_BuildValue("(nni)", written, failed, last);
+}
+
 #define RING_DATA_AT 4096
 #define RING_TAIL_AT 64
 #define RECORD_FIXED 22 /* "=QQIBB": generation, start, length, len(name), len(tag) */
@@ -2618,6 +2681,8 @@ static PyMethodDef k_methods[] = {
     {"from_peer", (PyCFunction)(void (*)(void))k_from_peer, METH_FASTCALL, "from_peer(dp, blob, now)"},
     {"read_tun", (PyCFunction)(void (*)(void))k_read_tun, METH_FASTCALL,
      "read_tun(fd, max_packets, budget, size) -> (packets, errno): as tun.read_packets"},
+    {"write_tun", (PyCFunction)(void (*)(void))k_write_tun, METH_FASTCALL,
+     "write_tun(fd, writes) -> (written, failed, errno): as tun.write_packets"},
     {"ring_send", (PyCFunction)(void (*)(void))k_ring_send, METH_FASTCALL,
      "ring_send(ring_map, size, head, tail, generation, fd, name, tag, data) -> (status, start, tail)"},
     {"hand_over", (PyCFunction)(void (*)(void))k_hand_over, METH_FASTCALL,

@@ -158,8 +158,9 @@ class TundWorker:
         self.failed = False  # a crypto worker died: exit non-zero so supervisord restarts the group
         self.next_tick = 0.0
         self.spin = SpinPolicy(window_from_env())  # short polling after traffic (common/spinpoll.py)
-        # the reads that start a wake-up in one C call when the kernel is built
+        # the reads that start a wake-up and the writes that end it in one C call each when the kernel is built
         self.read_packets = native.kernel.read_tun if native.kernel is not None else tunmod.read_packets
+        self.write_packets = native.kernel.write_tun if native.kernel is not None else tunmod.write_packets
 
     # --- bus --------------------------------------------------------------------
 
@@ -288,17 +289,11 @@ class TundWorker:
                         self.counters["bus_full_peerd"] += 1
         writes = dp.gro.flush()
         if writes:
-            fd = self.device.fd if self.device is not None else -1
-            writev = os.writev
-            n = 0
-            for bufs in writes:
-                try:
-                    writev(fd, bufs)
-                    n += 1
-                except OSError as exc:
-                    self.counters["tun_write_error"] += 1
-                    log.debug("TUN write failed: %s", exc)
-            self.counters["tun_tx"] += n
+            written, failed, err = self.write_packets(self.device.fd if self.device is not None else -1, writes)
+            self.counters["tun_tx"] += written
+            if failed:
+                self.counters["tun_write_error"] += failed
+                log.debug("%d TUN write(s) failed: %s", failed, os.strerror(err))
         if dp.messages:
             msgs, dp.messages = dp.messages, []
             for src, dst, plaintext in msgs:

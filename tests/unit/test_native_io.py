@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from common import datapath, native, shmring
 from common.datapath import RECORD, DataIn, DataOut, socket_path
 from common.shmring import DATA_AT, TAIL_AT
-from services.tund.tun import read_packets
+from services.tund.tun import read_packets, write_packets
 
 K: Any = native.kernel
 pytestmark = pytest.mark.skipif(K is None, reason=f"native kernel not in use: {native.REASON}")
@@ -454,3 +454,45 @@ def test_drain_ring_passes_on_the_handlers_exception_and_keeps_the_ring_usable(t
     din.close()
     with pytest.raises(ValueError):
         K.drain_ring(-1, {}, print, 1, 100)
+
+
+# --- write_tun ----------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(writes=st.lists(st.lists(st.binary(min_size=0, max_size=300), max_size=5), max_size=12))
+def test_write_tun_writes_what_the_reference_writes(writes: list[list[bytes]]) -> None:
+    results = []
+    for write in (write_packets, K.write_tun):
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)  # a write is one datagram, as on a TUN
+        b.setblocking(False)
+        try:
+            said = write(a.fileno(), [[bytearray(x) if i % 2 else x for i, x in enumerate(w)] for w in writes])
+            got = []
+            while True:
+                try:
+                    got.append(b.recv(4096))
+                except BlockingIOError:
+                    break
+            results.append((said, got))
+        finally:
+            a.close()
+            b.close()
+    assert results[0] == results[1]
+    sent = [b"".join(w) for w in writes]
+    assert results[1][0] == (len(writes), 0, 0) and results[1][1] == [d for d in sent if d]  # (empty ones vanish)
+
+
+def test_write_tun_counts_failed_writes_and_refuses_bad_arguments() -> None:
+    r, w = os.pipe()
+    os.close(w)
+    os.close(r)
+    writes = [[b"a"], [b"b", b"c"]]
+    assert write_packets(r, writes) == K.write_tun(r, writes) == (0, 2, errno.EBADF)
+    assert write_packets(-1, writes) == K.write_tun(-1, writes) == (0, 2, errno.EBADF)  # --no-tun
+    too_many = [[b"x"] * (os.sysconf("SC_IOV_MAX") + 1)]
+    assert write_packets(1, too_many) == K.write_tun(1, too_many) == (0, 1, errno.EINVAL)
+    with pytest.raises(TypeError):
+        K.write_tun(1, [[1, 2]])
+    with pytest.raises(TypeError):
+        K.write_tun(1, ([b"x"],))
