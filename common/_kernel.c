@@ -2112,11 +2112,11 @@ static PyObject *k_configure(PyObject *mod, PyObject *args) {
 
 /* --- tund's IO around the kernel: TUN reads, ring hand-over ---------------------------
  *
- * Why in C: an idle ping wakes tund cold (its interpreter's code and data
- * out of the caches after a halted vCPU); each Python-level step of the
- * wake-up then costs tens of µs. These two are the reads that start it
- * and the hand-over that ends it (services/tund/tun.py read_packets and
- * common/datapath.py DataOut.send are the Python references).
+ * Why in C: an idle ping wakes tund and peerd cold (the interpreter's code
+ * and data out of the caches after a halted vCPU); each Python-level step
+ * of a wake-up then costs tens of µs. These are the reads that start one
+ * and the hand-overs and writes that end it; each names its Python
+ * reference (services/tund/tun.py, common/datapath.py).
  */
 
 static PyObject *tun_spare; /* a READ_SIZE bytes object the next read goes into */
@@ -2493,48 +2493,6 @@ static ssize_t recv_record(int fd, uint8_t *buf, size_t size, int *state) {
     }
 }
 
-/* recv_records(fd, max_records, max_size) -> (records, state): SEQPACKET
- * records waiting on a non-blocking fd, as datapath.recv_records: state 0
- * drained (or max_records read), -1 the producer went away, else errno. */
-static PyObject *k_recv_records(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "recv_records(fd, max_records, max_size)");
-        return NULL;
-    }
-    long fd = PyLong_AsLong(args[0]);
-    Py_ssize_t maxr = PyLong_AsSsize_t(args[1]), size = PyLong_AsSsize_t(args[2]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (fd < 0 || fd > INT32_MAX || maxr < 0 || size <= 0 || size > 4096) {
-        PyErr_SetString(PyExc_ValueError, "recv_records: fd, max_records or max_size out of range");
-        return NULL;
-    }
-    uint8_t buf[4096];
-    PyObject *recs = PyList_New(0);
-    if (!recs)
-        return NULL;
-    int state = 0;
-    for (Py_ssize_t i = 0; i < maxr;) {
-        ssize_t n = recv_record((int)fd, buf, (size_t)size, &state);
-        if (n < 0)
-            goto fail;
-        if (n == 0)
-            break;
-        PyObject *rec = PyBytes_FromStringAndSize((const char *)buf, n);
-        if (!rec)
-            goto fail;
-        int rc = PyList_Append(recs, rec);
-        Py_DECREF(rec);
-        if (rc < 0)
-            goto fail;
-        i++;
-    }
-    return Py_BuildValue("(Ni)", recs, state);
-fail:
-    Py_DECREF(recs);
-    return NULL;
-}
-
 /* drain_ring(fd, readers, handle, max_records, max_size) -> (left, state, n):
  * DataIn.receive with the consumer's handle(tag, batch) called for each
  * record, while every record resolves to a ring already mapped: records
@@ -2543,8 +2501,8 @@ fail:
  * the ring (released after it returns), the reader's tail advanced past
  * it. The first record that needs Python (malformed, a ring or generation
  * not mapped yet, out of range: DataIn._resolve counts or opens it) is
- * returned as ``left`` and nothing after it is read; state as recv_records;
- * n records read. */
+ * returned as ``left`` and nothing after it is read; state as
+ * datapath.recv_records; n records read. */
 static PyObject *k_drain_ring(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "drain_ring(fd, readers, handle, max_records, max_size)");
@@ -2689,8 +2647,6 @@ static PyMethodDef k_methods[] = {
      "hand_over(out, rings, max_batch) -> handed: as datapath.hand_over"},
     {"drain_ring", (PyCFunction)(void (*)(void))k_drain_ring, METH_FASTCALL,
      "drain_ring(fd, readers, handle, max_records, max_size) -> (left, state, n): as DataIn.drain"},
-    {"recv_records", (PyCFunction)(void (*)(void))k_recv_records, METH_FASTCALL,
-     "recv_records(fd, max_records, max_size) -> (records, state): as datapath.recv_records"},
     {"all_local", k_all_local, METH_VARARGS, "all_local(buf, offsets, own_prefix): as local_batch.all_local"},
     {NULL}};
 

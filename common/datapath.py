@@ -47,8 +47,8 @@ def socket_path(run_dir: str, consumer: str) -> str:
 def recv_records(fd: int, max_records: int, max_size: int) -> tuple[list[bytes], int]:
     """Records waiting on a non-blocking SEQPACKET ``fd``: (records, state),
     state 0 when drained or ``max_records`` are in, -1 when the producer
-    went away, else the errno of a failed read. The reference for the C
-    kernel's recv_records, which ends a burst without an exception."""
+    went away, else the errno of a failed read (the C kernel's drain_ring
+    reads the same way, without an exception to end a burst)."""
     recs: list[bytes] = []
     for _ in range(max_records):
         try:
@@ -107,7 +107,7 @@ class DataOut:
             # the same put and record in one C call (_kernel.c ring_send): the
             # hand-over ends every wake-up of tund and peerd
             status, start, ring.tail = _kernel.ring_send(
-                ring.map, ring.size, ring.head, ring.tail, ring.generation, sock.fileno(), self.name_bytes, tag, data
+                ring.map, ring.size, ring.head, ring.tail, ring.generation, self.fd, self.name_bytes, tag, data
             )
             if status == 0:
                 ring.advance(start, len(data))
@@ -252,23 +252,9 @@ class DataIn:
             return
         if fd not in self.conns:
             return
-        read = _kernel.recv_records if _kernel is not None else recv_records
-        records, state = read(fd, READ_BURST, MAX_RECORD)
-        for record in records:
-            item = self._resolve(record)
-            if item is None:
-                continue
-            reader, generation, end, tag, view = item
-            try:
-                yield tag, view
-            finally:
-                with contextlib.suppress(BufferError):
-                    view.release()
-                reader.release(generation, end)
-        if state:
-            if state not in (-1, errno.ECONNRESET, errno.EPIPE):
-                self._drop("read_error")
-            self._forget(fd)
+        records, state = recv_records(fd, READ_BURST, MAX_RECORD)
+        yield from self._resolved(records)
+        self._finish(fd, state)
 
     def drain(self, fd: int, handle: Callable[[bytes, memoryview], object]) -> None:
         """``handle(tag, batch)`` for each record waiting on ``fd`` (the batch
@@ -282,22 +268,32 @@ class DataIn:
         while budget > 0:
             left, state, n = _kernel.drain_ring(fd, self.readers, handle, budget, MAX_RECORD)
             budget -= n
-            if left is not None:  # malformed, or a ring to map first: the Python path counts or opens it
-                item = self._resolve(left)
-                if item is not None:
-                    reader, generation, end, tag, view = item
-                    try:
-                        handle(tag, view)
-                    finally:
-                        with contextlib.suppress(BufferError):
-                            view.release()
-                        reader.release(generation, end)
+            if left is None:
+                self._finish(fd, state)
+                return
+            for tag, view in self._resolved([left]):  # malformed, or a ring to map first: counted or opened
+                handle(tag, view)
+
+    def _resolved(self, records: list[bytes]) -> Iterator[tuple[bytes, memoryview]]:
+        """(tag, batch) for each record that resolves, each released when the loop asks for the next."""
+        for record in records:
+            item = self._resolve(record)
+            if item is None:
                 continue
-            if state:
-                if state not in (-1, errno.ECONNRESET, errno.EPIPE):
-                    self._drop("read_error")
-                self._forget(fd)
-            return
+            reader, generation, end, tag, view = item
+            try:
+                yield tag, view
+            finally:
+                with contextlib.suppress(BufferError):
+                    view.release()
+                reader.release(generation, end)
+
+    def _finish(self, fd: int, state: int) -> None:
+        """After a burst: a connection that ended or failed is forgotten."""
+        if state:
+            if state not in (-1, errno.ECONNRESET, errno.EPIPE):
+                self._drop("read_error")
+            self._forget(fd)
 
     def _resolve(self, record: bytes) -> tuple[RingReader, int, int, bytes, memoryview] | None:
         if len(record) < RECORD.size:

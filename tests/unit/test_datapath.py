@@ -43,7 +43,7 @@ class Consumer:
             if not ready:
                 break
             for fd in ready:
-                got += [(tag, bytes(view)) for tag, view in self.din.receive(fd)]
+                self.din.drain(fd, lambda tag, view: got.append((tag, bytes(view))))
             wait = 0.05
         return got
 
