@@ -189,11 +189,23 @@ def service_pids(topo: Topology, names: list[str]) -> dict[str, int]:
     return found
 
 
-def ping_cpu(topo: Topology, src: str, dst_addr: str, count: int) -> tuple[tuple[float, float], dict[str, float]]:
-    """idle_ping, and each service's on-CPU µs per ping: the CPU during the
+def ygg_pids(topo: Topology) -> dict[str, int]:
+    """'yggdrasil x' etc. -> pid: the baseline's one process per node."""
+    found: dict[str, int] = {}
+    for name in topo.nodes:
+        for pid in ns_pids(topo, [name]):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "yggdrasil":
+                    found.setdefault(f"yggdrasil {name}", pid)
+    return found
+
+
+def ping_cpu(
+    topo: Topology, src: str, dst_addr: str, count: int, pids: dict[str, int]
+) -> tuple[tuple[float, float], dict[str, float]]:
+    """idle_ping, and each process's on-CPU µs per ping: the CPU during the
     pings less the same process's CPU over as long a quiet spell right after
     (its timers and telemetry)."""
-    pids = service_pids(topo, list(topo.nodes))
     t0 = {k: run_ns(p) for k, p in pids.items()}
     start = time.monotonic()
     rtt = idle_ping(topo, src, dst_addr, count)
@@ -243,7 +255,7 @@ def rtt_only(topo: Topology, args: argparse.Namespace, ygg: bool) -> list[str]:
             warm(topo, "x", topo.nodes["y"].address)
             time.sleep(1)
             print(f"round {rnd}: {name} ...", flush=True)
-            rtt, per = ping_cpu(topo, "x", topo.nodes["y"].address, args.pings)
+            rtt, per = ping_cpu(topo, "x", topo.nodes["y"].address, args.pings, service_pids(topo, list(topo.nodes)))
             rows.setdefault(name, []).append(rtt)
             for service, us in per.items():
                 per_ping.setdefault(name, {}).setdefault(service, []).append(us)
@@ -258,7 +270,11 @@ def rtt_only(topo: Topology, args: argparse.Namespace, ygg: bool) -> list[str]:
                 warm(topo, "x", yn.address)
                 time.sleep(1)
                 print(f"round {rnd}: (c) Yggdrasil default ...", flush=True)
-                rows.setdefault("(c) Yggdrasil default", []).append(idle_ping(topo, "x", yn.address, args.pings))
+                name = "(c) Yggdrasil default"
+                rtt, per = ping_cpu(topo, "x", yn.address, args.pings, ygg_pids(topo))
+                rows.setdefault(name, []).append(rtt)
+                for process, us in per.items():
+                    per_ping.setdefault(name, {}).setdefault(process, []).append(us)
                 if rnd == 1:
                     cpu["(c) Yggdrasil default"] = idle_cpu(topo, ["x", "y"], args.idle_seconds)
             finally:
@@ -279,7 +295,7 @@ def rtt_only(topo: Topology, args: argparse.Namespace, ygg: bool) -> list[str]:
         idle = f"{c['x']:.2f} / {c['y']:.2f}" if c else ""
         lines.append(f"| {name} | {best[0]:.3f} | {best[1]:.3f} | {best[0] / ygg_rtt:.2f} | {every} | {idle} |")
     for name, services in per_ping.items():
-        lines += ["", f"{name}: on-CPU µs per ping, each service (every round; quiet-spell background subtracted)", ""]
+        lines += ["", f"{name}: on-CPU µs per ping, each process (every round; quiet-spell background subtracted)", ""]
         lines += ["| service | µs per ping |", "|---|---|"]
         for service in sorted(services):
             lines.append(f"| {service} | {', '.join(f'{us:.0f}' for us in services[service])} |")

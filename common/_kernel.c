@@ -2337,21 +2337,19 @@ static int attr_u64(PyObject *obj, const char *name, uint64_t *v) {
     return PyErr_Occurred() ? -1 : 0;
 }
 
-/* One next hop's packets (a list of buffers) to its ring, as hand_over:
- * 1 handed over, 0 left for the caller's slow path, -1 an exception. */
-static int hand_over_one(PyObject *hop, PyObject *parts, PyObject *data_out, Py_ssize_t max_batch) {
-    Py_ssize_t tag_len;
-    const char *tag = PyUnicode_AsUTF8AndSize(hop, &tag_len);
-    if (!tag)
-        return -1;
-    if (tag_len > 255 || !PyList_Check(parts))
-        return 0;
+/* Buffers into a DataOut's ring as one record with ``tag``, announced
+ * (DataOut.put_and_announce in C): 1 handed over, 0 left for the caller's
+ * slow path (not connected, no room, too big, the announcement failed:
+ * DataOut.send retries, reconnects and counts), -1 an exception. */
+static int put_parts(PyObject *data_out, const char *tag, Py_ssize_t tag_len, const Py_buffer *bufs,
+                     Py_ssize_t nparts, uint64_t total, Py_ssize_t max_batch) {
     PyObject *fdo = NULL, *ring = NULL, *map = NULL, *name = NULL;
-    Py_buffer *bufs = NULL, mapbuf, namebuf;
+    Py_buffer mapbuf, namebuf;
     int have_map = 0, have_name = 0, rc = -1;
-    Py_ssize_t nparts = PyList_GET_SIZE(parts), got = 0;
     long fd;
-    uint64_t size, head, tail, generation, total = 0;
+    uint64_t size, head, tail, generation;
+    if (tag_len > 255)
+        return 0;
     if (!(fdo = PyObject_GetAttrString(data_out, "fd")))
         goto done;
     fd = PyLong_AsLong(fdo);
@@ -2372,15 +2370,6 @@ static int hand_over_one(PyObject *hop, PyObject *parts, PyObject *data_out, Py_
     if (PyObject_GetBuffer(name, &namebuf, PyBUF_SIMPLE) < 0)
         goto done;
     have_name = 1;
-    if (!(bufs = PyMem_Calloc((size_t)nparts, sizeof *bufs))) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (; got < nparts; got++) {
-        if (PyObject_GetBuffer(PyList_GET_ITEM(parts, got), &bufs[got], PyBUF_SIMPLE) < 0)
-            goto done;
-        total += (uint64_t)bufs[got].len;
-    }
     rc = 0;
     if (size == 0 || (uint64_t)mapbuf.len < RING_DATA_AT + size || namebuf.len > 255 || head < tail || total == 0 ||
         total > (uint64_t)max_batch || total > size / 2)
@@ -2403,9 +2392,6 @@ static int hand_over_one(PyObject *hop, PyObject *parts, PyObject *data_out, Py_
     }
     rc = status == 0;
 done:
-    for (Py_ssize_t i = 0; i < got; i++)
-        PyBuffer_Release(&bufs[i]);
-    PyMem_Free(bufs);
     if (have_name)
         PyBuffer_Release(&namebuf);
     if (have_map)
@@ -2415,6 +2401,128 @@ done:
     Py_XDECREF(map);
     Py_XDECREF(name);
     return rc;
+}
+
+/* One next hop's packets (a list of buffers) to its ring, as hand_over:
+ * 1 handed over, 0 left for the caller's slow path, -1 an exception. */
+static int hand_over_one(PyObject *hop, PyObject *parts, PyObject *data_out, Py_ssize_t max_batch) {
+    Py_ssize_t tag_len;
+    const char *tag = PyUnicode_AsUTF8AndSize(hop, &tag_len);
+    if (!tag)
+        return -1;
+    if (tag_len > 255 || !PyList_Check(parts))
+        return 0;
+    Py_ssize_t nparts = PyList_GET_SIZE(parts), got = 0;
+    if (nparts == 0)
+        return 0;
+    Py_buffer *bufs = PyMem_Calloc((size_t)nparts, sizeof *bufs);
+    if (!bufs) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    uint64_t total = 0;
+    int rc = -1;
+    for (; got < nparts; got++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(parts, got), &bufs[got], PyBUF_SIMPLE) < 0)
+            goto done;
+        total += (uint64_t)bufs[got].len;
+    }
+    rc = put_parts(data_out, tag, tag_len, bufs, nparts, total, max_batch);
+done:
+    for (Py_ssize_t i = 0; i < got; i++)
+        PyBuffer_Release(&bufs[i]);
+    PyMem_Free(bufs);
+    return rc;
+}
+
+/* link_rx(fd, buf, have, own_prefix, data_out, max_batch) -> (n, end, runs):
+ * services/peerd/local_batch.py link_rx in C. One read from a link's
+ * stream socket into buf[have:]; then the data packets at the start of
+ * the buffer that are whole, for own_prefix (/64) and forwardable (hop
+ * limit >= 2) go to tund's ring in one record, their hop limits
+ * decremented. n: bytes read (0 end of stream, -errno a failed read);
+ * end: bytes handed over from the start of buf (0: none, buf as read);
+ * runs: the packet statistics' runs of what went, as all_local's. */
+static PyObject *k_link_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "link_rx(fd, buf, have, own_prefix, data_out, max_batch)");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    Py_ssize_t have = PyLong_AsSsize_t(args[2]), max_batch = PyLong_AsSsize_t(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer view, own;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[3], &own, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    PyObject *ret = NULL, *runs = NULL;
+    if (fd < 0 || fd > INT32_MAX || have < 0 || have > view.len || own.len != 8) {
+        PyErr_SetString(PyExc_ValueError, "link_rx: arguments out of range");
+        goto done;
+    }
+    uint8_t *b = view.buf;
+    ssize_t n; /* a non-blocking socket: the GIL stays */
+    do
+        n = read((int)fd, b + have, (size_t)(view.len - have));
+    while (n < 0 && errno == EINTR);
+    if (n <= 0) {
+        ret = Py_BuildValue("(nnO)", n < 0 ? (Py_ssize_t)-errno : (Py_ssize_t)0, (Py_ssize_t)0, Py_None);
+        goto done;
+    }
+    Py_ssize_t end = have + n, pos = 0;
+    while (end - pos >= DATA_HDR && b[pos] == 1 && b[pos + 1] == 0) { /* version 1, a data packet */
+        Py_ssize_t next = pos + DATA_HDR + rd16(b + pos + 5);
+        if (next > end || b[pos + 7] < 2 || memcmp(b + pos + 24, own.buf, 8) != 0)
+            break;
+        pos = next;
+    }
+    if (pos == 0) {
+        ret = Py_BuildValue("(nnO)", (Py_ssize_t)n, (Py_ssize_t)0, Py_None);
+        goto done;
+    }
+    for (Py_ssize_t o = 0; o < pos; o += DATA_HDR + rd16(b + o + 5))
+        b[o + 7]--;
+    Py_buffer part = view; /* the record: buf[:pos] */
+    part.len = pos;
+    int rc = put_parts(args[4], "", 0, &part, 1, (uint64_t)pos, max_batch);
+    if (rc <= 0) { /* not handed over: the buffer goes back as it was read */
+        for (Py_ssize_t o = 0; o < pos; o += DATA_HDR + rd16(b + o + 5))
+            b[o + 7]++;
+        if (rc == 0)
+            ret = Py_BuildValue("(nnO)", (Py_ssize_t)n, (Py_ssize_t)0, Py_None);
+        goto done;
+    }
+    if (!(runs = PyList_New(0)))
+        goto done;
+    Py_ssize_t run_at = 0, run_n = 0;
+    long long run_bytes = 0;
+    for (Py_ssize_t o = 0; o < pos;) {
+        Py_ssize_t body = rd16(b + o + 5), next = o + DATA_HDR + body;
+        run_n++;
+        run_bytes += body;
+        if (next >= pos || memcmp(b + next + 8, b + o + 8, 32) != 0) { /* a run of one flow ends */
+            PyObject *t = Py_BuildValue("(y#nL)", b + run_at + 8, (Py_ssize_t)32, run_n, run_bytes);
+            if (!t || PyList_Append(runs, t) < 0) {
+                Py_XDECREF(t);
+                goto done;
+            }
+            Py_DECREF(t);
+            run_at = next;
+            run_n = 0;
+            run_bytes = 0;
+        }
+        o = next;
+    }
+    ret = Py_BuildValue("(nnO)", (Py_ssize_t)n, pos, runs);
+done:
+    Py_XDECREF(runs);
+    PyBuffer_Release(&own);
+    PyBuffer_Release(&view);
+    return ret;
 }
 
 /* hand_over(out, rings, max_batch) -> handed: as datapath.hand_over. */
@@ -2647,6 +2755,8 @@ static PyMethodDef k_methods[] = {
      "hand_over(out, rings, max_batch) -> handed: as datapath.hand_over"},
     {"drain_ring", (PyCFunction)(void (*)(void))k_drain_ring, METH_FASTCALL,
      "drain_ring(fd, readers, handle, max_records, max_size) -> (left, state, n): as DataIn.drain"},
+    {"link_rx", (PyCFunction)(void (*)(void))k_link_rx, METH_FASTCALL,
+     "link_rx(fd, buf, have, own_prefix, data_out, max_batch) -> (n, end, runs): as local_batch.link_rx"},
     {"all_local", k_all_local, METH_VARARGS, "all_local(buf, offsets, own_prefix): as local_batch.all_local"},
     {NULL}};
 

@@ -92,6 +92,17 @@ class Forwarder:
 
     # --- packets ----------------------------------------------------------
 
+    def count_local(self, runs: list[tuple[bytes, int, int]]) -> None:
+        """Packets delivered to this node, as runs of one flow (source +
+        destination, packets, body bytes): statistics and counters."""
+        packets = 0
+        add = self.stats.add
+        for addrs, n, nbytes in runs:
+            add(addrs[:16], addrs[16:], n, nbytes)
+            packets += n
+        self.counters["data_rx"] += packets
+        self.counters["data_local"] += packets
+
     def route_batch(self, buf: bytearray, offsets: list[int]) -> Routed:
         """The data packets of one read, at ``offsets`` in ``buf`` (whole
         packets, already checked by the framing). Per packet only header
@@ -109,10 +120,7 @@ class Forwarder:
             fast = all_local(buf, offsets, own)
             if fast is not None:  # every packet for this node (local_batch.py)
                 ranges, runs = fast
-                for addrs, packets, nbytes in runs:
-                    stats.add(addrs[:16], addrs[16:], packets, nbytes)
-                counters["data_rx"] += len(offsets)
-                counters["data_local"] += len(offsets)
+                self.count_local(runs)
                 if len(ranges) == 1:  # the usual case: straight into the ring, no join
                     out.local.append((0, view[ranges[0][0] : ranges[0][1]]))
                 else:

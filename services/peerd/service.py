@@ -45,13 +45,13 @@ from common.spinpoll import SpinPolicy, window_from_env
 
 from .discovery import Discovery
 from .discovery_socket import DiscoveryService
+from .eventloop import add_data_reader, loop_factory, remove_data_reader
 from .forwarder import Buffer, Forwarder, Routed
 from .links import load_link_module
 from .links.base import Link, LinkError, LinkFactory, LinkStats
 from .linkwatch import LinkWatch, route_ifindex
 from .peer_api import PeerApi, peers_file
 from .peer_table import PeerEntry, PeerTable
-from .spinloop import loop_factory
 
 log = logging.getLogger("peerd")
 
@@ -156,6 +156,10 @@ class PeerdService:
         for i in range(self.tund_workers):
             tund = "tund" if i == 0 else f"tund-{i}"
             self.data_outs.append(self._data_out(f"{self.name}-to-{tund}", tund))
+        # a stream link's reads hand the packets for this node at their start
+        # straight to tund (local_batch.link_rx) when there is one worker and a ring
+        out0 = self.data_outs[0]
+        self.local_rx = (own, out0, out0.ring.max_record) if self.tund_workers == 1 and out0 is not None else None
         # the other families' peerds, for transit packets whose next hop is theirs
         self.siblings: dict[str, tuple[zmq.Socket, DataOut | None]] = {}
         for fam in cfg.peerd_families:
@@ -173,7 +177,7 @@ class PeerdService:
         self.tg: asyncio.TaskGroup | None = None
         self.failure: BaseException | None = None  # raised in a loop callback: fatal
         self.failed = asyncio.Event()
-        self.spin = SpinPolicy(window_from_env())  # the loop's short poll after traffic (spinloop.py)
+        self.spin = SpinPolicy(window_from_env())  # the loop's short poll after traffic (eventloop.py)
 
     def _data_out(self, name: str, consumer: str) -> DataOut | None:
         try:
@@ -196,6 +200,10 @@ class PeerdService:
     def on_data(self, link: Link, buf: bytearray, offsets: list[int]) -> None:
         """Data packets from a link: the forwarder decides, we carry it out."""
         self.carry_out(self.forwarder.route_batch(buf, offsets))
+
+    def on_local(self, link: Link, runs: list[tuple[bytes, int, int]]) -> None:
+        """Packets a link's read handed to tund itself (local_rx): counted."""
+        self.forwarder.count_local(runs)
 
     def on_closed(self, link: Link, reason: str) -> None:
         """A link ended: forget it, tell the router, redial if static."""
@@ -436,11 +444,10 @@ class PeerdService:
             self.data_batch(next_hop, frame, sibling, borrowed=False)
 
     def _watch_data(self, fd: int, add: bool) -> None:
-        loop = asyncio.get_running_loop()
-        if add:
-            loop.add_reader(fd, self.read_data, fd)
+        if add:  # called straight from the wait (eventloop.py): the hand-over starts every wake-up
+            add_data_reader(fd, self.read_data, fd)
         else:
-            loop.remove_reader(fd)
+            remove_data_reader(fd)
 
     def read_data(self, fd: int) -> None:
         """Batches tund (or a sibling) left in its ring, each for the next

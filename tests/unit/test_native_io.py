@@ -458,3 +458,148 @@ def test_write_tun_counts_failed_writes_and_refuses_bad_arguments() -> None:
         K.write_tun(1, [[1, 2]])
     with pytest.raises(TypeError):
         K.write_tun(1, ([b"x"],))
+
+
+# --- link_rx ------------------------------------------------------------------------------
+
+OWN = bytes.fromhex("04aa55aa00000001")
+
+
+def wire_packet(kind: str, size: int, hop: int, n: int) -> bytes:
+    """One packet of a link's stream: a data packet for us or elsewhere, a
+    control packet, or a byte that is no packet version at all."""
+    body = bytes([n % 251]) * size
+    src = bytes(15) + bytes([n % 3])  # a few flows, for the statistics' runs
+    if kind == "local":
+        dst = OWN + bytes(7) + b"\x09"
+    elif kind == "transit":
+        dst = bytes.fromhex("05bb000000000001") + bytes(8)
+    elif kind == "control":
+        return bytes([1, 1, 0, 0, 42, 2]) + len(body).to_bytes(2, "big") + body
+    else:
+        return bytes([2, 0, 0, 0, 0]) + len(body).to_bytes(2, "big") + bytes([hop]) + bytes(32) + body
+    return bytes([1, 0, 0, 0, 0]) + len(body).to_bytes(2, "big") + bytes([hop]) + src + dst + body
+
+
+stream_parts = st.lists(
+    st.tuples(
+        st.sampled_from(["local", "local", "local", "transit", "control", "bad"]),
+        st.integers(0, 1500),
+        st.integers(0, 255),
+    ),
+    max_size=30,
+)
+
+
+def linked_rx(run: str, rx: Any, stream: bytes, have: int, connect: bool, full: bool) -> tuple[object, ...]:
+    """One link_rx call on a socket that holds ``stream[have:]`` with
+    ``stream[:have]`` already in the buffer; what it returned, the buffer
+    after, and what tund's DataIn got."""
+    fds: set[int] = set()
+    counters: Counter[str] = Counter()
+    din = DataIn(run, "tund", "-to-tund", lambda fd, add: (fds.add if add else fds.discard)(fd), counters)
+    out = DataOut(run, "peerd-tcp-to-tund", "tund")
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    b.setblocking(False)
+    got: list[tuple[bytes, bytes]] = []
+    try:
+        if connect:
+            assert out.send(b"first", b"") is None
+            for fd in sorted(fds):
+                din.drain(fd, lambda tag, view: got.append((tag, bytes(view))))
+        if full:  # a ring tund has not caught up on: 10 bytes of room
+            out.ring.head = out.ring.tail + out.ring.size - 10
+        buf = bytearray(1 << 17)
+        buf[:have] = stream[:have]
+        a.sendall(stream[have:])
+        if len(stream) > have:  # one read takes what the socket holds, as a busy link's would
+            select_ready(b)
+        returned = rx(b.fileno(), buf, have, OWN, out, out.ring.max_record)
+        for fd in sorted(fds):
+            din.drain(fd, lambda tag, view: got.append((tag, bytes(view))))
+        return returned, bytes(buf), got, dict(counters)
+    finally:
+        a.close()
+        b.close()
+        out.close()
+        din.close()
+
+
+def select_ready(sock: socket.socket) -> None:
+    import select
+
+    select.select([sock], [], [], 5)
+
+
+@SETTINGS
+@given(
+    parts=stream_parts,
+    cut=st.floats(0, 1),
+    have_part=st.floats(0, 1),
+    connect=st.booleans(),
+    full=st.booleans(),
+)
+def test_link_rx_hands_over_what_the_reference_does(
+    tmp_path_factory: pytest.TempPathFactory,
+    parts: list[tuple[str, int, int]],
+    cut: float,
+    have_part: float,
+    connect: bool,
+    full: bool,
+) -> None:
+    from services.peerd.local_batch import _link_rx_python
+
+    stream = b"".join(wire_packet(kind, size, hop, n) for n, (kind, size, hop) in enumerate(parts))
+    stream = stream[: int(len(stream) * cut) if cut < 0.9 else len(stream)]  # often a partial packet at the end
+    have = int(min(len(stream), 1 << 16) * have_part) if have_part < 0.7 else 0
+    results = [
+        linked_rx(str(tmp_path_factory.mktemp("run")), rx, stream, have, connect, full)
+        for rx in (_link_rx_python, K.link_rx)
+    ]
+    assert results[0] == results[1]
+    (n, end, runs), buf, got, _ = results[1]
+    assert n == len(stream) - have or (n == -errno.EAGAIN and len(stream) == have)
+    if not end:  # nothing went: the buffer is what was read, byte for byte
+        assert buf[: len(stream)] == stream and runs is None
+        return
+    assert connect and not full
+    assert got[-1] == (b"", buf[:end])  # one record: whole packets for us, their hop limits one lower
+    pos, packets = 0, 0
+    while pos < end:
+        assert buf[pos + 24 : pos + 32] == OWN and buf[pos + 7] == stream[pos + 7] - 1 >= 1
+        pos += 40 + int.from_bytes(buf[pos + 5 : pos + 7], "big")
+        packets += 1
+    assert pos == end and sum(p for _, p, _ in runs) == packets
+    assert buf[end : len(stream)] == stream[end:]
+
+
+def test_link_rx_reports_eof_errors_and_refuses_bad_arguments(tmp_path: Path) -> None:
+    from services.peerd.local_batch import _link_rx_python
+
+    run = str(tmp_path)
+    out = DataOut(run, "peerd-tcp-to-tund", "tund")
+    try:
+        for rx in (_link_rx_python, K.link_rx):
+            a, b = socket.socketpair()
+            b.setblocking(False)
+            buf = bytearray(4096)
+            assert rx(b.fileno(), buf, 0, OWN, out, 1 << 16) == (-errno.EAGAIN, 0, None)
+            a.close()
+            assert rx(b.fileno(), buf, 0, OWN, out, 1 << 16) == (0, 0, None)  # the peer closed
+            b.close()
+            r, w = os.pipe()
+            os.close(w)
+            os.close(r)
+            assert rx(r, buf, 0, OWN, out, 1 << 16) == (-errno.EBADF, 0, None)
+        with pytest.raises(ValueError):
+            K.link_rx(-1, bytearray(10), 0, OWN, out, 100)
+        with pytest.raises(ValueError):
+            K.link_rx(0, bytearray(10), 11, OWN, out, 100)  # have past the buffer
+        with pytest.raises(ValueError):
+            K.link_rx(0, bytearray(10), 0, b"short", out, 100)
+        with pytest.raises(BufferError):
+            K.link_rx(0, b"read-only", 0, OWN, out, 100)
+    finally:
+        out.close()

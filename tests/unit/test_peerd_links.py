@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from common.datapath import DataIn, DataOut
 from common.endpoint import Endpoint
 from common.nodeconfig import NodeConfig
 from common.wire.packet import ControlPacket, decode_packet
@@ -103,6 +104,76 @@ def test_stream_link_delivers_control_and_data_split_across_reads() -> None:
     assert [p for _, p in host.data] == [data_packet(1), data_packet(2), data_packet(3, 1300)]
     assert [decode_packet(p) for _, p in host.control] == [decode_packet(hello(1)), decode_packet(hello(2))]
     assert [r for _, r in host.closed] == ["test"]
+
+
+class RingHost(FakeHost):
+    """A host that offers local_rx: this node is the /64 of data_packet's
+    destination, tund's ring is real (common/datapath.py)."""
+
+    def __init__(self, run: str) -> None:
+        super().__init__()
+        self.tund_fds: set[int] = set()
+        self.din = DataIn(
+            run, "tund", "-to-tund", lambda fd, add: (self.tund_fds.add if add else self.tund_fds.discard)(fd)
+        )
+        self.out = DataOut(run, "peerd-tcp-to-tund", "tund")
+        assert self.out.send(b"hello", b"") is None
+        self.local: list[tuple[bytes, int, int]] = []
+        self.local_rx = (bytes(8), self.out, self.out.ring.max_record)
+        self.ring: list[bytes] = []
+        self.drain()
+
+    def on_local(self, link: Link, runs: list[tuple[bytes, int, int]]) -> None:
+        self.local += runs
+
+    def drain(self) -> None:
+        for fd in sorted(self.tund_fds):
+            self.din.drain(fd, lambda tag, view: self.ring.append(bytes(view)))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_stream_link_hands_packets_for_this_node_to_tund_first(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    from common import native as native_mod
+    from services.peerd import local_batch
+    from services.peerd.links import stream as stream_mod
+
+    if native and native_mod.kernel is None:
+        pytest.skip(f"native kernel not in use: {native_mod.REASON}")
+    monkeypatch.setattr(stream_mod, "link_rx", native_mod.kernel.link_rx if native else local_batch._link_rx_python)
+    transit = bytearray(data_packet(9))
+    transit[24] = 5  # another node's /64
+
+    async def scenario() -> RingHost:
+        host = RingHost(str(tmp_path))
+        link, peer = pair_links(host)
+        assert link.local_rx is not None
+        link.start()
+        peer.send(
+            data_packet(1) + data_packet(2) + hello(1) + data_packet(3, 1300) + bytes(transit) + data_packet(4)[:50]
+        )
+        await until(lambda: len(host.data) == 2 and len(host.control) == 1, "packets")
+        peer.send(data_packet(4)[50:])  # the rest of the partial packet: a read that starts with it
+        await until(lambda: sum(n for _, n, _ in host.local) == 3, "the second hand-over")
+        host.drain()
+        link.close("test")
+        await asyncio.gather(*host.tasks)
+        peer.close()
+        host.din.close()
+        host.out.close()
+        return host
+
+    host = asyncio.run(scenario())
+
+    def hop_less(p: bytes) -> bytes:
+        return p[:7] + bytes([p[7] - 1]) + p[8:]
+
+    # the packets at the start of each read went to tund, hop limits one lower; the rest as from any read
+    assert host.ring == [b"hello", hop_less(data_packet(1)) + hop_less(data_packet(2)), hop_less(data_packet(4))]
+    assert [p for _, p in host.data] == [data_packet(3, 1300), bytes(transit)]
+    assert [decode_packet(p) for _, p in host.control] == [decode_packet(hello(1))]
+    assert [(a[-1], n, b) for a, n, b in host.local] == [(1, 1, 100), (2, 1, 100), (4, 1, 100)]  # runs of one flow
 
 
 def test_stream_link_sends_control_and_borrowed_data() -> None:

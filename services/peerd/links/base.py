@@ -92,6 +92,12 @@ class LinkHost(Protocol):
         is the link's to reuse once the call returns. One call per read
         (or per batch of datagrams) keeps the data path batched."""
 
+    def on_local(self, link: Link, runs: list[tuple[bytes, int, int]]) -> None:
+        """A stream link's read handed packets for this node to tund itself
+        (``local_rx``: this node's /64, tund's DataOut, the largest record;
+        hosts without it leave the attribute out): their runs of one flow
+        (source + destination, packets, body bytes), for the counters."""
+
     def on_closed(self, link: Link, reason: str) -> None:
         """``link`` is down (closed by peerd, by the peer, or by an error);
         called exactly once per started link, after which the link sends

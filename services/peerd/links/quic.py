@@ -32,6 +32,7 @@ from common.endpoint import Endpoint
 from common.identity import Identity, load_key_file
 from common.nodeconfig import NodeConfig
 
+from ..eventloop import add_data_reader, remove_data_reader
 from .base import COST_QUIC, Buffer, Link, LinkError, LinkFactory, LinkHost, LinkStats, ip_cost
 from .quic_endpoint import (
     DIAL_TIMEOUT,
@@ -178,7 +179,7 @@ class QuicFactory(LinkFactory):
         self.sock = sock
         self.local = sock.getsockname()[:2]
         self.loop = asyncio.get_running_loop()
-        self.loop.add_reader(sock.fileno(), self.readable)
+        add_data_reader(sock.fileno(), self.readable)  # called straight from the wait (peerd/eventloop.py)
         return sock
 
     async def listen(self) -> None:
@@ -191,7 +192,7 @@ class QuicFactory(LinkFactory):
         if self.timer is not None:
             self.timer.cancel()
         if self.sock is not None and self.loop is not None:
-            self.loop.remove_reader(self.sock.fileno())
+            remove_data_reader(self.sock.fileno())
             self.sock.close()
             self.sock = None
 

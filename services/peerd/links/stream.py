@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -23,6 +24,8 @@ from common.endpoint import Endpoint
 from common.wire.errors import CodecError
 from common.wire.packet import MAX_PACKET_SIZE, StreamDecoder
 
+from ..eventloop import add_data_reader, remove_data_reader
+from ..local_batch import link_rx
 from ..sendqueue import Buffer, SendQueue
 from .base import Link, LinkFactory, LinkHost, LinkStats
 
@@ -49,6 +52,10 @@ class StreamLink(Link):
         self.have = 0
         self.rx_bytes = 0
         self.decoder = StreamDecoder()
+        # reads that hand this node's packets to tund themselves (local_batch.link_rx) where the
+        # host offers it and the socket's bytes are the packet stream itself (not TLS records)
+        plain = type(self).read_into is StreamLink.read_into
+        self.local_rx: tuple[bytes, Any, int] | None = getattr(host, "local_rx", None) if plain else None
         self.reason = ""
         self.started = False
         self.reading = False
@@ -70,8 +77,7 @@ class StreamLink(Link):
     def start(self) -> None:
         """Register the reader with the loop and start the write loop."""
         self.started = True
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.fd, self.on_readable)
+        add_data_reader(self.fd, self.on_readable)  # called straight from the wait (peerd/eventloop.py)
         self.reading = True
         self.task = self.host.spawn(self._write_loop(), f"link {self.link_id} writer")
 
@@ -98,7 +104,7 @@ class StreamLink(Link):
         self.reason = self.reason or reason
         self.queue.close()
         if self.reading:
-            asyncio.get_running_loop().remove_reader(self.fd)
+            remove_data_reader(self.fd)
             self.reading = False
         if self.write_waiter is not None and not self.write_waiter.done():
             self.write_waiter.set_result(None)
@@ -147,6 +153,9 @@ class StreamLink(Link):
         every packet in it, delivered to the host in place."""
         if self.closed:
             return
+        if self.local_rx is not None:
+            self._read_local_first(self.local_rx)
+            return
         try:
             n = self.read_into(self.view[self.have :])
         except (BlockingIOError, InterruptedError):
@@ -155,17 +164,45 @@ class StreamLink(Link):
             self.close(f"read error: {exc}")
             return
         if n == 0:
-            if self.have:
-                self.host.counters["stream_truncated"] += 1
-                self.close(f"eof inside a packet ({self.have} bytes buffered)")
-            else:
-                self.close("eof")
+            self._eof()
             return
         self.rx_bytes += n
         self.have += n
         why = self.process()
         if why is not None:
             self.close(why)
+
+    def _read_local_first(self, rx: tuple[bytes, Any, int]) -> None:
+        """on_readable with the read and the hand-over of the packets for
+        this node at the start of the buffer in one call (local_batch.link_rx);
+        the bookkeeping and whatever is left (transit, control, a partial
+        packet) follow as from any read."""
+        n, end, runs = link_rx(self.fd, self.buf, self.have, *rx)
+        if n <= 0:
+            if n == 0:
+                self._eof()
+            elif -n not in (errno.EAGAIN, errno.EINTR):
+                self.close(f"read error: {OSError(-n, os.strerror(-n))}")
+            return
+        self.rx_bytes += n
+        have = self.have + n
+        if end:
+            self.host.on_local(self, runs)
+            have -= end
+            if have:
+                self.buf[:have] = self.view[end : end + have]
+        self.have = have
+        if have:
+            why = self.process()
+            if why is not None:
+                self.close(why)
+
+    def _eof(self) -> None:
+        if self.have:
+            self.host.counters["stream_truncated"] += 1
+            self.close(f"eof inside a packet ({self.have} bytes buffered)")
+        else:
+            self.close("eof")
 
     def process(self) -> str | None:
         """Cut the buffer into packets and hand them over; why the link must
