@@ -2611,23 +2611,77 @@ static ssize_t recv_record(int fd, uint8_t *buf, size_t size, int *state) {
  * not mapped yet, out of range: DataIn._resolve counts or opens it) is
  * returned as ``left`` and nothing after it is read; state as
  * datapath.recv_records; n records read. */
+/* A batch straight from a ring to a link's socket (DataIn.drain's
+ * ``direct``, common/datapath.py write_direct in C): when the link's
+ * SendQueue says it is idle (write_fd >= 0) the batch is written at once;
+ * what the socket does not take goes to queue.keep (a copy, written by
+ * the queue's loop), a failed write to queue.fail. 1 the queue took the
+ * batch, 0 not idle (the caller's handler takes it), -1 an exception. */
+static int direct_write(PyObject *q, const uint8_t *p, Py_ssize_t len) {
+    PyObject *o = PyObject_GetAttrString(q, "write_fd");
+    if (!o)
+        return -1;
+    long wfd = PyLong_AsLong(o);
+    Py_DECREF(o);
+    if (wfd == -1 && PyErr_Occurred())
+        return -1;
+    if (wfd < 0 || wfd > INT32_MAX)
+        return 0;
+    ssize_t n;
+    do
+        n = write((int)wfd, p, (size_t)len);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+        PyObject *why = PyUnicode_FromFormat("write error: [Errno %d] %s", errno, strerror(errno));
+        PyObject *r = why ? PyObject_CallMethod(q, "fail", "O", why) : NULL;
+        Py_XDECREF(why);
+        if (!r)
+            return -1;
+        Py_DECREF(r);
+        return 1;
+    }
+    Py_ssize_t sent = n < 0 ? 0 : (Py_ssize_t)n;
+    if (sent) {
+        PyObject *tx = PyObject_GetAttrString(q, "tx_bytes"), *add = NULL, *sum = NULL;
+        if (tx && (add = PyLong_FromSsize_t(sent)))
+            sum = PyNumber_Add(tx, add);
+        int bad = !sum || PyObject_SetAttrString(q, "tx_bytes", sum) < 0;
+        Py_XDECREF(tx);
+        Py_XDECREF(add);
+        Py_XDECREF(sum);
+        if (bad)
+            return -1;
+    }
+    if (sent < len) {
+        PyObject *rest = PyBytes_FromStringAndSize((const char *)p + sent, len - sent);
+        PyObject *r = rest ? PyObject_CallMethod(q, "keep", "O", rest) : NULL;
+        Py_XDECREF(rest);
+        if (!r)
+            return -1;
+        Py_DECREF(r);
+    }
+    return 1;
+}
+
 static PyObject *k_drain_ring(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "drain_ring(fd, readers, handle, max_records, max_size)");
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "drain_ring(fd, readers, handle, max_records, max_size, direct, min_direct)");
         return NULL;
     }
     long fd = PyLong_AsLong(args[0]);
-    PyObject *readers = args[1], *handle = args[2];
+    PyObject *readers = args[1], *handle = args[2], *direct = args[5];
     Py_ssize_t maxr = PyLong_AsSsize_t(args[3]), size = PyLong_AsSsize_t(args[4]);
+    Py_ssize_t min_direct = PyLong_AsSsize_t(args[6]);
     if (PyErr_Occurred())
         return NULL;
-    if (fd < 0 || fd > INT32_MAX || maxr < 0 || size <= 0 || size > 4096 || !PyDict_Check(readers)) {
-        PyErr_SetString(PyExc_ValueError, "drain_ring: fd, readers, max_records or max_size out of range");
+    if (fd < 0 || fd > INT32_MAX || maxr < 0 || size <= 0 || size > 4096 || !PyDict_Check(readers) ||
+        (direct != Py_None && !PyDict_Check(direct))) {
+        PyErr_SetString(PyExc_ValueError, "drain_ring: fd, readers, max_records, max_size or direct out of range");
         return NULL;
     }
     uint8_t buf[4096];
     int state = 0;
-    Py_ssize_t i = 0;
+    Py_ssize_t i = 0, direct_n = 0;
     PyObject *left = NULL;
     while (i < maxr) {
         ssize_t n = recv_record((int)fd, buf, (size_t)size, &state);
@@ -2681,16 +2735,28 @@ static PyObject *k_drain_ring(PyObject *mod, PyObject *const *args, Py_ssize_t n
             Py_DECREF(map);
             goto python;
         }
-        /* the batch as a view derived from the mapping (as RingReader.get's),
-         * so the mapping cannot be closed under a view the handler kept */
-        PyObject *whole = PyMemoryView_FromObject(map), *view = NULL, *tag = NULL, *r = NULL;
         Py_ssize_t at = (Py_ssize_t)(RING_DATA_AT + pos);
-        if (whole)
-            view = PySequence_GetSlice(whole, at, at + (Py_ssize_t)length);
-        if (view)
-            tag = PyBytes_FromStringAndSize((const char *)buf + RECORD_FIXED + name_len, (Py_ssize_t)tag_len);
-        if (tag)
-            r = PyObject_CallFunctionObjArgs(handle, tag, view, NULL);
+        PyObject *tag = PyBytes_FromStringAndSize((const char *)buf + RECORD_FIXED + name_len, (Py_ssize_t)tag_len);
+        PyObject *whole = NULL, *view = NULL, *r = NULL;
+        int taken = 0; /* 1: the link's queue took it straight from the ring (no view, no handler) */
+        if (tag && direct != Py_None && (Py_ssize_t)length >= min_direct) {
+            PyObject *q = PyDict_GetItemWithError(direct, tag); /* borrowed */
+            if (q)
+                taken = direct_write(q, (const uint8_t *)mb.buf + at, (Py_ssize_t)length);
+            else if (PyErr_Occurred())
+                taken = -1;
+        }
+        if (taken > 0) {
+            direct_n++;
+            r = Py_NewRef(Py_None);
+        } else if (tag && taken == 0) {
+            /* the batch as a view derived from the mapping (as RingReader.get's),
+             * so the mapping cannot be closed under a view the handler kept */
+            if ((whole = PyMemoryView_FromObject(map)))
+                view = PySequence_GetSlice(whole, at, at + (Py_ssize_t)length);
+            if (view)
+                r = PyObject_CallFunctionObjArgs(handle, tag, view, NULL);
+        }
         int failed = r == NULL;
         PyObject *et = NULL, *ev = NULL, *etb = NULL;
         if (failed)
@@ -2737,7 +2803,7 @@ static PyObject *k_drain_ring(PyObject *mod, PyObject *const *args, Py_ssize_t n
     }
     if (!left)
         left = Py_NewRef(Py_None);
-    return Py_BuildValue("(Nin)", left, state, i);
+    return Py_BuildValue("(Ninn)", left, state, i, direct_n);
 }
 
 static PyMethodDef k_methods[] = {
@@ -2754,7 +2820,8 @@ static PyMethodDef k_methods[] = {
     {"hand_over", (PyCFunction)(void (*)(void))k_hand_over, METH_FASTCALL,
      "hand_over(out, rings, max_batch) -> handed: as datapath.hand_over"},
     {"drain_ring", (PyCFunction)(void (*)(void))k_drain_ring, METH_FASTCALL,
-     "drain_ring(fd, readers, handle, max_records, max_size) -> (left, state, n): as DataIn.drain"},
+     "drain_ring(fd, readers, handle, max_records, max_size, direct, min_direct) -> (left, state, n, direct_n): "
+     "as DataIn.drain"},
     {"link_rx", (PyCFunction)(void (*)(void))k_link_rx, METH_FASTCALL,
      "link_rx(fd, buf, have, own_prefix, data_out, max_batch) -> (n, end, runs): as local_batch.link_rx"},
     {"all_local", k_all_local, METH_VARARGS, "all_local(buf, offsets, own_prefix): as local_batch.all_local"},

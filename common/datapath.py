@@ -27,7 +27,8 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
 
 from .native import kernel as _kernel
 from .shmring import RingReader, RingWriter, ring_path, valid_name
@@ -188,6 +189,55 @@ def hand_over(out: dict[str, list[bytes]], rings: dict[str, DataOut], max_batch:
     return handed
 
 
+class DirectWriter(Protocol):
+    """What ``write_direct`` needs of a link's send queue (services/peerd/sendqueue.py)."""
+
+    write_fd: int  # the socket while nothing waits in the queue, else -1
+    tx_bytes: int
+
+    def keep(self, rest: bytes) -> None: ...
+
+    def fail(self, why: str) -> None: ...
+
+
+def write_direct(queue: DirectWriter, batch: memoryview) -> bool:
+    """A batch straight from the ring to a link's socket while its queue
+    is idle (nothing may go before it): what the socket does not take the
+    queue keeps (a copy) and writes in order, a failed write fails the
+    queue. False when the queue is not idle (the caller's handler takes
+    the batch). The C kernel's drain_ring does the same (direct_write)."""
+    fd = queue.write_fd
+    if fd < 0:
+        return False
+    try:
+        sent = os.write(fd, batch)
+    except BlockingIOError:
+        sent = 0
+    except OSError as exc:
+        queue.fail(f"write error: {exc}")
+        return True
+    if sent:
+        queue.tx_bytes += sent
+    if sent < len(batch):
+        queue.keep(bytes(batch[sent:]))
+    return True
+
+
+def _deliver(
+    tag: bytes,
+    view: memoryview,
+    handle: Callable[[bytes, memoryview], object],
+    direct: Mapping[bytes, DirectWriter] | None,
+    min_direct: int,
+) -> int:
+    if direct is not None and len(view) >= min_direct:
+        queue = direct.get(tag)
+        if queue is not None and write_direct(queue, view):
+            return 1
+    handle(tag, view)
+    return 0
+
+
 class DataIn:
     """Consumer side: a listening socket, the producers' connections and
     a reader per ring. ``watch(fd, True/False)`` is called as descriptors
@@ -256,23 +306,35 @@ class DataIn:
         yield from self._resolved(records)
         self._finish(fd, state)
 
-    def drain(self, fd: int, handle: Callable[[bytes, memoryview], object]) -> None:
+    def drain(
+        self,
+        fd: int,
+        handle: Callable[[bytes, memoryview], object],
+        direct: Mapping[bytes, DirectWriter] | None = None,
+        min_direct: int = 1,
+    ) -> int:
         """``handle(tag, batch)`` for each record waiting on ``fd`` (the batch
         is valid only during the call): ``receive``, with the records whose
-        ring is mapped already resolved and released in one C call."""
+        ring is mapped already resolved and released in one C call. A batch
+        of at least ``min_direct`` bytes whose tag is in ``direct`` goes to
+        that writer instead while it is idle (``write_direct``: peerd's links,
+        written straight from the ring). Returns how many went that way."""
         if _kernel is None or fd not in self.conns:
+            taken = 0
             for tag, view in self.receive(fd):
-                handle(tag, view)
-            return
-        budget = READ_BURST
+                taken += _deliver(tag, view, handle, direct, min_direct)
+            return taken
+        budget, taken = READ_BURST, 0
         while budget > 0:
-            left, state, n = _kernel.drain_ring(fd, self.readers, handle, budget, MAX_RECORD)
+            left, state, n, went = _kernel.drain_ring(fd, self.readers, handle, budget, MAX_RECORD, direct, min_direct)
             budget -= n
+            taken += went
             if left is None:
                 self._finish(fd, state)
-                return
+                return taken
             for tag, view in self._resolved([left]):  # malformed, or a ring to map first: counted or opened
-                handle(tag, view)
+                taken += _deliver(tag, view, handle, direct, min_direct)
+        return taken
 
     def _resolved(self, records: list[bytes]) -> Iterator[tuple[bytes, memoryview]]:
         """(tag, batch) for each record that resolves, each released when the loop asks for the next."""

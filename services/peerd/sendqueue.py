@@ -10,6 +10,10 @@ buffer) and waits for writability itself when the socket is full.
 With nothing queued a batch is written at once, from the caller (no trip
 through the event loop). A batch *borrowed* from a shared-memory ring is
 valid only during the call: what of it cannot be written at once is copied.
+A writer outside the queue may do the same (common/datapath.py
+write_direct, in C from tund's ring): ``write_fd`` is the socket exactly
+while the queue is idle, -1 otherwise, and ``keep`` takes what the socket
+did not.
 
 The queue knows nothing of sockets: it is given a ``writev`` (raises
 BlockingIOError when the socket is full, OSError when it is broken) and
@@ -40,8 +44,11 @@ class SendQueue:
         counters: Counter[str],
         max_control: int = MAX_CONTROL_QUEUE,
         max_data_bytes: int = MAX_DATA_QUEUE_BYTES,
+        direct_fd: int = -1,
     ) -> None:
         self.writev = writev
+        self.direct_fd = direct_fd  # the socket, for writers outside the queue (-1: none may write)
+        self.write_fd = direct_fd  # direct_fd while idle, else -1 (kept in step with ``idle``)
         self.counters = counters
         self.max_control = max_control
         self.max_data_bytes = max_data_bytes
@@ -67,6 +74,7 @@ class SendQueue:
                 self.counters["control_queue_full"] += 1
                 continue
             self.control.append(packet)
+            self.write_fd = -1
         self.wake.set()
 
     def push_data(self, frame: Buffer, packets: int = 1, borrowed: bool = False) -> bool:
@@ -85,6 +93,7 @@ class SendQueue:
                 return True
             rest = memoryview(frame)[sent:]
             self.pending.append(memoryview(bytes(rest)) if borrowed else rest)
+            self.write_fd = -1
             self.wake.set()
             return True
         if self.closed:
@@ -94,8 +103,18 @@ class SendQueue:
             return False
         self.data.append(bytes(frame) if borrowed else frame)
         self.data_bytes += len(frame)
+        self.write_fd = -1
         self.wake.set()
         return True
+
+    def keep(self, rest: bytes) -> None:
+        """The part of a batch a direct writer could not write (it wrote
+        the rest while the queue was idle): written next, in order."""
+        if self.closed:
+            return
+        self.pending.append(memoryview(rest))
+        self.write_fd = -1
+        self.wake.set()
 
     def fail(self, why: str) -> None:
         """A write failed: stop writing and remember why."""
@@ -106,6 +125,7 @@ class SendQueue:
     def close(self) -> None:
         """Stop; queued bytes are dropped, the write loop returns."""
         self.closed = True
+        self.write_fd = -1
         self.wake.set()
 
     def take(self) -> tuple[list[Buffer], int]:
@@ -143,6 +163,7 @@ class SendQueue:
                 continue
             self.pending.append(memoryview(b)[sent:])
             sent = 0
+        self.write_fd = -1
         return False
 
     async def run(self, wait_writable: Callable[[], Awaitable[None]]) -> None:
@@ -165,3 +186,5 @@ class SendQueue:
                     self.blocked = True
                     await wait_writable()
                     self.blocked = False
+            if self.idle:  # everything written: a direct writer may write again
+                self.write_fd = self.direct_fd

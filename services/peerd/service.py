@@ -42,6 +42,7 @@ from common.identity import Identity, load_key_file, make_router_id
 from common.lifecycle import start_service
 from common.nodeconfig import NodeConfig
 from common.spinpoll import SpinPolicy, window_from_env
+from common.wire.rules import DATA_PREFIX_SIZE
 
 from .discovery import Discovery
 from .discovery_socket import DiscoveryService
@@ -52,6 +53,7 @@ from .links.base import Link, LinkError, LinkFactory, LinkStats
 from .linkwatch import LinkWatch, route_ifindex
 from .peer_api import PeerApi, peers_file
 from .peer_table import PeerEntry, PeerTable
+from .sendqueue import SendQueue
 
 log = logging.getLogger("peerd")
 
@@ -126,6 +128,8 @@ class PeerdService:
         self.counters: Counter[str] = Counter()
         self.table = PeerTable()
         self.links: dict[str, Link] = {}
+        # link id -> send queue, for links whose queue lets tund's batches be written straight from the ring
+        self.direct: dict[bytes, SendQueue] = {}
         self.link_entry: dict[str, PeerEntry] = {}
         self.fib = FibReplica()
         self.tund_workers = max(1, tund_workers)
@@ -208,6 +212,7 @@ class PeerdService:
     def on_closed(self, link: Link, reason: str) -> None:
         """A link ended: forget it, tell the router, redial if static."""
         link_id = link.link_id
+        self.direct.pop(link_id.encode(), None)
         if self.links.pop(link_id, None) is None:
             return
         entry = self.link_entry.pop(link_id, None)
@@ -246,6 +251,9 @@ class PeerdService:
             link.ifindex = route_ifindex(ip)
         self.counters["links_opened"] += 1
         log.info("link %s up: %s (%s)", link_id, link.name, entry.kind)
+        queue = getattr(link, "queue", None)
+        if isinstance(queue, SendQueue) and queue.direct_fd >= 0:  # tund's batches written straight from its ring
+            self.direct[link_id.encode()] = queue
         self.announce(link)
         link.start()
 
@@ -454,11 +462,13 @@ class PeerdService:
         hop its record names; written to the link straight from shared
         memory (the link copies what it cannot write at once)."""
         assert self.data_in is not None
-        self.data_in.drain(fd, self._data_batch_in)
+        taken = self.data_in.drain(fd, self._data_batch_in, self.direct, DATA_PREFIX_SIZE)
+        if taken:
+            self.counters["data_out_batches"] += taken
 
     def _data_batch_in(self, tag: bytes, frame: memoryview) -> None:
         link = self.links.get(tag.decode(errors="replace"))
-        if link is not None and not link.closed and len(frame) >= 40:  # the common case, inline
+        if link is not None and not link.closed and len(frame) >= DATA_PREFIX_SIZE:  # the common case, inline
             link.send_data(frame, borrowed=True)
             self.counters["data_out_batches"] += 1
         elif tag.startswith(SIBLING_TAG):

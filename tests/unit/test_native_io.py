@@ -8,6 +8,7 @@ Also run under AddressSanitizer by ``make asan``."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -408,7 +409,9 @@ def test_drain_ring_passes_on_the_handlers_exception_and_keeps_the_ring_usable(t
     out.close()
     din.close()
     with pytest.raises(ValueError):
-        K.drain_ring(-1, {}, print, 1, 100)
+        K.drain_ring(-1, {}, print, 1, 100, None, 1)
+    with pytest.raises(ValueError):
+        K.drain_ring(0, {}, print, 1, 100, [], 1)  # direct is a dict or None
 
 
 def test_recv_records_reports_a_failed_read() -> None:
@@ -603,3 +606,127 @@ def test_link_rx_reports_eof_errors_and_refuses_bad_arguments(tmp_path: Path) ->
             K.link_rx(0, b"read-only", 0, OWN, out, 100)
     finally:
         out.close()
+
+
+# --- drain_ring's direct writes -----------------------------------------------------------
+
+
+class Queue:
+    """What write_direct needs of a link's SendQueue: busy after a partial write (keep) or a failure."""
+
+    def __init__(self, fd: int) -> None:
+        self.write_fd = fd
+        self.tx_bytes = 0
+        self.kept: list[bytes] = []
+        self.failed: list[str] = []
+
+    def keep(self, rest: bytes) -> None:
+        self.kept.append(rest)
+        self.write_fd = -1
+
+    def fail(self, why: str) -> None:
+        self.failed.append(why)
+        self.write_fd = -1
+
+
+direct_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("send"), st.integers(1, 9000), st.sampled_from([b"a", b"b", b"x", b"ab"])),
+        st.tuples(st.just("drain"), st.just(0), st.just(b"")),
+        st.tuples(st.just("read"), st.just(0), st.just(b"")),  # the link's peer reads: room again, queue idle
+        st.tuples(st.just("break"), st.just(0), st.just(b"")),  # the link's peer goes away
+    ),
+    max_size=40,
+)
+
+
+def drained_direct(run: str, steps: list[tuple[str, int, bytes]]) -> tuple[object, ...]:
+    fds: set[int] = set()
+    din = DataIn(run, "peerd-tcp", "-to-peerd-tcp", lambda fd, add: (fds.add if add else fds.discard)(fd))
+    out = DataOut(run, "tund-to-peerd-tcp", "peerd-tcp")
+    a, peer = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # partial writes come soon
+    a.setblocking(False)
+    peer.setblocking(False)
+    qa, qb = Queue(a.fileno()), Queue(-1)  # b's queue is busy: its batches go to the handler
+    direct = {b"a": qa, b"b": qb}
+    handled: list[tuple[bytes, bytes]] = []
+    taken: list[int] = []
+    received = bytearray()
+
+    def drain() -> None:
+        taken.append(sum(din.drain(fd, lambda t, v: handled.append((t, bytes(v))), direct, 40) for fd in sorted(fds)))
+
+    try:
+        assert out.send(b"first", b"") is None
+        drain()
+        for i, (kind, value, tag) in enumerate(steps):
+            if kind == "send":
+                out.send(bytes([i % 251]) * value, tag)
+            elif kind == "drain":
+                drain()
+            elif kind == "read":
+                with contextlib.suppress(BlockingIOError, OSError):
+                    while True:
+                        got = peer.recv(1 << 16)
+                        if not got:
+                            break
+                        received.extend(got)
+                if not qa.failed:
+                    qa.write_fd = a.fileno()
+            else:
+                peer.close()
+        drain()
+        return handled, taken, received, qa.tx_bytes, qa.kept, qa.failed, qb.kept
+    finally:
+        a.close()
+        peer.close()
+        out.close()
+        din.close()
+
+
+@SETTINGS
+@given(steps=direct_steps)
+def test_drain_ring_writes_straight_to_idle_links_as_the_reference_does(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, int, bytes]]
+) -> None:
+    results = []
+    saved = datapath._kernel
+    try:
+        for kernel in (None, K):
+            datapath._kernel = kernel
+            results.append(drained_direct(str(tmp_path_factory.mktemp("run")), steps))
+    finally:
+        datapath._kernel = saved
+    assert results[0] == results[1]
+    received, tx = results[1][2], results[1][3]
+    assert len(received) <= tx  # type: ignore[operator]  # every byte written was counted
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_drain_ring_direct_writes_keeps_the_rest_and_fails_on_a_broken_link(tmp_path: Path, native: bool) -> None:
+    saved = datapath._kernel
+    datapath._kernel = K if native else None
+    try:
+        steps = [
+            ("send", 1000, b"a"),  # straight to the socket
+            ("send", 1000, b"b"),  # b's queue is busy: the handler
+            ("send", 20, b"a"),  # shorter than a packet header: the handler
+            ("send", 100, b"x"),  # no such link here: the handler
+            ("drain", 0, b""),
+            ("send", 9000, b"a"),  # more than the socket takes: the rest is kept ...
+            ("send", 500, b"a"),  # ... and the queue busy: the handler
+            ("drain", 0, b""),
+            ("read", 0, b""),
+            ("break", 0, b""),
+            ("send", 300, b"a"),  # the peer is gone: the write fails the queue
+            ("drain", 0, b""),
+        ]
+        handled, taken, received, tx, kept, failed, _ = drained_direct(str(tmp_path), steps)  # type: ignore[misc]
+    finally:
+        datapath._kernel = saved
+    assert [(tag, len(view)) for tag, view in handled] == [(b"", 5), (b"b", 1000), (b"a", 20), (b"x", 100), (b"a", 500)]
+    assert taken[1:] == [1, 1, 1, 0]  # per drain: the first 1000, the 9000, the 300 that failed
+    assert received[:1000] == bytes([0]) * 1000 and len(received) == tx == 1000 + 9000 - len(kept[0])
+    assert bytes(received[1000:]) + kept[0] == bytes([5]) * 9000
+    assert failed == ["write error: [Errno 32] Broken pipe"]

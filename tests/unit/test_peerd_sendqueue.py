@@ -8,6 +8,8 @@ from collections import Counter
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.peerd.sendqueue import WRITE_BATCH_BUFFERS, Buffer, SendQueue
 
@@ -163,3 +165,60 @@ def test_direct_write_error_marks_the_queue_failed(borrowed: bool) -> None:
     q = SendQueue(sock.writev, Counter())
     assert q.push_data(b"abc", borrowed=borrowed)
     assert q.closed and q.error is not None
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("data"), st.integers(1, 300)),
+        st.tuples(st.just("control"), st.integers(1, 50)),
+        st.tuples(st.just("keep"), st.integers(1, 300)),  # a direct writer's unwritten rest
+        st.tuples(st.just("room"), st.integers(0, 500)),  # the peer reads: the socket takes more
+        st.tuples(st.just("run"), st.just(0)),  # the write loop gets the CPU
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(steps=ops, close_at=st.integers(0, 60))
+def test_write_fd_is_the_socket_exactly_while_the_queue_is_idle(steps: list[tuple[str, int]], close_at: int) -> None:
+    """A direct writer (common/datapath.py write_direct) writes whenever
+    write_fd >= 0: if it ever did so with something queued, the stream
+    would be out of order or cut inside a packet."""
+
+    async def scenario() -> None:
+        sock = FakeSocket(room=0)
+        q = SendQueue(sock.writev, Counter(), direct_fd=7)
+        loop = asyncio.get_running_loop().create_task(q.run(sock.wait_writable))
+        sent = bytearray()
+        for i, (kind, n) in enumerate(steps):
+            if i == close_at:
+                q.close()
+            if kind == "data":
+                part = bytes([i % 251]) * n
+                if q.push_data(part) and not q.closed:
+                    sent += part
+            elif kind == "control":
+                part = bytes([200 + i % 50]) * n
+                q.push_control([part])
+                if not q.closed and len(q.control) and q.control[-1] is part:
+                    sent += part
+            elif kind == "keep":
+                if q.write_fd >= 0:  # only ever called right after a direct write while idle
+                    part = bytes([i % 7]) * n
+                    q.keep(part)
+                    sent += part
+            elif kind == "room":
+                sock.drain(n)
+            else:
+                for _ in range(3):
+                    await asyncio.sleep(0)
+            assert (q.write_fd == 7) == (q.idle and not q.closed), (i, kind)
+        q.close()
+        sock.writable.set()  # a link's close ends a wait for room the same way
+        await asyncio.wait_for(loop, 5)
+        assert q.write_fd == -1
+        # what went out is a prefix of what was queued, in order (control may go first: not checked here)
+        assert len(sock.out) <= len(sent)
+
+    asyncio.run(scenario())

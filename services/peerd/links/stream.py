@@ -46,7 +46,9 @@ class StreamLink(Link):
         sock.setblocking(False)
         self.sock = sock
         self.fd = sock.fileno()
-        self.queue = SendQueue(self._writev, host.counters)
+        # a plain socket: tund's batches may be written to it straight from the ring while the queue is idle
+        direct = self.fd if type(self)._writev is StreamLink._writev else -1
+        self.queue = SendQueue(self._writev, host.counters, direct_fd=direct)
         self.buf = bytearray(READ_BUFFER + MAX_PACKET_SIZE)
         self.view = memoryview(self.buf)
         self.have = 0
