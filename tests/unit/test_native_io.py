@@ -13,7 +13,7 @@ import errno
 import os
 import socket
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -364,19 +364,25 @@ def drained(run: str, steps: list[tuple[str, int, bytes]]) -> tuple[object, ...]
         din.close()
 
 
-@SETTINGS
-@given(steps=steps_in)
-def test_drain_ring_hands_over_what_receive_does(
-    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, int, bytes]]
-) -> None:
+def with_each_kernel(run: Callable[[], tuple[object, ...]]) -> list[tuple[object, ...]]:
+    """``run()`` with common/datapath.py on its Python reference, then on the C kernel."""
     results = []
     saved = datapath._kernel
     try:
         for kernel in (None, K):
             datapath._kernel = kernel
-            results.append(drained(str(tmp_path_factory.mktemp("run")), steps))
+            results.append(run())
     finally:
         datapath._kernel = saved
+    return results
+
+
+@SETTINGS
+@given(steps=steps_in)
+def test_drain_ring_hands_over_what_receive_does(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, int, bytes]]
+) -> None:
+    results = with_each_kernel(lambda: drained(str(tmp_path_factory.mktemp("run")), steps))
     assert results[0] == results[1]
     assert results[1][3] == 0  # everything written was released
 
@@ -690,14 +696,7 @@ def drained_direct(run: str, steps: list[tuple[str, int, bytes]]) -> tuple[objec
 def test_drain_ring_writes_straight_to_idle_links_as_the_reference_does(
     tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, int, bytes]]
 ) -> None:
-    results = []
-    saved = datapath._kernel
-    try:
-        for kernel in (None, K):
-            datapath._kernel = kernel
-            results.append(drained_direct(str(tmp_path_factory.mktemp("run")), steps))
-    finally:
-        datapath._kernel = saved
+    results = with_each_kernel(lambda: drained_direct(str(tmp_path_factory.mktemp("run")), steps))
     assert results[0] == results[1]
     received, tx = results[1][2], results[1][3]
     assert len(received) <= tx  # type: ignore[operator]  # every byte written was counted
