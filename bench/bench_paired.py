@@ -39,12 +39,13 @@ START_TIMEOUT = 240.0  # seconds for both builds to start on a loaded machine
 HOLD_LIMIT = 4 * 3600.0  # a holder left behind stops by itself
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_dataplane as bd  # noqa: E402  (this checkout's: its Topology starts this checkout's code)
+
+
 def hold(info: str, stop: str) -> int:
     """Start the bench's two-node overlay from this checkout, describe it in
     ``info``, and keep it until ``stop`` exists."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_dataplane as bd
-
     topo = bd.Topology(["x", "y"])
     try:
         x_addr, _ = topo.connect("x", "y", 1)
@@ -65,16 +66,6 @@ def hold(info: str, stop: str) -> int:
     finally:
         topo.close()
     return 0
-
-
-def run_ns(pid: int) -> int:
-    """On-CPU ns of every thread of ``pid`` (schedstat)."""
-    total = 0
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
-    return total
 
 
 def signal_all(pids: list[int], sig: int) -> None:
@@ -100,7 +91,7 @@ class Build:
         self.gbytes = 0.0
 
     def cpu_now(self) -> dict[str, int]:
-        return {role: run_ns(self.pids[role]) for role in ROLES if role in self.pids}
+        return {role: bd.run_ns(self.pids[role]) for role in ROLES if role in self.pids}
 
     def ping_block(self, pings: int) -> None:
         for i in range(pings):
@@ -194,10 +185,7 @@ def main() -> int:
         if not (tree / "bench" / "bench_paired.py").exists():
             print(f"bench_paired: {tree} has no bench/bench_paired.py (copy this one there)", file=sys.stderr)
             return 1
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.integration.netns import cleanup_stale
-
-    cleanup_stale()
+    bd.cleanup_stale()
     work = Path(tempfile.mkdtemp(prefix="bench-paired-"))
     stop = str(work / "stop")
     holders = []

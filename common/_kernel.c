@@ -2015,6 +2015,15 @@ done:
 
 /* --- peerd: a read whose packets are all for this node (local_batch.py) ---------- */
 
+/* One run of packets of one flow, as all_local and link_rx report them:
+ * (source + destination, packets, body bytes) appended to runs; -1 an exception. */
+static int append_run(PyObject *runs, const uint8_t *addrs, Py_ssize_t packets, long long body_bytes) {
+    PyObject *t = Py_BuildValue("(y#nL)", addrs, (Py_ssize_t)32, packets, body_bytes);
+    int rc = t ? PyList_Append(runs, t) : -1;
+    Py_XDECREF(t);
+    return rc;
+}
+
 static PyObject *k_all_local(PyObject *mod, PyObject *args) {
     PyObject *bufobj, *offsets;
     Py_buffer own;
@@ -2075,12 +2084,8 @@ static PyObject *k_all_local(PyObject *mod, PyObject *args) {
         }
         run_bytes += rd16(b + o + 5);
         if (i + 1 == n || memcmp(b + offs[i + 1] + 8, b + o + 8, 32) != 0) { /* a run of one flow ends */
-            PyObject *t = Py_BuildValue("(y#nL)", b + offs[run_at] + 8, (Py_ssize_t)32, i + 1 - run_at, run_bytes);
-            if (!t || PyList_Append(runs, t) < 0) {
-                Py_XDECREF(t);
+            if (append_run(runs, b + offs[run_at] + 8, i + 1 - run_at, run_bytes) < 0)
                 goto done;
-            }
-            Py_DECREF(t);
             run_at = i + 1;
             run_bytes = 0;
         }
@@ -2505,12 +2510,8 @@ static PyObject *k_link_rx(PyObject *mod, PyObject *const *args, Py_ssize_t narg
         run_n++;
         run_bytes += body;
         if (next >= pos || memcmp(b + next + 8, b + o + 8, 32) != 0) { /* a run of one flow ends */
-            PyObject *t = Py_BuildValue("(y#nL)", b + run_at + 8, (Py_ssize_t)32, run_n, run_bytes);
-            if (!t || PyList_Append(runs, t) < 0) {
-                Py_XDECREF(t);
+            if (append_run(runs, b + run_at + 8, run_n, run_bytes) < 0)
                 goto done;
-            }
-            Py_DECREF(t);
             run_at = next;
             run_n = 0;
             run_bytes = 0;
@@ -2601,16 +2602,6 @@ static ssize_t recv_record(int fd, uint8_t *buf, size_t size, int *state) {
     }
 }
 
-/* drain_ring(fd, readers, handle, max_records, max_size) -> (left, state, n):
- * DataIn.receive with the consumer's handle(tag, batch) called for each
- * record, while every record resolves to a ring already mapped: records
- * read from the SEQPACKET fd, each checked and resolved against readers
- * (ring name -> RingReader), handle called with a view of the record in
- * the ring (released after it returns), the reader's tail advanced past
- * it. The first record that needs Python (malformed, a ring or generation
- * not mapped yet, out of range: DataIn._resolve counts or opens it) is
- * returned as ``left`` and nothing after it is read; state as
- * datapath.recv_records; n records read. */
 /* A batch straight from a ring to a link's socket (DataIn.drain's
  * ``direct``, common/datapath.py write_direct in C): when the link's
  * SendQueue says it is idle (write_fd >= 0) the batch is written at once;
@@ -2663,6 +2654,19 @@ static int direct_write(PyObject *q, const uint8_t *p, Py_ssize_t len) {
     return 1;
 }
 
+/* drain_ring(fd, readers, handle, max_records, max_size, direct, min_direct)
+ *   -> (left, state, n, direct_n):
+ * DataIn.receive with the consumer's handle(tag, batch) called for each
+ * record, while every record resolves to a ring already mapped: records
+ * read from the SEQPACKET fd, each checked and resolved against readers
+ * (ring name -> RingReader), handle called with a view of the record in
+ * the ring (released after it returns), the reader's tail advanced past
+ * it. The first record that needs Python (malformed, a ring or generation
+ * not mapped yet, out of range: DataIn._resolve counts or opens it) is
+ * returned as ``left`` and nothing after it is read; state as
+ * datapath.recv_records; n records read. A record of at least min_direct
+ * bytes whose tag is in direct (tag -> SendQueue) goes to direct_write
+ * instead of the handler; direct_n counts those. */
 static PyObject *k_drain_ring(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 7) {
         PyErr_SetString(PyExc_TypeError, "drain_ring(fd, readers, handle, max_records, max_size, direct, min_direct)");

@@ -216,8 +216,7 @@ def write_direct(queue: DirectWriter, batch: memoryview) -> bool:
     except OSError as exc:
         queue.fail(f"write error: {exc}")
         return True
-    if sent:
-        queue.tx_bytes += sent
+    queue.tx_bytes += sent
     if sent < len(batch):
         queue.keep(bytes(batch[sent:]))
     return True

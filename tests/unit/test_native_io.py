@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -537,8 +538,6 @@ def linked_rx(run: str, rx: Any, stream: bytes, have: int, connect: bool, full: 
 
 
 def select_ready(sock: socket.socket) -> None:
-    import select
-
     select.select([sock], [], [], 5)
 
 

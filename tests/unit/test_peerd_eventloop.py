@@ -39,8 +39,8 @@ def test_data_reader_runs_from_the_wait_before_queued_callbacks(window: float) -
 
         add_data_reader(a.fileno(), readable, "x")
         b.send(b"ping")
-        await asyncio.sleep(0.05)  # the byte waits; the next wake-up sees it with a callback queued
-        got.clear()
+        await asyncio.wait_for(got.wait(), 5)
+        got.clear()  # the next byte arrives with a callback already queued
         b.send(b"two")
         loop.call_soon(order.append, "queued")
         await asyncio.wait_for(got.wait(), 5)
