@@ -27,6 +27,7 @@
 #include <string.h>
 #include <errno.h>
 #include <unistd.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <limits.h>
@@ -45,10 +46,17 @@
 
 static PyObject *InvalidTag; /* cryptography.exceptions.InvalidTag, from configure() */
 static PyObject *Four;       /* the offset of an IPv6 packet in a plaintext */
-static PyObject *Urandom;    /* os.urandom: nonces then come from RAND_bytes */
+static PyObject *Urandom;    /* os.urandom: nonces then come from getrandom (fill_random) */
 static PyObject *S_ctr, *S_remote_index, *S_used, *S_prefix, *S_window, *S_aead, *S_confirmed, *S_fresh, *S_mark,
     *S_decrypt, *S_confirm, *S_undecryptable, *S_static_refused, *S_session_in, *S_append, *S_popleft, *S_route_for_tun, *S_tun_exception, *S_from_tun, *S_key_for_src, *S_queue_in, *S_same_owner,
     *S_oob_in, *S_add;
+
+/* attribute and method names the kernel looks up, interned once at import:
+ * a lookup by C string builds and interns the name first, which after an
+ * idle spell costs more than the lookup itself (a fifth of a cold from_tun) */
+#define KERNEL_NAMES(X) X(advance) X(by_index) X(capable) X(counters) X(fail) X(fd) X(filter_nonces) X(firewall) X(generation) X(gro) X(head) X(keep) X(keys_in) X(map) X(messages) X(mtu) X(name_bytes) X(native) X(nonce_bytes) X(nonce_filter) X(now) X(off) X(order) X(out) X(release) X(ring) X(routes) X(seen) X(sessions) X(size) X(tail) X(tun) X(tx_bytes) X(vnet) X(write_fd)
+#define DECLARE_NAME(n) static PyObject *N_##n;
+KERNEL_NAMES(DECLARE_NAME)
 
 /* --- one's complement sums ------------------------------------------------ */
 
@@ -679,17 +687,37 @@ static PyTypeObject GroType = {
 
 /* --- helpers for the batch loops ---------------------------------------------- */
 
-typedef struct { /* counters bumped at the end of a call */
+typedef struct { /* counters bumped at the end of a call; name: a string literal (counter_key caches by its address) */
     const char *name;
     long long n;
 } Count;
+
+/* The interned key of a counter name (a string literal: its address is its
+ * identity), made once; a new reference. */
+static PyObject *counter_key(const char *name) {
+    static struct {
+        const char *name;
+        PyObject *key;
+    } cache[64];
+    static int used;
+    for (int i = 0; i < used; i++)
+        if (cache[i].name == name)
+            return Py_NewRef(cache[i].key);
+    PyObject *key = PyUnicode_InternFromString(name);
+    if (key && used < (int)(sizeof cache / sizeof cache[0])) {
+        cache[used].name = name;
+        cache[used].key = Py_NewRef(key);
+        used++;
+    }
+    return key;
+}
 
 static int bump(PyObject *counters, Count *c, int n) {
     for (int i = 0; i < n; i++) {
         if (!c[i].n && c[i].name[0] != '+') /* '+': always present, as the reference adds 0 too */
             continue;
         const char *name = c[i].name[0] == '+' ? c[i].name + 1 : c[i].name;
-        PyObject *key = PyUnicode_InternFromString(name);
+        PyObject *key = counter_key(name);
         if (!key)
             return -1;
         PyObject *old = PyDict_GetItemWithError(counters, key);
@@ -715,18 +743,41 @@ static int bump(PyObject *counters, Count *c, int n) {
     return 0;
 }
 
-/* 12 * n nonce bytes: RAND_bytes when the DataPlane's nonce_bytes is
- * os.urandom (the default: random per packet), else its own callable
- * (e.g. per-session counters), called once per batch as the reference does. */
+/* n random bytes from the kernel's CSPRNG, as os.urandom takes them
+ * (getrandom). Why not RAND_bytes: after an idle spell its DRBG's code and
+ * locks are out of the caches, 39 us for the first 12 bytes against 2.4
+ * for the system call on the session-17 host, and an idle ping seals
+ * twice. -1 with an exception when the kernel refuses. */
+static int fill_random(uint8_t *buf, Py_ssize_t n) {
+    while (n > 0) {
+        ssize_t got = getrandom(buf, (size_t)n, 0);
+        if (got < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return -1;
+                continue;
+            }
+            if (errno == ENOSYS && RAND_bytes(buf, (int)n) == 1) /* a kernel before 3.17 */
+                return 0;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        buf += got;
+        n -= got;
+    }
+    return 0;
+}
+
+/* 12 * n nonce bytes: the kernel's random bytes when the DataPlane's
+ * nonce_bytes is os.urandom (the default: random per packet), else its own
+ * callable (e.g. per-session counters), called once per batch as the
+ * reference does. */
 static PyObject *get_nonces(PyObject *source, Py_ssize_t n) {
     Py_ssize_t want = NONCE * n;
     if (source == Urandom || source == Py_None) {
         PyObject *b = PyBytes_FromStringAndSize(NULL, want);
-        if (b && want && RAND_bytes((unsigned char *)PyBytes_AS_STRING(b), (int)want) != 1) {
-            Py_DECREF(b);
-            PyErr_SetString(PyExc_RuntimeError, "RAND_bytes failed");
-            return NULL;
-        }
+        if (b && fill_random((uint8_t *)PyBytes_AS_STRING(b), want) < 0)
+            Py_CLEAR(b);
         return b;
     }
     PyObject *b = PyObject_CallFunction(source, "n", want);
@@ -746,7 +797,11 @@ typedef struct {
     PyObject *buf;     /* bytearray of the run, NULL when none */
     PyObject *hop_ref; /* strong ref to hop */
     Py_ssize_t used;   /* bytes of buf in use; the rest is room to grow (cut off by run_end) */
+    Py_ssize_t hint;   /* bytes the rest of the batch may add: a new run's buffer starts at that (one small
+                          allocation for a lone packet, no cut at the end), at most RUN_FIRST */
 } Run;
+
+#define RUN_FIRST 16384
 
 static void run_end(Run *r) {
     if (r->buf && PyByteArray_GET_SIZE(r->buf) != r->used) {
@@ -781,7 +836,8 @@ static uint8_t *run_reserve(Run *r, PyObject *hop, Py_ssize_t need) {
             PyErr_SetString(PyExc_TypeError, "DataPlane.out values must be lists");
             return NULL;
         }
-        r->buf = PyByteArray_FromStringAndSize(NULL, 0);
+        Py_ssize_t first = r->hint > 0 && r->hint < RUN_FIRST ? r->hint : RUN_FIRST;
+        r->buf = PyByteArray_FromStringAndSize(NULL, first > need ? first : need);
         r->used = 0;
         if (!r->buf || PyList_Append(parts, r->buf) < 0)
             return NULL;
@@ -792,8 +848,8 @@ static uint8_t *run_reserve(Run *r, PyObject *hop, Py_ssize_t need) {
     Py_ssize_t size = PyByteArray_GET_SIZE(r->buf);
     if (r->used + need > size) { /* grow geometrically: one copy per doubling, not per packet */
         Py_ssize_t want = size * 2 > r->used + need ? size * 2 : r->used + need;
-        if (want < 16384)
-            want = 16384;
+        if (want < RUN_FIRST)
+            want = RUN_FIRST;
         if (PyByteArray_Resize(r->buf, want) < 0)
             return NULL;
     }
@@ -1210,12 +1266,12 @@ static PyObject *k_from_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         s.c[i].name = names[i];
     PyObject *ret = NULL, *nonces = NULL, *dpoff = NULL, *dpvnet = NULL, *mtu = NULL;
     uint8_t *scratch = NULL;
-    if (PyObject_SetAttrString(dp, "now", s.now) < 0)
+    if (PyObject_SetAttr(dp, N_now, s.now) < 0)
         return NULL;
-    if (!(s.routes = PyObject_GetAttrString(dp, "routes")) || !(s.run.out = PyObject_GetAttrString(dp, "out")) ||
-        !(s.counters = PyObject_GetAttrString(dp, "counters")) ||
-        !(s.nonce_src = PyObject_GetAttrString(dp, "nonce_bytes")) || !(dpoff = PyObject_GetAttrString(dp, "off")) ||
-        !(dpvnet = PyObject_GetAttrString(dp, "vnet")) || !(mtu = PyObject_GetAttrString(dp, "mtu")))
+    if (!(s.routes = PyObject_GetAttr(dp, N_routes)) || !(s.run.out = PyObject_GetAttr(dp, N_out)) ||
+        !(s.counters = PyObject_GetAttr(dp, N_counters)) ||
+        !(s.nonce_src = PyObject_GetAttr(dp, N_nonce_bytes)) || !(dpoff = PyObject_GetAttr(dp, N_off)) ||
+        !(dpvnet = PyObject_GetAttr(dp, N_vnet)) || !(mtu = PyObject_GetAttr(dp, N_mtu)))
         goto done;
     if (!PyDict_Check(s.routes) || !PyDict_Check(s.run.out) || !PyDict_Check(s.counters)) {
         PyErr_SetString(PyExc_TypeError, "DataPlane routes, out and counters must be dicts");
@@ -1228,9 +1284,16 @@ static PyObject *k_from_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         goto done;
     int vnet = vnet_attr && off == s.off;
     Py_ssize_t n = PyList_GET_SIZE(pkts);
-    if (!(nonces = get_nonces(s.nonce_src, n)))
+    /* the reference draws a batch's nonces first; random ones are drawn at
+     * the first packet that needs one (none when every peer has a session) */
+    int lazy = s.nonce_src == Urandom || s.nonce_src == Py_None;
+    if (!lazy && !(nonces = get_nonces(s.nonce_src, n)))
         goto done;
-    Py_ssize_t ni = 0, sent = 0;
+    Py_ssize_t ni = 0, sent = 0, rest = 0;
+    for (Py_ssize_t i = 0; i < n; i++) { /* what the batch's frames take, a super packet's as one */
+        Py_ssize_t len = PyBytes_Check(PyList_GET_ITEM(pkts, i)) ? PyBytes_GET_SIZE(PyList_GET_ITEM(pkts, i)) : 0;
+        rest += (len > off ? len - off : 0) + DATA_HDR + 4 + TAG + NONCE;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *pobj = PyList_GET_ITEM(pkts, i);
         Py_INCREF(pobj);
@@ -1241,6 +1304,8 @@ static PyObject *k_from_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         }
         const uint8_t *p = view.buf;
         Py_ssize_t len = view.len;
+        s.run.hint = rest;
+        rest -= (len > off ? len - off : 0) + DATA_HDR + 4 + TAG + NONCE;
         PyObject *given = PyBytes_CheckExact(pobj) ? pobj : NULL; /* the packet as an object, for call-outs */
         int rc = 0;
         if (len < off + 40 || p[off] >> 4 != 6) {
@@ -1319,6 +1384,11 @@ static PyObject *k_from_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nar
             }
             const uint8_t *nonce;
             uint8_t ctr_nonce[NONCE];
+            if (sess == Py_None && !nonces && !(nonces = get_nonces(s.nonce_src, n))) {
+                Py_DECREF(r);
+                rc = -1;
+                goto next;
+            }
             if (sess == Py_None) { /* the reference's scheme: random, drawn once per batch */
                 nonce = (const uint8_t *)PyBytes_AS_STRING(nonces) + NONCE * ni;
                 ni++;
@@ -1643,6 +1713,27 @@ static int call_src(PyObject *dp, PyObject *method, const uint8_t *src, PyObject
     return res ? 0 : -1;
 }
 
+/* from_peer's plaintext buffer: one kept for the process (a fresh 64 KiB
+ * allocation is a cold malloc and free per call after an idle spell), a
+ * new one when a call-out re-enters while it is taken */
+static uint8_t scratch_buf[MAX_PAYLOAD + 64];
+static int scratch_busy;
+
+static uint8_t *scratch_take(void) {
+    if (!scratch_busy) {
+        scratch_busy = 1;
+        return scratch_buf;
+    }
+    return PyMem_Malloc(MAX_PAYLOAD + 64);
+}
+
+static void scratch_give(uint8_t *p) {
+    if (p == scratch_buf)
+        scratch_busy = 0;
+    else
+        PyMem_Free(p);
+}
+
 static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "from_peer(dp, blob, now)");
@@ -1665,15 +1756,15 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
     Py_buffer view;
     if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    if (PyObject_SetAttrString(dp, "now", now) < 0)
+    if (PyObject_SetAttr(dp, N_now, now) < 0)
         goto done;
-    if (!(keys_in = PyObject_GetAttrString(dp, "keys_in")) || !(gro = PyObject_GetAttrString(dp, "gro")) ||
-        !(tunobj = PyObject_GetAttrString(dp, "tun")) || !(messages = PyObject_GetAttrString(dp, "messages")) ||
-        !(counters = PyObject_GetAttrString(dp, "counters")) || !(sessions = PyObject_GetAttrString(dp, "sessions")) ||
-        !(by_index = PyObject_GetAttrString(dp, "by_index")) || !(capable = PyObject_GetAttrString(dp, "capable")) ||
-        !(ffilter = PyObject_GetAttrString(dp, "filter_nonces")) ||
-        !(filt = PyObject_GetAttrString(dp, "nonce_filter")) || !(seen = PyObject_GetAttrString(filt, "seen")) ||
-        !(order = PyObject_GetAttrString(filt, "order")) || !(fsize = PyObject_GetAttrString(filt, "size")))
+    if (!(keys_in = PyObject_GetAttr(dp, N_keys_in)) || !(gro = PyObject_GetAttr(dp, N_gro)) ||
+        !(tunobj = PyObject_GetAttr(dp, N_tun)) || !(messages = PyObject_GetAttr(dp, N_messages)) ||
+        !(counters = PyObject_GetAttr(dp, N_counters)) || !(sessions = PyObject_GetAttr(dp, N_sessions)) ||
+        !(by_index = PyObject_GetAttr(dp, N_by_index)) || !(capable = PyObject_GetAttr(dp, N_capable)) ||
+        !(ffilter = PyObject_GetAttr(dp, N_filter_nonces)) ||
+        !(filt = PyObject_GetAttr(dp, N_nonce_filter)) || !(seen = PyObject_GetAttr(filt, N_seen)) ||
+        !(order = PyObject_GetAttr(filt, N_order)) || !(fsize = PyObject_GetAttr(filt, N_size)))
         goto done;
     if (!PyDict_Check(keys_in) || !PyDict_Check(counters) || !PyList_Check(messages) || !PyDict_Check(by_index) ||
         !PyAnySet_Check(capable) || !PyAnySet_Check(seen)) {
@@ -1686,11 +1777,11 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
     if (tun < 0 || filter_nonces < 0 || (seen_max == -1 && PyErr_Occurred()))
         goto done;
     int have_sessions = sessions != Py_None;
-    if (!(fwobj = PyObject_GetAttrString(dp, "firewall")))
+    if (!(fwobj = PyObject_GetAttr(dp, N_firewall)))
         goto done;
     if (fwobj != Py_None) { /* its rules compiled for the kernel (Firewall.native) and its counters */
-        if (!(fwrules = PyObject_GetAttrString(fwobj, "native")) ||
-            !(fwcounters = PyObject_GetAttrString(fwobj, "counters")))
+        if (!(fwrules = PyObject_GetAttr(fwobj, N_native)) ||
+            !(fwcounters = PyObject_GetAttr(fwobj, N_counters)))
             goto done;
         if (Py_TYPE(fwrules) != &FwRulesType || !PyDict_Check(fwcounters)) {
             PyErr_SetString(PyExc_TypeError, "DataPlane.firewall.native must be the kernel's FirewallRules");
@@ -1699,7 +1790,7 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
     }
     const FwRules *fw = (const FwRules *)fwrules;
     Gro *ngro = Py_TYPE(gro) == &GroType ? (Gro *)gro : NULL;
-    if (!(pt = PyMem_Malloc(MAX_PAYLOAD + 64))) {
+    if (!(pt = scratch_take())) {
         PyErr_NoMemory();
         goto done;
     }
@@ -1992,7 +2083,7 @@ done:
         Py_CLEAR(ret);
     Py_XDECREF(via_rs);
     PyBuffer_Release(&view);
-    PyMem_Free(pt);
+    scratch_give(pt);
     Py_XDECREF(last_key);
     Py_XDECREF(keys_in);
     Py_XDECREF(gro);
@@ -2333,8 +2424,8 @@ done:
     return ret;
 }
 
-static int attr_u64(PyObject *obj, const char *name, uint64_t *v) {
-    PyObject *o = PyObject_GetAttrString(obj, name);
+static int attr_u64(PyObject *obj, PyObject *name, uint64_t *v) {
+    PyObject *o = PyObject_GetAttr(obj, name);
     if (!o)
         return -1;
     *v = PyLong_AsUnsignedLongLong(o);
@@ -2355,7 +2446,7 @@ static int put_parts(PyObject *data_out, const char *tag, Py_ssize_t tag_len, co
     uint64_t size, head, tail, generation;
     if (tag_len > 255)
         return 0;
-    if (!(fdo = PyObject_GetAttrString(data_out, "fd")))
+    if (!(fdo = PyObject_GetAttr(data_out, N_fd)))
         goto done;
     fd = PyLong_AsLong(fdo);
     if (fd == -1 && PyErr_Occurred())
@@ -2364,10 +2455,10 @@ static int put_parts(PyObject *data_out, const char *tag, Py_ssize_t tag_len, co
     if (fd < 0 || fd > INT32_MAX || nparts == 0)
         goto done; /* not connected: DataOut.send reconnects and counts */
     rc = -1;
-    if (!(ring = PyObject_GetAttrString(data_out, "ring")) || !(map = PyObject_GetAttrString(ring, "map")) ||
-        !(name = PyObject_GetAttrString(data_out, "name_bytes")) || attr_u64(ring, "size", &size) < 0 ||
-        attr_u64(ring, "head", &head) < 0 || attr_u64(ring, "tail", &tail) < 0 ||
-        attr_u64(ring, "generation", &generation) < 0)
+    if (!(ring = PyObject_GetAttr(data_out, N_ring)) || !(map = PyObject_GetAttr(ring, N_map)) ||
+        !(name = PyObject_GetAttr(data_out, N_name_bytes)) || attr_u64(ring, N_size, &size) < 0 ||
+        attr_u64(ring, N_head, &head) < 0 || attr_u64(ring, N_tail, &tail) < 0 ||
+        attr_u64(ring, N_generation, &generation) < 0)
         goto done;
     if (PyObject_GetBuffer(map, &mapbuf, PyBUF_WRITABLE) < 0)
         goto done;
@@ -2384,13 +2475,16 @@ static int put_parts(PyObject *data_out, const char *tag, Py_ssize_t tag_len, co
                                (const uint8_t *)tag, (size_t)tag_len, bufs, nparts, total, &start);
     rc = -1;
     PyObject *tv = PyLong_FromUnsignedLongLong(t);
-    if (!tv || PyObject_SetAttrString(ring, "tail", tv) < 0) {
+    if (!tv || PyObject_SetAttr(ring, N_tail, tv) < 0) {
         Py_XDECREF(tv);
         goto done;
     }
     Py_DECREF(tv);
     if (status == 0) {
-        PyObject *r = PyObject_CallMethod(ring, "advance", "KK", (unsigned long long)start, (unsigned long long)total);
+        PyObject *a = PyLong_FromUnsignedLongLong(start), *b = a ? PyLong_FromUnsignedLongLong(total) : NULL;
+        PyObject *r = b ? PyObject_CallMethodObjArgs(ring, N_advance, a, b, NULL) : NULL;
+        Py_XDECREF(a);
+        Py_XDECREF(b);
         if (!r)
             goto done;
         Py_DECREF(r);
@@ -2609,7 +2703,7 @@ static ssize_t recv_record(int fd, uint8_t *buf, size_t size, int *state) {
  * the queue's loop), a failed write to queue.fail. 1 the queue took the
  * batch, 0 not idle (the caller's handler takes it), -1 an exception. */
 static int direct_write(PyObject *q, const uint8_t *p, Py_ssize_t len) {
-    PyObject *o = PyObject_GetAttrString(q, "write_fd");
+    PyObject *o = PyObject_GetAttr(q, N_write_fd);
     if (!o)
         return -1;
     long wfd = PyLong_AsLong(o);
@@ -2624,7 +2718,7 @@ static int direct_write(PyObject *q, const uint8_t *p, Py_ssize_t len) {
     while (n < 0 && errno == EINTR);
     if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
         PyObject *why = PyUnicode_FromFormat("write error: [Errno %d] %s", errno, strerror(errno));
-        PyObject *r = why ? PyObject_CallMethod(q, "fail", "O", why) : NULL;
+        PyObject *r = why ? PyObject_CallMethodOneArg(q, N_fail, why) : NULL;
         Py_XDECREF(why);
         if (!r)
             return -1;
@@ -2633,10 +2727,10 @@ static int direct_write(PyObject *q, const uint8_t *p, Py_ssize_t len) {
     }
     Py_ssize_t sent = n < 0 ? 0 : (Py_ssize_t)n;
     if (sent) {
-        PyObject *tx = PyObject_GetAttrString(q, "tx_bytes"), *add = NULL, *sum = NULL;
+        PyObject *tx = PyObject_GetAttr(q, N_tx_bytes), *add = NULL, *sum = NULL;
         if (tx && (add = PyLong_FromSsize_t(sent)))
             sum = PyNumber_Add(tx, add);
-        int bad = !sum || PyObject_SetAttrString(q, "tx_bytes", sum) < 0;
+        int bad = !sum || PyObject_SetAttr(q, N_tx_bytes, sum) < 0;
         Py_XDECREF(tx);
         Py_XDECREF(add);
         Py_XDECREF(sum);
@@ -2645,7 +2739,7 @@ static int direct_write(PyObject *q, const uint8_t *p, Py_ssize_t len) {
     }
     if (sent < len) {
         PyObject *rest = PyBytes_FromStringAndSize((const char *)p + sent, len - sent);
-        PyObject *r = rest ? PyObject_CallMethod(q, "keep", "O", rest) : NULL;
+        PyObject *r = rest ? PyObject_CallMethodOneArg(q, N_keep, rest) : NULL;
         Py_XDECREF(rest);
         if (!r)
             return -1;
@@ -2717,12 +2811,12 @@ static PyObject *k_drain_ring(PyObject *mod, PyObject *const *args, Py_ssize_t n
             goto python;
         }
         uint64_t rgen, rsize;
-        if (attr_u64(reader, "generation", &rgen) < 0 || attr_u64(reader, "size", &rsize) < 0)
+        if (attr_u64(reader, N_generation, &rgen) < 0 || attr_u64(reader, N_size, &rsize) < 0)
             return NULL;
         uint64_t pos = rsize ? start % rsize : 0;
         if (rgen != gen || rsize == 0 || length == 0 || start > INT64_MAX || pos + length > rsize)
             goto python;
-        PyObject *map = PyObject_GetAttrString(reader, "map");
+        PyObject *map = PyObject_GetAttr(reader, N_map);
         if (!map)
             return NULL;
         if (map == Py_None) {
@@ -2771,7 +2865,7 @@ static PyObject *k_drain_ring(PyObject *mod, PyObject *const *args, Py_ssize_t n
             PyObject *v = k ? whole : view;
             if (!v)
                 continue;
-            PyObject *done = PyObject_CallMethod(v, "release", NULL);
+            PyObject *done = PyObject_CallMethodNoArgs(v, N_release);
             if (done)
                 Py_DECREF(done);
             else
@@ -2780,7 +2874,7 @@ static PyObject *k_drain_ring(PyObject *mod, PyObject *const *args, Py_ssize_t n
         }
         { /* RingReader.release(generation, end): the record is consumed even if the handler failed */
             uint64_t end = start + length, word;
-            if (attr_u64(reader, "generation", &rgen) < 0) {
+            if (attr_u64(reader, N_generation, &rgen) < 0) {
                 if (failed)
                     PyErr_Clear();
                 failed = 1;
@@ -2852,6 +2946,10 @@ PyMODINIT_FUNC PyInit__kernel(void) {
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if (!(*names[i].slot = PyUnicode_InternFromString(names[i].name)))
             return NULL;
+#define INTERN_NAME(n)                                                                                                 \
+    if (!(N_##n = PyUnicode_InternFromString(#n)))                                                                     \
+        return NULL;
+    KERNEL_NAMES(INTERN_NAME)
     if (!(Four = PyLong_FromLong(4)))
         return NULL;
     PyObject *m = PyModule_Create(&k_module);

@@ -7,6 +7,7 @@ Also run under AddressSanitizer by ``make asan``."""
 
 from __future__ import annotations
 
+import os
 import struct
 from collections import Counter
 from typing import Any
@@ -145,6 +146,51 @@ def test_from_tun_native_equals_reference(reads: list[bytes], vnet: bool) -> Non
     py.from_tun(list(reads), NOW)
     c.from_tun(list(reads), NOW)
     assert outcome(c) == outcome(py)
+
+
+@pytest.mark.parametrize("use_native", [False, True])
+def test_default_nonces_are_random_and_open_at_the_peer(use_native: bool) -> None:
+    """With the default scheme (os.urandom; the kernel draws the same kind
+    of bytes with getrandom, once per batch and only when a packet needs
+    one) every frame of a batch has its own nonce, plain packets and a TSO
+    super packet's segments alike, and the peer opens each one."""
+    dp = DataPlane(
+        ME, fib(), KeyCache(ME.private_key, native=use_native), tun=True, vnet=True, kernel=K if use_native else None
+    )
+    assert dp.nonce_bytes is os.urandom
+    pkts = [bytes(VNET_HDR_SIZE) + tcp_to(PEER, bytes([i]) * 100) for i in range(20)]
+    seg = tcp_to(PEER, bytes(3000))
+    pkts.append(struct.pack("=BBHHHH", 1, 4, 60, 1000, 40, 16) + seg)
+    dp.from_tun(pkts, NOW)
+    blob = dp.take_out()["p"]
+    nonces = []
+    pos = 0
+    while pos < len(blob):
+        end = pos + 40 + struct.unpack_from("!H", blob, pos + 5)[0]
+        nonces.append(blob[end - 12 : end])
+        pos = end
+    assert pos == len(blob) and len(nonces) == 23
+    assert len(set(nonces)) == len(nonces)
+    back = FibReplica()
+    back.load_snapshot({"epoch": 1, "seq": 0, "entries": [[ME.address.packed[:8] + bytes(8), 64, "m", ME.public_key]]})
+    peer = DataPlane(PEER, back, KeyCache(PEER.private_key, native=False), tun=True, vnet=False, kernel=None)
+    peer.from_peer(blob, NOW)
+    opened = b"".join(b"".join(bytes(b) for b in w) for w in peer.gro.flush())
+    assert peer.counters == Counter(rx_opened=23)
+    for p in pkts[:20]:  # as sent, the hop limit one less
+        ip = p[VNET_HDR_SIZE:]
+        assert ip[:7] + bytes([ip[7] - 1]) + ip[8:] in opened
+
+
+def tcp_to(dst: Identity, payload: bytes) -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", 5000, 443, 1, 77, 5 << 4, 0x18, 512, 0, 0)
+    return (
+        struct.pack("!IHBB", 0x60000000, 20 + len(payload), 6, 64)
+        + ME.address.packed
+        + dst.address.packed
+        + tcp
+        + payload
+    )
 
 
 @SETTINGS
