@@ -23,6 +23,7 @@
 #include <structmember.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <string.h>
 #include <errno.h>
@@ -46,6 +47,7 @@
 
 static PyObject *InvalidTag; /* cryptography.exceptions.InvalidTag, from configure() */
 static PyObject *Four;       /* the offset of an IPv6 packet in a plaintext */
+static PyObject *FloatZero;  /* 0.0 */
 static PyObject *Urandom;    /* os.urandom: nonces then come from getrandom (fill_random) */
 static PyObject *S_ctr, *S_remote_index, *S_used, *S_prefix, *S_window, *S_aead, *S_confirmed, *S_fresh, *S_mark,
     *S_decrypt, *S_confirm, *S_undecryptable, *S_static_refused, *S_session_in, *S_append, *S_popleft, *S_route_for_tun, *S_tun_exception, *S_from_tun, *S_key_for_src, *S_queue_in, *S_same_owner,
@@ -54,9 +56,124 @@ static PyObject *S_ctr, *S_remote_index, *S_used, *S_prefix, *S_window, *S_aead,
 /* attribute and method names the kernel looks up, interned once at import:
  * a lookup by C string builds and interns the name first, which after an
  * idle spell costs more than the lookup itself (a fifth of a cold from_tun) */
-#define KERNEL_NAMES(X) X(advance) X(by_index) X(capable) X(counters) X(fail) X(fd) X(filter_nonces) X(firewall) X(generation) X(gro) X(head) X(keep) X(keys_in) X(map) X(messages) X(mtu) X(name_bytes) X(native) X(nonce_bytes) X(nonce_filter) X(now) X(off) X(order) X(out) X(release) X(ring) X(routes) X(seen) X(sessions) X(size) X(tail) X(tun) X(tx_bytes) X(vnet) X(write_fd)
+#define KERNEL_NAMES(X) X(advance) X(by_index) X(capable) X(counters) X(fail) X(fd) X(filter_nonces) X(firewall) X(generation) X(gro) X(head) X(keep) X(keys_in) X(map) X(messages) X(mtu) X(name_bytes) X(native) X(nonce_bytes) X(nonce_filter) X(now) X(off) X(order) X(out) X(release) X(ring) X(routes) X(seen) X(sessions) X(size) X(tail) X(tun) X(tx_bytes) X(vnet) X(write_fd) X(_undo) X(full_since)
 #define DECLARE_NAME(n) static PyObject *N_##n;
 KERNEL_NAMES(DECLARE_NAME)
+
+/* --- state the kernel reads on every call, in C slots ------------------------
+ *
+ * DataPlane, DataOut, RingWriter/RingReader and peerd's SendQueue derive
+ * from these bases when the kernel is built (their Python code unchanged:
+ * each field is an ordinary attribute to it). The kernel then reads a field
+ * from its slot instead of looking it up by name, which after an idle
+ * spell costs a few cache lines per lookup: a fifth of a cold from_peer and
+ * of a cold hand-over. field()/set_field() fall back to the attribute for
+ * any other object. */
+typedef struct {
+    PyObject_HEAD PyObject *f[1]; /* as many as the type's fields */
+} Fields;
+
+#define PLANE_FIELDS(X)                                                                                                \
+    X(now) X(routes) X(out) X(counters) X(nonce_bytes) X(off) X(vnet) X(mtu) X(keys_in) X(gro) X(tun) X(messages)     \
+        X(sessions) X(by_index) X(capable) X(filter_nonces) X(nonce_filter) X(firewall)
+#define RING_FIELDS(X) X(size) X(head) X(tail) X(generation) X(map) X(_undo) X(full_since)
+#define OUT_FIELDS(X) X(fd) X(ring) X(name_bytes)
+#define QUEUE_FIELDS(X) X(write_fd) X(tx_bytes)
+#define PLANE_INDEX(n) PF_##n,
+#define RING_INDEX(n) RF_##n,
+#define OUT_INDEX(n) OF_##n,
+#define QUEUE_INDEX(n) QF_##n,
+enum { PLANE_FIELDS(PLANE_INDEX) PLANE_N };
+enum { RING_FIELDS(RING_INDEX) RING_N };
+enum { OUT_FIELDS(OUT_INDEX) OUT_N };
+enum { QUEUE_FIELDS(QUEUE_INDEX) QUEUE_N };
+#define PLANE_MEMBER(n) {#n, T_OBJECT_EX, offsetof(Fields, f) + PF_##n * sizeof(PyObject *), 0, NULL},
+#define RING_MEMBER(n) {#n, T_OBJECT_EX, offsetof(Fields, f) + RF_##n * sizeof(PyObject *), 0, NULL},
+#define OUT_MEMBER(n) {#n, T_OBJECT_EX, offsetof(Fields, f) + OF_##n * sizeof(PyObject *), 0, NULL},
+#define QUEUE_MEMBER(n) {#n, T_OBJECT_EX, offsetof(Fields, f) + QF_##n * sizeof(PyObject *), 0, NULL},
+
+#define FIELDS_TYPE(NAME, PYNAME, N, LIST, MEMBER, DOC)                                                                       \
+    static int NAME##_traverse(PyObject *self, visitproc visit, void *arg) {                                           \
+        for (int i = 0; i < N; i++)                                                                                    \
+            Py_VISIT(((Fields *)self)->f[i]);                                                                          \
+        return 0;                                                                                                      \
+    }                                                                                                                  \
+    static int NAME##_clear(PyObject *self) {                                                                          \
+        for (int i = 0; i < N; i++)                                                                                    \
+            Py_CLEAR(((Fields *)self)->f[i]);                                                                          \
+        return 0;                                                                                                      \
+    }                                                                                                                  \
+    static void NAME##_dealloc(PyObject *self) {                                                                       \
+        PyObject_GC_UnTrack(self);                                                                                     \
+        NAME##_clear(self);                                                                                            \
+        Py_TYPE(self)->tp_free(self);                                                                                  \
+    }                                                                                                                  \
+    static PyMemberDef NAME##_members[] = {LIST(MEMBER){NULL}};                                                  \
+    static PyTypeObject NAME##Type = {                                                                                 \
+        PyVarObject_HEAD_INIT(NULL, 0).tp_name = "_kernel." PYNAME,                                                    \
+        .tp_basicsize = sizeof(PyObject) + N * sizeof(PyObject *),                                                     \
+        .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,                                     \
+        .tp_doc = DOC,                                                                                                 \
+        .tp_new = PyType_GenericNew,                                                                                   \
+        .tp_traverse = NAME##_traverse,                                                                                \
+        .tp_clear = NAME##_clear,                                                                                      \
+        .tp_dealloc = NAME##_dealloc,                                                                                  \
+        .tp_members = NAME##_members,                                                                                  \
+    };
+
+FIELDS_TYPE(Plane, "PlaneFields", PLANE_N, PLANE_FIELDS, PLANE_MEMBER, "DataPlane's fields the kernel reads, in slots")
+FIELDS_TYPE(Ring, "RingFields", RING_N, RING_FIELDS, RING_MEMBER, "a ring's size, head, tail, generation and map, in slots")
+FIELDS_TYPE(Out, "OutFields", OUT_N, OUT_FIELDS, OUT_MEMBER, "DataOut's descriptor, ring and name, in slots")
+FIELDS_TYPE(Queue, "QueueFields", QUEUE_N, QUEUE_FIELDS, QUEUE_MEMBER, "SendQueue's write_fd and tx_bytes, in slots")
+
+/* A tuple of n new references, stolen (NULL when one of them is: an
+ * exception is set). Why not Py_BuildValue: it parses its format string,
+ * one more stretch of cold code at the end of every wake-up's call. */
+static PyObject *tuple_steal(int n, ...) {
+    va_list ap;
+    va_start(ap, n);
+    PyObject *items[8];
+    int bad = n > 8;
+    for (int i = 0; i < n && i < 8; i++) {
+        items[i] = va_arg(ap, PyObject *);
+        bad |= items[i] == NULL;
+    }
+    va_end(ap);
+    PyObject *t = bad ? NULL : PyTuple_New(n);
+    for (int i = 0; i < n && i < 8; i++) {
+        if (t)
+            PyTuple_SET_ITEM(t, i, items[i]);
+        else
+            Py_XDECREF(items[i]);
+    }
+    return t;
+}
+
+/* obj's field idx (a new reference) from its slot when obj has the base
+ * type, else the attribute ``name``; AttributeError when unset */
+static PyObject *field(PyObject *obj, PyTypeObject *type, int idx, PyObject *name) {
+    if (PyObject_TypeCheck(obj, type)) {
+        PyObject *v = ((Fields *)obj)->f[idx];
+        if (v)
+            return Py_NewRef(v);
+        PyErr_SetObject(PyExc_AttributeError, name);
+        return NULL;
+    }
+    return PyObject_GetAttr(obj, name);
+}
+
+static int set_field(PyObject *obj, PyTypeObject *type, int idx, PyObject *name, PyObject *v) {
+    if (PyObject_TypeCheck(obj, type)) {
+        Py_XSETREF(((Fields *)obj)->f[idx], Py_NewRef(v));
+        return 0;
+    }
+    return PyObject_SetAttr(obj, name, v);
+}
+
+#define PLANE(o, n) field((o), &PlaneType, PF_##n, N_##n)
+#define RING(o, n) field((o), &RingType, RF_##n, N_##n)
+#define OUT(o, n) field((o), &OutType, OF_##n, N_##n)
+#define QUEUE(o, n) field((o), &QueueType, QF_##n, N_##n)
 
 /* --- one's complement sums ------------------------------------------------ */
 
@@ -1266,12 +1383,12 @@ static PyObject *k_from_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         s.c[i].name = names[i];
     PyObject *ret = NULL, *nonces = NULL, *dpoff = NULL, *dpvnet = NULL, *mtu = NULL;
     uint8_t *scratch = NULL;
-    if (PyObject_SetAttr(dp, N_now, s.now) < 0)
+    if (set_field(dp, &PlaneType, PF_now, N_now, s.now) < 0)
         return NULL;
-    if (!(s.routes = PyObject_GetAttr(dp, N_routes)) || !(s.run.out = PyObject_GetAttr(dp, N_out)) ||
-        !(s.counters = PyObject_GetAttr(dp, N_counters)) ||
-        !(s.nonce_src = PyObject_GetAttr(dp, N_nonce_bytes)) || !(dpoff = PyObject_GetAttr(dp, N_off)) ||
-        !(dpvnet = PyObject_GetAttr(dp, N_vnet)) || !(mtu = PyObject_GetAttr(dp, N_mtu)))
+    if (!(s.routes = PLANE(dp, routes)) || !(s.run.out = PLANE(dp, out)) ||
+        !(s.counters = PLANE(dp, counters)) ||
+        !(s.nonce_src = PLANE(dp, nonce_bytes)) || !(dpoff = PLANE(dp, off)) ||
+        !(dpvnet = PLANE(dp, vnet)) || !(mtu = PLANE(dp, mtu)))
         goto done;
     if (!PyDict_Check(s.routes) || !PyDict_Check(s.run.out) || !PyDict_Check(s.counters)) {
         PyErr_SetString(PyExc_TypeError, "DataPlane routes, out and counters must be dicts");
@@ -1756,14 +1873,14 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
     Py_buffer view;
     if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    if (PyObject_SetAttr(dp, N_now, now) < 0)
+    if (set_field(dp, &PlaneType, PF_now, N_now, now) < 0)
         goto done;
-    if (!(keys_in = PyObject_GetAttr(dp, N_keys_in)) || !(gro = PyObject_GetAttr(dp, N_gro)) ||
-        !(tunobj = PyObject_GetAttr(dp, N_tun)) || !(messages = PyObject_GetAttr(dp, N_messages)) ||
-        !(counters = PyObject_GetAttr(dp, N_counters)) || !(sessions = PyObject_GetAttr(dp, N_sessions)) ||
-        !(by_index = PyObject_GetAttr(dp, N_by_index)) || !(capable = PyObject_GetAttr(dp, N_capable)) ||
-        !(ffilter = PyObject_GetAttr(dp, N_filter_nonces)) ||
-        !(filt = PyObject_GetAttr(dp, N_nonce_filter)) || !(seen = PyObject_GetAttr(filt, N_seen)) ||
+    if (!(keys_in = PLANE(dp, keys_in)) || !(gro = PLANE(dp, gro)) ||
+        !(tunobj = PLANE(dp, tun)) || !(messages = PLANE(dp, messages)) ||
+        !(counters = PLANE(dp, counters)) || !(sessions = PLANE(dp, sessions)) ||
+        !(by_index = PLANE(dp, by_index)) || !(capable = PLANE(dp, capable)) ||
+        !(ffilter = PLANE(dp, filter_nonces)) ||
+        !(filt = PLANE(dp, nonce_filter)) || !(seen = PyObject_GetAttr(filt, N_seen)) ||
         !(order = PyObject_GetAttr(filt, N_order)) || !(fsize = PyObject_GetAttr(filt, N_size)))
         goto done;
     if (!PyDict_Check(keys_in) || !PyDict_Check(counters) || !PyList_Check(messages) || !PyDict_Check(by_index) ||
@@ -1777,7 +1894,7 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
     if (tun < 0 || filter_nonces < 0 || (seen_max == -1 && PyErr_Occurred()))
         goto done;
     int have_sessions = sessions != Py_None;
-    if (!(fwobj = PyObject_GetAttr(dp, N_firewall)))
+    if (!(fwobj = PLANE(dp, firewall)))
         goto done;
     if (fwobj != Py_None) { /* its rules compiled for the kernel (Firewall.native) and its counters */
         if (!(fwrules = PyObject_GetAttr(fwobj, N_native)) ||
@@ -2265,7 +2382,7 @@ static PyObject *k_read_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nar
         if (budget <= 0)
             break;
     }
-    return Py_BuildValue("(Ni)", pkts, err);
+    return tuple_steal(2, pkts, PyLong_FromLong(err));
 fail:
     Py_DECREF(pkts);
     return NULL;
@@ -2329,7 +2446,7 @@ static PyObject *k_write_tun(PyObject *mod, PyObject *const *args, Py_ssize_t na
         if (!ok)
             return NULL;
     }
-    return Py_BuildValue("(nni)", written, failed, last);
+    return tuple_steal(3, PyLong_FromSsize_t(written), PyLong_FromSsize_t(failed), PyLong_FromLong(last));
 }
 
 #define RING_DATA_AT 4096
@@ -2412,7 +2529,7 @@ static PyObject *k_ring_send(PyObject *mod, PyObject *const *args, Py_ssize_t na
     uint64_t t = tail, start = 0;
     int status = ring_put_send(map.buf, (uint64_t)size, head, &t, generation, (int)fd, name.buf, (size_t)name.len,
                                tag.buf, (size_t)tag.len, &data, 1, (uint64_t)data.len, &start);
-    ret = Py_BuildValue("(iKK)", status, (unsigned long long)start, (unsigned long long)t);
+    ret = tuple_steal(3, PyLong_FromLong(status), PyLong_FromUnsignedLongLong(start), PyLong_FromUnsignedLongLong(t));
 done:
     if (have_data)
         PyBuffer_Release(&data);
@@ -2424,13 +2541,36 @@ done:
     return ret;
 }
 
-static int attr_u64(PyObject *obj, PyObject *name, uint64_t *v) {
-    PyObject *o = PyObject_GetAttr(obj, name);
+static int attr_u64(PyObject *obj, int idx, PyObject *name, uint64_t *v) { /* a ring's integer field */
+    PyObject *o = field(obj, &RingType, idx, name);
     if (!o)
         return -1;
     *v = PyLong_AsUnsignedLongLong(o);
     Py_DECREF(o);
     return PyErr_Occurred() ? -1 : 0;
+}
+
+/* RingWriter.advance (common/shmring.py, the reference) on a RingFields
+ * ring's slots, as it is the last step of every hand-over: the record of
+ * n bytes at start is in and ends at the new head; for any other ring, its
+ * method. */
+static int ring_advance(PyObject *ring, uint64_t start, uint64_t n) {
+    if (!PyObject_TypeCheck(ring, &RingType)) {
+        PyObject *a = PyLong_FromUnsignedLongLong(start), *b = a ? PyLong_FromUnsignedLongLong(n) : NULL;
+        PyObject *r = b ? PyObject_CallMethodObjArgs(ring, N_advance, a, b, NULL) : NULL;
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        Py_XDECREF(r);
+        return r ? 0 : -1;
+    }
+    PyObject **f = ((Fields *)ring)->f;
+    PyObject *head = PyLong_FromUnsignedLongLong(start + n);
+    if (!head)
+        return -1;
+    Py_XSETREF(f[RF_full_since], Py_NewRef(FloatZero));
+    Py_XSETREF(f[RF__undo], f[RF_head] ? f[RF_head] : PyLong_FromLong(0)); /* the old head's reference moves */
+    f[RF_head] = head;
+    return 0;
 }
 
 /* Buffers into a DataOut's ring as one record with ``tag``, announced
@@ -2446,7 +2586,7 @@ static int put_parts(PyObject *data_out, const char *tag, Py_ssize_t tag_len, co
     uint64_t size, head, tail, generation;
     if (tag_len > 255)
         return 0;
-    if (!(fdo = PyObject_GetAttr(data_out, N_fd)))
+    if (!(fdo = OUT(data_out, fd)))
         goto done;
     fd = PyLong_AsLong(fdo);
     if (fd == -1 && PyErr_Occurred())
@@ -2455,10 +2595,10 @@ static int put_parts(PyObject *data_out, const char *tag, Py_ssize_t tag_len, co
     if (fd < 0 || fd > INT32_MAX || nparts == 0)
         goto done; /* not connected: DataOut.send reconnects and counts */
     rc = -1;
-    if (!(ring = PyObject_GetAttr(data_out, N_ring)) || !(map = PyObject_GetAttr(ring, N_map)) ||
-        !(name = PyObject_GetAttr(data_out, N_name_bytes)) || attr_u64(ring, N_size, &size) < 0 ||
-        attr_u64(ring, N_head, &head) < 0 || attr_u64(ring, N_tail, &tail) < 0 ||
-        attr_u64(ring, N_generation, &generation) < 0)
+    if (!(ring = OUT(data_out, ring)) || !(map = RING(ring, map)) ||
+        !(name = OUT(data_out, name_bytes)) || attr_u64(ring, RF_size, N_size, &size) < 0 ||
+        attr_u64(ring, RF_head, N_head, &head) < 0 || attr_u64(ring, RF_tail, N_tail, &tail) < 0 ||
+        attr_u64(ring, RF_generation, N_generation, &generation) < 0)
         goto done;
     if (PyObject_GetBuffer(map, &mapbuf, PyBUF_WRITABLE) < 0)
         goto done;
@@ -2475,20 +2615,13 @@ static int put_parts(PyObject *data_out, const char *tag, Py_ssize_t tag_len, co
                                (const uint8_t *)tag, (size_t)tag_len, bufs, nparts, total, &start);
     rc = -1;
     PyObject *tv = PyLong_FromUnsignedLongLong(t);
-    if (!tv || PyObject_SetAttr(ring, N_tail, tv) < 0) {
+    if (!tv || set_field(ring, &RingType, RF_tail, N_tail, tv) < 0) {
         Py_XDECREF(tv);
         goto done;
     }
     Py_DECREF(tv);
-    if (status == 0) {
-        PyObject *a = PyLong_FromUnsignedLongLong(start), *b = a ? PyLong_FromUnsignedLongLong(total) : NULL;
-        PyObject *r = b ? PyObject_CallMethodObjArgs(ring, N_advance, a, b, NULL) : NULL;
-        Py_XDECREF(a);
-        Py_XDECREF(b);
-        if (!r)
-            goto done;
-        Py_DECREF(r);
-    }
+    if (status == 0 && ring_advance(ring, start, total) < 0)
+        goto done;
     rc = status == 0;
 done:
     if (have_name)
@@ -2569,7 +2702,7 @@ static PyObject *k_link_rx(PyObject *mod, PyObject *const *args, Py_ssize_t narg
         n = read((int)fd, b + have, (size_t)(view.len - have));
     while (n < 0 && errno == EINTR);
     if (n <= 0) {
-        ret = Py_BuildValue("(nnO)", n < 0 ? (Py_ssize_t)-errno : (Py_ssize_t)0, (Py_ssize_t)0, Py_None);
+        ret = tuple_steal(3, PyLong_FromSsize_t(n < 0 ? (Py_ssize_t)-errno : 0), PyLong_FromSsize_t(0), Py_NewRef(Py_None));
         goto done;
     }
     Py_ssize_t end = have + n, pos = 0;
@@ -2580,7 +2713,7 @@ static PyObject *k_link_rx(PyObject *mod, PyObject *const *args, Py_ssize_t narg
         pos = next;
     }
     if (pos == 0) {
-        ret = Py_BuildValue("(nnO)", (Py_ssize_t)n, (Py_ssize_t)0, Py_None);
+        ret = tuple_steal(3, PyLong_FromSsize_t((Py_ssize_t)n), PyLong_FromSsize_t(0), Py_NewRef(Py_None));
         goto done;
     }
     for (Py_ssize_t o = 0; o < pos; o += DATA_HDR + rd16(b + o + 5))
@@ -2592,7 +2725,7 @@ static PyObject *k_link_rx(PyObject *mod, PyObject *const *args, Py_ssize_t narg
         for (Py_ssize_t o = 0; o < pos; o += DATA_HDR + rd16(b + o + 5))
             b[o + 7]++;
         if (rc == 0)
-            ret = Py_BuildValue("(nnO)", (Py_ssize_t)n, (Py_ssize_t)0, Py_None);
+            ret = tuple_steal(3, PyLong_FromSsize_t((Py_ssize_t)n), PyLong_FromSsize_t(0), Py_NewRef(Py_None));
         goto done;
     }
     if (!(runs = PyList_New(0)))
@@ -2612,7 +2745,7 @@ static PyObject *k_link_rx(PyObject *mod, PyObject *const *args, Py_ssize_t narg
         }
         o = next;
     }
-    ret = Py_BuildValue("(nnO)", (Py_ssize_t)n, pos, runs);
+    ret = tuple_steal(3, PyLong_FromSsize_t((Py_ssize_t)n), PyLong_FromSsize_t(pos), Py_NewRef(runs));
 done:
     Py_XDECREF(runs);
     PyBuffer_Release(&own);
@@ -2703,7 +2836,7 @@ static ssize_t recv_record(int fd, uint8_t *buf, size_t size, int *state) {
  * the queue's loop), a failed write to queue.fail. 1 the queue took the
  * batch, 0 not idle (the caller's handler takes it), -1 an exception. */
 static int direct_write(PyObject *q, const uint8_t *p, Py_ssize_t len) {
-    PyObject *o = PyObject_GetAttr(q, N_write_fd);
+    PyObject *o = QUEUE(q, write_fd);
     if (!o)
         return -1;
     long wfd = PyLong_AsLong(o);
@@ -2727,10 +2860,10 @@ static int direct_write(PyObject *q, const uint8_t *p, Py_ssize_t len) {
     }
     Py_ssize_t sent = n < 0 ? 0 : (Py_ssize_t)n;
     if (sent) {
-        PyObject *tx = PyObject_GetAttr(q, N_tx_bytes), *add = NULL, *sum = NULL;
+        PyObject *tx = QUEUE(q, tx_bytes), *add = NULL, *sum = NULL;
         if (tx && (add = PyLong_FromSsize_t(sent)))
             sum = PyNumber_Add(tx, add);
-        int bad = !sum || PyObject_SetAttr(q, N_tx_bytes, sum) < 0;
+        int bad = !sum || set_field(q, &QueueType, QF_tx_bytes, N_tx_bytes, sum) < 0;
         Py_XDECREF(tx);
         Py_XDECREF(add);
         Py_XDECREF(sum);
@@ -2811,12 +2944,12 @@ static PyObject *k_drain_ring(PyObject *mod, PyObject *const *args, Py_ssize_t n
             goto python;
         }
         uint64_t rgen, rsize;
-        if (attr_u64(reader, N_generation, &rgen) < 0 || attr_u64(reader, N_size, &rsize) < 0)
+        if (attr_u64(reader, RF_generation, N_generation, &rgen) < 0 || attr_u64(reader, RF_size, N_size, &rsize) < 0)
             return NULL;
         uint64_t pos = rsize ? start % rsize : 0;
         if (rgen != gen || rsize == 0 || length == 0 || start > INT64_MAX || pos + length > rsize)
             goto python;
-        PyObject *map = PyObject_GetAttr(reader, N_map);
+        PyObject *map = RING(reader, map);
         if (!map)
             return NULL;
         if (map == Py_None) {
@@ -2874,7 +3007,7 @@ static PyObject *k_drain_ring(PyObject *mod, PyObject *const *args, Py_ssize_t n
         }
         { /* RingReader.release(generation, end): the record is consumed even if the handler failed */
             uint64_t end = start + length, word;
-            if (attr_u64(reader, N_generation, &rgen) < 0) {
+            if (attr_u64(reader, RF_generation, N_generation, &rgen) < 0) {
                 if (failed)
                     PyErr_Clear();
                 failed = 1;
@@ -2901,7 +3034,7 @@ static PyObject *k_drain_ring(PyObject *mod, PyObject *const *args, Py_ssize_t n
     }
     if (!left)
         left = Py_NewRef(Py_None);
-    return Py_BuildValue("(Ninn)", left, state, i, direct_n);
+    return tuple_steal(4, left, PyLong_FromLong(state), PyLong_FromSsize_t(i), PyLong_FromSsize_t(direct_n));
 }
 
 static PyMethodDef k_methods[] = {
@@ -2930,7 +3063,8 @@ static struct PyModuleDef k_module = {PyModuleDef_HEAD_INIT, "_kernel", "The dat
 
 PyMODINIT_FUNC PyInit__kernel(void) {
     if (PyType_Ready(&AeadType) < 0 || PyType_Ready(&GroType) < 0 || PyType_Ready(&WindowType) < 0 ||
-        PyType_Ready(&FwRulesType) < 0)
+        PyType_Ready(&FwRulesType) < 0 || PyType_Ready(&PlaneType) < 0 || PyType_Ready(&RingType) < 0 ||
+        PyType_Ready(&OutType) < 0 || PyType_Ready(&QueueType) < 0)
         return NULL;
     struct {
         PyObject **slot;
@@ -2950,7 +3084,7 @@ PyMODINIT_FUNC PyInit__kernel(void) {
     if (!(N_##n = PyUnicode_InternFromString(#n)))                                                                     \
         return NULL;
     KERNEL_NAMES(INTERN_NAME)
-    if (!(Four = PyLong_FromLong(4)))
+    if (!(Four = PyLong_FromLong(4)) || !(FloatZero = PyFloat_FromDouble(0.0)))
         return NULL;
     PyObject *m = PyModule_Create(&k_module);
     if (!m)
@@ -2963,6 +3097,10 @@ PyMODINIT_FUNC PyInit__kernel(void) {
         PyModule_AddObject(m, "ReplayWindow", (PyObject *)&WindowType) < 0 ||
         PyModule_AddObject(m, "FirewallRules", (PyObject *)&FwRulesType) < 0 ||
         PyModule_AddObject(m, "Gro", (PyObject *)&GroType) < 0 ||
+        PyModule_AddObjectRef(m, "PlaneFields", (PyObject *)&PlaneType) < 0 ||
+        PyModule_AddObjectRef(m, "RingFields", (PyObject *)&RingType) < 0 ||
+        PyModule_AddObjectRef(m, "OutFields", (PyObject *)&OutType) < 0 ||
+        PyModule_AddObjectRef(m, "QueueFields", (PyObject *)&QueueType) < 0 ||
         PyModule_AddIntConstant(m, "GRO_MAX_OPEN", GRO_MAX_OPEN) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -28,8 +28,9 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from .native import fields
 from .native import kernel as _kernel
 from .shmring import RingReader, RingWriter, ring_path, valid_name
 
@@ -66,7 +67,13 @@ def recv_records(fd: int, max_records: int, max_size: int) -> tuple[list[bytes],
     return recs, 0
 
 
-class DataOut:
+if TYPE_CHECKING:
+    _OutFields = object
+else:
+    _OutFields = fields("OutFields")  # fd, ring and name_bytes in slots for the kernel
+
+
+class DataOut(_OutFields):
     """Producer side: one ring, one connection to the consumer."""
 
     def __init__(self, run_dir: str, name: str, consumer: str) -> None:

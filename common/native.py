@@ -47,6 +47,15 @@ kernel, REASON = _load()
 NAME = "native" if kernel is not None else "python"
 
 
+def fields(name: str) -> type:
+    """The kernel's base class that keeps the fields it reads in slots
+    (``PlaneFields``, ``RingFields``, ``OutFields``, ``QueueFields``:
+    _kernel.c), or ``object`` without the kernel. The classes the kernel
+    reads on every call derive from it; to Python they are attributes."""
+    base = getattr(kernel, name, None) if kernel is not None else None
+    return base if isinstance(base, type) else object
+
+
 def built() -> bool:
     """Is there a compiled kernel next to this file (whether in use or not)?"""
     here = os.path.dirname(os.path.abspath(__file__))

@@ -33,6 +33,9 @@ import mmap
 import os
 import struct
 import time
+from typing import TYPE_CHECKING
+
+from .native import fields
 
 MAGIC = b"MYCRING1"
 HEADER = struct.Struct("=8sQQ")  # magic, generation, data size
@@ -64,7 +67,13 @@ def valid_name(name: object) -> bool:
     return isinstance(name, str) and 0 < len(name) <= 64 and all(c.isalnum() or c in "-_" for c in name)
 
 
-class RingWriter:
+if TYPE_CHECKING:
+    _RingFields = object
+else:
+    _RingFields = fields("RingFields")  # size, head, tail, generation and map in slots for the kernel
+
+
+class RingWriter(_RingFields):
     def __init__(self, path: str, size: int = DEFAULT_SIZE) -> None:
         self.path = path
         self.size = size
@@ -75,6 +84,7 @@ class RingWriter:
         self.drops = 0  # batches refused for want of room
         self._undo = 0
         self._map: mmap.mmap | None = None
+        self.map: mmap.mmap | None = None  # the mapped file (header, tail word, data), for the C kernel
         self._view: memoryview | None = None
         self._tail_word: memoryview | None = None
         self.renew()
@@ -95,6 +105,7 @@ class RingWriter:
             self._map = mmap.mmap(fd, DATA_AT + self.size)
         finally:
             os.close(fd)
+        self.map = self._map
         HEADER.pack_into(self._map, 0, MAGIC, self.generation, self.size)
         self._view = memoryview(self._map)
         self._tail_word = self._view[TAIL_AT : TAIL_AT + 8].cast("Q")
@@ -145,12 +156,6 @@ class RingWriter:
         self.advance(start, n)
         return self.generation, start, n
 
-    @property
-    def map(self) -> mmap.mmap:
-        """The mapped file (header, tail word, data), for the C kernel's ring_send and hand_over."""
-        assert self._map is not None
-        return self._map
-
     def advance(self, start: int, n: int) -> None:
         """A record of ``n`` bytes is in at ``start``: it becomes the head (``unput`` can take it back)."""
         self.full_since = 0.0
@@ -171,13 +176,13 @@ class RingWriter:
             self._view.release()
         if self._map is not None:
             self._map.close()
-        self._map = self._view = self._tail_word = None
+        self._map = self._view = self._tail_word = self.map = None
         if unlink:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
 
 
-class RingReader:
+class RingReader(_RingFields):
     def __init__(self, path: str) -> None:
         self.path = path
         self.generation = 0

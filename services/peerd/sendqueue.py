@@ -25,6 +25,9 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+from common.native import fields
 
 Buffer = bytes | bytearray | memoryview
 
@@ -35,7 +38,13 @@ WRITE_BATCH_BYTES = 256 * 1024
 WRITE_BATCH_BUFFERS = 64  # iovecs per writev
 
 
-class SendQueue:
+if TYPE_CHECKING:
+    _QueueFields = object
+else:
+    _QueueFields = fields("QueueFields")  # write_fd and tx_bytes in slots for the kernel's direct writes
+
+
+class SendQueue(_QueueFields):
     """Bounded queues plus the partial-write remainder of one stream."""
 
     def __init__(

@@ -22,7 +22,7 @@ import os
 import struct
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -31,6 +31,7 @@ from common.crypto import MIN_SEALED_SIZE, DecryptError, SessionKey, shared_secr
 from common.fib import FibReplica, Route
 from common.firewall import Firewall
 from common.identity import Identity
+from common.native import fields
 from common.native import kernel as NATIVE
 from common.pending import PendingQueue
 from common.replay import NonceFilter
@@ -144,7 +145,13 @@ def finish_checksum(pkt: bytes, off: int) -> bytes | None:
 Sealer = tuple[str, Callable[..., bytes], SendState | None]  # next hop, bound encrypt, session (None: random nonces)
 
 
-class DataPlane:
+if TYPE_CHECKING:
+    _PlaneFields = object
+else:
+    _PlaneFields = fields("PlaneFields")  # the fields the kernel reads, in slots
+
+
+class DataPlane(_PlaneFields):
     def __init__(
         self,
         identity: Identity,

@@ -263,7 +263,10 @@ def test_hand_over_hands_over_what_the_reference_does(
                 for out in rings.values():  # the reader catches up on part of it
                     seen = out.ring.tail + int((out.ring.head - out.ring.tail) * released[i])
                     out.ring.map[TAIL_AT : TAIL_AT + 8] = seen.to_bytes(8, "little")
-            state = [(o.ring.head, o.ring.tail, o.ring.drops, bytes(o.ring.map[DATA_AT:])) for o in rings.values()]
+            state = [
+                (o.ring.head, o.ring._undo, o.ring.tail, o.ring.drops, bytes(o.ring.map[DATA_AT:]))
+                for o in rings.values()
+            ]
             results.append((said, state, [records(c) for c in conns.values()]))
     finally:
         datapath._kernel, shmring.STALL_RESET = saved, stall
@@ -289,7 +292,9 @@ def test_hand_over_leaves_what_cannot_go_at_once(listener: tuple[str, socket.soc
             assert datapath.hand_over(pending, rings, 120) == 0 and pending  # over the batch limit: the caller cuts
             pending["udp-1-1"] = [b"c"]  # a family without a ring
             pending["tcp-1-2"] = []
+            out.ring.full_since = 5.0  # full a moment ago: a record that goes in ends that (RingWriter.advance)
             assert datapath.hand_over(pending, rings, 1 << 20) == 1
+            assert out.ring.full_since == 0.0 and out.ring._undo == 1 and out.ring.head == 151
             assert sorted(pending) == ["tcp-1-2", "udp-1-1"]
             got = records(conn)
             assert [(start, length, tag) for start, length, _, _, tag in got] == [

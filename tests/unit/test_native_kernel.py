@@ -409,3 +409,28 @@ def test_all_local_native_equals_numpy(packets: list[tuple[int, str, int, bytes]
     ref, nat = bytearray(buf), bytearray(buf)
     assert K.all_local(nat, list(offsets), own) == local_batch._all_local_numpy(ref, list(offsets), own)
     assert nat == ref
+
+
+def test_the_classes_the_kernel_reads_keep_their_fields_in_its_slots() -> None:
+    """With the kernel built, the objects it reads on every call derive from
+    its slot bases (native.fields), so it reads their fields without a
+    lookup; to Python they stay attributes, unset ones raising as usual."""
+    from common.datapath import DataOut
+    from common.shmring import RingReader, RingWriter
+    from services.peerd.sendqueue import SendQueue
+
+    for cls, base in (
+        (DataPlane, K.PlaneFields),
+        (DataOut, K.OutFields),
+        (RingWriter, K.RingFields),
+        (RingReader, K.RingFields),
+        (SendQueue, K.QueueFields),
+    ):
+        assert issubclass(cls, base), cls
+    dp = plane(ME, True)
+    dp.out = {"x": [b"1"]}
+    assert dp.out == {"x": [b"1"]} and "out" not in vars(dp)  # in the slot, not the instance dict
+    reader = RingReader("/nonexistent")
+    assert reader.map is None
+    with pytest.raises(AttributeError):
+        _ = reader.head  # a writer's field the reader never sets
