@@ -45,7 +45,7 @@ asan: install
 	export LD_PRELOAD=$$(cc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 		PYTHONMALLOC=malloc MYCELIUM_KERNEL_SO=$(ASAN_SO); \
 	$(VENV)/bin/python -c 'from common import native; print(native.describe())' && \
-	$(VENV)/bin/python -m pytest -q -s -p no:cacheprovider tests/unit/test_native_kernel.py tests/unit/test_native_io.py tests/unit/test_datapath.py tests/unit/test_native_sessions.py tests/unit/test_sessions.py tests/unit/test_tund_dataplane.py tests/unit/test_peerd_links.py  # -s: an ASan report kills the process, so it must not be captured
+	$(VENV)/bin/python -m pytest -q -s -p no:cacheprovider tests/unit/test_native_kernel.py tests/unit/test_native_io.py tests/unit/test_datapath.py tests/unit/test_native_sessions.py tests/unit/test_sessions.py tests/unit/test_tund_dataplane.py tests/unit/test_peerd_links.py tests/unit/test_tund_wait.py  # -s: an ASan report kills the process, so it must not be captured
 
 $(STAMP): setup.cfg pyproject.toml setup.py
 	@test -n "$(PYTHON)" || { echo "error: Python 3.11 or newer is required (install python3 >= 3.11)"; exit 1; }

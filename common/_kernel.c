@@ -26,8 +26,10 @@
 #include <stdarg.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 #include <errno.h>
 #include <unistd.h>
+#include <sys/epoll.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -56,7 +58,7 @@ static PyObject *S_ctr, *S_remote_index, *S_used, *S_prefix, *S_window, *S_aead,
 /* attribute and method names the kernel looks up, interned once at import:
  * a lookup by C string builds and interns the name first, which after an
  * idle spell costs more than the lookup itself (a fifth of a cold from_tun) */
-#define KERNEL_NAMES(X) X(advance) X(by_index) X(capable) X(counters) X(fail) X(fd) X(filter_nonces) X(firewall) X(generation) X(gro) X(head) X(keep) X(keys_in) X(map) X(messages) X(mtu) X(name_bytes) X(native) X(nonce_bytes) X(nonce_filter) X(now) X(off) X(order) X(out) X(release) X(ring) X(routes) X(seen) X(sessions) X(size) X(tail) X(tun) X(tx_bytes) X(vnet) X(write_fd) X(_undo) X(full_since)
+#define KERNEL_NAMES(X) X(advance) X(by_index) X(capable) X(counters) X(fail) X(fd) X(filter_nonces) X(firewall) X(generation) X(gro) X(head) X(keep) X(keys_in) X(map) X(messages) X(mtu) X(name_bytes) X(native) X(nonce_bytes) X(nonce_filter) X(now) X(off) X(order) X(out) X(release) X(ring) X(routes) X(seen) X(sessions) X(size) X(tail) X(tun) X(tx_bytes) X(vnet) X(write_fd) X(_undo) X(full_since) X(changed) X(outbox) X(sync_sessions) X(need) X(drain_after)
 #define DECLARE_NAME(n) static PyObject *N_##n;
 KERNEL_NAMES(DECLARE_NAME)
 
@@ -3037,6 +3039,331 @@ static PyObject *k_drain_ring(PyObject *mod, PyObject *const *args, Py_ssize_t n
     return tuple_steal(4, left, PyLong_FromLong(state), PyLong_FromSsize_t(i), PyLong_FromSsize_t(direct_n));
 }
 
+/* --- tund's wait and its common wake-ups ---------------------------------------------
+ *
+ * tund_wait(epfd, timeout, tun_fd, device_fd, conns, readers, data_in, dp, rings,
+ *           max_batch, read_batch, read_budget, read_size) -> (ready, dirty, tun_errno)
+ *
+ * Why: with the per-packet work in C, most of an idle ping's time in tund
+ * was the interpreter around it (perf over lone pings: libpython ~60 % of
+ * tund's samples, _PyEval_EvalFrameDefault first), each Python step cold
+ * after the idle spell. Here the wait and the two wake-ups a ping makes,
+ * the TUN readable and a ring record from peerd, run without a Python
+ * frame; the reference is services/tund/service.py TundWorker.run
+ * (read_tun, read_data, flush), which handles everything else.
+ *
+ * Waits on epfd (tund's Epoller) up to timeout seconds. A wake-up whose
+ * descriptors are all tun_fd or producer connections in conns is handled
+ * here: a TUN burst read and sealed (read_tun, from_tun), the records on a
+ * connection drained to from_peer (drain_ring; what needs Python, as a
+ * record to resolve or a closed connection, goes to data_in.drain_after),
+ * then the flush: each next hop's batch to its ring (hand_over), the GRO
+ * writes to device_fd (counted as tun_tx / tun_write_error). Then it waits
+ * again. It returns when Python must act: ready (the descriptors of a
+ * wake-up it did not handle, for the caller's usual dispatch), dirty (the
+ * flush left work: batches that could not go, messages, route requests,
+ * sessions to sync; the caller runs its flush), tun_errno (a failed TUN
+ * read, for the caller to count and log); ([], False, 0) at the timeout. */
+
+static PyObject *k_from_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+static PyObject *k_read_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+static PyObject *k_write_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+static PyObject *k_hand_over(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+static PyObject *k_drain_ring(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+
+/* -1 error, 0 no, 1 yes: may the common path run now (DataPlane.from_tun and
+ * from_peer would take the kernel's way, with no session changes to sync first)? */
+static int tund_fast_ok(PyObject *dp) {
+    PyObject *sessions = PLANE(dp, sessions), *fw = NULL;
+    if (!sessions)
+        return -1;
+    int ok = 1;
+    if (sessions != Py_None) {
+        PyObject *changed = PyObject_GetAttr(sessions, N_changed), *outbox = NULL;
+        int c = changed ? PyObject_IsTrue(changed) : -1;
+        Py_XDECREF(changed);
+        if (c == 0 && (outbox = PyObject_GetAttr(sessions, N_outbox)))
+            c = PyObject_IsTrue(outbox);
+        else if (c == 0)
+            c = -1;
+        Py_XDECREF(outbox);
+        ok = c < 0 ? -1 : !c;
+    }
+    Py_DECREF(sessions);
+    if (ok != 1)
+        return ok;
+    if (!(fw = PLANE(dp, firewall)))
+        return -1;
+    if (fw != Py_None) { /* DataPlane.from_peer: the kernel's way only with the rules compiled for it */
+        PyObject *rules = PyObject_GetAttr(fw, N_native);
+        ok = rules ? rules != Py_None : -1;
+        Py_XDECREF(rules);
+    }
+    Py_DECREF(fw);
+    if (ok != 1)
+        return ok;
+    PyObject *gro = PLANE(dp, gro);
+    if (!gro)
+        return -1;
+    ok = Py_TYPE(gro) == &GroType;
+    Py_DECREF(gro);
+    return ok;
+}
+
+/* drain_ring's handler: (dp, now) bound; DataPlane.from_peer's kernel way */
+static PyObject *tund_from_peer(PyObject *bound, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "handler(tag, batch)");
+        return NULL;
+    }
+    PyObject *dp = PyTuple_GET_ITEM(bound, 0);
+    PyObject *a[3] = {dp, args[1], PyTuple_GET_ITEM(bound, 1)};
+    PyObject *r = k_from_peer(NULL, a, 3);
+    if (!r)
+        return NULL;
+    Py_DECREF(r);
+    PyObject *sessions = PLANE(dp, sessions);
+    if (!sessions)
+        return NULL;
+    int sync = 0;
+    if (sessions != Py_None) { /* as DataPlane.from_peer: the engine's changes before the next batch */
+        PyObject *changed = PyObject_GetAttr(sessions, N_changed);
+        sync = changed ? PyObject_IsTrue(changed) : -1;
+        Py_XDECREF(changed);
+    }
+    Py_DECREF(sessions);
+    if (sync < 0)
+        return NULL;
+    if (sync && !(r = PyObject_CallMethodNoArgs(dp, N_sync_sessions)))
+        return NULL;
+    if (sync)
+        Py_DECREF(r);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef tund_from_peer_def = {"from_peer_batch", (PyCFunction)(void (*)(void))tund_from_peer,
+                                         METH_FASTCALL, "DataPlane.from_peer(batch, now) for drain_ring"};
+
+/* TundWorker.flush's common part: 0 done, 1 dirty (the caller's flush has work), -1 error */
+static int tund_flush(PyObject *dp, PyObject *rings, PyObject *max_batch, PyObject *device_fd) {
+    int ok = tund_fast_ok(dp); /* the engine changed or queued handshakes while opening: the caller's flush, in its order */
+    if (ok <= 0)
+        return ok < 0 ? -1 : 1;
+    int dirty = 0;
+    PyObject *out = PLANE(dp, out);
+    if (!out)
+        return -1;
+    if (PyDict_Check(out) && PyDict_GET_SIZE(out)) {
+        PyObject *a[3] = {out, rings, max_batch};
+        PyObject *r = k_hand_over(NULL, a, 3);
+        if (!r) {
+            Py_DECREF(out);
+            return -1;
+        }
+        Py_DECREF(r);
+        dirty |= PyDict_GET_SIZE(out) != 0; /* cut, retried, counted or sent over the bus by the caller */
+    } else if (!PyDict_Check(out)) {
+        dirty = 1;
+    }
+    Py_DECREF(out);
+    PyObject *gro = PLANE(dp, gro);
+    if (!gro)
+        return -1;
+    PyObject *writes = gro_flush((Gro *)gro, NULL);
+    Py_DECREF(gro);
+    if (!writes)
+        return -1;
+    if (PyList_GET_SIZE(writes)) {
+        PyObject *a[2] = {device_fd, writes};
+        PyObject *r = k_write_tun(NULL, a, 2);
+        Py_DECREF(writes);
+        if (!r)
+            return -1;
+        Count c[2] = {{"tun_tx", PyLong_AsLongLong(PyTuple_GET_ITEM(r, 0))},
+                      {"tun_write_error", PyLong_AsLongLong(PyTuple_GET_ITEM(r, 1))}};
+        Py_DECREF(r);
+        PyObject *counters = PLANE(dp, counters);
+        int bad = !counters || bump(counters, c, 2) < 0;
+        Py_XDECREF(counters);
+        if (bad)
+            return -1;
+    } else {
+        Py_DECREF(writes);
+    }
+    PyObject *messages = PLANE(dp, messages), *need = messages ? PyObject_GetAttr(dp, N_need) : NULL;
+    if (need) {
+        int m = PyObject_IsTrue(messages), n = PyObject_IsTrue(need);
+        if (m < 0 || n < 0)
+            dirty = -1;
+        else if (dirty >= 0)
+            dirty |= m || n;
+    } else {
+        dirty = -1;
+    }
+    Py_XDECREF(messages);
+    Py_XDECREF(need);
+    return dirty;
+}
+
+static unsigned long long tund_handled; /* wake-ups tund_wait handled itself */
+
+static PyObject *k_tund_handled(PyObject *mod, PyObject *unused) { return PyLong_FromUnsignedLongLong(tund_handled); }
+
+static double mono_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic's clock */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+#define TUND_EVENTS 64
+#define TUND_READ_BURST 512 /* common/datapath.py READ_BURST */
+#define TUND_MAX_RECORD (22 + 255 + 255)
+
+static PyObject *k_tund_wait(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "tund_wait(epfd, timeout, tun_fd, device_fd, conns, readers, data_in, dp, "
+                                         "rings, max_batch, read_batch, read_budget, read_size)");
+        return NULL;
+    }
+    long epfd = PyLong_AsLong(args[0]), tun_fd = PyLong_AsLong(args[2]);
+    double timeout = PyFloat_AsDouble(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *conns = args[4], *readers = args[5], *data_in = args[6], *dp = args[7], *rings = args[8];
+    if (epfd < 0 || epfd > INT32_MAX || !PyDict_Check(conns) || !PyDict_Check(readers) || !PyDict_Check(rings)) {
+        PyErr_SetString(PyExc_ValueError, "tund_wait: epfd, conns, readers or rings out of range");
+        return NULL;
+    }
+    double deadline = mono_now() + (timeout > 0 ? timeout : 0);
+    int dirty = 0;
+    long tun_err = 0;
+    struct epoll_event evs[TUND_EVENTS];
+    for (;;) {
+        double left_s = deadline - mono_now();
+        int ms = left_s <= 0 ? 0 : (int)(left_s * 1000.0) + 1;
+        int n;
+        Py_BEGIN_ALLOW_THREADS n = epoll_wait((int)epfd, evs, TUND_EVENTS, ms);
+        Py_END_ALLOW_THREADS if (n < 0) {
+            if (errno != EINTR)
+                return PyErr_SetFromErrno(PyExc_OSError);
+            if (PyErr_CheckSignals() < 0)
+                return NULL;
+            continue; /* a handler that stops the loop wrote to its descriptor: the next wait returns it */
+        }
+        if (n == 0)
+            return tuple_steal(3, PyList_New(0), PyBool_FromLong(dirty), PyLong_FromLong(tun_err));
+        int fast = 1;
+        for (int i = 0; i < n && fast; i++) {
+            int fd = evs[i].data.fd;
+            if (fd == tun_fd && tun_fd >= 0)
+                continue;
+            PyObject *key = PyLong_FromLong(fd);
+            int in = key ? PyDict_Contains(conns, key) : -1;
+            Py_XDECREF(key);
+            if (in < 0)
+                return NULL;
+            fast = in;
+        }
+        if (fast) {
+            int ok = tund_fast_ok(dp);
+            if (ok < 0)
+                return NULL;
+            fast = ok;
+        }
+        if (!fast || dirty || tun_err) { /* the caller's dispatch, as its own poll would have returned them */
+            PyObject *ready = PyList_New(n);
+            if (!ready)
+                return NULL;
+            for (int i = 0; i < n; i++) {
+                PyObject *fd = PyLong_FromLong(evs[i].data.fd);
+                if (!fd) {
+                    Py_DECREF(ready);
+                    return NULL;
+                }
+                PyList_SET_ITEM(ready, i, fd);
+            }
+            return tuple_steal(3, ready, PyBool_FromLong(dirty), PyLong_FromLong(tun_err));
+        }
+        PyObject *now = PyFloat_FromDouble(mono_now());
+        if (!now)
+            return NULL;
+        int failed = 0;
+        for (int i = 0; i < n && !failed; i++) {
+            int fd = evs[i].data.fd;
+            if (fd == tun_fd) { /* TundWorker.read_tun */
+                PyObject *a[4] = {args[2], args[10], args[11], args[12]};
+                PyObject *r = k_read_tun(NULL, a, 4);
+                if (!r) {
+                    failed = 1;
+                    break;
+                }
+                PyObject *pkts = PyTuple_GET_ITEM(r, 0);
+                tun_err = PyLong_AsLong(PyTuple_GET_ITEM(r, 1));
+                if (PyList_GET_SIZE(pkts)) {
+                    PyObject *off = PLANE(dp, off);
+                    PyObject *b[4] = {dp, pkts, now, off};
+                    PyObject *res = off ? k_from_tun(NULL, b, 4) : NULL;
+                    Py_XDECREF(off);
+                    if (!res)
+                        failed = 1;
+                    Py_XDECREF(res);
+                }
+                Py_DECREF(r);
+                continue;
+            }
+            /* TundWorker.read_data: DataIn.drain's first burst here, the rest in Python */
+            PyObject *bound = PyTuple_Pack(2, dp, now);
+            PyObject *handle = bound ? PyCFunction_New(&tund_from_peer_def, bound) : NULL;
+            Py_XDECREF(bound);
+            PyObject *fdo = handle ? PyLong_FromLong(fd) : NULL;
+            PyObject *burst = fdo ? PyLong_FromLong(TUND_READ_BURST) : NULL;
+            PyObject *size = burst ? PyLong_FromLong(TUND_MAX_RECORD) : NULL;
+            PyObject *one = size ? PyLong_FromLong(1) : NULL;
+            PyObject *r = NULL;
+            if (one) {
+                PyObject *a[7] = {fdo, readers, handle, burst, size, Py_None, one};
+                r = k_drain_ring(NULL, a, 7);
+            }
+            if (r) {
+                PyObject *left = PyTuple_GET_ITEM(r, 0);
+                long state = PyLong_AsLong(PyTuple_GET_ITEM(r, 1));
+                Py_ssize_t got = PyLong_AsSsize_t(PyTuple_GET_ITEM(r, 2));
+                if (left != Py_None || state != 0) { /* a record to resolve, or the connection ended */
+                    PyObject *budget = PyLong_FromSsize_t(TUND_READ_BURST - got);
+                    PyObject *st = budget ? PyLong_FromLong(state) : NULL;
+                    PyObject *res = st ? PyObject_CallMethodObjArgs(data_in, N_drain_after, fdo, handle, left, st,
+                                                                    budget, NULL)
+                                       : NULL;
+                    Py_XDECREF(budget);
+                    Py_XDECREF(st);
+                    if (!res)
+                        failed = 1;
+                    Py_XDECREF(res);
+                }
+                Py_DECREF(r);
+            } else {
+                failed = 1;
+            }
+            Py_XDECREF(handle);
+            Py_XDECREF(fdo);
+            Py_XDECREF(burst);
+            Py_XDECREF(size);
+            Py_XDECREF(one);
+        }
+        Py_DECREF(now);
+        if (failed)
+            return NULL;
+        int d = tund_flush(dp, rings, args[9], args[3]); /* TundWorker.flush */
+        if (d < 0)
+            return NULL;
+        dirty = d;
+        tund_handled++;
+        if (dirty || tun_err)
+            return tuple_steal(3, PyList_New(0), PyBool_FromLong(dirty), PyLong_FromLong(tun_err));
+    }
+}
+
 static PyMethodDef k_methods[] = {
     {"configure", k_configure, METH_VARARGS, "configure(InvalidTag, os.urandom, SegmentError)"},
     {"split_tcp", k_split_tcp, METH_VARARGS, "split_tcp(super_packet, off) -> plaintexts (gso.split_tcp, L3 prefix)"},
@@ -3055,6 +3382,10 @@ static PyMethodDef k_methods[] = {
      "as DataIn.drain"},
     {"link_rx", (PyCFunction)(void (*)(void))k_link_rx, METH_FASTCALL,
      "link_rx(fd, buf, have, own_prefix, data_out, max_batch) -> (n, end, runs): as local_batch.link_rx"},
+    {"tund_wait", (PyCFunction)(void (*)(void))k_tund_wait, METH_FASTCALL,
+     "tund_wait(epfd, timeout, tun_fd, device_fd, conns, readers, data_in, dp, rings, max_batch, read_batch, "
+     "read_budget, read_size) -> (ready, dirty, tun_errno): tund's wait and its common wake-ups"},
+    {"tund_handled", k_tund_handled, METH_NOARGS, "tund_handled() -> wake-ups tund_wait handled in this process"},
     {"all_local", k_all_local, METH_VARARGS, "all_local(buf, offsets, own_prefix): as local_batch.all_local"},
     {NULL}};
 

@@ -330,16 +330,34 @@ class DataIn:
             for tag, view in self.receive(fd):
                 taken += _deliver(tag, view, handle, direct, min_direct)
             return taken
-        budget, taken = READ_BURST, 0
-        while budget > 0:
+        left, state, n, went = _kernel.drain_ring(fd, self.readers, handle, READ_BURST, MAX_RECORD, direct, min_direct)
+        return went + self.drain_after(fd, handle, left, state, READ_BURST - n, direct, min_direct)
+
+    def drain_after(
+        self,
+        fd: int,
+        handle: Callable[[bytes, memoryview], object],
+        left: bytes | None,
+        state: int,
+        budget: int,
+        direct: Mapping[bytes, DirectWriter] | None = None,
+        min_direct: int = 1,
+    ) -> int:
+        """The rest of a burst the kernel's drain_ring began on ``fd`` (here
+        and in tund's C wait): ``left``, the record that needs Python, then
+        the records after it up to ``budget`` more; the connection
+        forgotten when the burst found it ended."""
+        assert _kernel is not None
+        taken = 0
+        while left is not None:
+            for tag, view in self._resolved([left]):  # malformed, or a ring to map first: counted or opened
+                taken += _deliver(tag, view, handle, direct, min_direct)
+            if budget <= 0:
+                return taken
             left, state, n, went = _kernel.drain_ring(fd, self.readers, handle, budget, MAX_RECORD, direct, min_direct)
             budget -= n
             taken += went
-            if left is None:
-                self._finish(fd, state)
-                return taken
-            for tag, view in self._resolved([left]):  # malformed, or a ring to map first: counted or opened
-                taken += _deliver(tag, view, handle, direct, min_direct)
+        self._finish(fd, state)
         return taken
 
     def _resolved(self, records: list[bytes]) -> Iterator[tuple[bytes, memoryview]]:

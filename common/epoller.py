@@ -66,9 +66,17 @@ class Epoller:
         """Wait up to ``timeout`` seconds (0: do not block)."""
         ready = self._still_ready() if self.recheck else set()
         events = self.ep.poll(0 if ready else timeout)
-        if events:
+        return self.ready_from([fd for fd, _mask in events], ready)
+
+    def ready_from(self, fds: list[int], ready: set[Waitable] | None = None) -> set[Waitable]:
+        """What descriptors an ``epoll_wait`` on ``ep`` returned mean, as
+        ``poll`` returns it (a caller may wait on ``ep`` itself: tund's C
+        loop, when nothing needs a re-check first)."""
+        if ready is None:
+            ready = set()
+        if fds:
             sockets = self.sockets
-            for fd, _mask in events:
+            for fd in fds:
                 sock = sockets.get(fd)
                 if sock is None:
                     ready.add(fd)

@@ -252,10 +252,22 @@ class TundWorker:
         assert self.device is not None
         pkts, err = self.read_packets(self.device.fd, READ_BATCH, READ_BUDGET, READ_SIZE)
         if err:
-            self.counters["tun_read_error"] += 1
-            log.warning("TUN read failed: %s", os.strerror(err))
+            self.tun_read_failed(err)
         if pkts:
             self.dp.from_tun(pkts, now)
+
+    def tun_read_failed(self, err: int) -> None:
+        self.counters["tun_read_error"] += 1
+        log.warning("TUN read failed: %s", os.strerror(err))
+
+    def fast_wait(self) -> Any:
+        """The kernel's tund_wait (common/_kernel.c), which waits and runs
+        the wake-ups of an idle ping (the TUN, a ring record from peerd)
+        without a Python step, or None where this loop must do it all:
+        the pure-Python kernel, or the short poll (``MYCELIUM_SPIN_US``)."""
+        if native.kernel is None or self.dp.kernel is None or self.spin.window > 0:
+            return None
+        return getattr(native.kernel, "tund_wait", None)
 
     def flush(self) -> None:
         dp = self.dp
@@ -335,6 +347,9 @@ class TundWorker:
         g = self.dp.gauges()
         g["fib_entries"] = len(self.fib)
         g["worker"] = self.index
+        # wake-ups the kernel's wait ran without a Python step (fast_wait): an idle ping's all go there
+        kernel = native.kernel
+        g["wakeups_in_c"] = kernel.tund_handled() if kernel is not None and self.fast_wait() is not None else 0
         return g
 
     # --- loop -------------------------------------------------------------------------
@@ -378,6 +393,12 @@ class TundWorker:
             poller.register(self.rpc)
         self.fib_resync()
         tun_fd = self.device.fd if self.device is not None else None
+        fast = self.fast_wait()
+        epfd = poller.ep.fileno()
+        data_in = self.data_in
+        conns = data_in.conns if data_in is not None else {}
+        readers = data_in.readers if data_in is not None else {}
+        fast_tun = tun_fd if tun_fd is not None else -1
         spin = self.spin
         spinning = spin.window > 0
         monotonic = time.monotonic
@@ -385,7 +406,16 @@ class TundWorker:
         # an idle ping wakes this loop cold (issue 13b): the common wake-up runs
         # as few Python steps as it can, the rest only when due
         while not self.stop.stopped:
-            if spinning:
+            if fast is not None and not poller.recheck:  # ZeroMQ sockets to re-check first: the Python wait
+                wait = min(MAX_WAIT, max(0.0, periodic - monotonic()))
+                fds, _dirty, err = fast(
+                    epfd, wait, fast_tun, fast_tun, conns, readers, data_in, self.dp, self.rings,
+                    MAX_BATCH, READ_BATCH, READ_BUDGET, READ_SIZE,
+                )  # fmt: skip
+                if err:
+                    self.tun_read_failed(err)
+                events = poller.ready_from(fds)
+            elif spinning:
                 now = monotonic()
                 if spin.timeout(now, MAX_WAIT) == 0:
                     events = poller.poll(0)
