@@ -3207,6 +3207,7 @@ static int tund_flush(PyObject *dp, PyObject *rings, PyObject *max_batch, PyObje
 }
 
 static unsigned long long tund_handled; /* wake-ups tund_wait handled itself */
+static unsigned long long data_handled; /* wake-ups data_wait handled itself */
 
 static PyObject *k_tund_handled(PyObject *mod, PyObject *unused) { return PyLong_FromUnsignedLongLong(tund_handled); }
 
@@ -3364,6 +3365,135 @@ static PyObject *k_tund_wait(PyObject *mod, PyObject *const *args, Py_ssize_t na
     }
 }
 
+/* data_wait(epfd, timeout, conns, readers, handle, direct, min_direct, data_in, counters, ready_queue)
+ *   -> [(fd, epoll mask), ...]
+ *
+ * peerd's wait (services/peerd/eventloop.py DataFirstSelector) with the
+ * wake-ups of the ring connections from tund in C: when every descriptor a
+ * wait returns is one of conns (DataIn's producer connections) and only
+ * readable, their records are drained as PeerdService.read_data does
+ * (drain_ring with the links' send queues in direct; what needs Python to
+ * data_in.drain_after; data_out_batches counted), and it waits again. It
+ * returns the events of any other wake-up unhandled, for the selector's
+ * usual dispatch; [] at the timeout (None: none), after EINTR, or as soon
+ * as a handled wake-up left callbacks on asyncio's ready queue (a send
+ * queue's write loop woken), so the loop runs them at once. */
+static PyObject *k_data_wait(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "data_wait(epfd, timeout, conns, readers, handle, direct, min_direct, "
+                                         "data_in, counters, ready_queue)");
+        return NULL;
+    }
+    long epfd = PyLong_AsLong(args[0]);
+    if (epfd == -1 && PyErr_Occurred())
+        return NULL;
+    double timeout = -1;
+    if (args[1] != Py_None && (timeout = PyFloat_AsDouble(args[1])) == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *conns = args[2], *readers = args[3], *handle = args[4], *direct = args[5], *data_in = args[7];
+    PyObject *counters = args[8], *ready_queue = args[9];
+    if (epfd < 0 || epfd > INT32_MAX || !PyDict_Check(conns) || !PyDict_Check(readers) || !PyDict_Check(counters)) {
+        PyErr_SetString(PyExc_ValueError, "data_wait: epfd, conns, readers or counters out of range");
+        return NULL;
+    }
+    double deadline = timeout < 0 ? 0 : mono_now() + timeout;
+    struct epoll_event evs[TUND_EVENTS];
+    for (;;) {
+        int ms = -1;
+        if (timeout >= 0) {
+            double left_s = deadline - mono_now();
+            ms = left_s <= 0 ? 0 : (int)(left_s * 1000.0) + 1; /* at least the timeout, as EpollSelector */
+        }
+        int n;
+        Py_BEGIN_ALLOW_THREADS n = epoll_wait((int)epfd, evs, TUND_EVENTS, ms);
+        Py_END_ALLOW_THREADS if (n < 0) {
+            if (errno != EINTR)
+                return PyErr_SetFromErrno(PyExc_OSError);
+            if (PyErr_CheckSignals() < 0)
+                return NULL;
+            return PyList_New(0); /* as EpollSelector: the loop runs the signal's callbacks */
+        }
+        int fast = n > 0;
+        for (int i = 0; i < n && fast; i++) {
+            if (evs[i].events != EPOLLIN) {
+                fast = 0;
+                break;
+            }
+            PyObject *key = PyLong_FromLong(evs[i].data.fd);
+            int in = key ? PyDict_Contains(conns, key) : -1;
+            Py_XDECREF(key);
+            if (in < 0)
+                return NULL;
+            fast = in;
+        }
+        if (!fast) {
+            PyObject *ready = PyList_New(n);
+            if (!ready)
+                return NULL;
+            for (int i = 0; i < n; i++) {
+                PyObject *t = tuple_steal(2, PyLong_FromLong(evs[i].data.fd), PyLong_FromUnsignedLong(evs[i].events));
+                if (!t) {
+                    Py_DECREF(ready);
+                    return NULL;
+                }
+                PyList_SET_ITEM(ready, i, t);
+            }
+            return ready;
+        }
+        long long went = 0;
+        for (int i = 0; i < n; i++) { /* PeerdService.read_data, DataIn.drain */
+            PyObject *fdo = PyLong_FromLong(evs[i].data.fd);
+            PyObject *burst = fdo ? PyLong_FromLong(TUND_READ_BURST) : NULL;
+            PyObject *size = burst ? PyLong_FromLong(TUND_MAX_RECORD) : NULL;
+            PyObject *r = NULL;
+            if (size) {
+                PyObject *a[7] = {fdo, readers, handle, burst, size, direct, args[6]};
+                r = k_drain_ring(NULL, a, 7);
+            }
+            int failed = r == NULL;
+            if (r) {
+                PyObject *left = PyTuple_GET_ITEM(r, 0);
+                long state = PyLong_AsLong(PyTuple_GET_ITEM(r, 1));
+                Py_ssize_t got = PyLong_AsSsize_t(PyTuple_GET_ITEM(r, 2));
+                went += PyLong_AsLongLong(PyTuple_GET_ITEM(r, 3));
+                if (left != Py_None || state != 0) {
+                    PyObject *budget = PyLong_FromSsize_t(TUND_READ_BURST - got);
+                    PyObject *st = budget ? PyLong_FromLong(state) : NULL;
+                    PyObject *res = st ? PyObject_CallMethodObjArgs(data_in, N_drain_after, fdo, handle, left, st,
+                                                                    budget, direct, args[6], NULL)
+                                       : NULL;
+                    if (res)
+                        went += PyLong_AsLongLong(res);
+                    else
+                        failed = 1;
+                    Py_XDECREF(res);
+                    Py_XDECREF(budget);
+                    Py_XDECREF(st);
+                }
+                Py_DECREF(r);
+            }
+            Py_XDECREF(fdo);
+            Py_XDECREF(burst);
+            Py_XDECREF(size);
+            if (failed)
+                return NULL;
+        }
+        if (went) {
+            Count c[1] = {{"data_out_batches", went}};
+            if (bump(counters, c, 1) < 0)
+                return NULL;
+        }
+        data_handled++;
+        Py_ssize_t queued = PyObject_Length(ready_queue);
+        if (queued < 0)
+            return NULL;
+        if (queued)
+            return PyList_New(0);
+    }
+}
+
+static PyObject *k_data_handled(PyObject *mod, PyObject *unused) { return PyLong_FromUnsignedLongLong(data_handled); }
+
 static PyMethodDef k_methods[] = {
     {"configure", k_configure, METH_VARARGS, "configure(InvalidTag, os.urandom, SegmentError)"},
     {"split_tcp", k_split_tcp, METH_VARARGS, "split_tcp(super_packet, off) -> plaintexts (gso.split_tcp, L3 prefix)"},
@@ -3385,6 +3515,10 @@ static PyMethodDef k_methods[] = {
     {"tund_wait", (PyCFunction)(void (*)(void))k_tund_wait, METH_FASTCALL,
      "tund_wait(epfd, timeout, tun_fd, device_fd, conns, readers, data_in, dp, rings, max_batch, read_batch, "
      "read_budget, read_size) -> (ready, dirty, tun_errno): tund's wait and its common wake-ups"},
+    {"data_wait", (PyCFunction)(void (*)(void))k_data_wait, METH_FASTCALL,
+     "data_wait(epfd, timeout, conns, readers, handle, direct, min_direct, data_in, counters, ready_queue) -> "
+     "[(fd, mask)]: peerd's wait with its ring wake-ups"},
+    {"data_handled", k_data_handled, METH_NOARGS, "data_handled() -> wake-ups data_wait handled in this process"},
     {"tund_handled", k_tund_handled, METH_NOARGS, "tund_handled() -> wake-ups tund_wait handled in this process"},
     {"all_local", k_all_local, METH_VARARGS, "all_local(buf, offsets, own_prefix): as local_batch.all_local"},
     {NULL}};

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import selectors
 import time
 import weakref
 from collections.abc import Callable
 from typing import Any
 
+from common.native import kernel as _kernel
 from common.spinpoll import SpinPolicy
 
 Key = selectors.SelectorKey
@@ -51,9 +53,35 @@ class DataFirstSelector(selectors.EpollSelector):
         self.first: dict[int, tuple[object, Reader]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # for the exception handler
         self.ran_first = 0  # readers called from select (a test reads it)
+        self.rings: tuple[Any, ...] | None = None  # data_wait's arguments (serve_rings), None: the Python wait
+
+    def serve_rings(self, rings: tuple[Any, ...]) -> None:
+        """The kernel's data_wait waits from now on, and drains the ring
+        connections (DataIn's conns) itself: ``rings`` is its arguments
+        after the timeout (conns, readers, handle, direct, min_direct,
+        data_in, counters), asyncio's ready queue last."""
+        ready = getattr(self.loop, "_ready", None)  # asyncio's deque of callbacks due now
+        if _kernel is not None and ready is not None:
+            self.rings = (*rings, ready)
 
     def wait(self, timeout: float | None) -> list[tuple[Key, int]]:
-        return super().select(timeout)
+        rings = self.rings
+        if rings is None or _kernel is None:
+            return super().select(timeout)
+        if timeout is not None:
+            timeout = max(0.0, timeout)
+        got: list[tuple[int, int]] = _kernel.data_wait(self._selector.fileno(), timeout, *rings)  # type: ignore[attr-defined]
+        ready = []
+        for fd, event in got:  # as EpollSelector.select
+            events = 0
+            if event & ~select.EPOLLIN:
+                events |= selectors.EVENT_WRITE
+            if event & ~select.EPOLLOUT:
+                events |= selectors.EVENT_READ
+            key = self._fd_to_key.get(fd)  # type: ignore[attr-defined]
+            if key:
+                ready.append((key, events & key.events))
+        return ready
 
     def select(self, timeout: float | None = None) -> list[tuple[Key, int]]:
         ready = self.wait(timeout)
@@ -140,6 +168,17 @@ def add_data_reader(fd: int, reader: Callable[..., object], *args: Any) -> None:
         data = selector.get_key(fd).data
         if isinstance(data, tuple) and data:
             selector.first[fd] = (data[0], (lambda: reader(*args)) if args else reader)
+
+
+def serve_rings(rings: tuple[Any, ...]) -> bool:
+    """On the running loop, where its selector is data first and the
+    kernel is built: the ring connections' wake-ups in C
+    (``DataFirstSelector.serve_rings``). False where they stay Python's."""
+    selector = _selectors.get(asyncio.get_running_loop())
+    if selector is None or _kernel is None:
+        return False
+    selector.serve_rings(rings)
+    return selector.rings is not None
 
 
 def remove_data_reader(fd: int) -> None:

@@ -34,7 +34,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from common import bus
+from common import bus, native
 from common.datapath import DataIn, DataOut
 from common.endpoint import Endpoint
 from common.fib import FibReplica, is_head
@@ -46,7 +46,7 @@ from common.wire.rules import DATA_PREFIX_SIZE
 
 from .discovery import Discovery
 from .discovery_socket import DiscoveryService
-from .eventloop import add_data_reader, loop_factory, remove_data_reader
+from .eventloop import add_data_reader, loop_factory, remove_data_reader, serve_rings
 from .forwarder import Buffer, Forwarder, Routed
 from .links import load_link_module
 from .links.base import Link, LinkError, LinkFactory, LinkStats
@@ -130,6 +130,7 @@ class PeerdService:
         self.links: dict[str, Link] = {}
         # link id -> send queue, for links whose queue lets tund's batches be written straight from the ring
         self.direct: dict[bytes, SendQueue] = {}
+        self.rings_in_c = False  # its ring wake-ups run in the kernel's wait (run, eventloop.serve_rings)
         self.link_entry: dict[str, PeerEntry] = {}
         self.fib = FibReplica()
         self.tund_workers = max(1, tund_workers)
@@ -550,7 +551,9 @@ class PeerdService:
         if method == "packet_stats":
             return self.forwarder.stats.to_json()
         if method == "stats":
-            return {"counters": dict(self.counters + self.forwarder.pending.drops)}
+            kernel = native.kernel
+            in_c = kernel.data_handled() if self.rings_in_c and kernel is not None else 0
+            return {"counters": dict(self.counters + self.forwarder.pending.drops), "wakeups_in_c": in_c}
         if method == "list_peers":
             return self.peer_api.list_peers(self.live_stats)
         if method in ("add_peer", "remove_peer"):
@@ -571,6 +574,8 @@ class PeerdService:
                     "fib_entries": len(self.fib),
                     "send_queue": sum(s.queued_control for s in all_stats),
                     "send_queue_data_bytes": sum(s.queued_data_bytes for s in all_stats),
+                    # ring wake-ups the kernel's wait ran without a Python step (eventloop.serve_rings)
+                    "wakeups_in_c": native.kernel.data_handled() if self.rings_in_c and native.kernel else 0,
                 },
             )
             now = time.monotonic()
@@ -637,6 +642,11 @@ class PeerdService:
             self.data_in = DataIn(self.cfg.run_dir, self.name, f"-to-{self.name}", self._watch_data, self.counters)
         except OSError as exc:
             log.warning("no shared-memory data path from tund (%s); it sends ZeroMQ frames", exc)
+        else:  # read_data's work, in the kernel's wait (services/peerd/eventloop.py)
+            din = self.data_in
+            self.rings_in_c = serve_rings(
+                (din.conns, din.readers, self._data_batch_in, self.direct, DATA_PREFIX_SIZE, din, self.counters)
+            )
         for text in self.peer_api.add_saved(self.peer_api.load(self.cfg.peers), time.monotonic()):
             log.debug("static peer %s is not for %s", text, self.name)
         self.peer_api.save()

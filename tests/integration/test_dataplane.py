@@ -157,8 +157,12 @@ def test_single_pings_after_idle_periods_all_arrive(mesh: Topology) -> None:
     # with the kernel, tund's wait runs these wake-ups itself (common/_kernel.c tund_wait)
     handled = {n.name: n.rpc("tund", "info")["gauges"]["wakeups_in_c"] for n in (b, c)}
     print(f"\nFIGURE tund wake-ups handled in C after the lone pings: {handled}")
+    # and peerd's its ring wake-ups (eventloop.serve_rings): B's replies go to A through them
+    rings = {n.name: n.rpc("peerd-tcp", "stats")["wakeups_in_c"] for n in (b, c)}
+    print(f"FIGURE peerd-tcp ring wake-ups handled in C: {rings}")
     if native.NAME == "native":
         assert all(v >= 4 for v in handled.values()), handled
+        assert rings["b"] >= 4, rings
 
 
 def test_iperf3_tcp_stream_through_the_overlay(mesh: Topology) -> None:

@@ -157,3 +157,65 @@ def test_a_packet_without_a_route_leaves_work_for_the_callers_flush(tund: Tund) 
 
 def test_a_timeout_returns_nothing(tund: Tund) -> None:
     assert tund.wait(0.0) == ([], False, 0)
+
+
+# --- peerd's wait: data_wait ---------------------------------------------------------
+
+
+class SendQueueStub:
+    """What a direct write needs of a link's SendQueue (the kernel's QueueFields or attributes)."""
+
+    def __init__(self, fd: int) -> None:
+        self.write_fd = fd
+        self.tx_bytes = 0
+
+    def keep(self, rest: bytes) -> None:
+        raise AssertionError("the socket took every byte")
+
+    def fail(self, why: str) -> None:
+        raise AssertionError(why)
+
+
+def test_peerds_wait_writes_ring_batches_to_idle_links_and_returns_the_rest(tmp_path: Path) -> None:
+    from collections import Counter, deque
+
+    run = str(tmp_path)
+    ep = select.epoll()
+    din = DataIn(
+        run, "peerd-p", "-to-peerd-p", lambda fd, add: ep.register(fd, select.EPOLLIN) if add else ep.unregister(fd)
+    )
+    out = DataOut(run, "tund-to-peerd-p", "peerd-p")
+    link, far = socket.socketpair()
+    link.setblocking(False)
+    handled: list[bytes] = []
+    counters: Counter[str] = Counter()
+    direct = {b"l": SendQueueStub(link.fileno())}
+    ready_queue: deque[object] = deque()
+
+    def wait(timeout: float | None) -> list[tuple[int, int]]:
+        args = (din.conns, din.readers, lambda t, v: handled.append(bytes(v)), direct, 1, din, counters)
+        return K.data_wait(ep.fileno(), timeout, *args, ready_queue)  # type: ignore[no-any-return]
+
+    try:
+        assert out.send(b"a" * 100, b"l") is None
+        assert wait(1.0) == [(din.listener.fileno(), select.EPOLLIN)]  # the accept is Python's
+        assert list(din.receive(din.listener.fileno())) == []
+        before = K.data_handled()
+        assert wait(0.2) == []  # the record written to the link, then waited out
+        assert far.recv(1000) == b"a" * 100 and counters["data_out_batches"] == 1
+        assert K.data_handled() == before + 1
+        assert out.send(b"b" * 50, b"z") is None  # no idle link of that name: the handler takes it
+        ready_queue.append("a callback")  # asyncio has work: back at once after the wake-up
+        assert wait(None) == [] and handled == [b"b" * 50]
+        other, other_far = socket.socketpair()
+        ep.register(other.fileno(), select.EPOLLIN)
+        other_far.send(b"!")
+        assert wait(None) == [(other.fileno(), select.EPOLLIN)]
+        other.close()
+        other_far.close()
+    finally:
+        din.close()
+        out.close()
+        link.close()
+        far.close()
+        ep.close()
