@@ -3365,23 +3365,51 @@ static PyObject *k_tund_wait(PyObject *mod, PyObject *const *args, Py_ssize_t na
     }
 }
 
-/* data_wait(epfd, timeout, conns, readers, handle, direct, min_direct, data_in, counters, ready_queue)
- *   -> [(fd, epoll mask), ...]
+/* data_wait(epfd, timeout, conns, readers, handle, direct, min_direct, data_in, counters, ready_queue,
+ *           first, fd_to_key, counts, on_error) -> [(fd, epoll mask), ...]
  *
  * peerd's wait (services/peerd/eventloop.py DataFirstSelector) with the
  * wake-ups of the ring connections from tund in C: when every descriptor a
  * wait returns is one of conns (DataIn's producer connections) and only
  * readable, their records are drained as PeerdService.read_data does
  * (drain_ring with the links' send queues in direct; what needs Python to
- * data_in.drain_after; data_out_batches counted), and it waits again. It
+ * data_in.drain_after; data_out_batches counted); a descriptor with a
+ * data-first reader (first, checked against asyncio's handle in fd_to_key
+ * as the selector does; a link's socket) has it called from here, counted
+ * in counts["ran_first"], its failures to on_error(reader, exc). Then it
+ * waits again. It
  * returns the events of any other wake-up unhandled, for the selector's
  * usual dispatch; [] at the timeout (None: none), after EINTR, or as soon
  * as a handled wake-up left callbacks on asyncio's ready queue (a send
  * queue's write loop woken), so the loop runs them at once. */
+/* 1 when fd's data-first reader (first: fd -> (asyncio handle, reader)) is
+ * still the one asyncio holds (fd_to_key: the selector's keys; key.data is
+ * asyncio's (reader handle, writer handle)), 0 not, -1 error; *reader set */
+static int first_reader(PyObject *first, PyObject *fd_to_key, PyObject *fdo, PyObject **reader) {
+    PyObject *entry = PyDict_GetItemWithError(first, fdo); /* borrowed */
+    if (!entry)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *key = PyDict_GetItemWithError(fd_to_key, fdo);
+    if (!key)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2 || !PyTuple_Check(key) || PyTuple_GET_SIZE(key) < 4)
+        return 0;
+    PyObject *data = PyTuple_GET_ITEM(key, 3); /* SelectorKey(fileobj, fd, events, data) */
+    if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) < 1 || PyTuple_GET_ITEM(data, 0) != PyTuple_GET_ITEM(entry, 0))
+        return 0;
+    *reader = PyTuple_GET_ITEM(entry, 1);
+    return 1;
+}
+
 static PyObject *k_data_wait(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10) {
+    if (nargs != 14) {
         PyErr_SetString(PyExc_TypeError, "data_wait(epfd, timeout, conns, readers, handle, direct, min_direct, "
-                                         "data_in, counters, ready_queue)");
+                                         "data_in, counters, ready_queue, first, fd_to_key, counts, on_error)");
+        return NULL;
+    }
+    PyObject *first = args[10], *fd_to_key = args[11], *counts = args[12], *on_error = args[13];
+    if (!PyDict_Check(first) || !PyDict_Check(fd_to_key) || !PyDict_Check(counts)) {
+        PyErr_SetString(PyExc_TypeError, "data_wait: first, fd_to_key and counts must be dicts");
         return NULL;
     }
     long epfd = PyLong_AsLong(args[0]);
@@ -3414,13 +3442,17 @@ static PyObject *k_data_wait(PyObject *mod, PyObject *const *args, Py_ssize_t na
             return PyList_New(0); /* as EpollSelector: the loop runs the signal's callbacks */
         }
         int fast = n > 0;
+        PyObject *readers_of[TUND_EVENTS]; /* borrowed: the data-first reader of each event, NULL for a ring */
         for (int i = 0; i < n && fast; i++) {
+            readers_of[i] = NULL;
             if (evs[i].events != EPOLLIN) {
                 fast = 0;
                 break;
             }
             PyObject *key = PyLong_FromLong(evs[i].data.fd);
             int in = key ? PyDict_Contains(conns, key) : -1;
+            if (in == 0) /* not a ring: a data-first reader (a link's socket) is called from here too */
+                in = first_reader(first, fd_to_key, key, &readers_of[i]);
             Py_XDECREF(key);
             if (in < 0)
                 return NULL;
@@ -3440,8 +3472,35 @@ static PyObject *k_data_wait(PyObject *mod, PyObject *const *args, Py_ssize_t na
             }
             return ready;
         }
-        long long went = 0;
+        long long went = 0, ran = 0;
         for (int i = 0; i < n; i++) { /* PeerdService.read_data, DataIn.drain */
+            if (readers_of[i]) { /* as DataFirstSelector.select: asyncio's exception handler has its failures */
+                PyObject *reader = Py_NewRef(readers_of[i]), *r = PyObject_CallNoArgs(reader);
+                ran++;
+                if (!r) {
+                    if (!PyErr_ExceptionMatches(PyExc_Exception)) { /* KeyboardInterrupt, SystemExit: as asyncio */
+                        Py_DECREF(reader);
+                        return NULL;
+                    }
+                    PyObject *et, *ev, *tb;
+                    PyErr_Fetch(&et, &ev, &tb);
+                    PyErr_NormalizeException(&et, &ev, &tb);
+                    if (tb && ev)
+                        PyException_SetTraceback(ev, tb);
+                    PyObject *res = ev ? PyObject_CallFunctionObjArgs(on_error, reader, ev, NULL) : NULL;
+                    Py_XDECREF(et);
+                    Py_XDECREF(ev);
+                    Py_XDECREF(tb);
+                    Py_DECREF(reader);
+                    if (!res)
+                        return NULL;
+                    Py_DECREF(res);
+                    continue;
+                }
+                Py_DECREF(r);
+                Py_DECREF(reader);
+                continue;
+            }
             PyObject *fdo = PyLong_FromLong(evs[i].data.fd);
             PyObject *burst = fdo ? PyLong_FromLong(TUND_READ_BURST) : NULL;
             PyObject *size = burst ? PyLong_FromLong(TUND_MAX_RECORD) : NULL;
@@ -3483,6 +3542,11 @@ static PyObject *k_data_wait(PyObject *mod, PyObject *const *args, Py_ssize_t na
             if (bump(counters, c, 1) < 0)
                 return NULL;
         }
+        if (ran) {
+            Count c[1] = {{"ran_first", ran}};
+            if (bump(counts, c, 1) < 0)
+                return NULL;
+        }
         data_handled++;
         Py_ssize_t queued = PyObject_Length(ready_queue);
         if (queued < 0)
@@ -3516,8 +3580,8 @@ static PyMethodDef k_methods[] = {
      "tund_wait(epfd, timeout, tun_fd, device_fd, conns, readers, data_in, dp, rings, max_batch, read_batch, "
      "read_budget, read_size) -> (ready, dirty, tun_errno): tund's wait and its common wake-ups"},
     {"data_wait", (PyCFunction)(void (*)(void))k_data_wait, METH_FASTCALL,
-     "data_wait(epfd, timeout, conns, readers, handle, direct, min_direct, data_in, counters, ready_queue) -> "
-     "[(fd, mask)]: peerd's wait with its ring wake-ups"},
+     "data_wait(epfd, timeout, conns, readers, handle, direct, min_direct, data_in, counters, ready_queue, first, "
+     "fd_to_key, counts, on_error) -> [(fd, mask)]: peerd's wait with its data-path wake-ups"},
     {"data_handled", k_data_handled, METH_NOARGS, "data_handled() -> wake-ups data_wait handled in this process"},
     {"tund_handled", k_tund_handled, METH_NOARGS, "tund_handled() -> wake-ups tund_wait handled in this process"},
     {"all_local", k_all_local, METH_VARARGS, "all_local(buf, offsets, own_prefix): as local_batch.all_local"},

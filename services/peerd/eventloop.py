@@ -52,17 +52,29 @@ class DataFirstSelector(selectors.EpollSelector):
         super().__init__()
         self.first: dict[int, tuple[object, Reader]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # for the exception handler
-        self.ran_first = 0  # readers called from select (a test reads it)
+        self.counts = {"ran_first": 0}  # readers called from the wait, here or in the kernel's (a test reads it)
         self.rings: tuple[Any, ...] | None = None  # data_wait's arguments (serve_rings), None: the Python wait
 
+    @property
+    def ran_first(self) -> int:
+        return self.counts["ran_first"]
+
+    def reader_failed(self, reader: Reader, exc: Exception) -> None:
+        """As asyncio's Handle does: the loop's exception handler decides."""
+        if self.loop is None:
+            raise exc
+        self.loop.call_exception_handler({"message": f"exception in data-path reader {reader!r}", "exception": exc})
+
     def serve_rings(self, rings: tuple[Any, ...]) -> None:
-        """The kernel's data_wait waits from now on, and drains the ring
-        connections (DataIn's conns) itself: ``rings`` is its arguments
-        after the timeout (conns, readers, handle, direct, min_direct,
-        data_in, counters), asyncio's ready queue last."""
+        """The kernel's data_wait waits from now on, drains the ring
+        connections (DataIn's conns) itself and calls the data-first
+        readers: ``rings`` is its arguments after the timeout (conns,
+        readers, handle, direct, min_direct, data_in, counters); asyncio's
+        ready queue and this selector's tables follow."""
         ready = getattr(self.loop, "_ready", None)  # asyncio's deque of callbacks due now
-        if _kernel is not None and ready is not None:
-            self.rings = (*rings, ready)
+        keys = getattr(self, "_fd_to_key", None)  # selectors' fd -> SelectorKey
+        if _kernel is not None and ready is not None and isinstance(keys, dict):
+            self.rings = (*rings, ready, self.first, keys, self.counts, self.reader_failed)
 
     def wait(self, timeout: float | None) -> list[tuple[Key, int]]:
         rings = self.rings
@@ -96,15 +108,11 @@ class DataFirstSelector(selectors.EpollSelector):
                 rest.append((key, events))
                 continue
             reader = entry[1]
-            self.ran_first += 1
+            self.counts["ran_first"] += 1
             try:
                 reader()
-            except Exception as exc:  # as asyncio's Handle does: the loop's exception handler decides
-                if self.loop is None:
-                    raise
-                self.loop.call_exception_handler(
-                    {"message": f"exception in data-path reader {reader!r}", "exception": exc}
-                )
+            except Exception as exc:
+                self.reader_failed(reader, exc)
             if events & selectors.EVENT_WRITE:
                 rest.append((key, selectors.EVENT_WRITE))
         return rest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import select
+import selectors
 import socket
 import struct
 from collections.abc import Iterator
@@ -192,9 +193,15 @@ def test_peerds_wait_writes_ring_batches_to_idle_links_and_returns_the_rest(tmp_
     direct = {b"l": SendQueueStub(link.fileno())}
     ready_queue: deque[object] = deque()
 
+    first: dict[int, tuple[object, Any]] = {}
+    keys: dict[int, selectors.SelectorKey] = {}
+    counts = {"ran_first": 0}
+    failed: list[tuple[object, Exception]] = []
+
     def wait(timeout: float | None) -> list[tuple[int, int]]:
         args = (din.conns, din.readers, lambda t, v: handled.append(bytes(v)), direct, 1, din, counters)
-        return K.data_wait(ep.fileno(), timeout, *args, ready_queue)  # type: ignore[no-any-return]
+        tables = (first, keys, counts, lambda reader, exc: failed.append((reader, exc)))
+        return K.data_wait(ep.fileno(), timeout, *args, ready_queue, *tables)  # type: ignore[no-any-return]
 
     try:
         assert out.send(b"a" * 100, b"l") is None
@@ -207,10 +214,29 @@ def test_peerds_wait_writes_ring_batches_to_idle_links_and_returns_the_rest(tmp_
         assert out.send(b"b" * 50, b"z") is None  # no idle link of that name: the handler takes it
         ready_queue.append("a callback")  # asyncio has work: back at once after the wake-up
         assert wait(None) == [] and handled == [b"b" * 50]
+        ready_queue.clear()
         other, other_far = socket.socketpair()
         ep.register(other.fileno(), select.EPOLLIN)
         other_far.send(b"!")
-        assert wait(None) == [(other.fileno(), select.EPOLLIN)]
+        assert wait(None) == [(other.fileno(), select.EPOLLIN)]  # not a ring, no data-first reader
+        # a data-first reader (a link's socket) is called from the wait while asyncio holds its handle
+        read: list[bytes] = []
+        handle = object()
+        first[other.fileno()] = (handle, lambda: read.append(other.recv(10)))
+        keys[other.fileno()] = selectors.SelectorKey(other, other.fileno(), selectors.EVENT_READ, (handle, None))
+        assert wait(0.2) == [] and read == [b"!"] and counts["ran_first"] == 1
+        keys[other.fileno()] = selectors.SelectorKey(other, other.fileno(), selectors.EVENT_READ, (object(), None))
+        other_far.send(b"?")
+        assert wait(None) == [(other.fileno(), select.EPOLLIN)]  # asyncio has another handle: its dispatch
+        boom = RuntimeError("reader failed")
+
+        def fails() -> None:
+            other.recv(10)
+            raise boom
+
+        first[other.fileno()] = (handle, fails)
+        keys[other.fileno()] = selectors.SelectorKey(other, other.fileno(), selectors.EVENT_READ, (handle, None))
+        assert wait(0.2) == [] and failed == [(fails, boom)]  # the loop's exception handler has it
         other.close()
         other_far.close()
     finally:
