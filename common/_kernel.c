@@ -3180,7 +3180,7 @@ static int tund_flush(PyObject *dp, PyObject *rings, PyObject *max_batch, PyObje
         Py_DECREF(writes);
         if (!r)
             return -1;
-        Count c[2] = {{"tun_tx", PyLong_AsLongLong(PyTuple_GET_ITEM(r, 0))},
+        Count c[2] = {{"+tun_tx", PyLong_AsLongLong(PyTuple_GET_ITEM(r, 0))},
                       {"tun_write_error", PyLong_AsLongLong(PyTuple_GET_ITEM(r, 1))}};
         Py_DECREF(r);
         PyObject *counters = PLANE(dp, counters);
@@ -3221,6 +3221,72 @@ static double mono_now(void) {
 #define TUND_READ_BURST 512 /* common/datapath.py READ_BURST */
 #define TUND_MAX_RECORD (22 + 255 + 255)
 
+/* One epoll_wait until deadline (seconds on mono_now's clock; < 0: none):
+ * the events' count, 0 at the deadline, -1 with an exception, -2 when a
+ * signal interrupted it and its handler returned (the caller decides). */
+static int wait_events(long epfd, double deadline, struct epoll_event *evs) {
+    int ms = -1;
+    if (deadline >= 0) {
+        double left_s = deadline - mono_now();
+        ms = left_s <= 0 ? 0 : (int)(left_s * 1000.0) + 1; /* at least until the deadline, as EpollSelector */
+    }
+    int n, err;
+    Py_BEGIN_ALLOW_THREADS
+    n = epoll_wait((int)epfd, evs, TUND_EVENTS, ms);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (n >= 0)
+        return n;
+    if (err != EINTR) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return PyErr_CheckSignals() < 0 ? -1 : -2;
+}
+
+/* DataIn.drain on a producer connection, its first burst in C: drain_ring,
+ * then data_in.drain_after for a record that needs Python or an ended
+ * connection. *went += the batches written straight to a link. 0, or -1
+ * with an exception. */
+static int drain_conn(int fd, PyObject *readers, PyObject *handle, PyObject *direct, PyObject *min_direct,
+                      PyObject *data_in, long long *went) {
+    PyObject *fdo = PyLong_FromLong(fd);
+    PyObject *burst = fdo ? PyLong_FromLong(TUND_READ_BURST) : NULL;
+    PyObject *size = burst ? PyLong_FromLong(TUND_MAX_RECORD) : NULL;
+    PyObject *r = NULL;
+    if (size) {
+        PyObject *a[7] = {fdo, readers, handle, burst, size, direct, min_direct};
+        r = k_drain_ring(NULL, a, 7);
+    }
+    int rc = r ? 0 : -1;
+    if (r) {
+        PyObject *left = PyTuple_GET_ITEM(r, 0);
+        long state = PyLong_AsLong(PyTuple_GET_ITEM(r, 1));
+        Py_ssize_t got = PyLong_AsSsize_t(PyTuple_GET_ITEM(r, 2));
+        *went += PyLong_AsLongLong(PyTuple_GET_ITEM(r, 3));
+        if (left != Py_None || state != 0) { /* a record to resolve, or the connection ended */
+            PyObject *budget = PyLong_FromSsize_t(TUND_READ_BURST - got);
+            PyObject *st = budget ? PyLong_FromLong(state) : NULL;
+            PyObject *res = st ? PyObject_CallMethodObjArgs(data_in, N_drain_after, fdo, handle, left, st, budget,
+                                                            direct, min_direct, NULL)
+                               : NULL;
+            if (res)
+                *went += PyLong_AsLongLong(res);
+            else
+                rc = -1;
+            Py_XDECREF(res);
+            Py_XDECREF(budget);
+            Py_XDECREF(st);
+        }
+        Py_DECREF(r);
+    }
+    Py_XDECREF(fdo);
+    Py_XDECREF(burst);
+    Py_XDECREF(size);
+    return rc;
+}
+
 static PyObject *k_tund_wait(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 13) {
         PyErr_SetString(PyExc_TypeError, "tund_wait(epfd, timeout, tun_fd, device_fd, conns, readers, data_in, dp, "
@@ -3241,17 +3307,11 @@ static PyObject *k_tund_wait(PyObject *mod, PyObject *const *args, Py_ssize_t na
     long tun_err = 0;
     struct epoll_event evs[TUND_EVENTS];
     for (;;) {
-        double left_s = deadline - mono_now();
-        int ms = left_s <= 0 ? 0 : (int)(left_s * 1000.0) + 1;
-        int n;
-        Py_BEGIN_ALLOW_THREADS n = epoll_wait((int)epfd, evs, TUND_EVENTS, ms);
-        Py_END_ALLOW_THREADS if (n < 0) {
-            if (errno != EINTR)
-                return PyErr_SetFromErrno(PyExc_OSError);
-            if (PyErr_CheckSignals() < 0)
-                return NULL;
+        int n = wait_events(epfd, deadline, evs);
+        if (n == -1)
+            return NULL;
+        if (n == -2)
             continue; /* a handler that stops the loop wrote to its descriptor: the next wait returns it */
-        }
         if (n == 0)
             return tuple_steal(3, PyList_New(0), PyBool_FromLong(dirty), PyLong_FromLong(tun_err));
         int fast = 1;
@@ -3316,40 +3376,12 @@ static PyObject *k_tund_wait(PyObject *mod, PyObject *const *args, Py_ssize_t na
             /* TundWorker.read_data: DataIn.drain's first burst here, the rest in Python */
             PyObject *bound = PyTuple_Pack(2, dp, now);
             PyObject *handle = bound ? PyCFunction_New(&tund_from_peer_def, bound) : NULL;
-            Py_XDECREF(bound);
-            PyObject *fdo = handle ? PyLong_FromLong(fd) : NULL;
-            PyObject *burst = fdo ? PyLong_FromLong(TUND_READ_BURST) : NULL;
-            PyObject *size = burst ? PyLong_FromLong(TUND_MAX_RECORD) : NULL;
-            PyObject *one = size ? PyLong_FromLong(1) : NULL;
-            PyObject *r = NULL;
-            if (one) {
-                PyObject *a[7] = {fdo, readers, handle, burst, size, Py_None, one};
-                r = k_drain_ring(NULL, a, 7);
-            }
-            if (r) {
-                PyObject *left = PyTuple_GET_ITEM(r, 0);
-                long state = PyLong_AsLong(PyTuple_GET_ITEM(r, 1));
-                Py_ssize_t got = PyLong_AsSsize_t(PyTuple_GET_ITEM(r, 2));
-                if (left != Py_None || state != 0) { /* a record to resolve, or the connection ended */
-                    PyObject *budget = PyLong_FromSsize_t(TUND_READ_BURST - got);
-                    PyObject *st = budget ? PyLong_FromLong(state) : NULL;
-                    PyObject *res = st ? PyObject_CallMethodObjArgs(data_in, N_drain_after, fdo, handle, left, st,
-                                                                    budget, NULL)
-                                       : NULL;
-                    Py_XDECREF(budget);
-                    Py_XDECREF(st);
-                    if (!res)
-                        failed = 1;
-                    Py_XDECREF(res);
-                }
-                Py_DECREF(r);
-            } else {
+            PyObject *one = handle ? PyLong_FromLong(1) : NULL;
+            long long went = 0;
+            if (!one || drain_conn(fd, readers, handle, Py_None, one, data_in, &went) < 0)
                 failed = 1;
-            }
+            Py_XDECREF(bound);
             Py_XDECREF(handle);
-            Py_XDECREF(fdo);
-            Py_XDECREF(burst);
-            Py_XDECREF(size);
             Py_XDECREF(one);
         }
         Py_DECREF(now);
@@ -3360,7 +3392,7 @@ static PyObject *k_tund_wait(PyObject *mod, PyObject *const *args, Py_ssize_t na
             return NULL;
         dirty = d;
         tund_handled++;
-        if (dirty || tun_err)
+        if (dirty || tun_err || mono_now() >= deadline) /* under steady traffic too, the caller's timers run on time */
             return tuple_steal(3, PyList_New(0), PyBool_FromLong(dirty), PyLong_FromLong(tun_err));
     }
 }
@@ -3427,20 +3459,11 @@ static PyObject *k_data_wait(PyObject *mod, PyObject *const *args, Py_ssize_t na
     double deadline = timeout < 0 ? 0 : mono_now() + timeout;
     struct epoll_event evs[TUND_EVENTS];
     for (;;) {
-        int ms = -1;
-        if (timeout >= 0) {
-            double left_s = deadline - mono_now();
-            ms = left_s <= 0 ? 0 : (int)(left_s * 1000.0) + 1; /* at least the timeout, as EpollSelector */
-        }
-        int n;
-        Py_BEGIN_ALLOW_THREADS n = epoll_wait((int)epfd, evs, TUND_EVENTS, ms);
-        Py_END_ALLOW_THREADS if (n < 0) {
-            if (errno != EINTR)
-                return PyErr_SetFromErrno(PyExc_OSError);
-            if (PyErr_CheckSignals() < 0)
-                return NULL;
+        int n = wait_events(epfd, timeout < 0 ? -1 : deadline, evs);
+        if (n == -1)
+            return NULL;
+        if (n == -2)
             return PyList_New(0); /* as EpollSelector: the loop runs the signal's callbacks */
-        }
         int fast = n > 0;
         PyObject *readers_of[TUND_EVENTS]; /* borrowed: the data-first reader of each event, NULL for a ring */
         for (int i = 0; i < n && fast; i++) {
@@ -3501,40 +3524,7 @@ static PyObject *k_data_wait(PyObject *mod, PyObject *const *args, Py_ssize_t na
                 Py_DECREF(reader);
                 continue;
             }
-            PyObject *fdo = PyLong_FromLong(evs[i].data.fd);
-            PyObject *burst = fdo ? PyLong_FromLong(TUND_READ_BURST) : NULL;
-            PyObject *size = burst ? PyLong_FromLong(TUND_MAX_RECORD) : NULL;
-            PyObject *r = NULL;
-            if (size) {
-                PyObject *a[7] = {fdo, readers, handle, burst, size, direct, args[6]};
-                r = k_drain_ring(NULL, a, 7);
-            }
-            int failed = r == NULL;
-            if (r) {
-                PyObject *left = PyTuple_GET_ITEM(r, 0);
-                long state = PyLong_AsLong(PyTuple_GET_ITEM(r, 1));
-                Py_ssize_t got = PyLong_AsSsize_t(PyTuple_GET_ITEM(r, 2));
-                went += PyLong_AsLongLong(PyTuple_GET_ITEM(r, 3));
-                if (left != Py_None || state != 0) {
-                    PyObject *budget = PyLong_FromSsize_t(TUND_READ_BURST - got);
-                    PyObject *st = budget ? PyLong_FromLong(state) : NULL;
-                    PyObject *res = st ? PyObject_CallMethodObjArgs(data_in, N_drain_after, fdo, handle, left, st,
-                                                                    budget, direct, args[6], NULL)
-                                       : NULL;
-                    if (res)
-                        went += PyLong_AsLongLong(res);
-                    else
-                        failed = 1;
-                    Py_XDECREF(res);
-                    Py_XDECREF(budget);
-                    Py_XDECREF(st);
-                }
-                Py_DECREF(r);
-            }
-            Py_XDECREF(fdo);
-            Py_XDECREF(burst);
-            Py_XDECREF(size);
-            if (failed)
+            if (drain_conn(evs[i].data.fd, readers, handle, direct, args[6], data_in, &went) < 0)
                 return NULL;
         }
         if (went) {
@@ -3551,7 +3541,7 @@ static PyObject *k_data_wait(PyObject *mod, PyObject *const *args, Py_ssize_t na
         Py_ssize_t queued = PyObject_Length(ready_queue);
         if (queued < 0)
             return NULL;
-        if (queued)
+        if (queued || (timeout >= 0 && mono_now() >= deadline)) /* asyncio's timers run on time under traffic too */
             return PyList_New(0);
     }
 }

@@ -7,11 +7,13 @@ TUN (one packet per read and write, as a TUN queue)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import selectors
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,23 @@ def test_a_timeout_returns_nothing(tund: Tund) -> None:
     assert tund.wait(0.0) == ([], False, 0)
 
 
+def test_steady_traffic_still_returns_at_the_timeout(tund: Tund) -> None:
+    """The caller's timers (stats, the 1 s tick) must run under load too: a
+    wake-up past the deadline returns even though more is waiting."""
+    pkt = bytes(VNET_HDR_SIZE) + tcp_to(PEER, b"s" * 20)
+    sent = 0
+    with contextlib.suppress(BlockingIOError):
+        tund.host.setblocking(False)
+        for _ in range(READ_BATCH * 3):  # more than one wake-up's burst
+            tund.host.send(pkt)
+            sent += 1
+    assert sent > READ_BATCH
+    before = K.tund_handled()
+    assert tund.wait(0.0) == ([], False, 0)
+    assert K.tund_handled() == before + 1  # one burst, then back to the caller
+    assert tund.dp.counters["tun_rx"] == READ_BATCH and tund.tun.recv(70000)  # the rest still waits
+
+
 # --- peerd's wait: data_wait ---------------------------------------------------------
 
 
@@ -237,6 +256,12 @@ def test_peerds_wait_writes_ring_batches_to_idle_links_and_returns_the_rest(tmp_
         first[other.fileno()] = (handle, fails)
         keys[other.fileno()] = selectors.SelectorKey(other, other.fileno(), selectors.EVENT_READ, (handle, None))
         assert wait(0.2) == [] and failed == [(fails, boom)]  # the loop's exception handler has it
+        # a reader that leaves its socket readable: the wait still ends at its timeout (asyncio's timers)
+        first[other.fileno()] = (handle, lambda: None)
+        other_far.send(b"never read")
+        ran = counts["ran_first"]
+        t = time.monotonic()
+        assert wait(0.05) == [] and time.monotonic() - t < 2.0 and counts["ran_first"] > ran + 1
         other.close()
         other_far.close()
     finally:
