@@ -180,8 +180,9 @@ def add_data_reader(fd: int, reader: Callable[..., object], *args: Any) -> None:
 
 def serve_rings(rings: tuple[Any, ...]) -> bool:
     """On the running loop, where its selector is data first and the
-    kernel is built: the ring connections' wake-ups in C
-    (``DataFirstSelector.serve_rings``). False where they stay Python's."""
+    kernel is built: the wake-ups of the ring connections and of the
+    data-first readers in C (``DataFirstSelector.serve_rings``). False
+    where they stay Python's."""
     selector = _selectors.get(asyncio.get_running_loop())
     if selector is None or _kernel is None:
         return False
