@@ -51,14 +51,19 @@ static PyObject *InvalidTag; /* cryptography.exceptions.InvalidTag, from configu
 static PyObject *Four;       /* the offset of an IPv6 packet in a plaintext */
 static PyObject *FloatZero;  /* 0.0 */
 static PyObject *Urandom;    /* os.urandom: nonces then come from getrandom (fill_random) */
-static PyObject *S_ctr, *S_remote_index, *S_used, *S_prefix, *S_window, *S_aead, *S_confirmed, *S_fresh, *S_mark,
-    *S_decrypt, *S_confirm, *S_undecryptable, *S_static_refused, *S_session_in, *S_append, *S_popleft, *S_route_for_tun, *S_tun_exception, *S_from_tun, *S_key_for_src, *S_queue_in, *S_same_owner,
-    *S_oob_in, *S_add;
 
 /* attribute and method names the kernel looks up, interned once at import:
  * a lookup by C string builds and interns the name first, which after an
  * idle spell costs more than the lookup itself (a fifth of a cold from_tun) */
-#define KERNEL_NAMES(X) X(advance) X(by_index) X(capable) X(counters) X(fail) X(fd) X(filter_nonces) X(firewall) X(generation) X(gro) X(head) X(keep) X(keys_in) X(map) X(messages) X(mtu) X(name_bytes) X(native) X(nonce_bytes) X(nonce_filter) X(now) X(off) X(order) X(out) X(release) X(ring) X(routes) X(seen) X(sessions) X(size) X(tail) X(tun) X(tx_bytes) X(vnet) X(write_fd) X(_undo) X(full_since) X(changed) X(outbox) X(sync_sessions) X(need) X(drain_after)
+#define KERNEL_NAMES(X)                                                                                                \
+    X(advance) X(by_index) X(capable) X(counters) X(fail) X(fd) X(filter_nonces) X(firewall) X(generation)             \
+    X(gro) X(head) X(keep) X(keys_in) X(map) X(messages) X(mtu) X(name_bytes) X(native) X(nonce_bytes)                 \
+    X(nonce_filter) X(now) X(off) X(order) X(out) X(release) X(ring) X(routes) X(seen) X(sessions) X(size)             \
+    X(tail) X(tun) X(tx_bytes) X(vnet) X(write_fd) X(_undo) X(full_since) X(changed) X(outbox)                         \
+    X(sync_sessions) X(need) X(drain_after) X(ctr) X(remote_index) X(used) X(prefix) X(window) X(aead)                 \
+    X(confirmed) X(fresh) X(mark) X(decrypt) X(confirm) X(_undecryptable) X(_static_refused) X(_session_in)            \
+    X(append) X(popleft) X(_route_for_tun) X(_tun_exception) X(from_tun) X(_key_for_src) X(_queue_in)                  \
+    X(_same_owner) X(_oob_in) X(add)
 #define DECLARE_NAME(n) static PyObject *N_##n;
 KERNEL_NAMES(DECLARE_NAME)
 
@@ -1169,7 +1174,7 @@ static int sess_flush(Tun *s) {
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
     PyObject *v = PyLong_FromUnsignedLongLong(s->sess_ctr);
-    int r = v ? PyObject_SetAttr(s->sess, S_ctr, v) : -1;
+    int r = v ? PyObject_SetAttr(s->sess, N_ctr, v) : -1;
     Py_XDECREF(v);
     Py_CLEAR(s->sess);
     if (et) {
@@ -1187,7 +1192,7 @@ static int sess_nonce(Tun *s, PyObject *sess, uint8_t *nonce) {
     if (sess != s->sess) {
         if (sess_flush(s) < 0)
             return -1;
-        PyObject *idx = PyObject_GetAttr(sess, S_remote_index);
+        PyObject *idx = PyObject_GetAttr(sess, N_remote_index);
         if (!idx)
             return -1;
         if (!PyBytes_Check(idx) || PyBytes_GET_SIZE(idx) != 4) {
@@ -1197,7 +1202,7 @@ static int sess_nonce(Tun *s, PyObject *sess, uint8_t *nonce) {
         }
         memcpy(s->sess_index, PyBytes_AS_STRING(idx), 4);
         Py_DECREF(idx);
-        PyObject *ctr = PyObject_GetAttr(sess, S_ctr);
+        PyObject *ctr = PyObject_GetAttr(sess, N_ctr);
         if (!ctr)
             return -1;
         unsigned long long c = PyLong_AsUnsignedLongLong(ctr);
@@ -1290,7 +1295,7 @@ static int tun_gso(Tun *s, const uint8_t *p, Py_ssize_t len) {
                 return -1;
             }
             PyList_SET_ITEM(lst, 0, pt);
-            PyObject *res = PyObject_CallMethodObjArgs(s->dp, S_from_tun, lst, s->now, Four, NULL);
+            PyObject *res = PyObject_CallMethodObjArgs(s->dp, N_from_tun, lst, s->now, Four, NULL);
             Py_DECREF(lst);
             if (!res)
                 return -1;
@@ -1463,7 +1468,7 @@ static PyObject *k_from_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nar
                 goto next;
             }
             PyObject *pb = bytes_of(given, p, len);
-            r = pb ? PyObject_CallMethodObjArgs(dp, S_route_for_tun, pb, args[3], s.now, NULL) : NULL;
+            r = pb ? PyObject_CallMethodObjArgs(dp, N__route_for_tun, pb, args[3], s.now, NULL) : NULL;
             Py_XDECREF(pb);
             if (!r) {
                 rc = -1;
@@ -1485,7 +1490,7 @@ static PyObject *k_from_tun(PyObject *mod, PyObject *const *args, Py_ssize_t nar
             }
             PyObject *pb = bytes_of(given, p, len);
             PyObject *h = pb ? PyLong_FromLong(hop) : NULL;
-            PyObject *res = h ? PyObject_CallMethodObjArgs(dp, S_tun_exception, pb, args[3], h, s.now, NULL) : NULL;
+            PyObject *res = h ? PyObject_CallMethodObjArgs(dp, N__tun_exception, pb, args[3], h, s.now, NULL) : NULL;
             Py_XDECREF(h);
             Py_XDECREF(pb);
             if (!res)
@@ -1714,7 +1719,7 @@ static int rs_forget(RsCache *c, PyObject *now) {
     if (c->rs && c->used) {
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);
-        r = PyObject_SetAttr(c->rs, S_used, now);
+        r = PyObject_SetAttr(c->rs, N_used, now);
         if (et) {
             if (r < 0)
                 PyErr_Clear();
@@ -1747,14 +1752,14 @@ static int rs_lookup(RsCache *c, PyObject *by_index, const uint8_t *index, PyObj
     }
     c->rs = rs;
     memcpy(c->index, index, 4);
-    PyObject *prefix = PyObject_GetAttr(rs, S_prefix), *conf = NULL;
+    PyObject *prefix = PyObject_GetAttr(rs, N_prefix), *conf = NULL;
     int ok = prefix && PyBytes_Check(prefix) && PyBytes_GET_SIZE(prefix) == 8;
     if (ok)
         memcpy(c->prefix, PyBytes_AS_STRING(prefix), 8);
     else if (prefix)
         memset(c->prefix, 0xFF, 8); /* matches no source: a prefix is 8 bytes (rs.prefix == spre fails) */
-    ok = prefix && (c->window = PyObject_GetAttr(rs, S_window)) && (c->aead = PyObject_GetAttr(rs, S_aead)) &&
-         (conf = PyObject_GetAttr(rs, S_confirmed));
+    ok = prefix && (c->window = PyObject_GetAttr(rs, N_window)) && (c->aead = PyObject_GetAttr(rs, N_aead)) &&
+         (conf = PyObject_GetAttr(rs, N_confirmed));
     Py_XDECREF(prefix);
     c->confirmed = ok ? PyObject_IsTrue(conf) : -1;
     Py_XDECREF(conf);
@@ -1770,7 +1775,7 @@ static int rs_fresh(RsCache *c, uint64_t ctr) {
     if (Py_TYPE(c->window) == &WindowType && ((Window *)c->window)->bits)
         return window_fresh_raw((Window *)c->window, ctr);
     PyObject *v = PyLong_FromUnsignedLongLong(ctr);
-    PyObject *r = v ? PyObject_CallMethodOneArg(c->window, S_fresh, v) : NULL;
+    PyObject *r = v ? PyObject_CallMethodOneArg(c->window, N_fresh, v) : NULL;
     Py_XDECREF(v);
     int f = r ? PyObject_IsTrue(r) : -1;
     Py_XDECREF(r);
@@ -1783,7 +1788,7 @@ static int rs_mark(RsCache *c, uint64_t ctr) {
         return 0;
     }
     PyObject *v = PyLong_FromUnsignedLongLong(ctr);
-    PyObject *r = v ? PyObject_CallMethodOneArg(c->window, S_mark, v) : NULL;
+    PyObject *r = v ? PyObject_CallMethodOneArg(c->window, N_mark, v) : NULL;
     Py_XDECREF(v);
     Py_XDECREF(r);
     return r ? 0 : -1;
@@ -1799,7 +1804,7 @@ static int open_with(PyObject *aead, PyObject *decrypt, const uint8_t *nonce, co
     PyObject *fn = decrypt;
     if (fn)
         Py_INCREF(fn);
-    else if (!(fn = PyObject_GetAttr(aead, S_decrypt)))
+    else if (!(fn = PyObject_GetAttr(aead, N_decrypt)))
         return -1;
     PyObject *nb = PyBytes_FromStringAndSize((const char *)nonce, NONCE);
     PyObject *cb = nb ? PyBytes_FromStringAndSize((const char *)ct, n + TAG) : NULL;
@@ -1973,7 +1978,7 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
                         Py_INCREF(rs);
                         Py_CLEAR(last_key);
                         int fr = rs_forget(rsc, now);
-                        PyObject *res = fr < 0 ? NULL : PyObject_CallMethodObjArgs(sessions, S_confirm, rs, now, NULL);
+                        PyObject *res = fr < 0 ? NULL : PyObject_CallMethodObjArgs(sessions, N_confirm, rs, now, NULL);
                         Py_DECREF(rs);
                         Py_XDECREF(res);
                         if (!res) {
@@ -2003,14 +2008,14 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
                 if (decrypt == NULL) {
                     FORGET();
                     PyObject *src = PyBytes_FromStringAndSize((const char *)spre, 16);
-                    decrypt = src ? PyObject_CallMethodObjArgs(dp, S_key_for_src, src, NULL) : NULL;
+                    decrypt = src ? PyObject_CallMethodObjArgs(dp, N__key_for_src, src, NULL) : NULL;
                     Py_XDECREF(src);
                     if (!decrypt)
                         goto done;
                     if (decrypt == Py_None) {
                         Py_DECREF(decrypt);
                         PyObject *frame = PyBytes_FromStringAndSize((const char *)b + pos, e - pos);
-                        PyObject *res = frame ? PyObject_CallMethodObjArgs(dp, S_queue_in, frame, now, NULL) : NULL;
+                        PyObject *res = frame ? PyObject_CallMethodObjArgs(dp, N__queue_in, frame, now, NULL) : NULL;
                         Py_XDECREF(frame);
                         if (!res)
                             goto done;
@@ -2055,7 +2060,7 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
                 c[P_DECRYPT_FAILED].n++;
                 if (have_sessions) {
                     FORGET();
-                    if (call_src(dp, S_undecryptable, spre, now) < 0)
+                    if (call_src(dp, N__undecryptable, spre, now) < 0)
                         goto done;
                 }
                 pos = e;
@@ -2063,7 +2068,7 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
             }
             if (nonce_obj) { /* NonceFilter.add, inline (a random nonce is never already there) */
                 int bad = PySet_Add(seen, nonce_obj) < 0;
-                PyObject *res = bad ? NULL : PyObject_CallMethodOneArg(order, S_append, nonce_obj);
+                PyObject *res = bad ? NULL : PyObject_CallMethodOneArg(order, N_append, nonce_obj);
                 Py_DECREF(nonce_obj);
                 if (!res) {
                     Py_XDECREF(ptobj);
@@ -2072,7 +2077,7 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
                 Py_DECREF(res);
                 Py_ssize_t len = PyObject_Size(order);
                 if (len > seen_max) {
-                    PyObject *old = len < 0 ? NULL : PyObject_CallMethodNoArgs(order, S_popleft);
+                    PyObject *old = len < 0 ? NULL : PyObject_CallMethodNoArgs(order, N_popleft);
                     int d = old ? PySet_Discard(seen, old) : -1;
                     Py_XDECREF(old);
                     if (d < 0) {
@@ -2095,7 +2100,7 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
                         goto done;
                     c[P_DOWNGRADE].n++;
                     FORGET();
-                    if (call_src(dp, S_static_refused, spre, now) < 0)
+                    if (call_src(dp, N__static_refused, spre, now) < 0)
                         goto done;
                     pos = e;
                     continue;
@@ -2119,7 +2124,7 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
                     rc = rs_forget(rsc, now);
                     PyObject *isrc = rc ? NULL : PyBytes_FromStringAndSize((const char *)p + 12, 16);
                     PyObject *sp = isrc ? PyBytes_FromStringAndSize((const char *)spre, 8) : NULL;
-                    PyObject *res = sp ? PyObject_CallMethodObjArgs(dp, S_same_owner, isrc, sp, NULL) : NULL;
+                    PyObject *res = sp ? PyObject_CallMethodObjArgs(dp, N__same_owner, isrc, sp, NULL) : NULL;
                     Py_XDECREF(isrc);
                     Py_XDECREF(sp);
                     own = res ? PyObject_IsTrue(res) : -1;
@@ -2143,7 +2148,7 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
                     } else {
                         PyObject *pb = bytes_of(ptobj, p, n);
                         PyObject *h = pb ? PyLong_FromLong(hop) : NULL;
-                        PyObject *res = h ? PyObject_CallMethodObjArgs(gro, S_add, pb, h, NULL) : NULL;
+                        PyObject *res = h ? PyObject_CallMethodObjArgs(gro, N_add, pb, h, NULL) : NULL;
                         Py_XDECREF(pb);
                         Py_XDECREF(h);
                         rc = res ? 0 : -1;
@@ -2163,7 +2168,7 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
             PyObject *src = pb ? PyBytes_FromStringAndSize((const char *)b + pos + 8, 16) : NULL;
             PyObject *dst = src ? PyBytes_FromStringAndSize((const char *)b + pos + 24, 16) : NULL;
             PyObject *h = dst ? PyLong_FromLong(hop) : NULL;
-            PyObject *res = h ? PyObject_CallMethodObjArgs(dp, S_oob_in, pb, src, dst, h, NULL) : NULL;
+            PyObject *res = h ? PyObject_CallMethodObjArgs(dp, N__oob_in, pb, src, dst, h, NULL) : NULL;
             Py_XDECREF(pb);
             Py_XDECREF(src);
             Py_XDECREF(dst);
@@ -2177,7 +2182,7 @@ static PyObject *k_from_peer(PyObject *mod, PyObject *const *args, Py_ssize_t na
             rc = rs_forget(rsc, now);
             PyObject *pb = rc ? NULL : bytes_of(ptobj, p, n);
             PyObject *src = pb ? PyBytes_FromStringAndSize((const char *)b + pos + 8, 16) : NULL;
-            PyObject *res = src ? PyObject_CallMethodObjArgs(dp, S_session_in, pb, src, rs, now, NULL) : NULL;
+            PyObject *res = src ? PyObject_CallMethodObjArgs(dp, N__session_in, pb, src, rs, now, NULL) : NULL;
             Py_XDECREF(pb);
             Py_XDECREF(src);
             Py_DECREF(rs);
@@ -3219,7 +3224,7 @@ static double mono_now(void) {
 
 #define TUND_EVENTS 64
 #define TUND_READ_BURST 512 /* common/datapath.py READ_BURST */
-#define TUND_MAX_RECORD (22 + 255 + 255)
+#define TUND_MAX_RECORD (RECORD_FIXED + 255 + 255) /* common/datapath.py MAX_RECORD */
 
 /* One epoll_wait until deadline (seconds on mono_now's clock; < 0: none):
  * the events' count, 0 at the deadline, -1 with an exception, -2 when a
@@ -3585,20 +3590,6 @@ PyMODINIT_FUNC PyInit__kernel(void) {
         PyType_Ready(&FwRulesType) < 0 || PyType_Ready(&PlaneType) < 0 || PyType_Ready(&RingType) < 0 ||
         PyType_Ready(&OutType) < 0 || PyType_Ready(&QueueType) < 0)
         return NULL;
-    struct {
-        PyObject **slot;
-        const char *name;
-    } names[] = {{&S_ctr, "ctr"}, {&S_remote_index, "remote_index"}, {&S_used, "used"}, {&S_prefix, "prefix"},
-                 {&S_window, "window"}, {&S_aead, "aead"}, {&S_confirmed, "confirmed"}, {&S_fresh, "fresh"},
-                 {&S_mark, "mark"}, {&S_decrypt, "decrypt"}, {&S_confirm, "confirm"},
-                 {&S_undecryptable, "_undecryptable"}, {&S_static_refused, "_static_refused"},
-                 {&S_session_in, "_session_in"}, {&S_append, "append"}, {&S_popleft, "popleft"}, {&S_route_for_tun, "_route_for_tun"}, {&S_tun_exception, "_tun_exception"},
-                 {&S_from_tun, "from_tun"},            {&S_key_for_src, "_key_for_src"},
-                 {&S_queue_in, "_queue_in"},           {&S_same_owner, "_same_owner"},
-                 {&S_oob_in, "_oob_in"},               {&S_add, "add"}};
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
-        if (!(*names[i].slot = PyUnicode_InternFromString(names[i].name)))
-            return NULL;
 #define INTERN_NAME(n)                                                                                                 \
     if (!(N_##n = PyUnicode_InternFromString(#n)))                                                                     \
         return NULL;
