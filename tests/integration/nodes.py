@@ -29,27 +29,69 @@ MYCELIUM = [sys.executable, "-m", "services.cli"]
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _test_port_range() -> range:
+    """Where test listeners get their ports: outside the kernel's ephemeral range.
+
+    A port that bind(0) picked and released can be picked again, or taken as
+    some connection's source port, before the node that was given it binds it;
+    one CI run lost two tests to that. Ports outside the ephemeral range are
+    never handed out by the kernel, and ``_next_port`` never repeats one.
+    """
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    if low - 10000 >= 4000:
+        return range(10000, low)
+    return range(high + 1, 65536)
+
+
+def _start_offset(span: int) -> int:
+    """Parallel runs (xdist workers, a bench beside the tests) start far apart."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    return (index * 2003 + os.getpid() * 7919) % span
+
+
+_PORTS = _test_port_range()
+_port_turn = iter(range(_start_offset(len(_PORTS)), 1 << 62))
+
+
+def _is_free(port: int) -> bool:
+    """Nothing is bound to ``port`` on TCP (IPv4 and IPv6) or UDP (dual stack)."""
+    probes = [
+        (socket.AF_INET6, socket.SOCK_STREAM, "::"),
+        (socket.AF_INET, socket.SOCK_STREAM, "0.0.0.0"),
+        (socket.AF_INET6, socket.SOCK_DGRAM, "::"),
+    ]
+    for family, kind, host in probes:
+        with socket.socket(family, kind) as s:
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def _next_port() -> int:
+    """The next free port of this process's turn through ``_PORTS``."""
+    for _ in range(len(_PORTS)):
+        port = _PORTS[next(_port_turn) % len(_PORTS)]
+        if _is_free(port):
+            return port
+    raise RuntimeError(f"no free port in {_PORTS.start}-{_PORTS.stop - 1}")
+
+
 def free_port() -> int:
-    """A TCP port free on both IPv4 and IPv6 loopback/any right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s4:
-                s4.bind(("0.0.0.0", port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port found")
+    """A TCP port free on both IPv4 and IPv6 loopback/any, not handed out before."""
+    return _next_port()
 
 
 def free_udp_port() -> int:
-    """A UDP port free on the dual-stack wildcard right now (QUIC listeners)."""
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.bind(("::", 0))
-        return int(s.getsockname()[1])
+    """A UDP port free on the dual-stack wildcard (QUIC listeners), not handed out before."""
+    return _next_port()
 
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float, interval: float = 0.1) -> T:

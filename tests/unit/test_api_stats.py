@@ -24,6 +24,7 @@ from services.apid.stats import STATE_FILE, Sampler, StatsCollector, crypto_oper
 from services.cli.client import format_bytes, format_seconds, table
 from services.cli.main import build_parser
 from services.cli.options import OptionError, resolve
+from tests.integration.nodes import free_port as free_tcp_port
 
 from .test_api_rpc import StubBus
 
@@ -232,12 +233,6 @@ def test_client_formatting() -> None:
     assert lines[0] == lines[2] == lines[-1] == "+------------+-----+"
     assert lines[1] == "| A          | Bee |" and lines[3] == "| x          |  10 |"
     assert table(["A"], []).count("\n") == 2
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def parse(*args: str) -> argparse.Namespace:

@@ -12,6 +12,7 @@ from common.identity import Identity
 from services.cli import launcher
 from services.cli.main import build_parser, main
 from services.cli.options import OptionError, resolve
+from tests.integration.nodes import free_port as free_tcp_port
 
 NODE = Identity.from_secret(bytes(range(32)))
 
@@ -66,12 +67,6 @@ def test_dnsd_runs_only_with_enable_dns_and_starts_privileged(tmp_path: Path) ->
     assert "--user mycelium" in section and "user=mycelium" not in section
     proxyd = conf.split("[program:proxyd]")[1].split("[program:")[0]
     assert "user=mycelium" in proxyd
-
-
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-        s.bind(("::", 0))
-        return int(s.getsockname()[1])
 
 
 def test_port_taken_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

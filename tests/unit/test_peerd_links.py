@@ -23,6 +23,7 @@ from services.peerd.links.base import COST_QUIC, COST_TCP, COST_VSOCK, Link, Lin
 from services.peerd.links.stream import StreamLink
 from services.peerd.links.tcp import TcpFactory
 from services.peerd.links.vsock import VsockFactory, vsock_problem
+from tests.integration.nodes import free_port as free_closed_port
 
 
 class FakeHost:
@@ -276,12 +277,6 @@ def test_tcp_factory_listens_dials_and_names_links(tmp_path: Any) -> None:
     assert inbound.static_cost == 15 and inbound.remote_ip() == "127.0.0.1"
     assert inbound.endpoint.proto == "tcp" and inbound.endpoint.host == "127.0.0.1"
     assert server_host.closed[0][1] == "eof"
-
-
-def free_closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_static_costs_are_the_references() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from services.proxyd.socks import (
     probe_targets,
     show_remote,
 )
+from tests.integration.nodes import free_port
 
 
 def test_classify_as_the_reference() -> None:
@@ -93,12 +93,6 @@ def test_parse_remote_fails_only_with_remote_error(text: str) -> None:
 
 
 # --- the relay, on loopback -----------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-        s.bind(("::", 0))
-        return int(s.getsockname()[1])
 
 
 async def echo_server() -> tuple[asyncio.Server, int]:
