@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -278,7 +279,9 @@ class Sampler:
         self._prev: dict[str, Any] | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._last_read = time.monotonic()  # a node just started is watched: its first minute is sampled every second
+        # unread until someone reads: a node just started idles like any other
+        # (its first minute at 1 s was a third of an idle node's CPU in that minute)
+        self._last_read = -math.inf
         self.thread = threading.Thread(target=self._run, name="sampler", daemon=True)
 
     def start(self) -> None:

@@ -282,7 +282,7 @@ def test_listener_addresses_are_checked(tmp_path: Path, monkeypatch: pytest.Monk
 def test_sampler_slows_down_when_nobody_reads_and_wakes_on_a_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Unread, the sampler waits IDLE_SAMPLE_INTERVAL between samples (each
+    """Unread, from its start on, the sampler waits IDLE_SAMPLE_INTERVAL between samples (each
     one asks peerd for its peers); a read after that takes a sample at once
     and brings back 1 s sampling."""
     import services.apid.stats as stats_mod
@@ -293,7 +293,7 @@ def test_sampler_slows_down_when_nobody_reads_and_wakes_on_a_read(
     sampler = Sampler(api, StatsCollector(None, str(tmp_path)), interval=0.05)
     monkeypatch.setattr(stats_mod, "IDLE_SAMPLE_INTERVAL", 30.0)
     monkeypatch.setattr(stats_mod, "WATCHED_FOR", 0.3)
-    assert sampler.next_interval(time.monotonic()) == 0.05  # just started: watched
+    assert sampler.next_interval(time.monotonic()) == 30.0  # just started, nobody has read: unwatched
     sampler.start()
     try:
         deadline = time.monotonic() + 5
