@@ -65,5 +65,6 @@ def built() -> bool:
 def describe() -> str:
     """One line for the log: which kernel and why."""
     if kernel is not None:
-        return f"data-plane kernel: native ({REASON})"
+        gcm = "OpenSSL's provider functions" if getattr(kernel, "GCM_BACKEND", "") == "provider" else "EVP"
+        return f"data-plane kernel: native ({REASON}; AES-GCM through {gcm})"
     return f"data-plane kernel: pure Python ({REASON})"
