@@ -283,9 +283,8 @@ typedef struct {
     OSSL_FUNC_cipher_set_ctx_params_fn *set_params;
 } GcmFuncs;
 
-static GcmFuncs gcm;              /* gcm.newctx == NULL: EVP only */
-static EVP_CIPHER *gcm_cipher;    /* holds the provider while gcm is in use */
-static const char *gcm_backend = "evp";
+static GcmFuncs gcm;           /* gcm.newctx == NULL: EVP only */
+static EVP_CIPHER *gcm_cipher; /* holds the provider while gcm is in use */
 
 typedef struct {
     PyObject_HEAD EVP_CIPHER_CTX *enc; /* the EVP contexts, or NULL with penc/pdec */
@@ -380,7 +379,7 @@ static int aead_key(Aead *self, const uint8_t *key, int evp) {
 
 static int has_name(const char *names, const char *want) { /* names: "A:B:C" */
     size_t n = strlen(want);
-    for (const char *p = names; p && *p; p = strchr(p, ':') ? strchr(p, ':') + 1 : NULL)
+    for (const char *p = names; p; p = strchr(p, ':'), p = p ? p + 1 : NULL)
         if (strncasecmp(p, want, n) == 0 && (p[n] == ':' || p[n] == '\0'))
             return 1;
     return 0;
@@ -435,7 +434,6 @@ static void gcm_setup(void) {
     if (ok) {
         gcm = f;
         gcm_cipher = cipher;
-        gcm_backend = "provider";
     } else {
         memset(&gcm, 0, sizeof gcm);
         EVP_CIPHER_free(cipher);
@@ -1188,7 +1186,7 @@ static int seal_frame(Run *r, PyObject *hop_obj, PyObject *encrypt, int hop, con
     if (k) {
         if (gcm_seal(k, nonce, NULL, 0, a, (size_t)an, b, (size_t)bn, o + DATA_HDR) < 0) {
             ERR_clear_error();
-            PyErr_SetString(PyExc_RuntimeError, "EVP encryption failed");
+            PyErr_SetString(PyExc_RuntimeError, "AES-256-GCM encryption failed");
             return -1;
         }
     } else {
@@ -3776,7 +3774,7 @@ PyMODINIT_FUNC PyInit__kernel(void) {
         PyModule_AddObjectRef(m, "OutFields", (PyObject *)&OutType) < 0 ||
         PyModule_AddObjectRef(m, "QueueFields", (PyObject *)&QueueType) < 0 ||
         PyModule_AddIntConstant(m, "GRO_MAX_OPEN", GRO_MAX_OPEN) < 0 ||
-        PyModule_AddStringConstant(m, "GCM_BACKEND", gcm_backend) < 0) {
+        PyModule_AddStringConstant(m, "GCM_BACKEND", gcm.newctx ? "provider" : "evp") < 0) {
         Py_DECREF(m);
         return NULL;
     }
